@@ -1,0 +1,19 @@
+"""spool's generation engine: continuous batching over a paged KV cache. No Redis, no asyncio."""
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.llm import LLM
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "RequestDelta",
+    "Logprob",
+    "EngineConfig",
+    "ModelConfig",
+    "ConfigError",
+]

@@ -1,0 +1,35 @@
+"""The per-step batch description that model code reads, and the choice of kernel backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One flat (varlen) batch: all scheduled tokens of all running sequences, concatenated.
+
+    Sequence s owns query rows query_start_loc[s]:query_start_loc[s+1]; those are its newest
+    tokens, at positions seq_lens[s] - query_len .. seq_lens[s] - 1 of its context.
+    """
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset, where K/V of each token go
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length including this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled (a sequence's last token)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of query tokens in the batch."""
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        """Number of sequences in the batch."""
+        return self.seq_lens.shape[0]

@@ -1,0 +1,187 @@
+"""Engine and model configuration: defaults in one place, validated once at start-up."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+class ConfigError(ValueError):
+    """A model directory or engine setting that spool cannot run with."""
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The decoder shape, read from a Hugging Face config.json."""
+
+    architecture: str
+    family: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    dtype: torch.dtype | None
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelConfig":
+        """Parse config.json, accepting top-level rope_theta/rope_scaling and transformers 5's rope_parameters."""
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ConfigError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; spool supports "
+                + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        num_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        rope_params = dict(cfg.get("rope_parameters") or {})
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_scaling["rope_type"] = rtype
+            if rtype == "default":
+                rope_scaling = None
+            elif rtype not in ("llama3", "linear"):
+                raise ConfigError(f"unsupported rope_scaling type {rtype!r}; supported: default, linear, llama3")
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        bias = bool(cfg.get("attention_bias", False))
+        dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "mistral") else None
+        return cls(
+            architecture=arch,
+            family=family,
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if family == "qwen2" else bias,
+            o_bias=bias if family in ("llama", "mistral") else False,
+            qk_norm=family == "qwen3",
+            sliding_window=window,
+            dtype=DTYPES.get(str(dtype_name)) if dtype_name else None,
+            eos_token_ids=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        """Read <path>/config.json."""
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not path.is_dir():
+            raise ConfigError(f"model directory {str(path)!r} does not exist")
+        if not cfg_file.is_file():
+            raise ConfigError(f"model directory {str(path)!r} has no config.json")
+        try:
+            return cls.from_dict(json.loads(cfg_file.read_text()))
+        except KeyError as e:
+            raise ConfigError(f"{cfg_file} lacks required field {e.args[0]!r}") from None
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Every engine knob, with its default; the CLI and LLM(**kwargs) map onto these fields."""
+
+    model: str
+    tokenizer: str | None = None
+    device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto"
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    load_format: str = "auto"  # "auto" | "safetensors" | "dummy"
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
+    enforce_eager: bool = False  # True disables CUDA graphs
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        """Build from keyword arguments, rejecting unknown names with the list of known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known - {'model'})}")
+        return cls(model=str(model), **kwargs)
+
+    def resolve_device(self) -> torch.device:
+        """The torch device: 'auto' picks CUDA when present."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but torch sees no CUDA GPU")
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"unsupported device {self.device!r}; use 'cpu' or 'cuda'")
+        return dev
+
+    def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+        """Explicit dtype wins; 'auto' is the checkpoint's dtype on CUDA (fp32 checkpoints run bf16) and fp32 on CPU."""
+        name = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if name != "auto":
+            if name not in DTYPES:
+                raise ConfigError(f"unsupported dtype {self.dtype!r}; use one of auto, {', '.join(DTYPES)}")
+            return DTYPES[name]
+        if device.type == "cpu":
+            return torch.float32
+        if model_cfg.dtype in (None, torch.float32):
+            return torch.bfloat16
+        return model_cfg.dtype
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with a message naming the setting."""
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"block_size must be one of 8, 16, 32, 64, 128 (got {self.block_size})")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks must be >= 1")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ConfigError("gpu_memory_utilization must be in [0.05, 0.99]")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")

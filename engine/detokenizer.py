@@ -1,0 +1,163 @@
+"""Incremental detokenization: growing token ids to UTF-8-safe text deltas, with stop-string detection.
+
+Technique (vLLM / HF DecodeStream "prefix offset"): keep a short window of recent token ids, decode only
+the window each step and emit what lies past the text already taken from it. Decoders are stable under
+appending, except for a trailing incomplete character, which shows as U+FFFD until its bytes arrive, so
+a trailing run of U+FFFD is held back. Unlike the classic algorithm, text before that run is emitted
+right away and the window slides even while a partial character is pending, so a model that emits
+invalid bytes for a long stretch never grows the window (every step stays O(window), not O(output)).
+
+Known, inherent differences from `tokenizer.decode(output_ids)`:
+- The last few prompt tokens seed the window (as in vLLM), so the first output token keeps its leading
+  space under SentencePiece/Metaspace decoders, which strip it at the start of a decode.
+- A prompt ending mid-character: bytes that complete it belong to the prompt's character, not the output.
+- `clean_up_tokenization_spaces` (a whole-string rewrite; transformers 5 already skips it for BPE) is
+  not applied. Byte-level BPE tokenizers match `decode` exactly.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+REPLACEMENT = "\ufffd"
+# Longest run of trailing U+FFFD that more bytes could still turn into one character: an incomplete
+# UTF-8 sequence is at most 3 bytes, and byte-fallback decoders print one U+FFFD per pending byte.
+_MAX_PENDING_CHARS = 3
+# Prompt tokens that seed the window, and how far the window shrinks back when it slides.
+_CONTEXT = 5
+# Sliding costs one extra decode, so the window is let grow to this length before it slides back.
+_SLIDE_AT = 12
+# While a partial character is pending, slide back to a wider window so that the held tail decodes
+# the same way in it (its bytes span at most 3 chars x 4 bytes, plus 3 bytes of leading garbage).
+_CONTEXT_PENDING = 16
+
+
+def _decode_fn(tokenizer, skip_special_tokens: bool):
+    """A function ids -> text, straight to the Rust tokenizer when there is one (no Python-side cleanup)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(
+        ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )
+
+
+def _pending_len(text: str) -> int:
+    """How many trailing characters of a window's text may still change when more tokens arrive."""
+    n = 0
+    while n < _MAX_PENDING_CHARS and n < len(text) and text[-1 - n] == REPLACEMENT:
+        n += 1
+    return n
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, UTF-8 safe."""
+
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ):
+        self._decode = _decode_fn(tokenizer, skip_special_tokens)
+        # Only the window is kept: ids[0] is the window start, and the first `_taken` characters of
+        # decode(ids) are already in output_text (or belong to the prompt).
+        self._ids: list[int] = list(prompt_token_ids[-_CONTEXT:])
+        self._taken = len(self._decode(self._ids)) if self._ids else 0
+        self._stop = [s for s in stop if s]
+        self._max_stop_len = max((len(s) for s in self._stop), default=0)
+        self._include_stop = include_stop_str_in_output
+        self._pending = ""  # held-back tail of the window text (a partial character, shown as U+FFFD)
+        self._emitted = 0  # characters of output_text already returned by get_delta
+        self.stopped: str | None = None  # the stop string that ended the text, once one has
+        self.output_text = ""
+
+    def add_tokens(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
+        """Append generated ids; return the stop string that now ends output_text, if one does."""
+        if self.stopped is not None or not token_ids:
+            return None  # text after a stop string is never shown
+        self._ids.extend(token_ids)
+        text = self._decode(self._ids)
+        pending = _pending_len(text)
+        old_len = len(self.output_text)
+        end = len(text) - pending
+        if end > self._taken:
+            self.output_text += text[self._taken:end]
+            self._taken = end
+        self._pending = text[self._taken:]
+        if len(self._ids) > _SLIDE_AT:
+            self._slide()
+        if check_stop and self._stop and len(self.output_text) > old_len:
+            return self._check_stop(old_len)
+        return None
+
+    def _slide(self) -> None:
+        """Drop old ids from the window, re-anchoring `_taken` in the shorter window's text."""
+        keep = _CONTEXT_PENDING if self._pending else _CONTEXT
+        if len(self._ids) <= keep:
+            return
+        ids = self._ids[-keep:]
+        text = self._decode(ids)
+        # Valid only if the shorter window ends with the same held tail, held by the same rule;
+        # otherwise keep the long window one more step (correctness over speed).
+        if _pending_len(text) != len(self._pending) or not text.endswith(self._pending):
+            return
+        if len(text) < len(self._pending):
+            return
+        self._ids = ids
+        self._taken = len(text) - len(self._pending)
+
+    def _check_stop(self, old_len: int) -> str | None:
+        """Find the stop string that completes first in the new text; truncate output_text at it."""
+        text = self.output_text
+        # A match must end in the new text, so it starts at most max_stop_len - 1 characters before it.
+        start = max(0, old_len - self._max_stop_len + 1)
+        best: tuple[int, int, str] | None = None  # (end, start, stop string)
+        for s in self._stop:
+            i = text.find(s, start)
+            if i < 0:
+                continue
+            # Earliest end is what character-at-a-time generation would have stopped at, so the
+            # result does not depend on how the text was split into tokens; ties go to the longer one.
+            key = (i + len(s), i, s)
+            if best is None or key[:2] < best[:2]:
+                best = key
+        if best is None:
+            return None
+        end, i, s = best
+        self.output_text = text[:end] if self._include_stop else text[:i]
+        self._pending = ""
+        self.stopped = s
+        # No un-emitting needed: get_delta held back the last max_stop_len - 1 characters, and the
+        # match starts no earlier than that.
+        return s
+
+    def get_delta(self, finished: bool) -> str:
+        """Text not yet returned; holds back a possible stop-string prefix and a partial character until finished."""
+        if finished:
+            if self._pending:
+                # The sequence ended inside a character (or on real U+FFFD): show it as decode() does.
+                self.output_text += self._pending
+                self._taken += len(self._pending)
+                self._pending = ""
+            end = len(self.output_text)
+        elif self.stopped is not None:
+            end = len(self.output_text)  # nothing more can be appended, so nothing can start a stop string
+        else:
+            end = len(self.output_text) - max(self._max_stop_len - 1, 0)
+        if end <= self._emitted:
+            return ""
+        delta = self.output_text[self._emitted:end]
+        self._emitted = end
+        return delta
+
+
+def decode_logprob_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each id decoded on its own, special tokens shown (the `decoded_token` of a logprob)."""
+    ids = list(ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # One call into Rust for all top-k ids of a position.
+        return backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]

@@ -1,0 +1,261 @@
+"""LLMEngine: the incremental API (add_request / step / abort) that the offline LLM and the Redis worker drive."""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+PromptInput = str | list[int] | dict
+
+
+@dataclass(slots=True)
+class _Request:
+    """Engine-side bookkeeping for one request and its n completions."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    outputs: list[CompletionOutput]
+    num_finished: int = 0
+    error: str | None = None
+
+    def to_output(self) -> RequestOutput:
+        done = self.num_finished == len(self.outputs)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.outputs, done, self.error)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters for logs and the worker's heartbeat."""
+
+    num_steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache; one step() is one forward pass."""
+
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        path = Path(config.model)
+        self.model_cfg = ModelConfig.from_dir(path)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model, required=config.load_format != "dummy")
+        limit = self.model_cfg.max_position_embeddings
+        if self.model_cfg.sliding_window:
+            limit = min(limit, self.model_cfg.sliding_window)  # no sliding-window attention: stay inside the window
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's limit {limit}")
+        self.runner = ModelRunner(config, self.model_cfg, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        eos = list(self.model_cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos
+        )
+        self.requests: dict[str, _Request] = {}
+        self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)
+        self._arrival = itertools.count()
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
+        """LLMEngine(EngineConfig(model=..., **kwargs))."""
+        return cls(EngineConfig.from_kwargs(model, **kwargs))
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """Normalize a string, a list of ids or {"prompt_token_ids": [...]} / {"prompt": str} to (text, ids)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError("prompt must be a string, a list of token ids, or a dict with 'prompt_token_ids'")
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render chat messages with the model's chat template, ready for generation."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _reject_reason(self, ids: list[int], params: SamplingParams) -> str | None:
+        if not ids:
+            return "the prompt is empty"
+        vocab = self.model_cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            return f"prompt token ids must be in [0, {vocab})"
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                    f"max_model_len ({self.max_model_len})")
+        need = math.ceil(total / self.config.block_size)
+        if need > self.block_manager.num_blocks:
+            return (f"the request needs {need} KV blocks but the whole cache has {self.block_manager.num_blocks}; "
+                    "lower max_tokens or give the cache more memory")
+        return None
+
+    def add_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None, priority: int = 0
+    ) -> None:
+        """Queue a request; one that can never run finishes at the next step with finish_reason 'error'."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        params = params or SamplingParams()
+        text, ids = self.encode_prompt(prompt)
+        outputs = [CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if params.logprobs is not None else None)
+                   for i in range(params.n)]
+        req = _Request(request_id, text, ids, params, [], [], outputs)
+        self.requests[request_id] = req
+        reason = self._reject_reason(ids, params)
+        if reason is not None:
+            req.error = reason
+            for out in outputs:
+                out.finish_reason = "error"
+                self._pending.append(RequestDelta(request_id, out.index, [], "", True, "error", None, None, reason,
+                                                  len(ids), 0))
+            req.num_finished = params.n
+            return
+        arrival = next(self._arrival)
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, seed, priority, arrival)
+            req.seqs.append(seq)
+            req.detoks.append(
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                       params.include_stop_str_in_output) if self.tokenizer is not None else None
+            )
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its blocks are freed and a final 'abort' delta comes out of the next step."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                self._pending.append(self._finish_delta(req, seq, []))
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        """True while a request is queued, running, or has deltas still to deliver."""
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks held by sequences (0..1)."""
+        return self.block_manager.usage()
+
+    def num_free_seq_slots(self) -> int:
+        """How many more sequences the engine can take before it would queue them internally."""
+        return max(0, self.config.max_num_seqs - self.scheduler.num_unfinished)
+
+    def admission_capacity(self) -> int:
+        """How many new requests a queue consumer should hand over now: free sequence slots while nothing
+        already admitted is stuck waiting for KV blocks (so the backlog stays in the queue, not in the process)."""
+        slots = self.num_free_seq_slots()
+        if slots == 0:
+            return 0
+        bs = self.config.block_size
+        waiting_blocks = sum(-(-s.num_tokens // bs) for s in self.scheduler.waiting)
+        return slots if waiting_blocks < self.block_manager.num_free_blocks else 0
+
+    def step(self) -> list[RequestDelta]:
+        """Schedule, run one forward pass, sample, detokenize; returns what each touched completion gained."""
+        deltas, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.chunks or sched.finished_seq_ids:
+            result = self.runner.execute(sched)
+        else:
+            return self._collect(deltas)
+        self.stats.num_steps += 1
+        for seq in self.scheduler.update_from_output(sched, result):
+            deltas.append(self._on_token(seq, result.logprobs.get(seq.seq_id), result.ranks.get(seq.seq_id)))
+        return self._collect(deltas)
+
+    def _collect(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        for d in deltas:
+            if d.finished:
+                req = self.requests.get(d.request_id)
+                if req is not None and req.num_finished == len(req.outputs):
+                    del self.requests[d.request_id]
+        return deltas
+
+    def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None, ranks: dict[int, int] | None) -> RequestDelta:
+        req = self.requests[seq.request_id]
+        out = req.outputs[seq.index]
+        token = seq.token_ids[-1]
+        out.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        new_lp = None
+        if logprobs is not None and out.logprobs is not None:
+            toks = decode_logprob_tokens(self.tokenizer, list(logprobs)) if self.tokenizer else [None] * len(logprobs)
+            new_lp = [{t: Logprob(lp, ranks.get(t) if ranks else None, s) for (t, lp), s in zip(logprobs.items(), toks)}]
+            out.logprobs.extend(new_lp)
+            out.cumulative_logprob = (out.cumulative_logprob or 0.0) + logprobs[token]
+        detok = req.detoks[seq.index]
+        if detok is not None:
+            # A stop token ends the text before itself (vLLM semantics); its id stays in token_ids.
+            stopped_by_token = seq.finished and seq.finish_reason == "stop"
+            if not stopped_by_token or seq.params.include_stop_str_in_output:
+                stop_str = detok.add_tokens([token])
+                if stop_str is not None and seq.num_output_tokens >= seq.params.min_tokens:
+                    if seq.finished:
+                        seq.finish_reason, seq.stop_reason = "stop", stop_str
+                    else:
+                        self.scheduler.finish(seq, "stop", stop_str)
+        if seq.finished:
+            return self._finish_delta(req, seq, [token], new_lp)
+        text = ""
+        if detok is not None:
+            text = detok.get_delta(False)
+            out.text = detok.output_text
+        return RequestDelta(req.request_id, seq.index, [token], text, False, None, None, new_lp, None,
+                            seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def _finish_delta(self, req: _Request, seq: Sequence, tokens: list[int], new_lp=None) -> RequestDelta:
+        out = req.outputs[seq.index]
+        detok = req.detoks[seq.index]
+        text = detok.get_delta(True) if detok is not None else ""
+        out.text = detok.output_text if detok is not None else ""
+        out.finish_reason = seq.finish_reason
+        out.stop_reason = seq.stop_reason
+        req.num_finished += 1
+        return RequestDelta(req.request_id, seq.index, tokens, text, True, seq.finish_reason, seq.stop_reason, new_lp,
+                            None, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def get_request_output(self, request_id: str) -> RequestOutput | None:
+        """Snapshot of a request still in the engine (None once finished and collected)."""
+        req = self.requests.get(request_id)
+        return None if req is None else req.to_output()

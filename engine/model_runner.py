@@ -1,0 +1,168 @@
+"""ModelRunner: owns the device: weights, KV cache, per-step metadata, the forward pass and sampling."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.models.loader import build_model
+from engine.models.rope import cos_sin_cache
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import RunnerOutput, SchedulerOutput
+from kernels.ops import get_ops
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs one flat varlen batch per step over the paged KV cache and samples the next tokens."""
+
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int):
+        self.config = config
+        self.model_cfg = model_cfg
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(model_cfg, self.device)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.ops = get_ops(config.kernel_backend, self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(
+            model_cfg, Path(config.model), self.ops, self.device, self.dtype, config.load_format, config.seed
+        )
+        self.cos_sin = cos_sin_cache(model_cfg, max_model_len, self.device)
+        self.sampler = Sampler(model_cfg.vocab_size, self.device)
+        self.num_blocks = self._decide_num_blocks()
+        shape = (self.num_blocks, self.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(model_cfg.num_layers)
+        ]
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * self.bytes_per_block / 2**20)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """KV bytes one block takes across all layers (K and V)."""
+        c = self.model_cfg
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
+
+    def _decide_num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type == "cuda":
+            free = self._profile_free_bytes()
+        else:
+            # On the CPU a fixed byte budget, but never more than max_num_seqs full-length sequences can use.
+            free = cfg.cpu_kv_cache_bytes
+        blocks = int(free // self.bytes_per_block)
+        cap = cfg.max_num_seqs * -(-self.max_model_len // self.block_size)
+        blocks = min(blocks, cap) if self.device.type == "cpu" else blocks
+        if blocks < 1:
+            raise ConfigError("no memory left for the KV cache: lower max_num_batched_tokens or raise the budget")
+        return blocks
+
+    def _profile_free_bytes(self) -> int:
+        """Run a forward pass at max_num_batched_tokens; the KV cache gets what remains under the utilization cap."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+        seq_len = min(n, self.max_model_len)
+        num_seqs = -(-n // seq_len)
+        nblk = -(-seq_len // self.block_size)
+        shape = (num_seqs * nblk, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
+        kv = [(torch.empty(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.model_cfg.num_layers)]
+        lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
+        meta = self._metadata(
+            [[0] * ln for ln in lens], [0] * len(lens),
+            [list(range(i * nblk, (i + 1) * nblk)) for i in range(len(lens))], list(range(len(lens))),
+        )
+        with torch.inference_mode():
+            hidden = self.model(meta, kv, self.cos_sin)
+            logits = self.model.compute_logits(hidden[meta.logits_indices])
+            rows = max(self.config.max_num_seqs, len(lens))
+            torch.softmax(logits.new_empty(rows, logits.shape[1]), dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del kv, hidden, logits
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info(self.device)
+        return int(total * self.config.gpu_memory_utilization - peak)
+
+    def _metadata(
+        self, chunks: list[list[int]], starts: list[int], tables: list[list[int]], sample_rows: list[int]
+    ) -> AttentionMetadata:
+        """Flatten chunks into one varlen batch: ids, positions, slots, block tables, lengths, sample rows."""
+        dev = self.device
+        lens = [len(c) for c in chunks]
+        num_seqs = len(chunks)
+        input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64)
+        lens_t = torch.tensor(lens, dtype=torch.int64)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        qsl = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        torch.cumsum(lens_t, 0, out=qsl[1:])
+        seq_idx = torch.repeat_interleave(torch.arange(num_seqs), lens_t)  # [T]
+        positions = torch.arange(int(qsl[-1])) - qsl[:-1][seq_idx] + starts_t[seq_idx]  # [T]
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        slots = block_tables[seq_idx, positions // self.block_size].long() * self.block_size + positions % self.block_size
+        seq_lens = starts_t + lens_t
+        logits_idx = qsl[1:][torch.tensor(sample_rows, dtype=torch.int64)] - 1
+        nb = dev.type == "cuda"
+        return AttentionMetadata(
+            input_ids=input_ids.to(dev, non_blocking=nb),
+            positions=positions.to(dev, non_blocking=nb),
+            slot_mapping=slots.to(dev, non_blocking=nb),
+            query_start_loc=qsl.to(torch.int32).to(dev, non_blocking=nb),
+            seq_lens=seq_lens.to(torch.int32).to(dev, non_blocking=nb),
+            block_tables=block_tables.to(dev, non_blocking=nb),
+            max_query_len=max(lens),
+            max_seq_len=int(seq_lens.max()),
+            logits_indices=logits_idx.to(dev, non_blocking=nb),
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence."""
+        for seq_id in sched.finished_seq_ids + sched.preempted_seq_ids:
+            if seq_id in sched.finished_seq_ids:
+                self.sampler.release(seq_id)
+        out = RunnerOutput()
+        if not sched.chunks:
+            return out
+        chunks = sched.chunks
+        sample_rows = [i for i, c in enumerate(chunks) if c.sample]
+        meta = self._metadata(
+            [c.token_ids for c in chunks], [c.start_pos for c in chunks], [c.block_table for c in chunks], sample_rows
+        )
+        hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
+        if not sample_rows:
+            return out
+        logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
+        rows = []
+        for i in sample_rows:
+            c = chunks[i]
+            rows.append(
+                SamplingRow(
+                    params=c.params,
+                    prompt_token_ids=c.prompt_token_ids,
+                    output_token_ids=c.all_token_ids[len(c.prompt_token_ids):],
+                    seed=c.seed,
+                    eos_token_ids=self.model_cfg.eos_token_ids,
+                    key=c.seq_id,
+                )
+            )
+        res = self.sampler(logits, rows)
+        for j, i in enumerate(sample_rows):
+            sid = chunks[i].seq_id
+            out.sampled[sid] = res.token_ids[j]
+            if res.logprobs[j] is not None:
+                out.logprobs[sid] = res.logprobs[j]
+                out.ranks[sid] = res.ranks[j]
+        return out

@@ -1,0 +1,126 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3) over the flat varlen batch and paged KV cache.
+
+Model code sees only AttentionMetadata and KV tensors, never requests. Every op that has a kernel goes
+through `ops` (kernels.ops.Ops), so the CPU reference and the Triton backend run the same model code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig
+from kernels.ops import Ops
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Attention(nn.Module):
+    """Fused-QKV attention with rotary positions, optional q/k RMSNorm (Qwen3) and paged KV."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.eps = cfg.rms_norm_eps
+        self.qkv_proj = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size)
+        self.qkv_bias = _param(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
+        self.o_proj = _param(cfg.hidden_size, self.q_size)
+        self.o_bias = _param(cfg.hidden_size) if cfg.o_bias else None
+        self.q_norm = _param(self.head_dim) if cfg.qk_norm else None
+        self.k_norm = _param(self.head_dim) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        meta: AttentionMetadata,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [T, (Hq + 2Hk) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.ops.rms_norm(q, self.q_norm, self.eps)
+            k = self.ops.rms_norm(k, self.k_norm, self.eps)
+        q, k = self.ops.rotary_embedding(meta.positions, q, k, cos_sin)
+        k_cache, v_cache = kv
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = self.ops.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
+            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+        )  # [T, Hq, D]
+        return F.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with fused gate/up projection."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = _param(2 * cfg.intermediate_size, cfg.hidden_size)
+        self.down_proj = _param(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP, with the residual carried through fused add+RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, ops)
+        self.mlp = MLP(cfg, ops)
+        self.input_layernorm = _param(cfg.hidden_size)
+        self.post_attention_layernorm = _param(cfg.hidden_size)
+
+    def forward(self, x, residual, meta, kv, cos_sin):
+        if residual is None:
+            residual = x
+            h = self.ops.rms_norm(x, self.input_layernorm, self.eps)
+        else:
+            h, residual = self.ops.fused_add_rms_norm(x, residual, self.input_layernorm, self.eps)
+        h = self.self_attn(h, meta, kv, cos_sin)
+        h, residual = self.ops.fused_add_rms_norm(h, residual, self.post_attention_layernorm, self.eps)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole decoder plus LM head; `forward` returns final hidden states, `compute_logits` the vocab scores."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+
+    def forward(
+        self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], cos_sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = F.embedding(meta.input_ids, self.embed_tokens)  # [T, hidden]
+        residual = None
+        for layer, kv in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, meta, kv, cos_sin)
+        x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, hidden] -> logits [S, vocab] in float32."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()

@@ -1,0 +1,146 @@
+"""Build a decoder from a local Hugging Face directory: safetensors (single or sharded) or dummy weights."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ConfigError, ModelConfig
+from engine.models.llama import LlamaForCausalLM
+from kernels.ops import Ops
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# HF parameter suffix -> (our parameter path suffix, shard index within a fused tensor or None)
+_FUSED = {
+    "self_attn.q_proj.weight": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj.weight": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj.weight": ("self_attn.qkv_proj", 2),
+    "self_attn.q_proj.bias": ("self_attn.qkv_bias", 0),
+    "self_attn.k_proj.bias": ("self_attn.qkv_bias", 1),
+    "self_attn.v_proj.bias": ("self_attn.qkv_bias", 2),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj", 1),
+}
+_RENAMED = {
+    "self_attn.o_proj.weight": "self_attn.o_proj",
+    "self_attn.o_proj.bias": "self_attn.o_bias",
+    "self_attn.q_norm.weight": "self_attn.q_norm",
+    "self_attn.k_norm.weight": "self_attn.k_norm",
+    "mlp.down_proj.weight": "mlp.down_proj",
+    "input_layernorm.weight": "input_layernorm",
+    "post_attention_layernorm.weight": "post_attention_layernorm",
+}
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files; an index's missing shard is named in the error."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ConfigError(f"{path} is incomplete: shard(s) {missing} listed in {INDEX_FILE} are missing")
+        return [path / s for s in shards]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise ConfigError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+
+
+def _shard_offsets(model: LlamaForCausalLM, target: str) -> list[int]:
+    """Row offsets of the q/k/v (or gate/up) slices inside a fused parameter."""
+    cfg = model.cfg
+    if "qkv" in target:
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return [0, q, q + kv, q + 2 * kv]
+    return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
+
+
+def _target(name: str) -> tuple[str, int | None] | None:
+    """Map an HF tensor name to (our parameter name, fused shard) or None for tensors we don't use."""
+    if name.startswith("model.layers."):
+        _, _, idx, rest = name.split(".", 3)
+        if rest in _FUSED:
+            tgt, shard = _FUSED[rest]
+            return f"layers.{idx}.{tgt}", shard
+        if rest in _RENAMED:
+            return f"layers.{idx}.{_RENAMED[rest]}", None
+        return None
+    simple = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+    return (simple[name], None) if name in simple else None
+
+
+def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Copy every checkpoint tensor into its (possibly fused) parameter, straight onto the device."""
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, int | None]] = set()
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                tgt = _target(name)
+                if tgt is None or tgt[0] not in params:
+                    if tgt is None and "rotary_emb" not in name:
+                        log.debug("ignoring checkpoint tensor %s", name)
+                    continue
+                pname, shard = tgt
+                param = params[pname]
+                tensor = f.get_tensor(name).to(dtype)
+                if shard is None:
+                    dst = param.data
+                else:
+                    offs = _shard_offsets(model, pname)
+                    dst = param.data[offs[shard] : offs[shard + 1]]
+                if dst.shape != tensor.shape:
+                    raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+                dst.copy_(tensor)
+                loaded.add(tgt)
+    expected = set()
+    for pname, _ in params.items():
+        if pname.endswith(("qkv_proj", "qkv_bias")):
+            expected |= {(pname, 0), (pname, 1), (pname, 2)}
+        elif pname.endswith("gate_up_proj"):
+            expected |= {(pname, 0), (pname, 1)}
+        else:
+            expected.add((pname, None))
+    missing = sorted(p for p, _ in expected - loaded)
+    if missing:
+        raise ConfigError(f"{path}: checkpoint lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights for benchmarks without a checkpoint: small normal values, norms at 1."""
+    gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and not name.endswith("bias"):
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def build_model(
+    cfg: ModelConfig, path: Path, ops: Ops, device: torch.device, dtype: torch.dtype, load_format: str, seed: int
+) -> LlamaForCausalLM:
+    """Allocate the decoder on the device in the target dtype, then fill its weights."""
+    if load_format != "dummy":
+        safetensors_files(path)  # fail fast, before allocating, on an incomplete directory
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg, ops)
+    finally:
+        torch.set_default_dtype(prev)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, path, device, dtype)
+    return model.eval()

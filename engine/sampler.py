@@ -1,0 +1,211 @@
+"""Sampler: the runner's logits to one token per sequence, in one batched pass with vLLM's semantics.
+
+Order of stages (vLLM): float32 -> min_tokens mask -> repetition, frequency, presence penalties ->
+greedy argmax | temperature -> top-k -> top-p -> min-p -> exponential race. Logprobs and ranks come from
+the raw model distribution (vLLM v1's default), not the processed one. Stages no row needs are skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_ops import (
+    NEG_INF,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    exponential_race,
+    flat_token_index,
+    gather_logprobs,
+    to_device,
+    token_counts,
+)
+from engine.sampling_params import SamplingParams
+
+# Columns of the per-row parameter table, sent to the device in one copy per step.
+_TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _FREQ, _PRES, _GREEDY = range(8)
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence being sampled this step (built by the runner)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far by this sequence (before this step)
+    seed: int | None  # effective seed (already derived for n>1 children) or None
+    eos_token_ids: list[int]  # the model's EOS ids (masked until min_tokens is reached)
+    key: str  # the sequence id; owns this row's seeded generator until Sampler.release(key)
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's result, one entry per row, in row order."""
+
+    token_ids: list[int]
+    # per row: None if params.logprobs is None, else {sampled id: logprob, plus top-N ids: logprob}
+    logprobs: list[dict[int, float] | None]
+    ranks: list[dict[int, int] | None]  # 1-based rank of each id of that dict in the raw distribution
+
+
+class Sampler:
+    """Batched token sampler; keeps one torch.Generator per seeded sequence so seeds are batch-invariant."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, key: str) -> None:
+        """Drop a finished sequence's generator (a no-op for unknown keys)."""
+        self._generators.pop(key, None)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Sample one token per row from logits [num_rows, >= vocab_size] (any float dtype)."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x vocab {self.vocab_size}")
+        if logits.device.type != self.device.type or self.device.index not in (None, logits.device.index):
+            raise ValueError(f"logits on {logits.device}, sampler on {self.device}")
+        if not rows:
+            return SamplerOutput([], [], [])
+        logits = logits[:, : self.vocab_size]  # [R, V]; columns past the vocabulary are lm_head padding
+        tokens = self._sample(logits, rows)  # [R] int64
+        return self._finish(logits, rows, tokens)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Token ids [R] int64 on the logits' device, without a host sync."""
+        vocab, device = self.vocab_size, logits.device
+        greedy = [r.params.greedy for r in rows]
+        min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
+        rep = any(r.params.repetition_penalty != 1.0 for r in rows)
+        freq = any(r.params.frequency_penalty != 0.0 for r in rows)
+        pres = any(r.params.presence_penalty != 0.0 for r in rows)
+        if all(greedy) and not (min_tok or rep or freq or pres):
+            return logits.argmax(dim=-1)  # [R]
+
+        x = logits.to(torch.float32, copy=True)  # [R, V], processed in place from here on
+        if min_tok:
+            stops = [rows[i].eos_token_ids + rows[i].params.stop_token_ids for i in min_tok]
+            flat = to_device(flat_token_index(stops, min_tok, vocab), torch.int64, device)  # [S]
+            x.view(-1).index_fill_(0, flat, NEG_INF)
+        table = to_device(_param_table(rows, greedy, vocab), torch.float32, device)  # [R, 8]
+        if rep or freq or pres:
+            x = self._penalize(x, rows, table, rep, freq, pres)
+        if all(greedy):
+            return x.argmax(dim=-1)
+        greedy_tokens = x.argmax(dim=-1) if any(greedy) else None  # [R]; before temperature, as in vLLM
+
+        # Greedy rows carry neutral values in the table, so every stage below can run on all rows.
+        sampled = [not g for g in greedy]
+        rp = [r.params for r, s in zip(rows, sampled) if s]
+        if any(p.temperature != 1.0 for p in rp):
+            x.div_(table[:, _TEMP : _TEMP + 1])
+        top_ks = [k for p in rp if 0 < (k := p.effective_top_k) < vocab]
+        use_top_p = any(p.top_p < 1.0 for p in rp)
+        if top_ks or use_top_p:
+            k = table[:, _TOP_K].long() if top_ks else None  # [R]
+            x = apply_top_k_top_p(x, k, table[:, _TOP_P] if use_top_p else None, max(top_ks, default=0))
+        if any(p.min_p > 0.0 for p in rp):
+            x = apply_min_p(x, table[:, _MIN_P])
+        probs = x.softmax(dim=-1)  # [R, V]
+        tokens = exponential_race(probs, self._noise(rows, sampled, probs))  # [R]
+        if greedy_tokens is None:
+            return tokens
+        return torch.where(table[:, _GREEDY] > 0, greedy_tokens, tokens)
+
+    def _penalize(
+        self, x: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor, rep: bool, freq: bool, pres: bool
+    ) -> torch.Tensor:
+        """Apply the penalties, counting tokens with scatter_add over flat (row, token) indices."""
+        num_rows, vocab, device = len(rows), self.vocab_size, x.device
+        out_rows = [i for i, r in enumerate(rows) if r.output_token_ids and _has_penalty(r.params)]
+        flat = flat_token_index([rows[i].output_token_ids for i in out_rows], out_rows, vocab)  # [T]
+        counts = token_counts(to_device(flat, torch.int64, device), num_rows, vocab)  # [R, V]
+        prompt_mask = None
+        if rep:
+            rep_rows = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+            flat = flat_token_index([rows[i].prompt_token_ids for i in rep_rows], rep_rows, vocab)  # [P]
+            prompt_mask = torch.zeros(num_rows * vocab, dtype=torch.bool, device=device)
+            prompt_mask = prompt_mask.index_fill_(0, to_device(flat, torch.int64, device), True).view(num_rows, vocab)
+        return apply_penalties(
+            x,
+            prompt_mask,
+            counts,
+            table[:, _REP] if rep else None,
+            table[:, _FREQ] if freq else None,
+            table[:, _PRES] if pres else None,
+        )
+
+    def _noise(self, rows: list[SamplingRow], sampled: list[bool], like: torch.Tensor) -> torch.Tensor:
+        """Exp(1) noise [R, V]: seeded rows from their own generator, the rest from torch's default one."""
+        q = torch.empty_like(like)  # [R, V]
+        seeded = [i for i, r in enumerate(rows) if sampled[i] and r.seed is not None]
+        if len(seeded) < sum(sampled):
+            q.exponential_()
+        else:
+            q.fill_(1.0)  # only greedy rows are left, whose draw is discarded
+        # One draw of exactly V values per seeded row and step: its stream never depends on the batch.
+        for i in seeded:
+            q[i].exponential_(generator=self._generator(rows[i], like.device))
+        return q
+
+    def _generator(self, row: SamplingRow, device: torch.device) -> torch.Generator:
+        """The row's generator, seeded once on first use (or again if its key now has another seed)."""
+        gen = self._generators.get(row.key)
+        if gen is None or gen.initial_seed() != row.seed:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(row.seed)
+            self._generators[row.key] = gen
+        return gen
+
+    def _finish(self, logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> SamplerOutput:
+        """Gather raw-distribution logprobs and bring everything to the host in one .tolist()."""
+        num_rows = len(rows)
+        lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        parts = [tokens.to(torch.float64)]  # ids, ranks and float32 values are all exact in float64
+        num_top = max((rows[i].params.logprobs for i in lp_rows), default=0)
+        if lp_rows:
+            if len(lp_rows) < num_rows:
+                idx = to_device(lp_rows, torch.int64, logits.device)  # [L]
+                logits, tokens = logits.index_select(0, idx), tokens.index_select(0, idx)
+            raw = logits.to(torch.float32).log_softmax(dim=-1)  # [L, V]: the unprocessed distribution
+            lp, rank, top_lp, top_ids = gather_logprobs(raw, tokens, num_top)
+            parts += [lp.double(), rank.double(), top_lp.double().flatten(), top_ids.double().flatten()]
+        host = torch.cat(parts).tolist()  # the step's only host sync
+
+        num_lp = len(lp_rows)
+        token_ids = [int(t) for t in host[:num_rows]]
+        lps, rks = host[num_rows : num_rows + num_lp], host[num_rows + num_lp : num_rows + 2 * num_lp]
+        top_start = num_rows + 2 * num_lp
+        tops, tids = host[top_start : top_start + num_lp * num_top], host[top_start + num_lp * num_top :]
+        logprobs: list[dict[int, float] | None] = [None] * num_rows
+        ranks: list[dict[int, int] | None] = [None] * num_rows
+        for j, i in enumerate(lp_rows):
+            tok = token_ids[i]
+            values, order = {tok: lps[j]}, {tok: int(rks[j])}
+            for m in range(rows[i].params.logprobs):
+                tid = int(tids[j * num_top + m])
+                if tid not in values:
+                    values[tid], order[tid] = tops[j * num_top + m], m + 1
+            logprobs[i], ranks[i] = values, order
+        return SamplerOutput(token_ids, logprobs, ranks)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _param_table(rows: list[SamplingRow], greedy: list[bool], vocab: int) -> list[list[float]]:
+    """Rows of [temp, top_k, top_p, min_p, rep, freq, pres, greedy]; greedy rows get neutral sampling values."""
+    table = []
+    for r, g in zip(rows, greedy):
+        p = r.params
+        pen = [p.repetition_penalty, p.frequency_penalty, p.presence_penalty]
+        if g:
+            table.append([1.0, vocab, 1.0, 0.0, *pen, 1.0])
+        else:
+            k = p.effective_top_k
+            table.append([p.temperature, k if 0 < k < vocab else vocab, p.top_p, p.min_p, *pen, 0.0])
+    return table

@@ -1,0 +1,212 @@
+"""Scheduler: each step, every sequence's num_computed_tokens catches up with its num_tokens under a token budget.
+
+Decode, chunked prefill and prefix-cache hits all fall out of that one rule. Running sequences go first
+(oldest/highest priority first); when KV blocks run out, the lowest-priority newest running sequence is
+preempted (its blocks freed, its progress reset, recomputed later). Waiting sequences are admitted while
+the budget, max_num_seqs and the cache allow.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One sequence's slice of this step: tokens to compute, where they sit, and whether to sample after them."""
+
+    seq_id: str
+    token_ids: list[int]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
+    block_table: list[int]
+    sample: bool  # the chunk reaches the sequence's end: sample its next token
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    all_token_ids: list[int]  # prompt + output so far (read-only view for penalties)
+    seed: int | None
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the runner must compute this step, plus sequences finished since the last step (to drop their state)."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted_seq_ids: list[str] = field(default_factory=list)
+    finished_seq_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What the runner returns: one sampled token (and optional logprobs) per sampled sequence."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    ranks: dict[str, dict[int, int]] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Iteration-level batching over a BlockManager; owns the waiting and running queues."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: list[int],
+    ):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key; the tail is the first to be preempted
+        self.seqs: dict[str, Sequence] = {}
+        self._finished_since_step: list[str] = []
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        self.seqs[seq.seq_id] = seq
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (stop, length, abort, error): free its blocks and drop it from the queues."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        queue = self.running if seq.status is SeqStatus.RUNNING else self.waiting
+        queue.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        del self.seqs[seq.seq_id]
+        self._finished_since_step.append(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        """True while any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Sequences waiting or running."""
+        return len(self.waiting) + len(self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
+        """Prefix-cache hit and first chunk size for a waiting sequence: (cached blocks, cached tokens, new tokens)."""
+        blocks, num_cached = self.bm.get_computed_blocks(seq.token_ids)
+        return blocks, num_cached, min(seq.num_tokens - num_cached, budget)
+
+    def _make_room_for_priority(self, out: SchedulerOutput) -> None:
+        """Preempt lower-priority running sequences while a better-priority waiting one cannot start."""
+        while self.waiting and self.running:
+            head, tail = self.waiting[0], self.running[-1]
+            if head.priority >= tail.priority:
+                return
+            blocks, cached, new = self._first_chunk(head, self.max_num_batched_tokens)
+            full = len(self.running) >= self.max_num_seqs
+            if not full and self.bm.can_allocate(head.seq_id, cached + new, blocks):
+                return
+            self._preempt(tail)
+            out.preempted_seq_ids.append(tail.seq_id)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
+        out = SchedulerOutput(finished_seq_ids=self._finished_since_step)
+        self._finished_since_step = []
+        self._make_room_for_priority(out)
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            scheduled = True
+            while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted_seq_ids.append(victim.seq_id)
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            self._emit(out, seq, num_new)
+            budget -= num_new
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            blocks, num_cached, num_new = self._first_chunk(seq, budget)
+            if not self.bm.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks):
+                break
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed_tokens = num_cached
+            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+            self._emit(out, seq, num_new)
+            budget -= num_new
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens = start + num_new
+        out.chunks.append(
+            ScheduledChunk(
+                seq_id=seq.seq_id,
+                token_ids=seq.token_ids[start : start + num_new],
+                start_pos=start,
+                block_table=self.bm.block_table(seq.seq_id),
+                sample=seq.num_computed_tokens == seq.num_tokens,
+                params=seq.params,
+                prompt_token_ids=seq.prompt_token_ids,
+                all_token_ids=seq.token_ids,
+                seed=seq.seed,
+            )
+        )
+
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
+        """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""
+        updated: list[Sequence] = []
+        for chunk in sched.chunks:
+            seq = self.seqs.get(chunk.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            token = result.sampled.get(chunk.seq_id)
+            if token is not None:
+                seq.token_ids.append(token)
+                updated.append(seq)
+            # Blocks that just became full of computed tokens can now serve later prompts.
+            self.bm.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if token is not None:
+                self._check_token_stop(seq, token)
+        return updated
+
+    def _check_token_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                self.finish(seq, "stop")
+                return
+            if token in p.stop_token_ids:
+                self.finish(seq, "stop", token)
+                return
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.finish(seq, "length")

@@ -1,0 +1,69 @@
+"""Sequence: one completion stream of one request, the unit the scheduler batches."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    """Lifecycle of a sequence inside the engine."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Token ids and progress of one completion; `num_computed_tokens` catches up with `num_tokens`."""
+
+    seq_id: str
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    priority: int
+    arrival: int  # monotonically increasing admission counter: FCFS order within a priority
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, appended in place
+    num_computed_tokens: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt length."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens so far."""
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """Generated tokens (a copy)."""
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: lower priority value first, then earlier arrival."""
+        return (self.priority, self.arrival)
+
+    @property
+    def finished(self) -> bool:
+        """True once the sequence has a finish reason."""
+        return self.status is SeqStatus.FINISHED

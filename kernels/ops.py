@@ -1,0 +1,47 @@
+"""The op set model code calls: one interface, a PyTorch reference backend and a Triton backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+
+@dataclass(frozen=True)
+class Ops:
+    """A backend: the functions the decoder layers use, all with kernels.reference's signatures."""
+
+    name: str
+    rms_norm: Callable
+    fused_add_rms_norm: Callable
+    silu_and_mul: Callable
+    rotary_embedding: Callable
+    write_kv_cache: Callable
+    paged_attention: Callable
+
+
+TORCH_OPS = Ops(
+    name="torch",
+    rms_norm=reference.rms_norm,
+    fused_add_rms_norm=reference.fused_add_rms_norm,
+    silu_and_mul=reference.silu_and_mul,
+    rotary_embedding=reference.rotary_embedding,
+    write_kv_cache=reference.write_kv_cache,
+    paged_attention=reference.paged_attention,
+)
+
+
+def get_ops(name: str, device: torch.device | str) -> Ops:
+    """Pick a backend by name: 'torch', 'triton', or 'auto' (Triton on CUDA, torch elsewhere)."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TORCH_OPS
+    if name == "triton":
+        from kernels.triton_ops import TRITON_OPS
+
+        return TRITON_OPS
+    raise ValueError(f"unknown kernel backend {name!r}; expected 'auto', 'torch' or 'triton'")

@@ -1,0 +1,121 @@
+"""Pure-PyTorch reference ops: the CPU backend and the ground truth every Triton kernel is tested against.
+
+KV cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+Token t of a sequence lives in block block_table[t // block_size], row t % block_size; the flat
+slot index is block_id * block_size + row.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: normalize in float32, cast back, then scale.
+
+    x [..., hidden], weight [hidden].
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual; returns (rms_norm(residual'), residual'). x, residual [T, hidden]."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2*d] = [gate | up] -> silu(gate) * up, [..., d]."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding.
+
+    positions [T] int64; q [T, Hq, D]; k [T, Hk, D]; cos_sin_cache [max_pos, D] float32 holding
+    cos in [:, :D/2] and sin in [:, D/2:]. Returns new (q, k) in the input dtype.
+    """
+    half = cos_sin_cache.shape[1] // 2
+    cs = cos_sin_cache.index_select(0, positions)
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter k, v [T, Hk, D] into the paged caches at slot_mapping [T]; slots < 0 are skipped (padding)."""
+    nb, bs, hk, d = k_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    k_cache.view(nb * bs, hk, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, hk, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, context_len: int
+) -> torch.Tensor:
+    """One sequence's first context_len rows of a paged cache: [context_len, Hk, D]."""
+    bs = cache.shape[1]
+    nblocks = (context_len + bs - 1) // bs
+    blocks = block_table[:nblocks].long()
+    return cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole paged context.
+
+    q [T, Hq, D]; block_tables [S, max_blocks] int32; seq_lens [S] (context incl. new tokens);
+    query_start_loc [S+1]. Query i of a sequence with L new tokens and context C sits at position
+    C - L + i and sees keys 0 .. C - L + i. GQA: query head h reads KV head h // (Hq // Hk).
+    Computed in float32; returns [T, Hq, D] in q's dtype. max_query_len / max_seq_len are hints
+    that kernels use for launch sizing; the reference ignores them.
+    """
+    num_heads = q.shape[1]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for s, ctx in enumerate(lens):
+        start, end = qsl[s], qsl[s + 1]
+        qlen = end - start
+        if qlen == 0:
+            continue
+        qs = q[start:end].float().transpose(0, 1)  # [Hq, L, D]
+        ks = gather_kv(k_cache, block_tables[s], ctx).float().transpose(0, 1)  # [Hk, C, D]
+        vs = gather_kv(v_cache, block_tables[s], ctx).float().transpose(0, 1)
+        if group > 1:
+            ks = ks.repeat_interleave(group, dim=0)
+            vs = vs.repeat_interleave(group, dim=0)
+        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [Hq, L, C]
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        scores.masked_fill_(kpos > qpos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+    return out

@@ -1,0 +1,197 @@
+"""The offline and incremental APIs: sampling features, stops, n > 1, errors, aborts, streaming deltas."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from engine import LLM, ConfigError, LLMEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=16)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 500) for _ in range(n)]
+
+
+def test_accepts_strings_ids_and_dicts_in_order(llm):
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = _ids(9, 0)
+    outs = llm.generate(["Once upon a time", ids, {"prompt_token_ids": ids}], p)
+    assert [o.request_id for o in outs] == sorted({o.request_id for o in outs}, key=[o.request_id for o in outs].index)
+    assert outs[0].prompt == "Once upon a time"
+    assert outs[0].prompt_token_ids == llm.get_tokenizer().encode("Once upon a time")
+    assert outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    text = outs[1].outputs[0].text
+    assert text == llm.get_tokenizer().decode(outs[1].outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=10, ignore_eos=True)
+    target = {"prompt_token_ids": _ids(7, 1)}
+    alone = llm.generate([target], p)[0].outputs[0].token_ids
+    others = [{"prompt_token_ids": _ids(5 + i, 10 + i)} for i in range(5)]
+    other_params = [SamplingParams(temperature=0.8, max_tokens=6 + i) for i in range(5)]
+    batched = llm.generate(others[:3] + [target] + others[3:], other_params[:3] + [p] + other_params[3:])
+    assert batched[3].outputs[0].token_ids == alone
+    again = llm.generate([target], p)[0].outputs[0].token_ids
+    assert again == alone
+    different = llm.generate([target], p.model_copy(update={"seed": 99}))[0].outputs[0].token_ids
+    assert different != alone
+
+
+def test_n_parallel_samples(llm):
+    p = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": _ids(6, 2)}, p)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 and c.finish_reason == "length" for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy = llm.generate({"prompt_token_ids": _ids(6, 2)}, SamplingParams(n=2, temperature=0, max_tokens=5))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+
+
+def test_stop_token_ids(llm):
+    base = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = {"prompt_token_ids": _ids(8, 3)}
+    full = llm.generate(prompt, base)[0].outputs[0].token_ids
+    stop_tok = full[4]
+    first = full.index(stop_tok)
+    out = llm.generate(prompt, base.model_copy(update={"stop_token_ids": [stop_tok]}))[0].outputs[0]
+    assert out.token_ids == full[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    tok = llm.get_tokenizer()
+    assert out.text == tok.decode(full[:first], skip_special_tokens=True)
+
+
+def test_stop_strings_are_cut_from_text(llm):
+    base = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompt = {"prompt_token_ids": _ids(8, 4)}
+    full = llm.generate(prompt, base)[0].outputs[0].text
+    assert len(full) > 6
+    stop = full[3:6]
+    out = llm.generate(prompt, base.model_copy(update={"stop": [stop]}))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[: full.index(stop)]
+    kept = llm.generate(prompt, base.model_copy(update={"stop": [stop], "include_stop_str_in_output": True}))
+    assert kept[0].outputs[0].text == full[: full.index(stop) + len(stop)]
+
+
+def test_min_tokens_and_eos(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", block_size=8)
+    eos = llm.get_tokenizer().eos_token_id
+    p = SamplingParams(temperature=0, max_tokens=6, min_tokens=6, stop_token_ids=[eos])
+    out = llm.generate({"prompt_token_ids": _ids(5, 5)}, p)[0].outputs[0]
+    assert len(out.token_ids) == 6 and eos not in out.token_ids
+
+
+def test_logprobs(llm):
+    p = SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": _ids(6, 6)}, p)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, pos in zip(out.token_ids, out.logprobs):
+        assert tok in pos and 3 <= len(pos) <= 4
+        assert pos[tok].rank == 1  # greedy picks the most likely token
+        assert all(lp.logprob <= 0 for lp in pos.values())
+    assert out.cumulative_logprob == pytest.approx(sum(pos[t].logprob for t, pos in zip(out.token_ids, out.logprobs)))
+
+
+def test_chat_template(llm):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    rendered = llm.get_tokenizer().apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert out.prompt == rendered and len(out.outputs[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0}, {"min_p": 2},
+    {"temperature": float("nan")}, {"logprobs": 100}, {"stop": [""]}, {"min_tokens": 5, "max_tokens": 2},
+    {"repetition_penalty": 0}, {"presence_penalty": 3}, {"unknown_field": 1},
+])
+def test_bad_sampling_params_rejected(bad):
+    with pytest.raises(ValidationError):
+        SamplingParams(**bad)
+
+
+def test_requests_that_can_never_fit_finish_with_error(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=6, max_model_len=128)
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": _ids(125, 7)}, {"prompt_token_ids": _ids(60, 8)},
+                         {"prompt_token_ids": _ids(5, 9)}], p)
+    assert outs[0].outputs[0].finish_reason == "error" and "max_model_len" in outs[0].error
+    assert outs[1].outputs[0].finish_reason == "error" and "KV blocks" in outs[1].error
+    assert outs[2].outputs[0].finish_reason == "length"
+
+
+def test_bad_engine_config_and_dirs(tmp_path, tiny_llama):
+    with pytest.raises(ConfigError, match="config.json"):
+        LLM(str(tmp_path), device="cpu")
+    with pytest.raises(TypeError, match="unknown engine option"):
+        LLM(str(tiny_llama), device="cpu", blocksize=8)
+    with pytest.raises(ConfigError, match="block_size"):
+        LLM(str(tiny_llama), device="cpu", block_size=7)
+
+
+def test_abort_frees_blocks_and_reports(tiny_llama):
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8)
+    p = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    for i in range(4):
+        eng.add_request(f"r{i}", _ids(20, i), p)
+    for _ in range(3):
+        eng.step()
+    assert eng.block_manager.num_used_blocks > 0
+    assert eng.abort("r1") and not eng.abort("nope")
+    deltas = eng.step()
+    ab = [d for d in deltas if d.request_id == "r1"]
+    assert len(ab) == 1 and ab[0].finished and ab[0].finish_reason == "abort"
+    for i in (0, 2, 3):
+        eng.abort(f"r{i}")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.block_manager.num_used_blocks == 0 and not eng.requests
+
+
+def test_random_add_abort_keeps_block_invariants(tiny_llama):
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=24, max_num_seqs=6)
+    rng = random.Random(0)
+    live: set[str] = set()
+    for step in range(120):
+        if rng.random() < 0.3:
+            rid = f"q{step}"
+            eng.add_request(rid, _ids(rng.randrange(1, 30), step),
+                            SamplingParams(temperature=rng.choice([0, 1.0]), max_tokens=rng.randrange(1, 20),
+                                           n=rng.choice([1, 1, 2]), ignore_eos=True))
+            live.add(rid)
+        if live and rng.random() < 0.1:
+            eng.abort(rng.choice(sorted(live)))
+        for d in eng.step():
+            if d.finished and d.request_id not in eng.requests:
+                live.discard(d.request_id)
+        eng.block_manager.check_invariants()
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.block_manager.check_invariants()
+    assert eng.block_manager.num_used_blocks == 0 and not eng.requests
+
+
+def test_streamed_deltas_concatenate_to_final_text(tiny_llama):
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8)
+    prompts = ["héllo wörld", "日本語のテキスト", "emoji 🎉🎉 time", "plain words"]
+    p = SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)
+    for i, pr in enumerate(prompts):
+        eng.add_request(f"s{i}", pr, p)
+    streamed = {f"s{i}": "" for i in range(len(prompts))}
+    finals = {}
+    reqs = dict(eng.requests)
+    while eng.has_unfinished_requests():
+        for d in eng.step():
+            assert "\ufffd" not in d.new_text or "\ufffd" in reqs[d.request_id].outputs[0].text
+            streamed[d.request_id] += d.new_text
+            if d.finished:
+                finals[d.request_id] = reqs[d.request_id].outputs[0].text
+    assert streamed == finals
