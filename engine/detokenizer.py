@@ -16,6 +16,7 @@ Known, inherent differences from `tokenizer.decode(output_ids)`:
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"
@@ -29,6 +30,28 @@ _SLIDE_AT = 12
 # While a partial character is pending, slide back to a wider window so that the held tail decodes
 # the same way in it (its bytes span at most 3 chars x 4 bytes, plus 3 bytes of leading garbage).
 _CONTEXT_PENDING = 16
+
+
+# Per tokenizer object: computing the special ids walks all added tokens, too slow to redo per request.
+_SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer) -> frozenset[int]:
+    """Ids that skip_special_tokens removes: the backend's own flags where there is one."""
+    try:
+        return _SPECIAL_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    else:
+        ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
+    try:
+        _SPECIAL_IDS[tokenizer] = ids
+    except TypeError:
+        pass  # not weak-referenceable: just don't cache
+    return ids
 
 
 def _decode_fn(tokenizer, skip_special_tokens: bool):
@@ -61,9 +84,18 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ):
         self._decode = _decode_fn(tokenizer, skip_special_tokens)
+        # Skipped ids never enter the window: they add no text, and every window token then carries
+        # text, which the window sizes above rely on.
+        self._skip = _special_ids(tokenizer) if skip_special_tokens else frozenset()
         # Only the window is kept: ids[0] is the window start, and the first `_taken` characters of
         # decode(ids) are already in output_text (or belong to the prompt).
-        self._ids: list[int] = list(prompt_token_ids[-_CONTEXT:])
+        self._ids: list[int] = []
+        for t in reversed(prompt_token_ids):  # from the end: prompts can be long
+            if len(self._ids) == _CONTEXT:
+                break
+            if t not in self._skip:
+                self._ids.append(t)
+        self._ids.reverse()
         self._taken = len(self._decode(self._ids)) if self._ids else 0
         self._stop = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
@@ -75,8 +107,10 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
         """Append generated ids; return the stop string that now ends output_text, if one does."""
+        if self._skip:
+            token_ids = [t for t in token_ids if t not in self._skip]
         if self.stopped is not None or not token_ids:
-            return None  # text after a stop string is never shown
+            return None  # text after a stop string is never shown; skipped ids change nothing
         self._ids.extend(token_ids)
         text = self._decode(self._ids)
         pending = _pending_len(text)
@@ -138,6 +172,7 @@ class IncrementalDetokenizer:
         if finished:
             if self._pending:
                 # The sequence ended inside a character (or on real U+FFFD): show it as decode() does.
+                # It is only U+FFFD, so it is not searched for stop strings.
                 self.output_text += self._pending
                 self._taken += len(self._pending)
                 self._pending = ""

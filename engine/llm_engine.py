@@ -229,8 +229,9 @@ class LLMEngine:
             # A stop token ends the text before itself (vLLM semantics); its id stays in token_ids.
             stopped_by_token = seq.finished and seq.finish_reason == "stop"
             if not stopped_by_token or seq.params.include_stop_str_in_output:
-                stop_str = detok.add_tokens([token])
-                if stop_str is not None and seq.num_output_tokens >= seq.params.min_tokens:
+                # Stop strings count only once min_tokens are out (vLLM semantics).
+                stop_str = detok.add_tokens([token], check_stop=seq.num_output_tokens >= seq.params.min_tokens)
+                if stop_str is not None:
                     if seq.finished:
                         seq.finish_reason, seq.stop_reason = "stop", stop_str
                     else:

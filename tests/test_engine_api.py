@@ -195,3 +195,12 @@ def test_streamed_deltas_concatenate_to_final_text(tiny_llama):
             if d.finished:
                 finals[d.request_id] = reqs[d.request_id].outputs[0].text
     assert streamed == finals
+
+
+def test_stop_string_before_min_tokens_is_ignored(llm):
+    base = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompt = {"prompt_token_ids": _ids(8, 4)}
+    full = llm.generate(prompt, base)[0].outputs[0]
+    stop = full.text[1:3]
+    out = llm.generate(prompt, base.model_copy(update={"stop": [stop], "min_tokens": 16}))[0].outputs[0]
+    assert out.token_ids == full.token_ids and out.text == full.text and out.finish_reason == "length"

@@ -1,0 +1,67 @@
+"""CLI flags generated from config dataclasses, each defaulting to its SPOOL_<NAME> environment variable."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any
+
+_HELP = {
+    "model": "path of a local Hugging Face model directory",
+    "device": "cpu | cuda | cuda:N | auto",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "num_kv_blocks": "KV cache blocks (default: sized from memory)",
+    "load_format": "auto | safetensors | dummy (random weights)",
+    "kernel_backend": "auto | torch | triton",
+    "enforce_eager": "disable CUDA graphs",
+    "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
+    "grace_period_s": "on SIGTERM, seconds to finish in-flight jobs",
+    "claim_idle_ms": "reclaim other workers' jobs idle this long",
+    "max_deliveries": "dead-letter a job delivered more often than this",
+    "max_jobs": "exit after this many finished jobs",
+}
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _parse_env(raw: str, tp: Any) -> Any:
+    if tp is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return tp(raw)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add --field-name for each field of `cls`; defaults come from SPOOL_FIELD_NAME, else the dataclass."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(hints[f.name])
+        env = "SPOOL_" + f.name.upper()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        if env in os.environ:
+            default = _parse_env(os.environ[env], tp)
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [{env}; default: {default}]"
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            required = default is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            group.add_argument(flag, dest=f.name, type=tp, default=default, required=required, help=help_)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """Instantiate `cls` from the parsed flags of add_dataclass_flags."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    kw.update(overrides)
+    return cls(**kw)

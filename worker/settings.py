@@ -1,0 +1,28 @@
+"""Worker settings: one dataclass, defaults here, every field settable as SPOOL_<NAME> or a CLI flag."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+
+def default_worker_name() -> str:
+    """host-pid, reduced to the id charset so it can key Redis entries."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:80] or "worker"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    """How the worker talks to Redis and paces itself."""
+
+    redis_url: str | None = None  # None: SPOOL_REDIS_URL, else the embedded local server
+    prefix: str = "spool:"
+    name: str = field(default_factory=default_worker_name)
+    grace_period_s: float = 30.0  # on SIGTERM: time to finish in-flight requests before leaving them pending
+    claim_idle_ms: int = 60_000  # a pending job idle this long belongs to a dead worker and is reclaimed
+    max_deliveries: int = 3  # a job delivered more often than this goes to the dead-letter stream
+    heartbeat_s: float = 2.0
+    block_ms: int = 1_000  # longest blocking read while idle
+    max_jobs: int | None = None  # exit after this many finished jobs (tests, one-shot runs)
