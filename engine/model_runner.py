@@ -8,6 +8,7 @@ import torch
 
 from engine.attention import AttentionMetadata
 from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.models.loader import build_model
 from engine.models.rope import cos_sin_cache
 from engine.sampler import Sampler, SamplingRow
@@ -42,6 +43,11 @@ class ModelRunner:
         ]
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.bytes_per_block / 2**20)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, min(config.max_num_seqs, 512),
+                                       max_model_len, self.block_size, self.device)
+            self.graphs.capture()
 
     @property
     def bytes_per_block(self) -> int:
@@ -114,37 +120,50 @@ class ModelRunner:
         slots = block_tables[seq_idx, positions // self.block_size].long() * self.block_size + positions % self.block_size
         seq_lens = starts_t + lens_t
         logits_idx = qsl[1:][torch.tensor(sample_rows, dtype=torch.int64)] - 1
-        nb = dev.type == "cuda"
         return AttentionMetadata(
-            input_ids=input_ids.to(dev, non_blocking=nb),
-            positions=positions.to(dev, non_blocking=nb),
-            slot_mapping=slots.to(dev, non_blocking=nb),
-            query_start_loc=qsl.to(torch.int32).to(dev, non_blocking=nb),
-            seq_lens=seq_lens.to(torch.int32).to(dev, non_blocking=nb),
-            block_tables=block_tables.to(dev, non_blocking=nb),
+            input_ids=self._to_device(input_ids),
+            positions=self._to_device(positions),
+            slot_mapping=self._to_device(slots),
+            query_start_loc=self._to_device(qsl.to(torch.int32)),
+            seq_lens=self._to_device(seq_lens.to(torch.int32)),
+            block_tables=self._to_device(block_tables),
             max_query_len=max(lens),
             max_seq_len=int(seq_lens.max()),
-            logits_indices=logits_idx.to(dev, non_blocking=nb),
+            logits_indices=self._to_device(logits_idx),
         )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host-to-device through pinned memory (torch's caching host allocator), so the copy is async."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence."""
-        for seq_id in sched.finished_seq_ids + sched.preempted_seq_ids:
-            if seq_id in sched.finished_seq_ids:
-                self.sampler.release(seq_id)
+        for seq_id in sched.finished_seq_ids:
+            self.sampler.release(seq_id)
         out = RunnerOutput()
         if not sched.chunks:
             return out
         chunks = sched.chunks
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
-        meta = self._metadata(
-            [c.token_ids for c in chunks], [c.start_pos for c in chunks], [c.block_table for c in chunks], sample_rows
-        )
-        hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
-        if not sample_rows:
-            return out
-        logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
+        decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
+        if decode_only and self.graphs is not None and self.graphs.fits(
+            len(chunks), max(len(c.block_table) for c in chunks)
+        ):
+            hidden = self.graphs.run([c.token_ids[0] for c in chunks], [c.start_pos for c in chunks],
+                                     [c.block_table for c in chunks], self.block_size)  # [S, hidden]
+            logits = self.model.compute_logits(hidden)  # [S, vocab]
+        else:
+            meta = self._metadata(
+                [c.token_ids for c in chunks], [c.start_pos for c in chunks], [c.block_table for c in chunks],
+                sample_rows,
+            )
+            hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
+            if not sample_rows:
+                return out
+            logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
         rows = []
         for i in sample_rows:
             c = chunks[i]

@@ -1,0 +1,281 @@
+"""Kernel benchmark: paged-attention decode bandwidth vs device copy and SDPA, prefill, small kernels.
+
+Usage (CUDA only):  python bench/kernels.py [--batch 64 --ctx 4096 --hq 32 --hk 8 --head-dim 128
+                    --dtype bf16 --block-size 16] [--sweep] [--json OUT]
+
+Decode bandwidth = (K + V bytes of every context + q bytes + out bytes) / median time
+(triton.testing.do_bench). It is compared with a device-to-device copy of a large buffer
+(read + written bytes / time) and with torch SDPA on contiguous KV of the same shape, in its
+fastest fair form (GQA via enable_gqa, or the group's query heads folded into the query length;
+both read each KV head once). Inputs are random; several cache sets are rotated when one set
+would fit in L2. --sweep times a grid of decode tile configs and split counts.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # this file must not shadow `kernels`
+sys.path.insert(0, str(_HERE.parent))
+
+import torch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+L2_BYTES = 50 * 2**20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", type=int, default=64, help="decode sequences")
+    p.add_argument("--ctx", type=int, default=4096, help="decode context length per sequence")
+    p.add_argument("--hq", type=int, default=32, help="query heads")
+    p.add_argument("--hk", type=int, default=8, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--block-size", type=int, default=16, help="KV cache page size (tokens)")
+    p.add_argument("--splits", type=int, default=None, help="force the decode split-KV factor (default: heuristic)")
+    p.add_argument("--prefill-len", type=int, default=2048, help="new tokens of the prefill chunk")
+    p.add_argument("--prefill-prefix", type=int, default=0, help="cached tokens before the prefill chunk")
+    p.add_argument("--tokens", type=int, default=2048, help="rows for the small kernels")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    p.add_argument("--sweep", action="store_true", help="also sweep decode block_n x warps x stages x splits")
+    p.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "prefill", "small"], help="parts to skip")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="check this script on CPU: tiny shapes, TRITON_INTERPRET=1, one untimed-quality call each")
+    return p.parse_args(argv)
+
+
+DEV = "cuda"
+
+
+def bench(fn, rep: int) -> float:
+    """Median milliseconds."""
+    if DEV == "cpu":  # --cpu-smoke: one call, wall clock
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def rotating(fns):
+    """One callable cycling through several, so each call touches a different working set."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+def copy_bandwidth(rep: int) -> float:
+    """Device-to-device copy GB/s, counting bytes read + written."""
+    n = 1 << 30 if DEV == "cuda" else 1 << 20
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep)
+    del src, dst
+    return 2 * n / ms / 1e6
+
+
+def make_paged(batch, ctx, hq, hk, d, bs, dtype, qlen=1, gen=None):
+    """Random paged batch: every sequence has `qlen` new tokens and `ctx` tokens of context, scattered pages."""
+    nb_seq = math.ceil(ctx / bs)
+    num_blocks = batch * nb_seq
+    k_cache = torch.randn(num_blocks, bs, hk, d, device=DEV, dtype=dtype, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, hk, d, device=DEV, dtype=dtype, generator=gen)
+    bt = torch.randperm(num_blocks, device=DEV, generator=gen).to(torch.int32).view(batch, nb_seq)
+    q = torch.randn(batch * qlen, hq, d, device=DEV, dtype=dtype, generator=gen)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    qsl = torch.arange(0, batch * qlen + 1, qlen, dtype=torch.int32, device=DEV)
+    return q, k_cache, v_cache, bt, seq_lens, qsl
+
+
+def decode_section(a, dtype, rows, results, copy_gbs):
+    from kernels.paged_attention import AttnConfig, default_config, paged_attention
+
+    b, ctx, hq, hk, d = a.batch, a.ctx, a.hq, a.hk, a.head_dim
+    esz = torch.tensor([], dtype=dtype).element_size()
+    kv_bytes = 2 * b * ctx * hk * d * esz
+    moved = kv_bytes + 2 * b * hq * d * esz
+    nsets = max(1, min(8, math.ceil(4 * L2_BYTES / kv_bytes)))
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    sets = [make_paged(b, ctx, hq, hk, d, a.block_size, dtype, gen=gen) for _ in range(nsets)]
+    scale = d**-0.5
+
+    def run(cfg=None, splits=a.splits):
+        return rotating([lambda s=s: paged_attention(*s, scale, max_query_len=1, max_seq_len=ctx, num_splits=splits,
+                                                     config=cfg) for s in sets])
+
+    ms = bench(run(), a.rep)
+    gbs = moved / ms / 1e6
+    rows.append(("paged decode (triton)", ms, gbs, f"{100 * gbs / copy_gbs:.1f}% of copy"))
+    results["decode"] = {"ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs, "kv_sets": nsets}
+
+    if "sdpa" not in a.skip:
+        import torch.nn.functional as F
+
+        g = hq // hk
+        sd = []
+        for s in sets:  # contiguous KV with the same bytes: [B, Hk, ctx, D]
+            q = s[0].view(b, hq, 1, d)
+            k = torch.randn(b, hk, ctx, d, device=DEV, dtype=dtype, generator=gen)
+            v = torch.randn_like(k)
+            sd.append((q, k, v))
+        forms = {
+            "enable_gqa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
+            "group-as-queries": lambda q, k, v: F.scaled_dot_product_attention(q.view(b, hk, g, d), k, v, scale=scale),
+        }
+        best = None
+        for name, f in forms.items():
+            try:
+                t = bench(rotating([lambda x=x, f=f: f(*x) for x in sd]), a.rep)
+            except RuntimeError as e:  # a backend may refuse a form
+                print(f"sdpa {name}: {e}", file=sys.stderr)
+                continue
+            rows.append((f"sdpa decode ({name})", t, moved / t / 1e6, f"triton x{t / ms:.2f} faster" if t > ms else
+                         f"triton x{ms / t:.2f} slower"))
+            results[f"sdpa_{name}"] = {"ms": t, "GB/s": moved / t / 1e6}
+            best = t if best is None else min(best, t)
+        if best is not None:
+            results["decode"]["speedup_vs_best_sdpa"] = best / ms
+
+    from kernels import reference  # sanity check on 4 sequences of the first set
+
+    q, kc, vc, bt, sl, qsl = sets[0]
+    sub = (q[:4], kc, vc, bt[:4], sl[:4], qsl[:5], scale)
+    ref = reference.paged_attention(*sub).float()
+    err = float((paged_attention(*sub).float() - ref).norm() / ref.norm())
+    rows.append(("  decode rel err vs reference (4 seqs)", None, None, f"{err:.2e}"))
+    results["decode"]["rel_err_vs_reference"] = err
+
+    if a.sweep:
+        sweep = []
+        base = default_config(True, d, hq // hk, dtype)
+        for bn, w, st, sp in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), (1, 2, 4)):
+            cfg = AttnConfig(block_m=base.block_m, block_n=bn, num_warps=w, num_stages=st)
+            try:
+                t = bench(run(cfg, sp), max(50, a.rep // 4))
+            except Exception as e:  # out of shared memory etc.
+                print(f"sweep {cfg} splits={sp}: {type(e).__name__}", file=sys.stderr)
+                continue
+            sweep.append({"block_n": bn, "num_warps": w, "num_stages": st, "splits": sp, "ms": t, "GB/s": moved / t / 1e6})
+        sweep.sort(key=lambda r: r["ms"])
+        results["decode_sweep"] = sweep
+        for r in sweep[:8]:
+            rows.append((f"  sweep bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} sp={r['splits']}",
+                         r["ms"], r["GB/s"], f"{100 * r['GB/s'] / copy_gbs:.1f}% of copy"))
+
+
+def prefill_section(a, dtype, rows, results):
+    import torch.nn.functional as F
+
+    from kernels.paged_attention import paged_attention
+
+    hq, hk, d, n, pre = a.hq, a.hk, a.head_dim, a.prefill_len, a.prefill_prefix
+    ctx = n + pre
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    q, kc, vc, bt, sl, _ = make_paged(1, ctx, hq, hk, d, a.block_size, dtype, gen=gen)
+    q = torch.randn(n, hq, d, device=DEV, dtype=dtype, generator=gen)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    scale = d**-0.5
+    ms = bench(lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, max_query_len=n, max_seq_len=ctx), a.rep)
+    visible = n * pre + n * (n + 1) / 2  # causal (query, key) pairs
+    flops = 4 * hq * d * visible
+    rows.append((f"paged prefill {n} (+{pre} cached)", ms, None, f"{flops / ms / 1e9:.1f} TFLOP/s"))
+    results["prefill"] = {"ms": ms, "TFLOP/s": flops / ms / 1e9, "tokens": n, "prefix": pre}
+    if pre == 0 and "sdpa" not in a.skip:
+        qs = q.transpose(0, 1)[None]  # [1, Hq, n, D]
+        ks = torch.randn(1, hk, n, d, device=DEV, dtype=dtype, generator=gen)
+        vs = torch.randn_like(ks)
+        t = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True), a.rep)
+        rows.append(("sdpa prefill causal (contiguous)", t, None, f"{flops / t / 1e9:.1f} TFLOP/s"))
+        results["sdpa_prefill"] = {"ms": t, "TFLOP/s": flops / t / 1e9}
+
+
+def small_section(a, dtype, rows, results):
+    from kernels import reference
+    from kernels.triton_ops import TRITON_OPS as T
+
+    t, h, inter, hq, hk, d = a.tokens, a.hidden, a.intermediate, a.hq, a.hk, a.head_dim
+    esz = torch.tensor([], dtype=dtype).element_size()
+    dev = DEV
+    x = torch.randn(t, h, device=dev, dtype=dtype)
+    r = torch.randn(t, h, device=dev, dtype=dtype)
+    w = torch.randn(h, device=dev, dtype=dtype)
+    g = torch.randn(t, 2 * inter, device=dev, dtype=dtype)
+    qkv = torch.randn(t, hq + 2 * hk, d, device=dev, dtype=dtype)
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+    pos = torch.randint(0, 8192, (t,), device=dev)
+    cs = torch.randn(8192, d, device=dev)
+    nblk = math.ceil(4 * t / a.block_size)
+    kc = torch.zeros(nblk, a.block_size, hk, d, device=dev, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(nblk * a.block_size, device=dev)[:t]
+    cases = {  # name: (triton fn, torch fn, bytes moved)
+        "rms_norm": (lambda: T.rms_norm(x, w, 1e-5), lambda: reference.rms_norm(x, w, 1e-5), 2 * t * h * esz),
+        "fused_add_rms_norm": (lambda: T.fused_add_rms_norm(x, r, w, 1e-5),
+                               lambda: reference.fused_add_rms_norm(x, r, w, 1e-5), 4 * t * h * esz),
+        "silu_and_mul": (lambda: T.silu_and_mul(g), lambda: reference.silu_and_mul(g), 3 * t * inter * esz),
+        "rotary": (lambda: T.rotary_embedding(pos, q, k, cs), lambda: reference.rotary_embedding(pos, q, k, cs),
+                   2 * t * (hq + hk) * d * esz),
+        "write_kv_cache": (lambda: T.write_kv_cache(k, v, kc, vc, slots),
+                           lambda: reference.write_kv_cache(k, v, kc, vc, slots), 4 * t * hk * d * esz),
+    }
+    for name, (tri, ref, nbytes) in cases.items():
+        mt, mr = bench(tri, a.rep), bench(ref, a.rep)
+        rows.append((f"{name} [{t} rows]", mt, nbytes / mt / 1e6, f"torch {mr * 1e3:.1f} us (x{mr / mt:.2f})"))
+        results[name] = {"ms": mt, "GB/s": nbytes / mt / 1e6, "torch_ms": mr}
+
+
+def main(argv=None) -> int:
+    global DEV
+    a = parse_args(argv)
+    if a.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEV = "cpu"
+        a.batch, a.ctx, a.hq, a.hk, a.head_dim, a.prefill_len = 3, 100, 8, 2, 64, 40
+        a.tokens, a.hidden, a.intermediate = 8, 256, 512
+        a.sweep = False
+    elif not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    dtype = DTYPES[a.dtype]
+    import triton
+
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke run)"
+    results = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "args": vars(a)}
+    rows: list[tuple] = []
+    copy_gbs = copy_bandwidth(a.rep)
+    rows.append(("device copy 1 GiB (read+write)", None, copy_gbs, ""))
+    results["copy_GB/s"] = copy_gbs
+    decode_section(a, dtype, rows, results, copy_gbs)
+    if "prefill" not in a.skip:
+        prefill_section(a, dtype, rows, results)
+    if "small" not in a.skip:
+        small_section(a, dtype, rows, results)
+
+    print(f"{results['device']}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"decode B={a.batch} ctx={a.ctx} Hq={a.hq} Hk={a.hk} D={a.head_dim} {a.dtype} page={a.block_size}")
+    print(f"{'kernel':44s} {'median us':>10s} {'GB/s':>9s}  note")
+    for name, ms, gbs, note in rows:
+        print(f"{name:44s} {'' if ms is None else f'{ms * 1e3:10.1f}':>10s} {'' if gbs is None else f'{gbs:9.0f}':>9s}  {note}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

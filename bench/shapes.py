@@ -1,0 +1,33 @@
+"""Named model shapes for benchmarks with dummy weights: a config.json written to a temp dir, no checkpoint."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+SHAPES = {
+    "llama3-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+    },
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+}
+
+
+def shape_dir(name: str) -> Path:
+    """A directory holding only config.json for a named shape (use with load_format='dummy')."""
+    if name not in SHAPES:
+        raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    d = Path(tempfile.mkdtemp(prefix=f"spool-{name}-"))
+    (d / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+    return d

@@ -1,0 +1,128 @@
+"""Offline throughput: spool's LLM.generate on a workload, optionally beside transformers' generate_batch.
+
+  python bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer
+  python bench/throughput.py --model /path/to/hf_dir ...
+Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.shapes import SHAPES, shape_dir  # noqa: E402
+from bench.workload import Workload, add_workload_flags, make_workload  # noqa: E402
+
+
+def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
+    """Time LLM.generate over the whole workload (after a short warm-up)."""
+    from engine import LLM, SamplingParams
+
+    kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.max_model_len)
+    t0 = time.perf_counter()
+    llm = LLM(str(path), **kw)
+    load_s = time.perf_counter() - t0
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
+    llm.generate([{"prompt_token_ids": p[:64]} for p in wl.prompts[:8]], params[:8])  # warm-up
+    llm.engine.block_manager.reset_prefix_cache()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert out_tokens == sum(wl.output_lens), "spool generated a different number of tokens than asked"
+    eng = llm.engine
+    res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
+    res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks, preemptions=eng.scheduler.num_preemptions,
+               steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3))
+    del llm, eng, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def run_peer(path: Path, load_format: str, wl: Workload, args) -> dict:
+    """The same workload through transformers' continuous batching (generate_batch) on the same card."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
+    if load_format == "dummy":
+        cfg = AutoConfig.from_pretrained(str(path))
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cuda", attn_implementation="sdpa")
+    model.eval()
+    if len(set(wl.output_lens)) != 1:
+        print("peer: generate_batch takes one max_new_tokens; using the workload's mean output length", file=sys.stderr)
+    n_out = round(sum(wl.output_lens) / len(wl.output_lens))
+    gen = GenerationConfig(max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate_batch(inputs=wl.prompts, generation_config=gen, progress_bar=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    out_tokens = sum(len(o.generated_tokens) for o in out.values())
+    return _summary("transformers generate_batch", wall, len(out), wl.prompt_tokens, out_tokens)
+
+
+def _summary(name: str, wall: float, n: int, prompt_tokens: int, out_tokens: int) -> dict:
+    return {"engine": name, "wall_s": round(wall, 2), "requests": n, "requests_per_s": round(n / wall, 2),
+            "output_tokens": out_tokens, "output_tok_per_s": round(out_tokens / wall, 1),
+            "total_tok_per_s": round((prompt_tokens + out_tokens) / wall, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="HF model directory")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with dummy weights")
+    add_workload_flags(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
+    p.add_argument("--json", type=Path, help="write results here")
+    args = p.parse_args()
+    path, load_format = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    wl = make_workload(args, vocab)
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {dev}; model: {args.model or args.shape}; {len(wl.prompts)} requests, "
+          f"{wl.prompt_tokens} prompt tokens, {sum(wl.output_lens)} output tokens", flush=True)
+    results = [run_spool(path, load_format, wl, args)]
+    print(json.dumps(results[0]), flush=True)
+    if args.peer:
+        results.append(run_peer(path, load_format, wl, args))
+        print(json.dumps(results[1]), flush=True)
+        ratio = results[0]["output_tok_per_s"] / results[1]["output_tok_per_s"]
+        print(f"spool / transformers output tok/s: {ratio:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev, "args": {k: str(v) for k, v in vars(args).items()},
+                                         "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

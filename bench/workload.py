@@ -1,0 +1,41 @@
+"""Synthetic workloads shared by the benchmarks: random prompt ids, optional shared prefix, output lengths."""
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Workload:
+    """Prompts (token ids) and the number of tokens to generate for each."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Total prompt tokens."""
+        return sum(map(len, self.prompts))
+
+
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    """--num-requests, --prompt-len MIN MAX, --output-len MIN MAX, --prefix-len, --seed."""
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(128, 1024), metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=(256, 256), metavar=("MIN", "MAX"))
+    p.add_argument("--prefix-len", type=int, default=0, help="tokens of one shared prefix before every prompt")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
+    """Uniform prompt and output lengths in the given ranges; token ids avoid the first/last 100 (specials)."""
+    rng = random.Random(args.seed)
+    lo, hi = 100, vocab_size - 100
+    prefix = [rng.randrange(lo, hi) for _ in range(args.prefix_len)]
+    prompts, outs = [], []
+    for _ in range(args.num_requests):
+        n = rng.randint(*args.prompt_len)
+        prompts.append(prefix + [rng.randrange(lo, hi) for _ in range(n)])
+        outs.append(rng.randint(*args.output_len))
+    return Workload(prompts, outs)

@@ -1,0 +1,107 @@
+"""CUDA graphs for decode-only steps: one captured forward per bucketed batch size.
+
+Decode steps are launch-bound for small models (hundreds of small kernels per token). Each bucket's graph
+reads static input buffers; a step copies its metadata into them (padding rows write no KV: slot -1) and
+replays the smallest graph that fits. Attention kernels are launched with max_seq_len = max_model_len at
+capture, so the launch grid covers any context the graph will later see.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+def bucket_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_bs (max_bs itself included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16))
+    return sorted(set(sizes + [max_bs]))
+
+
+class DecodeGraphs:
+    """Captured decode forwards, replayed with fresh inputs."""
+
+    def __init__(self, model, kv_caches, cos_sin, max_bs: int, max_model_len: int, block_size: int, device):
+        self.model, self.kv_caches, self.cos_sin = model, kv_caches, cos_sin
+        self.sizes = bucket_sizes(max_bs)
+        self.max_bs = self.sizes[-1]
+        self.width = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
+        g = self.max_bs
+        i64, i32 = torch.int64, torch.int32
+        self.input_ids = torch.zeros(g, dtype=i64, device=device)
+        self.positions = torch.zeros(g, dtype=i64, device=device)
+        self.slot_mapping = torch.full((g,), -1, dtype=i64, device=device)
+        self.seq_lens = torch.ones(g, dtype=i32, device=device)
+        self.block_tables = torch.zeros(g, self.width, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(g + 1, dtype=i32, device=device)
+        self.logits_indices = torch.arange(g, dtype=i64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        # Host staging in pinned memory: one [3, G] int64 block and one block table, filled then copied async.
+        self.h_vec = torch.zeros(3, g, dtype=i64, pin_memory=True)
+        self.h_tables = torch.zeros(g, self.width, dtype=i32, pin_memory=True)
+        self.h_lens = torch.ones(g, dtype=i32, pin_memory=True)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            input_ids=self.input_ids[:bs], positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], max_query_len=1, max_seq_len=self.max_model_len,
+            logits_indices=self.logits_indices[:bs],
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and capture every bucket, largest first, sharing one memory pool."""
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs)
+            self.model(meta, self.kv_caches, self.cos_sin)  # compile/autotune outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.model(meta, self.kv_caches, self.cos_sin)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1fs", len(self.sizes), self.sizes[0],
+                 self.max_bs, time.perf_counter() - t0)
+
+    def fits(self, num_seqs: int, max_blocks: int) -> bool:
+        """True when a decode step of this size can replay a graph."""
+        return bool(self.graphs) and num_seqs <= self.max_bs and max_blocks <= self.width
+
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], block_size: int) -> torch.Tensor:
+        """Replay the smallest fitting graph for one token per sequence; returns hidden states [B, hidden]."""
+        b = len(tokens)
+        bs = next(s for s in self.sizes if s >= b)
+        vec, tab = self.h_vec, self.h_tables
+        vec[0, :b] = torch.tensor(tokens, dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        vec[1, :b] = pos
+        flat = []
+        for t in tables:
+            flat.extend(t)
+            flat.extend([0] * (self.width - len(t)))
+        tab[:b] = torch.tensor(flat, dtype=torch.int32).view(b, self.width)
+        rows = tab[:b].gather(1, (pos // block_size).view(b, 1).to(torch.int64)).view(b).to(torch.int64)
+        vec[2, :b] = rows * block_size + pos % block_size
+        self.h_lens[:b] = (pos + 1).to(torch.int32)
+        if bs > b:  # padding rows: write no KV, attend to one (ignored) slot
+            vec[:, b:bs] = 0
+            vec[2, b:bs] = -1
+            self.h_lens[b:bs] = 1
+            tab[b:bs] = 0
+        self.input_ids[:bs].copy_(vec[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(vec[1, :bs], non_blocking=True)
+        self.slot_mapping[:bs].copy_(vec[2, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(self.h_lens[:bs], non_blocking=True)
+        self.block_tables[:bs].copy_(tab[:bs], non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]

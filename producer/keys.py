@@ -1,0 +1,120 @@
+"""Redis key layout of the wire protocol; every key embeds only a validated id."""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from producer.defaults import DEFAULT_PREFIX
+
+MAX_ID_LEN = 128
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"  # also published in the JSON schema
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# A prefix may carry ':' separators and '{...}' cluster hash tags, but nothing that would split a key.
+_PREFIX_RE = re.compile(r"[A-Za-z0-9._:{}-]{0,64}")
+
+GROUP = "workers"
+PRIORITIES = ("interactive", "bulk")  # order is drain order: interactive before bulk
+DEFAULT_PRIORITY = "interactive"
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return `value` if it is a valid request id (1..128 chars of [A-Za-z0-9._-]), else raise ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not _ID_RE.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"invalid {what} {shown!r}: use 1..{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ - "
+            f"(no ':', '*', spaces or newlines)"
+        )
+    return value
+
+
+def new_id() -> str:
+    """A fresh random request id (uuid4 hex, 32 chars)."""
+    return uuid.uuid4().hex
+
+
+def validate_priority(priority: object) -> str:
+    """Return `priority` if it names a jobs stream, else raise ValueError."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
+    return priority  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Builds every Redis key of one spool deployment (prefix default 'spool:')."""
+
+    prefix: str = DEFAULT_PREFIX
+    group: str = GROUP
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or not _PREFIX_RE.fullmatch(self.prefix):
+            raise ValueError(f"invalid key prefix {self.prefix!r}: use up to 64 of A-Z a-z 0-9 . _ - : {{ }}")
+
+    def jobs(self, priority: str = DEFAULT_PRIORITY) -> str:
+        """The jobs stream of a priority: '{p}jobs' (interactive) or '{p}jobs:bulk'."""
+        validate_priority(priority)
+        # The interactive stream is the bare name so the simplest producer (XADD spool:jobs) gets it.
+        return f"{self.prefix}jobs" if priority == DEFAULT_PRIORITY else f"{self.prefix}jobs:{priority}"
+
+    @property
+    def all_jobs(self) -> list[str]:
+        """Every jobs stream, in the order workers should drain them."""
+        return [self.jobs(p) for p in PRIORITIES]
+
+    def priority_of(self, stream: str | bytes) -> str:
+        """The priority whose jobs stream is `stream` (inverse of jobs())."""
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        for p in PRIORITIES:
+            if self.jobs(p) == name:
+                return p
+        raise ValueError(f"{name!r} is not a jobs stream under prefix {self.prefix!r}")
+
+    def result(self, id: str) -> str:
+        """String key holding the final Result JSON."""
+        return f"{self.prefix}result:{validate_id(id)}"
+
+    def tokens(self, id: str) -> str:
+        """Stream of token events (delta/restart, then done) of one request."""
+        return f"{self.prefix}tokens:{validate_id(id)}"
+
+    def status(self, id: str) -> str:
+        """String key 'queued' | 'running' while a job is not final."""
+        return f"{self.prefix}status:{validate_id(id)}"
+
+    def cancel(self, id: str) -> str:
+        """String key whose presence cancels a request."""
+        return f"{self.prefix}cancel:{validate_id(id)}"
+
+    @property
+    def cancels(self) -> str:
+        """Stream of cancelled ids that workers follow (field 'id')."""
+        return f"{self.prefix}cancels"
+
+    @property
+    def dead(self) -> str:
+        """Stream of jobs that failed too often, with the reason."""
+        return f"{self.prefix}dead"
+
+    def worker(self, name: str) -> str:
+        """Hash with one worker's heartbeat, model and load."""
+        return f"{self.prefix}worker:{validate_id(name, 'worker name')}"
+
+    @property
+    def workers(self) -> str:
+        """Set of live worker names."""
+        return f"{self.prefix}workers"
+
+    def batch(self, id: str) -> str:
+        """Hash with one bulk batch's state and counts."""
+        return f"{self.prefix}batch:{validate_id(id, 'batch id')}"
+
+    @staticmethod
+    def default_id(priority: str, entry_id: str | bytes) -> str:
+        """Request id of a job sent without one: its stream entry id, prefixed for non-default streams."""
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        # Entry ids are unique per stream only; two streams can mint the same one in the same millisecond.
+        return validate_id(eid if priority == DEFAULT_PRIORITY else f"{validate_priority(priority)}-{eid}")

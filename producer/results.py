@@ -1,0 +1,208 @@
+"""Documents the worker writes: the Result at result:{id} and the events of the token stream tokens:{id}."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from producer.keys import ID_PATTERN, MAX_ID_LEN
+
+PROTOCOL_VERSION = 1  # lives here, below producer.schema, so both sides of the wire share it without a cycle
+
+Status = Literal["completed", "failed", "cancelled", "expired"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+IdStr = Annotated[str, Field(pattern=ID_PATTERN, min_length=1, max_length=MAX_ID_LEN)]
+JsonObject = dict[str, Any]
+
+
+class _Output(BaseModel):
+    # Ignore unknown keys so old clients can read the documents of newer workers (additive changes).
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def entry_field(fields: Mapping[Any, Any], name: str) -> Any:
+    """A stream entry field by name, whether the client decoded responses (str keys) or not (bytes)."""
+    value = fields.get(name.encode())
+    return fields.get(name) if value is None else value
+
+
+class TokenLogprob(_Output):
+    """One candidate token at one position: id, log probability (null for -inf), rank, text."""
+
+    token_id: int
+    logprob: float | None
+    rank: int | None = None
+    token: str | None = None
+
+
+PositionLogprobs = list[TokenLogprob]
+
+
+class Choice(_Output):
+    """One of the n completions of a request."""
+
+    index: int = Field(ge=0)
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = Field(None, description="The stop string or token id that ended it.")
+    logprobs: list[PositionLogprobs] | None = None
+
+
+class Usage(_Output):
+    """Token counts of a request (completion_tokens summed over choices)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ErrorInfo(_Output):
+    """Why a request failed, was cancelled or expired."""
+
+    code: str
+    message: str
+
+
+class Timings(_Output):
+    """Unix epoch seconds of a request's milestones."""
+
+    enqueued: float | None = None
+    started: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+class Result(_Output):
+    """Final outcome of a request: the JSON at `{prefix}result:{id}`."""
+
+    v: int = PROTOCOL_VERSION
+    id: IdStr
+    status: Status
+    text: str = Field("", description="choices[0].text")
+    token_ids: list[int] = Field(default_factory=list, description="choices[0].token_ids")
+    finish_reason: FinishReason | None = Field(None, description="choices[0].finish_reason")
+    logprobs: list[PositionLogprobs] | None = Field(None, description="choices[0].logprobs")
+    choices: list[Choice] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    error: ErrorInfo | None = None
+    timings: Timings = Field(default_factory=Timings)
+    metadata: JsonObject | None = None
+    worker: str | None = None
+
+    @model_validator(mode="after")
+    def _mirror_first_choice(self) -> Result:
+        if [c.index for c in self.choices] != list(range(len(self.choices))):
+            raise ValueError("choices must be ordered by index 0..n-1")
+        if self.choices:  # one source of truth: the top-level fields always equal choice 0
+            c = self.choices[0]
+            self.text, self.token_ids, self.finish_reason, self.logprobs = (
+                c.text, c.token_ids, c.finish_reason, c.logprobs)
+        return self
+
+    @classmethod
+    def failed(cls, id: str, code: str, message: str, *, status: Status = "failed", **kw: Any) -> Result:
+        """A result that carries only an error (status failed, cancelled or expired)."""
+        return cls(id=id, status=status, error=ErrorInfo(code=code, message=message), **kw)
+
+    def to_json(self) -> bytes:
+        """The wire JSON (every key present)."""
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Result:
+        """Parse a result document."""
+        return cls.model_validate(orjson.loads(raw))
+
+
+class DeltaData(_Output):
+    """`data` of a delta entry: new text and token ids of one choice; finish_reason on its last delta."""
+
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    logprobs: list[PositionLogprobs] | None = None
+
+
+class DoneData(_Output):
+    """`data` of the done entry: the request is final and its result key is set."""
+
+    status: Status
+    finish_reason: FinishReason | None = None
+
+
+class RestartData(_Output):
+    """`data` of a restart entry: a worker re-runs the job; drop partial output seen so far."""
+
+    reason: str = ""
+
+
+EventType = Literal["delta", "done", "restart"]
+EVENT_DATA: dict[str, type[_Output]] = {"delta": DeltaData, "done": DoneData, "restart": RestartData}
+_EVENT_KEYS = {kind: tuple(model.model_fields) for kind, model in EVENT_DATA.items()}
+
+
+def _dump_model(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+class TokenEvent(_Output):
+    """One entry of a token stream, decoded; entry_id is the stream entry id to resume after."""
+
+    type: EventType
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    status: Status | None = None
+    reason: str | None = None
+    logprobs: list[PositionLogprobs] | None = None
+    entry_id: str | None = Field(None, exclude=True)
+
+    @property
+    def finished(self) -> bool:
+        """True for the done event: nothing follows it."""
+        return self.type == "done"
+
+    @classmethod
+    def delta(cls, index: int, text: str, token_ids: list[int], **kw: Any) -> TokenEvent:
+        """New output of choice `index`."""
+        return cls(type="delta", index=index, text=text, token_ids=token_ids, **kw)
+
+    @classmethod
+    def done(cls, status: Status, finish_reason: FinishReason | None = None) -> TokenEvent:
+        """The final event of every request, streaming or not."""
+        return cls(type="done", status=status, finish_reason=finish_reason)
+
+    @classmethod
+    def restart(cls, reason: str) -> TokenEvent:
+        """A reclaimed job starts over."""
+        return cls(type="restart", reason=reason)
+
+    @model_validator(mode="after")
+    def _done_has_status(self) -> TokenEvent:
+        if self.type == "done" and self.status is None:
+            raise ValueError("a done event needs a status")
+        return self
+
+    def to_fields(self) -> dict[str, bytes]:
+        """Stream entry fields: {'type': ..., 'data': JSON} (null values left out)."""
+        # Built by hand, not via the data models: the worker calls this for every delta of every step.
+        data = {k: v for k in _EVENT_KEYS[self.type] if (v := getattr(self, k)) is not None}
+        return {"type": self.type.encode(), "data": orjson.dumps(data, default=_dump_model)}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[Any, Any], entry_id: str | bytes | None = None) -> TokenEvent:
+        """Decode stream entry fields (bytes or str keys)."""
+        kind = entry_field(fields, "type")
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind not in EVENT_DATA:
+            raise ValueError(f"unknown token event type {kind!r}")
+        raw = entry_field(fields, "data")
+        data = EVENT_DATA[kind].model_validate(orjson.loads(raw) if raw is not None else {})
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return cls(type=kind, entry_id=eid, **data.model_dump())

@@ -1,0 +1,257 @@
+"""Wire schema v1: the Job document and its validation; re-exports the Result and TokenEvent documents."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from producer.defaults import env_overrides
+from producer.keys import MAX_ID_LEN, validate_id
+from producer.results import (  # noqa: F401  (re-exported: producer.schema is the one import for the wire)
+    PROTOCOL_VERSION, Choice, DeltaData, DoneData, ErrorInfo, FinishReason, IdStr, RestartData, Result, Status,
+    JsonObject, TokenEvent, TokenLogprob, Timings, Usage, entry_field,
+)
+
+# Hard bounds mirrored from engine/sampling_params.py (producer must not import engine); a Job that
+# validates always yields a valid SamplingParams. tests/test_protocol.py checks they stay in step.
+ENGINE_MAX_LOGPROBS = 20
+ENGINE_MAX_N = 64
+ENGINE_MAX_STOP = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_TOKEN_ID = 2**31 - 1
+
+Role = Literal["system", "user", "assistant", "tool"]
+Priority = Literal["interactive", "bulk"]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+
+# Names that Job shares with engine SamplingParams, so the worker can do SamplingParams(**job.sampling_kwargs()).
+SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
+    "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
+    "include_stop_str_in_output", "skip_special_tokens",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Deployment policy on top of the schema's hard bounds; override with SPOOL_<FIELD> (e.g. SPOOL_MAX_N)."""
+
+    max_job_bytes: int = 1 << 20
+    max_prompt_chars: int = 262_144  # prompt, or the sum of all message contents
+    max_prompt_tokens: int = 131_072  # length of prompt_token_ids
+    max_tokens: int = 8_192
+    max_n: int = 16
+    max_stop: int = 16  # cap on stop strings and on stop_token_ids, each
+    max_id: int = MAX_ID_LEN
+
+    def __post_init__(self) -> None:
+        hard = {"max_n": ENGINE_MAX_N, "max_stop": ENGINE_MAX_STOP, "max_id": MAX_ID_LEN}  # only tighten these
+        for name in self.__slots__:
+            if not 1 <= getattr(self, name) <= hard.get(name, 1 << 30):
+                raise ValueError(f"Limits.{name} must be in 1..{hard.get(name, 1 << 30)}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        """Limits with SPOOL_MAX_* environment overrides applied."""
+        return env_overrides(cls(), env)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class JobError(ValueError):
+    """A job document that cannot be accepted; `id` is set when one could be recovered safely."""
+
+    def __init__(self, code: str, message: str, id: str | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.id = code, message, id
+        self.enqueued: list[str] = []  # enqueue_many: ids already sent before this job failed
+
+
+class _Input(BaseModel):
+    # Strict so every language sees the same rules ("16" is not 16, 1 is not true); extra keys are typos.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Message(_Input):
+    """One chat message; the worker renders messages with the model's chat template."""
+
+    role: Role
+    content: str
+
+
+class Job(_Input):
+    """One prompt job: the JSON document in the `job` field of a jobs stream entry."""
+
+    # Lets JSON Schema validators enforce "exactly one prompt field" too, not only this model.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": [k], "properties": {k: {"type": t}}}
+        for k, t in (("prompt", "string"), ("messages", "array"), ("prompt_token_ids", "array"))]})
+
+    v: int | None = Field(None, description="Protocol version; 1 when given.", json_schema_extra={
+        "anyOf": [{"const": PROTOCOL_VERSION, "type": "integer"}, {"type": "null"}]})
+    id: IdStr | None = Field(None, description="Request id; keys the result. Default: the stream entry id.")
+    prompt: str | None = Field(None, min_length=1, description="Plain-text prompt.")
+    messages: list[Message] | None = Field(None, min_length=1, description="Chat messages.")
+    prompt_token_ids: list[TokenId] | None = Field(None, min_length=1, description="Pre-tokenized prompt.")
+    n: int = Field(1, ge=1, le=ENGINE_MAX_N, description="Completions per prompt.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_tokens: int = Field(16, ge=1, description="New tokens per completion (capped by Limits.max_tokens).")
+    min_tokens: int = Field(0, ge=0)
+    stop: Annotated[list[StopStr], Field(max_length=ENGINE_MAX_STOP)] | None = Field(
+        None, description="A stop string or a list of them.", json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
+            {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS},
+             "maxItems": ENGINE_MAX_STOP},
+            {"type": "null"}]})
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=ENGINE_MAX_STOP)
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    logprobs: int | None = Field(None, ge=0, le=ENGINE_MAX_LOGPROBS, description="Top-N logprobs per token.")
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = Field(False, description="Write token deltas to the token stream.")
+    priority: Priority | None = Field(None, description="Scheduling class; default: the stream's.")
+    deadline: float | None = Field(None, gt=0, description="Unix epoch seconds; later starts expire.")
+    metadata: JsonObject | None = Field(None, description="Opaque JSON object copied into the result.")
+
+    @field_validator("v")
+    @classmethod
+    def _version(cls, v: int | None) -> int | None:
+        if v is not None and v != PROTOCOL_VERSION:
+            raise PydanticCustomError(
+                "unsupported_version", "protocol version {v} is not supported (this is v{ours})",
+                {"v": v, "ours": PROTOCOL_VERSION},
+            )
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v: Any) -> Any:
+        # One string is shorthand for a list of one (as in vLLM); normalizing here keeps error paths simple.
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> Job:
+        given = [k for k in ("prompt", "messages", "prompt_token_ids") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        limits = (info.context or {}).get("limits", DEFAULT_LIMITS)
+        self._check_limits(limits)
+        return self
+
+    def _check_limits(self, lim: Limits) -> None:
+        if self.id is not None and len(self.id) > lim.max_id:
+            raise PydanticCustomError("invalid_id", "id is longer than {n} characters", {"n": lim.max_id})
+        chars = len(self.prompt) if self.prompt is not None else sum(len(m.content) for m in self.messages or ())
+        if chars > lim.max_prompt_chars:
+            raise _too_large(f"prompt has {chars} characters; the limit is {lim.max_prompt_chars}")
+        if self.prompt_token_ids is not None and len(self.prompt_token_ids) > lim.max_prompt_tokens:
+            raise _too_large(f"prompt_token_ids has {len(self.prompt_token_ids)} ids; "
+                             f"the limit is {lim.max_prompt_tokens}")
+        for name, value, cap in (
+            ("max_tokens", self.max_tokens, lim.max_tokens),
+            ("n", self.n, lim.max_n),
+            ("number of stop strings", len(self.stop or ()), lim.max_stop),
+            ("number of stop_token_ids", len(self.stop_token_ids or ()), lim.max_stop),
+        ):
+            if value > cap:
+                raise ValueError(f"{name} is {value}; this deployment allows at most {cap}")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for engine SamplingParams (vLLM names)."""
+        kw = {k: getattr(self, k) for k in SAMPLING_FIELDS}
+        kw["stop"], kw["stop_token_ids"] = list(self.stop or ()), list(self.stop_token_ids or ())
+        return kw
+
+
+def _too_large(message: str) -> PydanticCustomError:
+    return PydanticCustomError("too_large", message)
+
+
+# The id of a document that is not valid JSON is trusted only as the very first key of the top-level
+# object: a nested "id" (in metadata, say) must never key a failed result over someone else's request.
+_LEADING_ID_RE = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9._-]{1,128})"')
+
+
+def _recover_id(raw: bytes, obj: Any = None) -> str | None:
+    candidate = obj.get("id") if isinstance(obj, dict) else None
+    if candidate is None and obj is None:
+        m = _LEADING_ID_RE.match(raw)
+        candidate = m.group(1).decode() if m else None
+    try:
+        return validate_id(candidate) if candidate is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(err: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for e in err.errors()[:limit]:
+        msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in e["loc"])
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = err.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _code(err: ValidationError) -> str:
+    errors = err.errors()
+    types = {e["type"] for e in errors}
+    if "too_large" in types:
+        return "too_large"
+    if "invalid_id" in types or any(e["loc"][:1] == ("id",) for e in errors):
+        return "invalid_id"
+    if "unsupported_version" in types:
+        return "unsupported_version"
+    return "invalid_job"
+
+
+def parse_job(raw: bytes | str, limits: Limits = DEFAULT_LIMITS) -> Job:
+    """Parse and validate one job document; raise JobError(code, message, id_if_known)."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if len(data) > limits.max_job_bytes:
+        # Still worth recovering the id so the producer gets a result, but don't parse absurd documents.
+        obj = _loads_or_none(data) if len(data) <= 64 * limits.max_job_bytes else None
+        raise JobError("too_large", f"job document is {len(data)} bytes; the limit is {limits.max_job_bytes}",
+                       _recover_id(data, obj))
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise JobError("invalid_json", f"job is not valid JSON: {e}", _recover_id(data)) from None
+    if not isinstance(obj, dict):
+        raise JobError("invalid_job", f"job must be a JSON object, got {type(obj).__name__}")
+    try:
+        return Job.model_validate(obj, context={"limits": limits})
+    except ValidationError as e:
+        raise JobError(_code(e), _describe(e), _recover_id(data, obj)) from None
+
+
+def _loads_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def parse_entry(fields: Mapping[Any, Any], limits: Limits = DEFAULT_LIMITS) -> Job:
+    """Parse the Job in a jobs stream entry's fields; JobError('missing_job_field') if there is none."""
+    raw = entry_field(fields, "job")
+    if raw is None:
+        names = sorted(k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in fields)
+        raise JobError("missing_job_field", f"stream entry has no 'job' field (fields: {names})")
+    return parse_job(raw, limits)
