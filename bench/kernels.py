@@ -32,7 +32,8 @@ L2_BYTES = 50 * 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch", type=int, default=64, help="decode sequences")
     p.add_argument("--ctx", type=int, default=4096, help="decode context length per sequence")
     p.add_argument("--hq", type=int, default=32, help="query heads")
@@ -171,7 +172,8 @@ def decode_section(a, dtype, rows, results, copy_gbs):
             except Exception as e:  # out of shared memory etc.
                 print(f"sweep {cfg} splits={sp}: {type(e).__name__}", file=sys.stderr)
                 continue
-            sweep.append({"block_n": bn, "num_warps": w, "num_stages": st, "splits": sp, "ms": t, "GB/s": moved / t / 1e6})
+            sweep.append({"block_n": bn, "num_warps": w, "num_stages": st, "splits": sp, "ms": t,
+                          "GB/s": moved / t / 1e6})
         sweep.sort(key=lambda r: r["ms"])
         results["decode_sweep"] = sweep
         for r in sweep[:8]:
@@ -200,7 +202,8 @@ def prefill_section(a, dtype, rows, results):
         qs = q.transpose(0, 1)[None]  # [1, Hq, n, D]
         ks = torch.randn(1, hk, n, d, device=DEV, dtype=dtype, generator=gen)
         vs = torch.randn_like(ks)
-        t = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True), a.rep)
+        t = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True),
+                  a.rep)
         rows.append(("sdpa prefill causal (contiguous)", t, None, f"{flops / t / 1e9:.1f} TFLOP/s"))
         results["sdpa_prefill"] = {"ms": t, "TFLOP/s": flops / t / 1e9}
 
@@ -271,7 +274,8 @@ def main(argv=None) -> int:
           f"decode B={a.batch} ctx={a.ctx} Hq={a.hq} Hk={a.hk} D={a.head_dim} {a.dtype} page={a.block_size}")
     print(f"{'kernel':44s} {'median us':>10s} {'GB/s':>9s}  note")
     for name, ms, gbs, note in rows:
-        print(f"{name:44s} {'' if ms is None else f'{ms * 1e3:10.1f}':>10s} {'' if gbs is None else f'{gbs:9.0f}':>9s}  {note}")
+        us = "" if ms is None else f"{ms * 1e3:.1f}"
+        print(f"{name:44s} {us:>10s} {'' if gbs is None else f'{gbs:.0f}':>9s}  {note}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
     return 0

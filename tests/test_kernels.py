@@ -1,0 +1,346 @@
+"""Triton kernels vs kernels.reference: odd small shapes on CPU (TRITON_INTERPRET=1), real shapes with -m gpu.
+
+Error is ||out - ref|| / ||ref|| (float64). Bounds: fp32 1e-5 (the GPU computes fp32 dots as
+tf32x3, ~1e-6); fp16 2e-3 (output rounding ~3e-4 plus P rounded to fp16 before P @ V); bf16 1e-2
+(8-bit mantissa: output rounding alone is ~2e-3 on GPU, ~4e-3 under the interpreter, which
+truncates instead of rounding to nearest). Every kernel output is poisoned: the `poison` fixture
+makes torch.empty return NaN-filled tensors, so rows a kernel fails to write show up as NaN. KV
+cache rows past each context (the tail of a partly filled last block, unused blocks, block 0 that
+padded block-table entries point to) are NaN as well, so unmasked reads show up too.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit of kernels.*
+
+import pytest  # noqa: E402
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kernels.paged_attention as _pa  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.paged_attention import AttnConfig, choose_num_splits  # noqa: E402
+from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not isinstance(_pa._paged_attn_kernel, InterpretedFunction):
+    raise RuntimeError("kernels.* were imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    # dtype picks the bound: the coarsest rounding on the path (bf16 x with an fp32 weight: bf16)
+    assert not out.isnan().any(), f"{what}: NaN in output (unwritten or masked-read rows)"
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: rel err {err:.3e} > {TOL[dtype]:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """torch.empty returns NaN-filled float tensors while a test runs (kernels allocate with it)."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+# ---------------------------------------------------------------- paged attention
+
+
+def make_batch(seqs, hq, hk, d, bs, dtype, device=DEVICE, seed=0):
+    """seqs: [(query_len, context_len)]. Returns q (view into a fused qkv), caches, metadata."""
+    torch.manual_seed(seed)
+    nblocks = [math.ceil(c / bs) for _, c in seqs]
+    num_blocks = sum(nblocks) + 3  # block 0 and two more stay unused (NaN)
+    ids = (torch.randperm(num_blocks - 1) + 1)[: sum(nblocks)]
+    bt = torch.zeros(len(seqs), max(nblocks) + 2, dtype=torch.int32)  # padded with 0, like the engine
+    slots = []
+    for s, (_, ctx) in enumerate(seqs):
+        bt[s, : nblocks[s]] = ids[sum(nblocks[:s]) : sum(nblocks[: s + 1])]
+        slots.append((bt[s, : nblocks[s]].long()[:, None] * bs + torch.arange(bs)).flatten()[:ctx])
+    slots = torch.cat(slots).to(device)
+    k_cache = torch.full((num_blocks, bs, hk, d), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache.view(-1, hk, d)[slots] = torch.randn(len(slots), hk, d, device=device).to(dtype)
+    v_cache.view(-1, hk, d)[slots] = torch.randn(len(slots), hk, d, device=device).to(dtype)
+    qlens = [ql for ql, _ in seqs]
+    qkv = torch.randn(sum(qlens), hq + 2 * hk, d, device=device).to(dtype)
+    q = qkv[:, :hq]  # [T, Hq, D], non-contiguous
+    qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
+    return q, k_cache, v_cache, bt.to(device), seq_lens.to(device), qsl.to(device)
+
+
+def check_attention(seqs, hq, hk, d, bs, dtype, device=DEVICE, **kw):
+    q, kc, vc, bt, sl, qsl = make_batch(seqs, hq, hk, d, bs, dtype, device)
+    assert q.shape[0] <= 1 or not q.is_contiguous()  # a view into the fused qkv
+    scale = d**-0.5
+    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, scale)
+    out = T.paged_attention(q, kc, vc, bt, sl, qsl, scale, **kw)
+    assert_close(out, ref, dtype, f"paged_attention {seqs} hq={hq} hk={hk} d={d} bs={bs} {dtype} {kw}")
+
+
+DECODE = [(1, 1), (1, 17), (0, 9), (1, 150), (1, 64)]  # context 1, partial block, idle, several tiles, exact tiles
+MIXED = [(1, 37), (20, 20), (13, 50), (0, 9), (1, 1), (45, 100)]  # decode, prefill, chunks over a prefix, idle
+SMALL = AttnConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)  # many tiles on tiny shapes
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_attention_decode(dtype, group, d, bs):
+    check_attention(DECODE, 2 * group, 2, d, bs, dtype, max_query_len=1, max_seq_len=150)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_attention_mixed(dtype, group, d):
+    check_attention(MIXED, 2 * group, 2, d, 16 if d == 64 else 32, dtype)  # host computes max_query_len
+
+
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("group", [1, 4])
+def test_paged_attention_small_tiles_and_splits(seqs, splits, group):
+    """Many KV tiles, several query tiles per sequence, causal diagonals, forced split-KV."""
+    cfg = AttnConfig(block_m=32, block_n=16, num_warps=4, num_stages=2) if seqs is MIXED else SMALL
+    check_attention(seqs, 2 * group, 2, 64, 16, torch.float32, num_splits=splits, config=cfg)
+
+
+def test_paged_attention_one_token_query_tiles():
+    """Group 16 fills a 16-row tile: prefill tiles of one token each (the exact-search path)."""
+    seqs, cfg = [(1, 37), (13, 50), (0, 9), (6, 6)], AttnConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
+    check_attention(seqs, 16, 1, 64, 16, torch.float16, config=cfg)
+    check_attention(seqs, 16, 1, 64, 16, torch.float32, config=cfg, num_splits=2)
+
+
+def test_paged_attention_auto_split():
+    """Few programs and a long context: the heuristic splits (interpreter assumes 4 SMs)."""
+    assert choose_num_splits(programs=2, max_seq_len=600, block_n=64, num_sms=4) > 1
+    check_attention([(1, 600), (1, 5)], 4, 1, 64, 16, torch.float16)
+    check_attention([(1, 600), (1, 5)], 4, 1, 64, 16, torch.float16, num_splits=1)
+    check_attention([(3, 600), (1, 5)], 4, 1, 64, 16, torch.float32, num_splits=4)
+    # CUDA graphs launch with max_seq_len = max_model_len: splits are sized per sequence on the device
+    check_attention(DECODE, 4, 1, 64, 16, torch.float16, max_query_len=1, max_seq_len=1 << 17)
+
+
+def test_paged_attention_bad_inputs():
+    q, kc, vc, bt, sl, qsl = make_batch([(1, 5)], 4, 2, 64, 16, torch.float16)
+    with pytest.raises(TypeError, match="dtypes"):
+        T.paged_attention(q.float(), kc, vc, bt, sl, qsl, 0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        T.paged_attention(q[:, :3], kc, vc, bt, sl, qsl, 0.1)
+    with pytest.raises(ValueError, match="number of sequences"):
+        T.paged_attention(q, kc, vc, bt, sl, qsl[:1], 0.1)
+    with pytest.raises(ValueError, match="powers of 2"):
+        T.paged_attention(q[..., :48], kc[..., :48], vc[..., :48], bt, sl, qsl, 0.1)
+
+
+# ---------------------------------------------------------------- small kernels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 96), (2, 3, 64), (1, 33)])
+def test_rms_norm(shape, dtype):
+    x = torch.randn(shape).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype).to(DEVICE)
+    assert_close(T.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), dtype, "rms_norm")
+
+
+def test_rms_norm_fp32_weight_bf16_input():
+    x = torch.randn(5, 80).to(torch.bfloat16).to(DEVICE)
+    w = torch.randn(80, device=DEVICE)
+    assert_close(T.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), torch.bfloat16, "rms_norm promote")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_add_rms_norm(dtype, inplace):
+    x = torch.randn(9, 160).to(dtype).to(DEVICE)
+    r = torch.randn(9, 160).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(160)).to(dtype).to(DEVICE)
+    ref_out, ref_res = reference.fused_add_rms_norm(x, r, w, 1e-6)
+    out, res = T.fused_add_rms_norm(x, r, w, 1e-6, inplace=inplace)
+    if inplace:
+        assert out.data_ptr() == x.data_ptr() and res.data_ptr() == r.data_ptr()
+    assert_close(res, ref_res, dtype, "residual")
+    assert_close(out, ref_out, dtype, "normed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 2 * 96), (2, 3, 2 * 64)])
+def test_silu_and_mul(shape, dtype):
+    x = torch.randn(shape).to(dtype).to(DEVICE)
+    assert_close(T.silu_and_mul(x), reference.silu_and_mul(x), dtype, "silu_and_mul")
+    xs = torch.randn(shape[0], 3 * shape[-1]).to(dtype).to(DEVICE)[:, : shape[-1]]  # strided rows
+    assert_close(T.silu_and_mul(xs), reference.silu_and_mul(xs), dtype, "silu_and_mul strided")
+
+
+def inv_freq(d: int, base: float, llama3: bool = False) -> torch.Tensor:
+    """[d/2] float64; llama3 scaling: factor 8, low/high freq factors 1/4, original max positions 8192."""
+    freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if llama3:
+        factor, low, high, orig = 8.0, 1.0, 4.0, 8192
+        wavelen = 2 * math.pi / freq
+        smooth = (orig / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > orig / low, freq / factor, freq)
+        medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+        freq = torch.where(medium, (1 - smooth) * freq / factor + smooth * freq, scaled)
+    return freq
+
+
+def rope_cache(d: int, max_pos: int, base: float = 10000.0, llama3: bool = False) -> torch.Tensor:
+    """[max_pos, d] float32 cos | sin, angles computed in float64."""
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq(d, base, llama3))
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()
+
+
+def test_llama3_inv_freq_matches_transformers():
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+
+    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    try:  # transformers >= 5 (rope_parameters)
+        cfg = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_parameters=params)
+        want, _ = rope_utils.ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    except (KeyError, TypeError, AttributeError) as e:
+        pytest.skip(f"this transformers version builds llama3 rope differently: {e!r}")
+    torch.testing.assert_close(inv_freq(128, 500000.0, llama3=True).float(), want.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("llama3", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d,hq,hk", [(64, 4, 4), (128, 8, 2), (128, 3, 1)])
+def test_rotary(d, hq, hk, dtype, llama3, inplace):
+    t, max_pos = 11, 16384
+    cache = rope_cache(d, max_pos, base=500000.0, llama3=llama3).to(DEVICE)
+    pos = torch.randint(0, max_pos, (t,)).to(DEVICE)
+    pos[0] = max_pos - 1
+    qkv = torch.randn(t, hq + 2 * hk, d).to(dtype).to(DEVICE)
+    q, k = qkv[:, :hq], qkv[:, hq : hq + hk]  # views into a fused qkv
+    ref_q, ref_k = reference.rotary_embedding(pos, q, k, cache)
+    out_q, out_k = T.rotary_embedding(pos, q, k, cache, inplace=inplace)
+    if inplace:
+        assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    assert_close(out_q, ref_q, dtype, "rotary q")
+    assert_close(out_k, ref_k, dtype, "rotary k")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hk,d,bs", [(1, 64, 16), (2, 128, 32), (8, 128, 16), (3, 64, 32)])
+def test_write_kv_cache(hk, d, bs, dtype):
+    t, num_blocks = 9, 6
+    kv = torch.randn(t, 2 * hk + 1, d).to(dtype).to(DEVICE)
+    k, v = kv[:, :hk], kv[:, hk : 2 * hk]  # strided views
+    slots = torch.randperm(num_blocks * bs)[:t]
+    slots[[2, 5]] = -1  # padding tokens
+    slots = slots.to(DEVICE)
+    kc = torch.full((num_blocks, bs, hk, d), float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    reference.write_kv_cache(k, v, ref_kc, ref_vc, slots)
+    T.write_kv_cache(k, v, kc, vc, slots)
+    torch.testing.assert_close(kc, ref_kc, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0, equal_nan=True)
+
+
+def test_write_kv_cache_casts_to_cache_dtype():
+    k = torch.randn(4, 2, 64, device=DEVICE)
+    v = torch.randn(4, 2, 64, device=DEVICE)
+    slots = torch.tensor([3, 0, 17, 30], device=DEVICE)
+    kc = torch.zeros(2, 16, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    reference.write_kv_cache(k, v, ref_kc, ref_vc, slots)
+    T.write_kv_cache(k, v, kc, vc, slots)
+    assert rel_err(kc, ref_kc) < TOL[torch.bfloat16] and rel_err(vc, ref_vc) < TOL[torch.bfloat16]
+
+
+def test_ops_backend():
+    from kernels.ops import get_ops
+
+    assert get_ops("triton", DEVICE) is T and T.name == "triton"
+
+
+# ---------------------------------------------------------------- real shapes (GPU tier)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_decode_batch64_ctx4096(dtype):
+    seqs = [(1, 4096 - 37 * (i % 5)) for i in range(64)]  # ragged ends: partial last blocks
+    check_attention(seqs, 32, 8, 128, 16, dtype, device="cuda", max_query_len=1, max_seq_len=4096)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("batch,ctx", [(1, 32768), (4, 8192), (16, 1000)])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gpu_decode_split_kv(batch, ctx, group):
+    check_attention([(1, ctx)] * batch, 8 * group, 8, 128, 16, torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("d,bs", [(128, 16), (64, 32)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_prefill_2048(dtype, d, bs):
+    check_attention([(2048, 2048)], 32, 8, d, bs, dtype, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gpu_mixed_chunked_prefill(group):
+    seqs = [(512, 3000), (2048, 2048), (1, 777)] + [(1, 4096)] * 30 + [(17, 4113), (0, 5)]
+    check_attention(seqs, 8 * group, 8, 128, 16, torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_small_kernels_real_shapes(dtype):
+    t, hidden, inter, hq, hk, d = 2048, 4096, 14336, 32, 8, 128
+    x = torch.randn(t, hidden, device="cuda").to(dtype)
+    r = torch.randn(t, hidden, device="cuda").to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+    assert_close(T.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), dtype, "rms_norm")
+    for got, want in zip(T.fused_add_rms_norm(x, r, w, 1e-5), reference.fused_add_rms_norm(x, r, w, 1e-5)):
+        assert_close(got, want, dtype, "fused_add_rms_norm")
+    g = torch.randn(t, 2 * inter, device="cuda").to(dtype)
+    assert_close(T.silu_and_mul(g), reference.silu_and_mul(g), dtype, "silu_and_mul")
+    cache = rope_cache(d, 131072, base=500000.0, llama3=True).cuda()
+    pos = torch.randint(0, 131072, (t,), device="cuda")
+    qkv = torch.randn(t, hq + 2 * hk, d, device="cuda").to(dtype)
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+    for got, want in zip(T.rotary_embedding(pos, q, k, cache), reference.rotary_embedding(pos, q, k, cache)):
+        assert_close(got, want, dtype, "rotary")
+    kc = torch.zeros(400, 16, hk, d, device="cuda", dtype=dtype)
+    vc = torch.zeros_like(kc)
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    slots = torch.randperm(400 * 16, device="cuda")[:t]
+    reference.write_kv_cache(k, v, ref_kc, ref_vc, slots)
+    T.write_kv_cache(k, v, kc, vc, slots)
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc)
