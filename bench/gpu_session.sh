@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
+# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests kbench qwen llama peer prefix e2e)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+run() { local name=$1; shift; local t=$1; shift; echo "=== $name: $*" | tee -a "$OUT/summary.txt";
+  local s=$(date +%s); timeout "$t" "$@" > "$OUT/$name.log" 2>&1; local rc=$?;
+  echo "=== $name rc=$rc $(( $(date +%s) - s ))s" | tee -a "$OUT/summary.txt"; tail -n 25 "$OUT/$name.log"; }
+for stage in "$@"; do case $stage in
+  env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
+       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/summary.txt" ;;
+  tests) run gpu_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_engine.py tests/test_sampler.py ;;
+  kbench) run kernels 240 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
+  ksweep) run ksweep 300 python3 bench/kernels.py --sweep ;;
+  qwen) run qwen3 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --json "$OUT/qwen3.json" ;;
+  llama) run llama8b 500 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b.json" ;;
+  peer) run llama8b_peer 580 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer --json "$OUT/llama8b_peer.json" ;;
+  prefix) run prefix_on 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --json "$OUT/prefix_on.json"
+          run prefix_off 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --no-prefix-caching --json "$OUT/prefix_off.json" ;;
+  e2e) run e2e 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e.json" ;;
+  *) echo "unknown stage $stage" ;;
+esac; done
