@@ -85,11 +85,14 @@ class DecodeGraphs:
         vec[0, :b] = torch.tensor(tokens, dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
         vec[1, :b] = pos
+        # Only the columns in use: the kernel never reads a row past its own sequence's last block, so stale
+        # entries beyond them are harmless, and padding every row to max_model_len would cost milliseconds.
+        maxb = max(map(len, tables))
         flat = []
         for t in tables:
             flat.extend(t)
-            flat.extend([0] * (self.width - len(t)))
-        tab[:b] = torch.tensor(flat, dtype=torch.int32).view(b, self.width)
+            flat.extend([0] * (maxb - len(t)))
+        tab[:b, :maxb] = torch.tensor(flat, dtype=torch.int32).view(b, maxb)
         rows = tab[:b].gather(1, (pos // block_size).view(b, 1).to(torch.int64)).view(b).to(torch.int64)
         vec[2, :b] = rows * block_size + pos % block_size
         self.h_lens[:b] = (pos + 1).to(torch.int32)
@@ -97,11 +100,11 @@ class DecodeGraphs:
             vec[:, b:bs] = 0
             vec[2, b:bs] = -1
             self.h_lens[b:bs] = 1
-            tab[b:bs] = 0
+            tab[b:bs, :maxb] = 0
         self.input_ids[:bs].copy_(vec[0, :bs], non_blocking=True)
         self.positions[:bs].copy_(vec[1, :bs], non_blocking=True)
         self.slot_mapping[:bs].copy_(vec[2, :bs], non_blocking=True)
         self.seq_lens[:bs].copy_(self.h_lens[:bs], non_blocking=True)
-        self.block_tables[:bs].copy_(tab[:bs], non_blocking=True)
+        self.block_tables[:bs, :maxb].copy_(tab[:bs, :maxb], non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

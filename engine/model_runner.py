@@ -114,9 +114,11 @@ class ModelRunner:
         seq_idx = torch.repeat_interleave(torch.arange(num_seqs), lens_t)  # [T]
         positions = torch.arange(int(qsl[-1])) - qsl[:-1][seq_idx] + starts_t[seq_idx]  # [T]
         max_blocks = max(len(t) for t in tables)
-        block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        flat: list[int] = []
+        for t in tables:  # one tensor construction for the whole table, not one per row
+            flat.extend(t)
+            flat.extend([0] * (max_blocks - len(t)))
+        block_tables = torch.tensor(flat, dtype=torch.int32).view(num_seqs, max_blocks)
         slots = block_tables[seq_idx, positions // self.block_size].long() * self.block_size + positions % self.block_size
         seq_lens = starts_t + lens_t
         logits_idx = qsl[1:][torch.tensor(sample_rows, dtype=torch.int64)] - 1
