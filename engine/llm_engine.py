@@ -181,15 +181,28 @@ class LLMEngine:
         """How many more sequences the engine can take before it would queue them internally."""
         return max(0, self.config.max_num_seqs - self.scheduler.num_unfinished)
 
-    def admission_capacity(self) -> int:
-        """How many new requests a queue consumer should hand over now: free sequence slots while nothing
-        already admitted is stuck waiting for KV blocks (so the backlog stays in the queue, not in the process)."""
-        slots = self.num_free_seq_slots()
-        if slots == 0:
+    def admission_capacity(self, priority: int = 0) -> int:
+        """How many new requests of `priority` a queue consumer should hand over now.
+
+        Free sequence slots, plus slots held by lower-priority sequences (the scheduler preempts those for
+        this request), while nothing of this priority or better is stuck waiting for KV blocks. So the
+        backlog stays in the queue, not in the process, yet an interactive request never waits in Redis
+        behind a full batch of bulk ones.
+        """
+        sched = self.scheduler
+        yielding = sum(1 for s in sched.running if s.priority > priority)
+        ahead = [s for s in sched.waiting if s.priority <= priority]
+        busy = len(sched.running) - yielding + len(ahead)
+        slots = self.config.max_num_seqs - busy
+        if slots <= 0:
             return 0
         bs = self.config.block_size
-        waiting_blocks = sum(-(-s.num_tokens // bs) for s in self.scheduler.waiting)
-        return slots if waiting_blocks < self.block_manager.num_free_blocks else 0
+        waiting_blocks = sum(-(-s.num_tokens // bs) for s in ahead)
+        free = self.block_manager.num_free_blocks + (
+            sum(len(self.block_manager.block_table(s.seq_id)) for s in sched.running if s.priority > priority)
+            if yielding else 0
+        )
+        return slots if waiting_blocks < free else 0
 
     def step(self) -> list[RequestDelta]:
         """Schedule, run one forward pass, sample, detokenize; returns what each touched completion gained."""

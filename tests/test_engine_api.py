@@ -204,3 +204,23 @@ def test_stop_string_before_min_tokens_is_ignored(llm):
     stop = full.text[1:3]
     out = llm.generate(prompt, base.model_copy(update={"stop": [stop], "min_tokens": 16}))[0].outputs[0]
     assert out.token_ids == full.token_ids and out.text == full.text and out.finish_reason == "length"
+
+
+def test_interactive_admission_counts_preemptible_bulk(tiny_llama):
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=4)
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(4):
+        eng.add_request(f"bulk{i}", _ids(10, i), p, priority=1)
+    eng.step()
+    assert eng.admission_capacity(1) == 0  # full of bulk work: more bulk waits in the queue
+    assert eng.admission_capacity(0) == 4  # interactive work may take the bulk sequences' places
+    eng.add_request("inter", _ids(10, 9), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), priority=0)
+    first_token_step = None
+    for step in range(1, 10):
+        for d in eng.step():
+            if d.request_id == "inter" and d.new_token_ids and first_token_step is None:
+                first_token_step = step
+    assert first_token_step == 1  # a bulk sequence was preempted at once
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.scheduler.num_preemptions >= 1 and eng.block_manager.num_used_blocks == 0
