@@ -122,6 +122,8 @@ class BlockManager:
                  computed_blocks: list[int] | None = None) -> bool:
         """Grow seq_id's table to cover num_tokens tokens; False (and no change) if blocks run out."""
         seq = self._seqs.get(seq_id)
+        if seq is not None and len(seq.blocks) * self.block_size >= num_tokens:
+            return True  # the common decode step: the last block still has room
         # computed_blocks only seed a new table; for a running sequence they are already its head.
         computed = (computed_blocks or []) if seq is None else []
         hashes = self._verify_computed(computed, token_ids) if computed else []
