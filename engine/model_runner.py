@@ -111,8 +111,9 @@ class ModelRunner:
         starts_t = torch.tensor(starts, dtype=torch.int64)
         qsl = torch.zeros(num_seqs + 1, dtype=torch.int64)
         torch.cumsum(lens_t, 0, out=qsl[1:])
-        seq_idx = torch.repeat_interleave(torch.arange(num_seqs), lens_t)  # [T]
-        positions = torch.arange(int(qsl[-1])) - qsl[:-1][seq_idx] + starts_t[seq_idx]  # [T]
+        num_tokens = len(input_ids)
+        seq_idx = torch.arange(num_seqs).repeat_interleave(lens_t, output_size=num_tokens)  # [T]
+        positions = torch.arange(num_tokens) - qsl[:-1][seq_idx] + starts_t[seq_idx]  # [T]
         max_blocks = max(len(t) for t in tables)
         flat: list[int] = []
         for t in tables:  # one tensor construction for the whole table, not one per row
@@ -167,18 +168,15 @@ class ModelRunner:
                 return out
             logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
         rows = []
+        eos = self.model_cfg.eos_token_ids
         for i in sample_rows:
             c = chunks[i]
-            rows.append(
-                SamplingRow(
-                    params=c.params,
-                    prompt_token_ids=c.prompt_token_ids,
-                    output_token_ids=c.all_token_ids[len(c.prompt_token_ids):],
-                    seed=c.seed,
-                    eos_token_ids=self.model_cfg.eos_token_ids,
-                    key=c.seq_id,
-                )
-            )
+            p = c.params
+            # The output history matters only to penalties and min_tokens; skip the copy otherwise.
+            needs_history = (p.min_tokens > 0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+                             or p.repetition_penalty != 1.0)
+            out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
+            rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id))
         res = self.sampler(logits, rows)
         for j, i in enumerate(sample_rows):
             sid = chunks[i].seq_id
