@@ -7,6 +7,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from producer import ops
+from producer.connection import connect_async
 from producer.defaults import DEFAULT_PREFIX, Defaults
 from producer.keys import Keys
 from producer.schema import Limits, Result, TokenEvent
@@ -26,7 +27,7 @@ class AsyncClient:
     ):
         self.ctx = ops.Context(Keys(prefix), limits or Limits.from_env(), defaults or Defaults.from_env())
         # Resolving the URL may start the embedded server: a one-off blocking step at construction time.
-        self.redis = connection if connection is not None else aioredis.Redis.from_url(ops.resolve_url(redis_url))
+        self.redis = connection if connection is not None else connect_async(redis_url, defaults=self.ctx.defaults)
 
     @property
     def keys(self) -> Keys:

@@ -109,31 +109,19 @@ def cmd_status(args) -> int:
 
 def cmd_dead(args) -> int:
     """List dead-lettered jobs, or requeue one by its dead-letter entry id."""
+    from producer.dead import DeadLetterError, list_dead, retry_dead
+
     client = _client(args)
-    r, keys = client.redis, client.keys
     if args.action == "list":
-        for eid, f in r.xrange(keys.dead, count=args.count):
-            row = {k.decode(): v.decode(errors="replace") for k, v in f.items()}
-            row["dead_id"] = eid.decode()
+        for row in list_dead(client.redis, client.keys, count=args.count):
             _print_json(row)
         return 0
-    entries = r.xrange(keys.dead, min=args.dead_id, max=args.dead_id)
-    if not entries:
-        print(f"no dead letter {args.dead_id}", file=sys.stderr)
+    try:
+        new_entry, stream = retry_dead(client.redis, client.keys, args.dead_id, client.ctx.defaults)
+    except (DeadLetterError, ValueError) as e:
+        print(e, file=sys.stderr)
         return 1
-    fields = entries[0][1]
-    job, stream = fields.get(b"job"), fields.get(b"stream", keys.jobs().encode()).decode()
-    if job is None:
-        print("that dead letter has no job document to retry", file=sys.stderr)
-        return 1
-    rid = fields.get(b"id", b"").decode()
-    pipe = r.pipeline(transaction=True)
-    if rid:
-        pipe.delete(keys.result(rid))  # the failed result is superseded by the retry
-    pipe.xadd(stream, {"job": job})
-    pipe.xdel(keys.dead, args.dead_id)
-    new_entry = pipe.execute()[-2]
-    print(f"requeued as {new_entry.decode()} on {stream}")
+    print(f"requeued as {new_entry} on {stream}")
     return 0
 
 
@@ -180,3 +168,4 @@ def add_commands(sub) -> None:
     for x in (dl, dr):
         _common(x)
     d.set_defaults(func=cmd_dead)
+    __import__("producer.batch_cli", fromlist=["_"]).add_batch_commands(sub)  # the `batch` verbs

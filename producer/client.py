@@ -7,6 +7,7 @@ from typing import Any
 import redis
 
 from producer import ops
+from producer.connection import connect
 from producer.defaults import DEFAULT_PREFIX, Defaults
 from producer.keys import Keys
 from producer.schema import Limits, Result, TokenEvent
@@ -26,7 +27,7 @@ class Client:
     ):
         self.ctx = ops.Context(Keys(prefix), limits or Limits.from_env(), defaults or Defaults.from_env())
         # decode_responses=False: payloads stay bytes for orjson, and one code path serves both clients.
-        self.redis = connection if connection is not None else redis.Redis.from_url(ops.resolve_url(redis_url))
+        self.redis = connection if connection is not None else connect(redis_url, defaults=self.ctx.defaults)
 
     @property
     def keys(self) -> Keys:

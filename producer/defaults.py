@@ -29,6 +29,9 @@ class Defaults:
     worker_ttl_s: int = 30  # a worker heartbeat older than this means the worker is gone
     block_ms: int = 1_000  # longest single blocking read; clients re-check the result key this often
     enqueue_chunk: int = 500  # jobs per MULTI/EXEC in enqueue_many
+    redis_retries: int = 12  # producer calls: reconnect attempts, enough to ride out a Redis restart (~15 s)
+    redis_retry_cap_ms: int = 2_000  # longest pause between two reconnect attempts
+    redis_connect_timeout_ms: int = 5_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Defaults:

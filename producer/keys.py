@@ -99,6 +99,11 @@ class Keys:
         """Stream of jobs that failed too often, with the reason."""
         return f"{self.prefix}dead"
 
+    @property
+    def stats(self) -> str:
+        """Hash of deployment-wide counters (duplicate_finals: final writes suppressed as duplicates)."""
+        return f"{self.prefix}stats"
+
     def worker(self, name: str) -> str:
         """Hash with one worker's heartbeat, model and load."""
         return f"{self.prefix}worker:{validate_id(name, 'worker name')}"

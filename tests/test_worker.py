@@ -91,7 +91,7 @@ def test_invalid_jobs_fail_cleanly_while_good_jobs_flow(engine, redis_url):
             assert res.status == "failed" and res.error.code and res.error.message, res
         assert client.result("bad-json").error.code == "invalid_json"
         assert client.result("bad-field").error.code == "invalid_job"
-        assert client.result("bad-vocab").error.code == "rejected"
+        assert client.result("bad-vocab").error.code == "invalid_prompt"
     dead = r.xrange("spool:dead")
     assert len(dead) == 1 and b"missing_job_field" in dead[0][1][b"reason"]
     assert r.xpending("spool:jobs", "workers")["pending"] == 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-import redis
-
+from producer.connection import connect
 from worker.loop import Worker
 from worker.settings import WorkerSettings
 
@@ -14,7 +13,7 @@ from worker.settings import WorkerSettings
 def running_worker(engine, url: str, **settings):
     """Start a worker thread on `engine`; on exit stop it gracefully and join it."""
     s = WorkerSettings(redis_url=url, block_ms=100, heartbeat_s=0.5, **settings)
-    w = Worker(engine, redis.Redis.from_url(url), s)
+    w = Worker(engine, connect(url, fail_fast=True), s)
     t = threading.Thread(target=w.run, name=f"worker-{s.name}", daemon=True)
     t.start()
     try:

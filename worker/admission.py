@@ -5,11 +5,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
 from pydantic import ValidationError
+
+try:  # a chat template that refuses its input (raise_exception) raises jinja2's TemplateError
+    from jinja2 import TemplateError
+except ImportError:  # pragma: no cover - transformers brings jinja2
+    TemplateError = ValueError  # type: ignore[misc,assignment]
 
 from engine import LLMEngine, SamplingParams
 from producer.keys import Keys
-from producer.schema import Job, JobError, Limits, parse_entry
+from producer.schema import Job, JobError, Limits, entry_field, parse_entry
 from worker.inflight import PRIORITY_RANK, InFlight
 
 log = logging.getLogger(__name__)
@@ -50,10 +56,29 @@ def parse(entry: Entry, keys: Keys, limits: Limits) -> tuple[str, Job] | Rejecti
     priority = keys.priority_of(entry.stream)
     try:
         job = parse_entry(entry.fields, limits)
+        rid = job.id or keys.default_id(priority, entry.entry_id)
     except JobError as e:
-        return Rejection(entry, e.id, "failed", e.code, e.message)
-    rid = job.id or keys.default_id(priority, entry.entry_id)
+        rid = e.id if e.id is not None else _default_id_of_invalid(entry, keys, priority, limits)
+        return Rejection(entry, rid, "failed", e.code, e.message)
+    except Exception as e:  # noqa: BLE001 - no input, however malformed, may take the worker down
+        log.exception("unexpected error parsing entry %s/%s", entry.stream, entry.entry_id)
+        return Rejection(entry, None, "failed", "internal_error", f"{type(e).__name__}: {e}"[:500])
     return rid, job
+
+
+def _default_id_of_invalid(entry: Entry, keys: Keys, priority: str, limits: Limits) -> str | None:
+    """An invalid JSON object without an id (or with "id": null) still has a request id: its entry id, the one
+    its producer waits on, as for a valid job. Other documents without a usable id go to the dead letters."""
+    raw = entry_field(entry.fields, "job")
+    if raw is None or len(raw) > 64 * limits.max_job_bytes:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict) and obj.get("id") is None:
+        return keys.default_id(priority, entry.entry_id)
+    return None
 
 
 def check_runnable(entry: Entry, rid: str, job: Job, cancelled: bool, now: float) -> Rejection | None:
@@ -78,8 +103,11 @@ def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys) -> I
             prompt = job.prompt
         params = SamplingParams(**job.sampling_kwargs())
         engine.add_request(rid, prompt, params, priority=PRIORITY_RANK[priority])
-    except (ValueError, ValidationError, TypeError) as e:
+    except (ValueError, ValidationError, TypeError, TemplateError) as e:
         log.info("job %s rejected: %s", rid, e)
-        return Rejection(entry, rid, "failed", "invalid_prompt", str(e).splitlines()[0][:500], job)
+        return Rejection(entry, rid, "failed", "invalid_prompt", (str(e).splitlines() or [""])[0][:500], job)
+    except Exception as e:  # noqa: BLE001 - e.g. a tokenizer or chat template error on odd input
+        log.exception("job %s could not be submitted", rid)
+        return Rejection(entry, rid, "failed", "internal_error", f"{type(e).__name__}: {e}"[:500], job)
     return InFlight(id=rid, job=job, stream=entry.stream, entry_id=entry.entry_id, priority=priority,
                     enqueued=entry.enqueued, started=time.time(), deliveries=entry.deliveries)

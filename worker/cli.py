@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from worker.flags import add_dataclass_flags, dataclass_from_args
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    import redis
-
     from engine import LLMEngine
     from engine.config import EngineConfig
-    from producer.ops import resolve_url
+    from producer.connection import connect
     from worker.loop import Worker
     from worker.settings import WorkerSettings
 
     settings = dataclass_from_args(WorkerSettings, args)
+    # Stopped while still loading the model: nothing is in flight yet, so leave at once and cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     engine = LLMEngine(dataclass_from_args(EngineConfig, args))
-    client = redis.Redis.from_url(resolve_url(settings.redis_url))
+    # Fail fast: the worker's own loop backs off, so the engine keeps stepping while Redis is away.
+    client = connect(settings.redis_url, fail_fast=True, client_name=f"spool-worker-{settings.name}",
+                     socket_timeout=settings.block_ms / 1000 + 10.0)  # longer than its blocking reads
     worker = Worker(engine, client, settings)
     worker.install_signal_handlers()
     return worker.run()

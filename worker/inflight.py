@@ -39,6 +39,7 @@ class InFlight:
     choices: list[ChoiceState] = field(default_factory=list)
     end_status: str | None = None  # set when the worker ends it early: cancelled / expired / failed
     end_error: ErrorInfo | None = None
+    superseded: bool = False  # another worker owns or finished this job: abort quietly, write nothing
 
     def __post_init__(self) -> None:
         if not self.choices:
@@ -59,7 +60,7 @@ class InFlight:
         if d.finished:
             c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
             if d.error and self.end_error is None:
-                self.end_status, self.end_error = "failed", ErrorInfo(code="rejected", message=d.error)
+                self.end_status, self.end_error = "failed", ErrorInfo(code="invalid_prompt", message=d.error)
 
     @property
     def finished(self) -> bool:

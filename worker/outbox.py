@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,40 @@ import redis
 
 log = logging.getLogger(__name__)
 
+# Redis is unreachable, restarting or loading its AOF: wait and try again; nothing is wrong with the command.
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff: after a failure, ready() is False until the pause has passed."""
+
+    cap_s: float = 5.0
+    first_s: float = 0.1
+    _pause: float = 0.0
+    _retry_at: float = 0.0
+
+    def ready(self) -> bool:
+        """True when a call may be tried now."""
+        return time.monotonic() >= self._retry_at
+
+    @property
+    def failing(self) -> bool:
+        """True from a failure until the next success."""
+        return self._pause > 0.0
+
+    def fail(self) -> float:
+        """Record a failure; returns the pause before the next try."""
+        self._pause = min(max(self._pause * 2, self.first_s), self.cap_s)
+        self._retry_at = time.monotonic() + self._pause
+        return self._pause
+
+    def ok(self) -> None:
+        """Record a success: the next failure starts from the first pause again."""
+        self._pause, self._retry_at = 0.0, 0.0
+
+
+OnReply = Callable[[Any], None]
 
 
 @dataclass(slots=True)
@@ -19,14 +53,12 @@ class Outbox:
 
     client: redis.Redis
     max_droppable: int = 100_000
-    _cmds: list[tuple[bool, tuple[Any, ...], dict]] = field(default_factory=list)
-    _retry_at: float = 0.0
-    _backoff: float = 0.0
-    on_flushed: list = field(default_factory=list)  # callbacks run after a successful flush (e.g. forget acked jobs)
+    backoff: Backoff = field(default_factory=Backoff)
+    _cmds: list[tuple[bool, tuple[Any, ...], OnReply | None]] = field(default_factory=list)
 
-    def add(self, *args: Any, droppable: bool = False, **kwargs: Any) -> None:
-        """Queue one Redis command (execute_command arguments)."""
-        self._cmds.append((droppable, args, kwargs))
+    def add(self, *args: Any, droppable: bool = False, on_reply: OnReply | None = None) -> None:
+        """Queue one Redis command (execute_command arguments); on_reply gets its reply once it has run."""
+        self._cmds.append((droppable, args, on_reply))
 
     def __len__(self) -> int:
         return len(self._cmds)
@@ -34,34 +66,44 @@ class Outbox:
     @property
     def healthy(self) -> bool:
         """False while Redis writes are failing."""
-        return self._backoff == 0.0
+        return not self.backoff.failing
 
     def flush(self) -> bool:
-        """Send everything in one transaction; on a connection error keep it all and back off (capped)."""
+        """Send everything in one transaction; on failure keep it all and back off (capped)."""
         if not self._cmds:
             return True
-        now = time.monotonic()
-        if now < self._retry_at:
+        if not self.backoff.ready():
             return False
         pipe = self.client.pipeline(transaction=True)
-        for _, args, kwargs in self._cmds:
-            pipe.execute_command(*args, **kwargs)
+        for _, args, _ in self._cmds:
+            pipe.execute_command(*args)
         try:
-            pipe.execute(raise_on_error=False)
+            # Runtime errors of single commands (WRONGTYPE on a key someone else wrote) come back as values
+            # and cost only that command; the transaction itself goes through.
+            replies = pipe.execute(raise_on_error=False)
         except REDIS_ERRORS as e:
-            self._backoff = min(max(self._backoff * 2, 0.1), 5.0)
-            self._retry_at = now + self._backoff
-            self._shed()
-            log.warning("redis write failed (%s); %d commands kept, retry in %.1fs", e, len(self._cmds), self._backoff)
+            self._failed(f"redis write failed ({e})", logging.WARNING)
+            return False
+        except redis.ResponseError as e:
+            # EXECABORT (OOM under maxmemory, NOPERM, READONLY replica): Redis refused the whole transaction.
+            # Keep everything: an operator can fix it, and results must not be lost meanwhile.
+            self._failed(f"redis refused the transaction ({e})", logging.ERROR)
             return False
         finally:
             pipe.reset()
-        self._cmds.clear()
-        self._backoff = 0.0
-        callbacks, self.on_flushed = self.on_flushed, []
-        for cb in callbacks:
-            cb()
+        cmds, self._cmds = self._cmds, []
+        self.backoff.ok()
+        for (_, args, on_reply), reply in zip(cmds, replies):
+            if isinstance(reply, Exception):
+                log.warning("redis %s failed: %s", _name(args), reply)
+            if on_reply is not None:
+                on_reply(reply)
         return True
+
+    def _failed(self, why: str, level: int) -> None:
+        pause = self.backoff.fail()
+        self._shed()
+        log.log(level, "%s; %d commands kept, retry in %.1fs", why, len(self._cmds), pause)
 
     def _shed(self) -> None:
         droppable = sum(1 for d, _, _ in self._cmds if d)
@@ -69,3 +111,7 @@ class Outbox:
             # Live deltas are a convenience; results, acks and done markers are never dropped.
             self._cmds = [c for c in self._cmds if not c[0]]
             log.warning("redis unavailable: dropped %d buffered token deltas", droppable)
+
+
+def _name(args: tuple[Any, ...]) -> str:
+    return str(args[0]) if args else "?"

@@ -1,0 +1,223 @@
+"""`spool batch ...`: run, submit, schedule, status, cancel and list OpenAI-format bulk batches."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from datetime import datetime
+
+import orjson
+
+EXIT_INVALID, EXIT_BUSY, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("SPOOL_REDIS_URL"),
+                   help="Redis URL [SPOOL_REDIS_URL; default: the embedded local server]")
+    p.add_argument("--prefix", default=os.environ.get("SPOOL_PREFIX", "spool:"), help="key prefix [SPOOL_PREFIX]")
+
+
+def _files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="OpenAI Batch input file (JSONL)")
+    p.add_argument("-o", "--output", required=True, help="output file (JSONL, appended; resumable)")
+    p.add_argument("--errors", help="file for failed lines (default: the output file)")
+    p.add_argument("--max-in-flight", type=int, default=256, help="jobs enqueued and not yet written (default 256)")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="run the valid lines and write invalid ones as errors (default: refuse the whole file)")
+    p.add_argument("--default-max-tokens", type=int, help="max_tokens for lines that give none (default 16)")
+
+
+def _client(args):
+    from producer.client import Client
+
+    return Client(args.redis_url, prefix=args.prefix)
+
+
+def _print(obj) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _opts(args, **extra) -> dict:
+    kw = {"max_in_flight": args.max_in_flight, "skip_invalid": args.skip_invalid,
+          "default_max_tokens": args.default_max_tokens, **extra}
+    if kw["max_in_flight"] < 1:
+        raise SystemExit("--max-in-flight must be >= 1")
+    return kw
+
+
+def cmd_run(args) -> int:
+    """Run (or resume) a batch in this process, with progress on stderr."""
+    from producer.batch import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, options
+    from producer.batch_io import OutputError
+
+    opts = options(**_opts(args, progress=args.progress, progress_interval_s=args.progress_interval))
+    runner = BatchRunner(_client(args), args.input, args.output, args.errors, args.id, opts)
+
+    def stop(*_):
+        if runner.stop_requested:
+            raise KeyboardInterrupt
+        runner.stop_requested = True  # first Ctrl-C: stop cleanly and stay resumable; second: abort now
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        info = runner.run()
+    except BatchInvalid as e:
+        for err in e.errors:
+            print(f"{args.input}:{err['line']}: {err['code']}: {err['message']}", file=sys.stderr)
+        more = e.count - len(e.errors)
+        print(f"{e.count} invalid line(s){f' ({more} not shown)' if more > 0 else ''}; nothing was enqueued "
+              f"(batch {e.batch_id} failed). Fix them, or pass --skip-invalid.", file=sys.stderr)
+        return EXIT_INVALID
+    except (BatchBusy, BatchMismatch, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    _print(info.to_dict())
+    if runner.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if info.status == "completed" else 1
+
+
+def cmd_submit(args) -> int:
+    """Enqueue a batch as an rq job (now, --at TIME or --in SECONDS)."""
+    from producer import batch
+
+    at = datetime.fromisoformat(args.at).astimezone() if args.at else None
+    bid, job_id = batch.submit(args.input, args.output, args.errors, batch_id=args.id, at=at, delay_s=args.in_s,
+                               queue=args.queue, job_timeout=args.job_timeout, client=_client(args),
+                               redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
+    _print({"batch_id": bid, "rq_job_id": job_id, "queue": args.queue,
+            "at": at.isoformat() if at else None, "in_s": args.in_s})
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    """Create or replace a cron schedule that runs the batch through rq."""
+    from producer import batch
+
+    try:
+        entry = batch.schedule(args.name, args.input, args.output, args.errors, cron=args.cron, tz=args.tz,
+                               run_now=args.now, queue=args.queue, job_timeout=args.job_timeout,
+                               client=_client(args), redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    _print({k: entry[k] for k in ("name", "cron", "tz", "queue", "next_run", "next_job_id")})
+    return 0
+
+
+def cmd_unschedule(args) -> int:
+    """Remove a cron schedule."""
+    from producer import batch
+
+    found = batch.unschedule(args.name, client=_client(args))
+    print("removed" if found else f"no schedule named {args.name!r}")
+    return 0 if found else 1
+
+
+def cmd_schedules(args) -> int:
+    """List cron schedules."""
+    from producer import batch
+
+    _print([{k: e.get(k) for k in ("name", "cron", "tz", "queue", "next_run", "last_batch_id")}
+            for e in batch.schedules(client=_client(args))])
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Print one batch's state as JSON."""
+    from producer import batch
+
+    info = batch.status(args.id, client=_client(args))
+    if info is None:
+        print(f"no batch {args.id!r}", file=sys.stderr)
+        return 1
+    _print(info.to_dict())
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    """Cancel a batch (its runner stops and writes what finished)."""
+    from producer import batch
+
+    try:
+        print(batch.cancel(args.id, client=_client(args)))
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_list(args) -> int:
+    """List batches, newest first."""
+    from producer import batch
+
+    for info in batch.list_batches(args.limit, client=_client(args)):
+        c = info.to_dict()["request_counts"]
+        print(f"{info.id}\t{info.status}\t{c['completed']}+{c['failed']}/{c['total']}\t"
+              f"{info.fields.get('output_file', '')}")
+    return 0
+
+
+def add_batch_commands(sub) -> None:
+    """Register `spool batch ...` on the `spool` subparsers."""
+    b = sub.add_parser("batch", help="OpenAI-format bulk batches: run, submit/schedule with rq, status, cancel")
+    bs = b.add_subparsers(dest="batch_command", required=True, metavar="ACTION")
+
+    r = bs.add_parser("run", help="run (or resume) a batch file here, with progress")
+    _files(r)
+    r.add_argument("--id", help="batch id (default: the one in OUT if resuming, else a new one)")
+    r.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"],
+                   help="auto: a bar on a terminal, plain lines otherwise")
+    r.add_argument("--progress-interval", type=float, default=10.0, help="seconds between plain progress lines")
+    r.set_defaults(func=cmd_run)
+
+    s = bs.add_parser("submit", help="enqueue a batch as an rq job (run by `rq worker --with-scheduler ...`)")
+    _files(s)
+    s.add_argument("--id", help="batch id (default: a new one)")
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--at", help="start time, ISO 8601 (e.g. 2025-01-31T02:00; local time without offset)")
+    when.add_argument("--in", dest="in_s", type=float, help="start after this many seconds")
+
+    c = bs.add_parser("schedule", help="run a batch on a cron schedule through rq (nightly runs)")
+    _files(c)
+    c.add_argument("--cron", required=True, help='cron expression, e.g. "0 2 * * *" (02:00 every day)')
+    c.add_argument("--name", default="nightly", help="schedule name; batches are NAME-YYYYmmdd-HHMM")
+    c.add_argument("--tz", help="time zone of the cron expression (default: local time)")
+    c.add_argument("--now", action="store_true", help="also run once right away")
+    for x in (s, c):
+        x.add_argument("--queue", default="spool-batch", help="rq queue (default spool-batch)")
+        x.add_argument("--job-timeout", type=int, default=86_400, help="rq job timeout in seconds")
+    s.set_defaults(func=cmd_submit)
+    c.set_defaults(func=cmd_schedule)
+
+    u = bs.add_parser("unschedule", help="remove a cron schedule")
+    u.add_argument("name")
+    u.set_defaults(func=cmd_unschedule)
+    ls = bs.add_parser("schedules", help="list cron schedules")
+    ls.set_defaults(func=cmd_schedules)
+
+    st = bs.add_parser("status", help="a batch's state (JSON)")
+    st.add_argument("id")
+    st.set_defaults(func=cmd_status)
+    ca = bs.add_parser("cancel", help="cancel a batch")
+    ca.add_argument("id")
+    ca.set_defaults(func=cmd_cancel)
+    li = bs.add_parser("list", help="list batches, newest first")
+    li.add_argument("--limit", type=int, default=50)
+    li.set_defaults(func=cmd_list)
+    for x in (r, s, c, u, ls, st, ca, li):
+        _common(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m producer.batch_cli ACTION ...`: the batch verbs without loading the engine (or torch)."""
+    p = argparse.ArgumentParser(prog="spool")
+    add_batch_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
