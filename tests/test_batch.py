@@ -242,7 +242,8 @@ def test_interrupted_then_resumed_batch_writes_every_line_once(engine, tiny_llam
         f.write(b'{"id": "batch_req_b-resume-me-')  # torn last line, as a crash mid-write leaves it
     r = Client(redis_url).redis
     assert batch.status("resume-me", redis_url=redis_url).status == "in_progress"
-    enqueued_before = r.xlen("spool:jobs:bulk")
+    # Acked entries are deleted, so count what was ever added (Redis >= 7: entries-added).
+    enqueued_before = r.xinfo_stream("spool:jobs:bulk")["entries-added"]
     assert len(written) < n and enqueued_before > len(written)
     second = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=32)
     with running_worker(second, redis_url, claim_idle_ms=300):
@@ -251,7 +252,8 @@ def test_interrupted_then_resumed_batch_writes_every_line_once(engine, tiny_llam
     assert f"resuming with {len(written)} already written" in res.stderr
     ids = [rec["custom_id"] for rec in read_jsonl(out)]
     assert sorted(ids) == sorted(f"c{i}" for i in range(n)) and len(ids) == n  # every line once
-    assert r.xlen("spool:jobs:bulk") == n  # jobs of the first run were re-attached, never enqueued twice
+    # jobs of the first run were re-attached, never enqueued twice
+    assert r.xinfo_stream("spool:jobs:bulk")["entries-added"] == n
     assert batch.status("resume-me", redis_url=redis_url).to_dict()["request_counts"] == {
         "total": n, "completed": n, "failed": 0}
 

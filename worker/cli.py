@@ -34,9 +34,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole `spool` command tree."""
-    from engine.config import EngineConfig
+def build_parser(worker_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole `spool` command tree; worker_flags=False skips the engine's flags (and importing torch)."""
     from producer import cli as producer_cli
     from worker.settings import WorkerSettings
 
@@ -45,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", help="run a GPU/CPU worker that drains the jobs streams")
-    add_dataclass_flags(w, EngineConfig)
-    add_dataclass_flags(w, WorkerSettings)
+    if worker_flags:
+        from engine.config import EngineConfig  # imports torch: only when the worker verb is asked for
+
+        add_dataclass_flags(w, EngineConfig)
+        add_dataclass_flags(w, WorkerSettings)
     w.set_defaults(func=_cmd_worker)
 
     d = sub.add_parser("demo", help="end-to-end demo: embedded Redis, tiny model, worker, jobs, live tokens")
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `spool` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Producer verbs (enqueue, tail, batch, ...) must stay light: only `worker` needs the engine's flags.
+    args = build_parser(worker_flags="worker" in argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return int(args.func(args) or 0)

@@ -243,6 +243,7 @@ class Worker:
                 # Final already (or running here): a duplicate id or a redelivery must not overwrite it.
                 log.info("job %s already final or in flight; acking duplicate entry %s", rid, e.entry_id)
                 self.outbox.add("XACK", e.stream, self.keys.group, e.entry_id)
+                self.outbox.add("XDEL", e.stream, e.entry_id)  # acked: the stream keeps only the backlog
                 continue
             rej = check_runnable(e, rid, job, bool(cancelled), now)
             res = rej or submit(self.engine, e, rid, job, self.keys)

@@ -48,6 +48,7 @@ class Writer:
                                       self.d.tokens_ttl_s, done),
                         on_reply=lambda reply: self._counted(rid, reply))
         self.outbox.add("XACK", stream, self.keys.group, entry_id)
+        self.outbox.add("XDEL", stream, entry_id)  # acked: the stream keeps only the backlog
 
     def _counted(self, rid: str, reply: object) -> None:
         if reply == 1:
@@ -88,4 +89,5 @@ class Writer:
         self.outbox.add("XADD", self.keys.dead, "MAXLEN", "~", self.d.dead_maxlen, "*", *_flat(fields))
         if rid is None:
             self.outbox.add("XACK", e.stream, self.keys.group, e.entry_id)
+            self.outbox.add("XDEL", e.stream, e.entry_id)  # acked: the stream keeps only the backlog
         log.warning("dead letter %s/%s: %s", e.stream, e.entry_id, reason[:300])
