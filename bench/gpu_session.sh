@@ -15,6 +15,7 @@ for stage in "$@"; do case $stage in
   env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
        python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/summary.txt" ;;
   tests) run gpu_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_engine.py tests/test_sampler.py ;;
+  gtests) run gpu_engine_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu_engine.py ;;
   kbench) run kernels 240 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 300 python3 bench/kernels.py --sweep ;;
   qwen) run qwen3 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --json "$OUT/qwen3.json" ;;
