@@ -59,42 +59,13 @@ def test_llama3_8b_shape_bf16_logits_as_accurate_as_transformers():
     is independent. So the reference here is transformers in fp32, and spool must be no less accurate than
     transformers in bf16 (within 10%).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from bench.diag_logits import hf_reference, rel, spool_logits
     from bench.shapes import shape_dir
-    from engine import LLM
-    from engine.models.loader import load_named_tensors
 
     path = shape_dir("llama3-8b")
-    cfg = AutoConfig.from_pretrained(str(path))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
     ids = _prompts(1, 4)[0] + list(range(1000, 1200))
-    x = torch.tensor([ids], device="cuda")
-    with torch.no_grad():
-        ref16 = hf(x).logits[0, -1].float()
-        with torch.device("cuda"):
-            hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        hf32.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
-        ref32 = hf32(x).logits[0, -1].float()
-        del hf32
-    torch.cuda.empty_cache()
-    llm = LLM(str(path), device="cuda", dtype="bfloat16", load_format="dummy", num_kv_blocks=64,
-              max_model_len=1024, enforce_eager=True)
-    load_named_tensors(llm.engine.runner.model, hf.state_dict().items(), torch.bfloat16, "transformers model")
-    runner = llm.engine.runner
-    meta = runner._metadata([ids], [0], [list(range(-(-len(ids) // 16)))], [0])
-    with torch.inference_mode():
-        ours = runner.model.compute_logits(runner.model(meta, runner.kv_caches, runner.cos_sin)[meta.logits_indices])[0]
-
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
+    hf, ref16, ref32 = hf_reference(path, ids)
+    ours = spool_logits(path, hf, ids)
     ours_err, hf_err = rel(ours, ref32), rel(ref16, ref32)
     assert ours_err <= 1.1 * hf_err + 1e-3, (ours_err, hf_err)
     assert rel(ours, ref16) < 3 * hf_err, rel(ours, ref16)
