@@ -20,7 +20,7 @@ from tests.worker_harness import running_worker
 # The ACL rules docs/SECURITY.md recommends; keep the two in step.
 PRODUCER_ACL = ("-@all +@connection +get +exists +set +xadd +xread +xrange +xrevrange +multi +exec +discard "
                 "~spool:*")
-WORKER_ACL = ("-@all +@connection +xreadgroup +xgroup|create +xack +xclaim +xautoclaim +xpending +xread +xrange "
+WORKER_ACL = ("-@all +@connection +xreadgroup +xgroup|create +xack +xdel +xclaim +xautoclaim +xpending +xread +xrange "
               "+xrevrange +exists +get +set +del +expire +xadd +hset +sadd +srem +hincrby +eval +multi +exec "
               "+discard ~spool:*")
 
