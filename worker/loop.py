@@ -264,7 +264,7 @@ class Worker:
             inf.apply(d)
             if inf.job.stream and not inf.superseded and (d.new_text or d.new_token_ids):
                 self.writer.delta(d.request_id, TokenEvent.delta(d.index, d.new_text, d.new_token_ids))
-            if inf.finished:
+            if d.finished and inf.finished:  # only a finishing delta can complete the request
                 del self.inflight[inf.id]
                 if not inf.superseded:
                     self.writer.final(inf.id, inf.result(self.s.name), inf.stream, inf.entry_id)
