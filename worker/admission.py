@@ -21,6 +21,11 @@ from worker.inflight import PRIORITY_RANK, InFlight
 log = logging.getLogger(__name__)
 
 
+def as_str(x: str | bytes) -> str:
+    """Decode a Redis reply field (bytes without decode_responses) to str."""
+    return x.decode() if isinstance(x, bytes) else x
+
+
 @dataclass(slots=True)
 class Entry:
     """One jobs-stream entry as read from Redis."""

@@ -36,7 +36,8 @@ return 1
 """
 
 
-def _flat(fields: dict[str, Any]) -> list[Any]:
+def flat_fields(fields: dict[str, Any]) -> list[Any]:
+    """{k: v, ...} -> [k, v, ...], the argument form of XADD / HSET."""
     return [x for kv in fields.items() for x in kv]
 
 
@@ -44,10 +45,10 @@ def finalize_cmd(result_key: str, tokens_key: str, status_key: str, stats_key: s
                  result_ttl: int, tokens_maxlen: int, tokens_ttl: int, done_fields: dict[str, Any]) -> tuple:
     """EVAL arguments of FINALIZE; its reply is 1 when this write won, 0 for a suppressed duplicate."""
     return ("EVAL", FINALIZE, 4, result_key, tokens_key, status_key, stats_key,
-            result_json, result_ttl, tokens_maxlen, tokens_ttl, *_flat(done_fields))
+            result_json, result_ttl, tokens_maxlen, tokens_ttl, *flat_fields(done_fields))
 
 
 def append_unless_final_cmd(result_key: str, tokens_key: str, tokens_maxlen: int, tokens_ttl: int,
                             fields: dict[str, Any]) -> tuple:
     """EVAL arguments of APPEND_UNLESS_FINAL (restart events)."""
-    return ("EVAL", APPEND_UNLESS_FINAL, 2, result_key, tokens_key, tokens_maxlen, tokens_ttl, *_flat(fields))
+    return ("EVAL", APPEND_UNLESS_FINAL, 2, result_key, tokens_key, tokens_maxlen, tokens_ttl, *flat_fields(fields))

@@ -18,17 +18,13 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from worker.admission import Entry, Rejection, parse
+from worker.admission import Entry, Rejection, as_str, parse
 from worker.outbox import REDIS_ERRORS, Backoff
 
 if TYPE_CHECKING:
     from worker.loop import Worker
 
 log = logging.getLogger(__name__)
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 def is_nogroup(e: Exception) -> bool:
@@ -97,7 +93,7 @@ class Leases:
         mine: dict[str, list[str]] = {}
         for i, inf in enumerate(live):
             rows, has_result = replies[2 * i], replies[2 * i + 1]
-            owner = _s(rows[0]["consumer"]) if isinstance(rows, list) and rows else None
+            owner = as_str(rows[0]["consumer"]) if isinstance(rows, list) and rows else None
             if has_result is True or has_result == 1:
                 w.supersede(inf.id, "another worker already wrote its final result")
             elif owner is not None and owner != w.s.name:
@@ -135,7 +131,7 @@ class Leases:
         ours = {inf.entry_id for inf in w.inflight.values()}
         rows = w.r.xpending_range(stream, w.keys.group, "-", "+", cap + len(ours), consumername=w.s.name,
                                   idle=w.s.claim_idle_ms)
-        counts = {_s(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        counts = {as_str(row["message_id"]): int(row["times_delivered"]) for row in rows}
         ids = [eid for eid in counts if eid not in ours][:cap]
         if not ids:
             return
@@ -144,7 +140,7 @@ class Leases:
         for eid in ids:
             pipe.xrange(stream, eid, eid)
         claimed, *found = pipe.execute()
-        claimed = {_s(x) for x in claimed}
+        claimed = {as_str(x) for x in claimed}
         msgs = [(eid, rows[0][1] if rows else None) for eid, rows in zip(ids, found) if eid in claimed]
         if msgs:
             self._take(stream, msgs, counts)
@@ -162,19 +158,19 @@ class Leases:
                 continue
             start = self._cursor.get(stream, "0-0")
             resp = w.r.xautoclaim(stream, w.keys.group, w.s.name, w.s.claim_idle_ms, start, count=cap)
-            self._cursor[stream] = _s(resp[0])  # "0-0" once the scan has wrapped around
+            self._cursor[stream] = as_str(resp[0])  # "0-0" once the scan has wrapped around
             if resp[1]:
                 self._take(stream, resp[1])
 
     def _take(self, stream: str, msgs: list, counts: dict[str, int] | None = None) -> None:
         w = self.w
         ours = {inf.entry_id for inf in w.inflight.values()}
-        gone = [_s(eid) for eid, fields in msgs if fields is None]
+        gone = [as_str(eid) for eid, fields in msgs if fields is None]
         if gone:
             # Deleted (XDEL / trimmed) while pending: nothing left to run; ack so it stops being reclaimed.
             for eid in gone:
                 w.outbox.add("XACK", stream, w.keys.group, eid)
-        msgs = [(_s(eid), fields) for eid, fields in msgs if fields is not None and _s(eid) not in ours]
+        msgs = [(as_str(eid), fields) for eid, fields in msgs if fields is not None and as_str(eid) not in ours]
         if not msgs:
             return
         if counts is None:
@@ -197,7 +193,7 @@ class Leases:
         out = {}
         for rows in pipe.execute(raise_on_error=False):
             for row in rows if isinstance(rows, list) else ():
-                out[_s(row["message_id"])] = int(row["times_delivered"])
+                out[as_str(row["message_id"])] = int(row["times_delivered"])
         return out
 
     def poison(self, e: Entry) -> None:

@@ -21,7 +21,7 @@ from producer.defaults import Defaults
 from producer.keys import Keys, validate_id
 from producer.results import ErrorInfo, TokenEvent
 from producer.schema import Limits
-from worker.admission import Entry, Rejection, check_runnable, parse, submit
+from worker.admission import Entry, Rejection, as_str, check_runnable, parse, submit
 from worker.inflight import PRIORITY_RANK, InFlight
 from worker.leases import Leases, is_nogroup
 from worker.outbox import REDIS_ERRORS, Backoff, Outbox
@@ -29,10 +29,6 @@ from worker.settings import WorkerSettings
 from worker.writer import Writer
 
 log = logging.getLogger(__name__)
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 class Worker:
@@ -207,7 +203,7 @@ class Worker:
                 taken += sum(len(msgs) for _, msgs in got)
                 if self.gate.failing:
                     break
-        entries = [Entry(_s(stream), _s(eid), fields or {}) for stream, msgs in resp for eid, fields in msgs]
+        entries = [Entry(as_str(stream), as_str(eid), fields or {}) for stream, msgs in resp for eid, fields in msgs]
         entries.sort(key=lambda e: self.keys.all_jobs.index(e.stream))
         self.handle_entries(entries)
 
@@ -281,7 +277,7 @@ class Worker:
     # -- control ----------------------------------------------------------------------------------
     def _init_cancels_cursor(self) -> None:
         last = self.r.xrevrange(self.keys.cancels, count=1)
-        self._cancels_last = _s(last[0][0]) if last else "0-0"
+        self._cancels_last = as_str(last[0][0]) if last else "0-0"
 
     def _poll_cancels(self) -> None:
         if not self.inflight or not self.gate.ready():
@@ -293,8 +289,8 @@ class Worker:
             return
         for _, msgs in resp or []:
             for eid, fields in msgs:
-                self._cancels_last = _s(eid)
-                rid = _s(fields.get(b"id", fields.get("id", b"")))
+                self._cancels_last = as_str(eid)
+                rid = as_str(fields.get(b"id", fields.get("id", b"")))
                 self.end_early(rid, "cancelled", "cancelled", "cancelled by request")
 
     def _expire_deadlines(self) -> None:

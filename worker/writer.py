@@ -8,14 +8,10 @@ from producer.defaults import Defaults
 from producer.keys import Keys
 from producer.results import Result, TokenEvent
 from worker.admission import Entry, Rejection
-from worker.finals import append_unless_final_cmd, finalize_cmd
+from worker.finals import append_unless_final_cmd, finalize_cmd, flat_fields
 from worker.outbox import Outbox
 
 log = logging.getLogger(__name__)
-
-
-def _flat(mapping: dict) -> list:
-    return [x for kv in mapping.items() for x in kv]
 
 
 class Writer:
@@ -31,7 +27,7 @@ class Writer:
     def delta(self, rid: str, ev: TokenEvent) -> None:
         """A live token delta: droppable, shed first when Redis stays away."""
         key = self.keys.tokens(rid)
-        self.outbox.add("XADD", key, "MAXLEN", "~", self.d.tokens_maxlen, "*", *_flat(ev.to_fields()), droppable=True)
+        self.outbox.add("XADD", key, "MAXLEN", "~", self.d.tokens_maxlen, "*", *flat_fields(ev.to_fields()), droppable=True)
         self.outbox.add("EXPIRE", key, self.d.tokens_ttl_s, droppable=True)
 
     def restart(self, rid: str, reason: str) -> None:
@@ -86,7 +82,7 @@ class Writer:
                 # A hostile 100 MB entry must not be copied whole: it could never run anyway.
                 job, fields["job_truncated_from"] = job[:self.max_job_bytes], str(len(job))
             fields["job"] = job
-        self.outbox.add("XADD", self.keys.dead, "MAXLEN", "~", self.d.dead_maxlen, "*", *_flat(fields))
+        self.outbox.add("XADD", self.keys.dead, "MAXLEN", "~", self.d.dead_maxlen, "*", *flat_fields(fields))
         if rid is None:
             self.outbox.add("XACK", e.stream, self.keys.group, e.entry_id)
             self.outbox.add("XDEL", e.stream, e.entry_id)  # acked: the stream keeps only the backlog
