@@ -10,10 +10,10 @@ from pathlib import Path
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingStep
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tokenizer import load_tokenizer
 
@@ -51,6 +51,14 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class StepInFlight:
+    """A launched step: what was scheduled and the device work that will produce its tokens."""
+
+    sched: SchedulerOutput
+    pending: PendingStep | None  # None when nothing ran (only deltas queued outside a step)
+
+
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache; one step() is one forward pass."""
 
@@ -78,6 +86,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)
         self._arrival = itertools.count()
+        self._in_flight = False
         self.stats = EngineStats()
 
     @classmethod
@@ -206,14 +215,33 @@ class LLMEngine:
 
     def step(self) -> list[RequestDelta]:
         """Schedule, run one forward pass, sample, detokenize; returns what each touched completion gained."""
-        deltas, self._pending = self._pending, []
+        return self.collect(self.launch())
+
+    def launch(self) -> "StepInFlight":
+        """First half of step(): schedule and queue the forward pass on the device, without waiting for it.
+
+        Between launch() and collect() the caller may add_request(), abort() and read engine state (the
+        worker talks to Redis there while the GPU computes), but must not launch another step.
+        """
+        if self._in_flight:
+            raise RuntimeError("a step is already in flight: collect() it first")
         sched = self.scheduler.schedule()
-        if sched.chunks or sched.finished_seq_ids:
-            result = self.runner.execute(sched)
-        else:
+        if not (sched.chunks or sched.finished_seq_ids):
+            return StepInFlight(sched, None)
+        self._in_flight = True
+        return StepInFlight(sched, self.runner.launch(sched))
+
+    def collect(self, step: "StepInFlight") -> list[RequestDelta]:
+        """Second half of step(): wait for the device, append the sampled tokens, detokenize, report."""
+        deltas, self._pending = self._pending, []  # includes aborts made while the step was in flight
+        if step.pending is None:
             return self._collect(deltas)
+        try:
+            result = step.pending.result()
+        finally:
+            self._in_flight = False
         self.stats.num_steps += 1
-        for seq in self.scheduler.update_from_output(sched, result):
+        for seq in self.scheduler.update_from_output(step.sched, result):
             deltas.append(self._on_token(seq, result.logprobs.get(seq.seq_id), result.ranks.get(seq.seq_id)))
         return self._collect(deltas)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.loader import build_model
 from engine.models.rope import cos_sin_cache
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import PendingSample, Sampler, SamplingRow
 from engine.scheduler import RunnerOutput, SchedulerOutput
 from kernels.ops import get_ops
 
@@ -141,14 +142,21 @@ class ModelRunner:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence."""
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> "PendingStep":
+        """Queue the step's forward pass and sampling on the device and return without waiting for them.
+
+        Until result() the caller may do host work (Redis I/O in the worker) while the GPU computes; it must
+        not launch another step meanwhile (the decode graphs' input buffers are reused).
+        """
         for seq_id in sched.finished_seq_ids:
             self.sampler.release(seq_id)
-        out = RunnerOutput()
         if not sched.chunks:
-            return out
+            return PendingStep([], None)
         chunks = sched.chunks
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
@@ -165,7 +173,7 @@ class ModelRunner:
             )
             hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
             if not sample_rows:
-                return out
+                return PendingStep([], None)
             logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
         rows = []
         eos = self.model_cfg.eos_token_ids
@@ -177,9 +185,22 @@ class ModelRunner:
                              or p.repetition_penalty != 1.0)
             out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
             rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id))
-        res = self.sampler(logits, rows)
-        for j, i in enumerate(sample_rows):
-            sid = chunks[i].seq_id
+        return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows))
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step; result() waits for the device and returns the sampled tokens per sequence."""
+
+    seq_ids: list[str]  # the sampled sequences, in sampler row order
+    sample: PendingSample | None
+
+    def result(self) -> RunnerOutput:
+        out = RunnerOutput()
+        if self.sample is None:
+            return out
+        res = self.sample.result()
+        for j, sid in enumerate(self.seq_ids):
             out.sampled[sid] = res.token_ids[j]
             if res.logprobs[j] is not None:
                 out.logprobs[sid] = res.logprobs[j]

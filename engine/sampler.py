@@ -61,15 +61,19 @@ class Sampler:
         """Drop a finished sequence's generator (a no-op for unknown keys)."""
         self._generators.pop(key, None)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """Sample one token per row from logits [num_rows, >= vocab_size] (any float dtype)."""
+        return self.launch(logits, rows).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "PendingSample":
+        """Queue the sampling on the logits' device; the tokens reach the host when result() is called."""
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x vocab {self.vocab_size}")
         if logits.device.type != self.device.type or self.device.index not in (None, logits.device.index):
             raise ValueError(f"logits on {logits.device}, sampler on {self.device}")
         if not rows:
-            return SamplerOutput([], [], [])
+            return PendingSample(torch.zeros(0, dtype=torch.float64), None, 0, [], 0)
         logits = logits[:, : self.vocab_size]  # [R, V]; columns past the vocabulary are lm_head padding
         tokens = self._sample(logits, rows)  # [R] int64
         return self._finish(logits, rows, tokens)
@@ -160,8 +164,8 @@ class Sampler:
             self._generators[row.key] = gen
         return gen
 
-    def _finish(self, logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> SamplerOutput:
-        """Gather raw-distribution logprobs and bring everything to the host in one .tolist()."""
+    def _finish(self, logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> "PendingSample":
+        """Gather raw-distribution logprobs into one float64 vector and start its copy to the host."""
         num_rows = len(rows)
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         parts = [tokens.to(torch.float64)]  # ids, ranks and float32 values are all exact in float64
@@ -173,19 +177,44 @@ class Sampler:
             raw = logits.to(torch.float32).log_softmax(dim=-1)  # [L, V]: the unprocessed distribution
             lp, rank, top_lp, top_ids = gather_logprobs(raw, tokens, num_top)
             parts += [lp.double(), rank.double(), top_lp.double().flatten(), top_ids.double().flatten()]
-        host = torch.cat(parts).tolist()  # the step's only host sync
+        flat = torch.cat(parts)
+        event = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flat = host
+        wanted = [(i, rows[i].params.logprobs) for i in lp_rows]
+        return PendingSample(flat, event, num_rows, wanted, num_top)
 
-        num_lp = len(lp_rows)
+
+@dataclass(slots=True)
+class PendingSample:
+    """One step's sampled ids (and logprobs) on their way to the host; result() is the step's only host sync."""
+
+    host: torch.Tensor  # float64 [R + 2L + 2*L*top]; pinned and filled by an async copy on CUDA
+    event: torch.cuda.Event | None  # recorded after that copy (None on the CPU)
+    num_rows: int
+    lp_rows: list[tuple[int, int]]  # (row, number of top logprobs it asked for)
+    num_top: int
+
+    def result(self) -> SamplerOutput:
+        """Wait for the device, then unpack ids, logprobs and ranks per row."""
+        if self.event is not None:
+            self.event.synchronize()
+        host = self.host.tolist()
+        num_rows, num_lp, num_top = self.num_rows, len(self.lp_rows), self.num_top
         token_ids = [int(t) for t in host[:num_rows]]
         lps, rks = host[num_rows : num_rows + num_lp], host[num_rows + num_lp : num_rows + 2 * num_lp]
         top_start = num_rows + 2 * num_lp
         tops, tids = host[top_start : top_start + num_lp * num_top], host[top_start + num_lp * num_top :]
         logprobs: list[dict[int, float] | None] = [None] * num_rows
         ranks: list[dict[int, int] | None] = [None] * num_rows
-        for j, i in enumerate(lp_rows):
+        for j, (i, wanted) in enumerate(self.lp_rows):
             tok = token_ids[i]
             values, order = {tok: lps[j]}, {tok: int(rks[j])}
-            for m in range(rows[i].params.logprobs):
+            for m in range(wanted):
                 tid = int(tids[j * num_top + m])
                 if tid not in values:
                     values[tid], order[tid] = tops[j * num_top + m], m + 1

@@ -52,8 +52,9 @@ def test_cancel_running_job_stops_within_one_step(engine, redis_url):
     assert engine.block_manager.num_used_blocks > 0
     steps = engine.stats.num_steps
     client.cancel(rid)
-    w.tick()  # reads the cancel, aborts, and the same tick's step reports it; the outbox flushes the result
-    assert engine.stats.num_steps - steps <= 1
+    w.tick()  # reads the cancel while a step computes and aborts; that step's collect reports the abort
+    w.tick()  # publishes it while the next step computes; the outbox flushes the result
+    assert engine.stats.num_steps - steps <= 2
     res = client.result(rid, timeout=0.5)
     assert res.status == "cancelled" and res.error.code == "cancelled"
     assert all(c.finish_reason == "abort" for c in res.choices) and len(res.choices) == 3
@@ -107,7 +108,8 @@ def test_deadline_passing_while_running_aborts_with_partial_text(engine, redis_u
     wait_for(lambda: (w.tick(), engine.stats.generation_tokens >= base + 5)[1], 30, interval=0, what="tokens")
     assert time.time() < deadline, "too slow to start before the deadline"
     time.sleep(max(0.0, deadline - time.time()) + 0.01)
-    w.tick()  # notices the deadline, aborts, and the abort comes out of this tick's step
+    w.tick()  # notices the deadline and aborts; this tick's step reports the abort
+    w.tick()  # and the next one publishes it
     res = client.result(rid, timeout=0.5)
     assert res.status == "expired" and res.error.code == "deadline_exceeded"
     assert res.finish_reason == "abort" and 0 < res.usage.completion_tokens < 480 and res.text

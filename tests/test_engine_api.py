@@ -224,3 +224,42 @@ def test_interactive_admission_counts_preemptible_bulk(tiny_llama):
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.scheduler.num_preemptions >= 1 and eng.block_manager.num_used_blocks == 0
+
+
+def test_launch_collect_with_adds_and_aborts_in_flight_matches_plain_steps(tiny_llama):
+    """The worker adds and aborts requests between launch() and collect(): outputs must equal step()'s."""
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def drive(split: bool) -> dict[str, list[int]]:
+        eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=40, max_num_seqs=4)
+        for i in range(3):
+            eng.add_request(f"a{i}", _ids(9 + i, i), p)
+        tokens: dict[str, list[int]] = {}
+        finish: dict[str, str] = {}
+        step = 0
+        while eng.has_unfinished_requests() or step < 3:
+            step += 1
+            if split:
+                inflight = eng.launch()
+                with pytest.raises(RuntimeError, match="in flight"):
+                    eng.launch()
+            # What the worker does while the device computes: new jobs, a cancel.
+            if step == 2:
+                eng.add_request("late", _ids(15, 7), p)
+            if step == 4:
+                eng.abort("a1")
+            deltas = eng.collect(inflight) if split else eng.step()
+            for d in deltas:
+                tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
+                if d.finished:
+                    finish[d.request_id] = d.finish_reason
+            eng.block_manager.check_invariants()
+        assert eng.block_manager.num_used_blocks == 0 and not eng.requests
+        assert finish["a1"] == "abort" and finish["late"] == "length"
+        return tokens
+
+    split, plain = drive(True), drive(False)
+    assert split["late"] == plain["late"] and len(split["late"]) == 12
+    assert split["a0"] == plain["a0"] and split["a2"] == plain["a2"]
+    # The abort made while step 4 was in flight drops that step's token: a1 has 3 tokens either way.
+    assert split["a1"] == plain["a1"] and len(plain["a1"]) == 3

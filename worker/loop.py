@@ -52,6 +52,7 @@ class Worker:
         self.leases = Leases(self, self.gate)
         self.inflight: dict[str, InFlight] = {}
         self.stopping = False
+        self._ready: list = []  # the last collected step's deltas, published during the next step
         self.started = time.time()
         self._next_heartbeat = 0.0
         self._cancels_last = "$"
@@ -109,20 +110,28 @@ class Worker:
         return 0
 
     def tick(self) -> None:
-        """One iteration: admit, honour cancels and deadlines, step the engine, publish."""
+        """One iteration: launch an engine step, talk to Redis while the device computes it, then collect it.
+
+        Everything that waits on Redis (publishing the previous step's tokens, heartbeat, leases, reading
+        jobs and cancels) runs between launch and collect, so on a GPU the round trips hide behind the
+        forward pass instead of adding to it. Jobs admitted and aborts made meanwhile take effect next step.
+        """
+        step = self.engine.launch() if self.engine.has_unfinished_requests() else None
+        self._publish(self._ready)
+        self._ready = []
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.s.heartbeat_s
         self.leases.maintain()
         if not self.stopping:
-            self._admit()
+            self._admit(idle=step is None)
         self._poll_cancels()
         self._expire_deadlines()
-        if self.engine.has_unfinished_requests():
-            self._publish(self.engine.step())
         self.outbox.flush()
-        if not self.engine.has_unfinished_requests() and (self.gate.failing or not self.outbox.healthy):
+        if step is not None:
+            self._ready = self.engine.collect(step)
+        elif self.gate.failing or not self.outbox.healthy:
             time.sleep(0.05)  # Redis is away and there is nothing to compute: don't spin
 
     def _leave(self) -> None:
@@ -130,6 +139,8 @@ class Worker:
             # Unfinished at the end of the grace period: stays pending in Redis for another worker.
             inf.superseded = True
             self.engine.abort(rid)
+        self._publish(self._ready)
+        self._ready = []
         while self.engine.has_unfinished_requests():
             self._publish(self.engine.step())
         self.outbox.add("SREM", self.keys.workers, self.s.name)
@@ -185,11 +196,13 @@ class Worker:
             cap = min(cap, self.s.max_jobs - self.jobs_done - len(self.inflight))
         return cap
 
-    def _admit(self) -> None:
+    def _admit(self, idle: bool) -> None:
         if not self.outbox.healthy or not self.gate.ready():
             return
-        if not self.engine.has_unfinished_requests() and not self.inflight:
-            # Nothing to compute: block until a job arrives, on every priority at once.
+        if idle and not self.inflight:
+            # Nothing to compute: send what is queued, then block until a job arrives, on every priority.
+            if not self.outbox.flush():
+                return
             cap = self.capacity(self.keys.jobs())
             resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.s.block_ms) if cap > 0 else []
         else:
