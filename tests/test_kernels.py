@@ -126,6 +126,15 @@ def test_paged_attention_small_tiles_and_splits(seqs, splits, group):
     check_attention(seqs, 2 * group, 2, 64, 16, torch.float32, num_splits=splits, config=cfg)
 
 
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_attention_k_rows_and_evict_first(seqs, dtype):
+    """The tuning variants (K loaded row-major then transposed; evict-first K/V loads) compute the same thing."""
+    cfg = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, k_rows=True, evict_first=True)
+    check_attention(seqs, 8, 2, 64, 16, dtype, config=cfg)
+    check_attention(seqs, 8, 2, 64, 16, dtype, config=cfg, num_splits=3)
+
+
 def test_paged_attention_one_token_query_tiles():
     """Group 16 fills a 16-row tile: prefill tiles of one token each (the exact-search path)."""
     seqs, cfg = [(1, 37), (13, 50), (0, 9), (6, 6)], AttnConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
