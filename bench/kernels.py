@@ -100,12 +100,19 @@ def copy_bandwidth(rep: int) -> float:
     return 2 * n / ms / 1e6
 
 
-def make_paged(batch, ctx, hq, hk, d, bs, dtype, qlen=1, gen=None):
-    """Random paged batch: every sequence has `qlen` new tokens and `ctx` tokens of context, scattered pages."""
+def make_paged(batch, ctx, hq, hk, d, bs, dtype, qlen=1, gen=None, head_major=False):
+    """Random paged batch: every sequence has `qlen` new tokens and `ctx` tokens of context, scattered pages.
+
+    head_major: the caches are [blocks, Hk, block_size, D] in memory (each page of one head contiguous),
+    passed as [blocks, block_size, Hk, D] views.
+    """
     nb_seq = math.ceil(ctx / bs)
     num_blocks = batch * nb_seq
-    k_cache = torch.randn(num_blocks, bs, hk, d, device=DEV, dtype=dtype, generator=gen)
-    v_cache = torch.randn(num_blocks, bs, hk, d, device=DEV, dtype=dtype, generator=gen)
+    shape = (num_blocks, hk, bs, d) if head_major else (num_blocks, bs, hk, d)
+    k_cache = torch.randn(*shape, device=DEV, dtype=dtype, generator=gen)
+    v_cache = torch.randn(*shape, device=DEV, dtype=dtype, generator=gen)
+    if head_major:
+        k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     bt = torch.randperm(num_blocks, device=DEV, generator=gen).to(torch.int32).view(batch, nb_seq)
     q = torch.randn(batch * qlen, hq, d, device=DEV, dtype=dtype, generator=gen)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
@@ -115,6 +122,7 @@ def make_paged(batch, ctx, hq, hk, d, bs, dtype, qlen=1, gen=None):
 
 def decode_section(a, dtype, rows, results, copy_gbs):
     from kernels.paged_attention import AttnConfig, default_config, paged_attention
+    from kernels.reference import paged_attention as reference_paged_attention
 
     b, ctx, hq, hk, d = a.batch, a.ctx, a.hq, a.hk, a.head_dim
     esz = torch.tensor([], dtype=dtype).element_size()
@@ -169,6 +177,21 @@ def decode_section(a, dtype, rows, results, copy_gbs):
                          f"sdpa {sdpa_ms * 1e3:.1f} us: triton x{sdpa_ms / tri_ms:.3f}"))
             results["decode_vs_sdpa_interleaved"] = {"triton_ms": tri_ms, "sdpa_ms": sdpa_ms,
                                                      "speedup": sdpa_ms / tri_ms}
+            # The same kernel over head-major caches (each page of one KV head contiguous in memory).
+            hm_sets = [make_paged(b, ctx, hq, hk, d, a.block_size, dtype, gen=gen, head_major=True)
+                       for _ in range(nsets)]
+            hm = rotating([lambda s=s: paged_attention(*s, scale, max_query_len=1, max_seq_len=ctx,
+                                                       num_splits=a.splits) for s in hm_sets])
+            hm_ms, sdpa_ms = interleaved(hm, best_fn, a.rep, rounds=7)
+            rows.append(("paged head-major cache vs sdpa, 7 rounds", hm_ms, moved / hm_ms / 1e6,
+                         f"sdpa {sdpa_ms * 1e3:.1f} us: triton x{sdpa_ms / hm_ms:.3f}"))
+            results["decode_head_major_vs_sdpa"] = {"triton_ms": hm_ms, "sdpa_ms": sdpa_ms, "speedup": sdpa_ms / hm_ms}
+            q, kc, vc, bt, sl, qsl = hm_sets[0]
+            sub = (q[:4], kc, vc, bt[:4], sl[:4], qsl[:5], scale)
+            ref = reference_paged_attention(*sub).float()
+            err = float((paged_attention(*sub).float() - ref).norm() / ref.norm())
+            rows.append(("  head-major rel err vs reference (4 seqs)", None, None, f"{err:.2e}"))
+            del hm_sets
 
     from kernels import reference  # sanity check on 4 sequences of the first set
 

@@ -44,9 +44,11 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         # Host staging in pinned memory: one [3, G] int64 block and one block table, filled then copied async.
-        self.h_vec = torch.zeros(3, g, dtype=i64, pin_memory=True)
-        self.h_tables = torch.zeros(g, self.width, dtype=i32, pin_memory=True)
-        self.h_lens = torch.ones(g, dtype=i32, pin_memory=True)
+        # (Pageable off CUDA, where nothing can be pinned: only bench/host_overhead.py builds them there.)
+        pin = torch.device(device).type == "cuda"
+        self.h_vec = torch.zeros(3, g, dtype=i64, pin_memory=pin)
+        self.h_tables = torch.zeros(g, self.width, dtype=i32, pin_memory=pin)
+        self.h_lens = torch.ones(g, dtype=i32, pin_memory=pin)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(

@@ -1,0 +1,278 @@
+"""Host (Python) time per decode step at large batch sizes, with the model's cost taken out. CPU only.
+
+  .venv/bin/python bench/host_overhead.py                      # 256 and 512 running sequences
+  .venv/bin/python bench/host_overhead.py --num-seqs 512 --steps 300 --profile 30
+
+A real LLMEngine on a tiny random Llama runs greedy, ignore_eos requests whose prompts are 200-600 tokens.
+Only the device work is faked:
+- the model returns zero hidden states, and its logits come from a fixed pool of one-hot rows (text-like
+  token ids from the tiny tokenizer's corpus), so argmax picks deterministic, varied tokens;
+- the decode CUDA graphs are a real DecodeGraphs built on the CPU whose replay does nothing, so
+  ModelRunner.launch takes its decode-graph path and builds the graph inputs as it would on the GPU.
+Everything else is the engine's own code: scheduler, block manager, SamplingRow building, the sampler's
+host checks, PendingStep unpacking, update_from_output, detokenization and delta building.
+
+Phases (mean microseconds per step, decode-only steps with every sequence running):
+  schedule    Scheduler.schedule()
+  runner      ModelRunner.launch() + PendingStep.result(), of which
+  graph_in    DecodeGraphs.run(): the graph's host-side inputs (tensor builds and staging copies)
+  update      Scheduler.update_from_output()
+  on_token    the rest of LLMEngine.collect(): per-token detokenization and RequestDelta building
+  total       LLMEngine.launch() + LLMEngine.collect()
+  gc          time inside Python's garbage collector (already counted in the phase it interrupted)
+On the CPU `runner` also holds an argmax over [S, 512] that the GPU would run asynchronously (tens of µs).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine import SamplingParams  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.tiny_model import _corpus, build_tiny_model  # noqa: E402
+
+BLOCK_SIZE = 16
+MAX_MODEL_LEN = 2048
+PROMPT_LENS = (200, 600)
+PHASES = ("schedule", "runner", "graph_in", "update", "on_token", "total", "gc")
+
+
+class _FakeModel:
+    """Stands in for the decoder on the device: zero hidden states, logits from a pool of one-hot rows."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, token_stream: list[int], max_rows: int, pool: int = 16):
+        self.hidden_size = hidden_size
+        rng = random.Random(0)
+        self._pool = []
+        for _ in range(pool):
+            start = rng.randrange(len(token_stream))
+            ids = [token_stream[(start + 7 * r) % len(token_stream)] for r in range(max_rows)]
+            logits = torch.zeros(max_rows, vocab_size)
+            logits[torch.arange(max_rows), torch.tensor(ids)] = 1.0
+            self._pool.append(logits)
+        self._calls = 0
+
+    def __call__(self, meta, kv_caches, cos_sin) -> torch.Tensor:
+        return torch.zeros(meta.num_tokens, self.hidden_size)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._calls += 1
+        return self._pool[self._calls % len(self._pool)][: hidden.shape[0]]
+
+
+class _NoReplay:
+    """A captured graph whose replay costs nothing (the forward pass is what this benchmark leaves out)."""
+
+    def replay(self) -> None:
+        pass
+
+
+def _fake_device(engine: LLMEngine, token_stream: list[int]) -> None:
+    """Swap the runner's model for _FakeModel and give it CPU decode graphs that replay nothing."""
+    runner, cfg = engine.runner, engine.model_cfg
+    max_bs = min(engine.config.max_num_seqs, 512)
+    model = _FakeModel(cfg.hidden_size, cfg.vocab_size, token_stream, max_bs)
+    runner.model = model
+    graphs = DecodeGraphs(model, runner.kv_caches, runner.cos_sin, max_bs, engine.max_model_len, runner.block_size,
+                          runner.device)
+    graphs.graphs = {bs: _NoReplay() for bs in graphs.sizes}
+    graphs.outputs = {bs: torch.zeros(bs, cfg.hidden_size) for bs in graphs.sizes}
+    runner.graphs = graphs
+
+
+class _GcTimer:
+    """Seconds spent in garbage collections and how many were full (generation 2), via gc.callbacks."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.full = 0
+        self._t0 = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.full += info["generation"] == 2
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+class _PhaseTimer:
+    """Wraps engine methods with perf_counter accumulators; `laps` holds one dict of seconds per step."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.acc = dict.fromkeys(("schedule", "launch", "result", "graph_in", "update"), 0.0)
+        self.laps: list[dict[str, float]] = []
+        self.gc = _GcTimer()
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.scheduler, "update_from_output", "update")
+        self._wrap(engine.runner.graphs, "run", "graph_in")
+        self._wrap_launch()
+
+    def _wrap(self, obj, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+        acc = self.acc
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc[key] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+
+    def _wrap_launch(self) -> None:
+        runner, acc = self.engine.runner, self.acc
+        launch = runner.launch
+
+        class TimedPending:
+            def __init__(self, pending):
+                self.pending = pending
+
+            def result(self):
+                t0 = time.perf_counter()
+                try:
+                    return self.pending.result()
+                finally:
+                    acc["result"] += time.perf_counter() - t0
+
+        def timed_launch(sched):
+            t0 = time.perf_counter()
+            try:
+                return TimedPending(launch(sched))
+            finally:
+                acc["launch"] += time.perf_counter() - t0
+
+        runner.launch = timed_launch
+
+    def step(self) -> list:
+        """One engine step (launch + collect), recording its phases."""
+        for k in self.acc:
+            self.acc[k] = 0.0
+        gc_before = self.gc.seconds
+        t0 = time.perf_counter()
+        inflight = self.engine.launch()
+        t1 = time.perf_counter()
+        deltas = self.engine.collect(inflight)
+        t2 = time.perf_counter()
+        a = self.acc
+        self.laps.append({
+            "schedule": a["schedule"],
+            "runner": a["launch"] + a["result"],
+            "graph_in": a["graph_in"],
+            "update": a["update"],
+            "on_token": (t2 - t1) - a["result"] - a["update"],
+            "total": t2 - t0,
+            "gc": self.gc.seconds - gc_before,
+        })
+        return deltas
+
+
+def make_model_dir(root: Path) -> Path:
+    """The tiny Llama, with a position limit long enough for 600-token prompts plus long outputs."""
+    path = build_tiny_model(root / "tiny-llama")
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["max_position_embeddings"] = MAX_MODEL_LEN
+    cfg_file.write_text(json.dumps(cfg))
+    return path
+
+
+def build_engine(model_dir: Path, num_seqs: int, max_output: int) -> LLMEngine:
+    blocks_per_seq = -(-(PROMPT_LENS[1] + max_output) // BLOCK_SIZE)
+    config = EngineConfig(
+        model=str(model_dir), device="cpu", max_num_seqs=num_seqs, block_size=BLOCK_SIZE,
+        num_kv_blocks=num_seqs * blocks_per_seq + 64, max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8192,
+    )
+    return LLMEngine(config)
+
+
+def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: int) -> dict[str, float]:
+    """Fill the batch, run `warmup` decode steps, then time `steps` decode steps; returns mean µs per phase."""
+    # Prefill takes about num_seqs * 400 / 8192 steps; the output budget covers it with room to spare.
+    max_output = MAX_MODEL_LEN - PROMPT_LENS[1]
+    engine = build_engine(model_dir, num_seqs, max_output)
+    tok = engine.tokenizer
+    stream = [t for line in _corpus() for t in tok.encode(line, add_special_tokens=False)]
+    _fake_device(engine, stream)
+    rng = random.Random(num_seqs)
+    params = SamplingParams(temperature=0.0, max_tokens=max_output, ignore_eos=True)
+    for i in range(num_seqs):
+        n = rng.randint(*PROMPT_LENS)
+        start = rng.randrange(len(stream) - n)
+        engine.add_request(f"r{i}", {"prompt_token_ids": stream[start:start + n]}, params)
+    timer = _PhaseTimer(engine)
+    prefill_steps = 0
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
+        timer.step()
+        prefill_steps += 1
+    for _ in range(warmup):
+        timer.step()
+    if prefill_steps + warmup + steps >= max_output:
+        raise SystemExit(f"--steps too large: outputs are capped at {max_output} tokens")
+    timer.laps.clear()
+    gc.collect()  # every run starts its timed steps from the same collector state
+    full_before = timer.gc.full
+    num_deltas = 0
+    for _ in range(steps):
+        num_deltas += len(timer.step())
+    assert len(engine.scheduler.running) == num_seqs and num_deltas == num_seqs * steps, "not a full decode batch"
+    means = {k: statistics.fmean(lap[k] for lap in timer.laps) * 1e6 for k in PHASES}
+    means["p50_total"] = statistics.median(lap["total"] for lap in timer.laps) * 1e6
+    means["full_gcs"] = timer.gc.full - full_before
+    if profile_top:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(min(steps, 100)):
+            timer.step()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(profile_top)
+        print(f"\n--- cProfile, {num_seqs} sequences, {min(steps, 100)} steps, by tottime ---")
+        print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:20000])
+    timer.gc.close()
+    return means
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-seqs", type=int, nargs="+", default=[256, 512], help="running sequences (<= 512)")
+    ap.add_argument("--steps", type=int, default=200, help="timed decode steps")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed decode steps after the prefill")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N cProfile functions")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model_dir(Path(tmp))
+        results = {n: run(model_dir, n, args.steps, args.warmup, args.profile) for n in args.num_seqs}
+    print(f"\nhost µs per decode step (mean over {args.steps} steps; graph_in is part of runner)")
+    print(f"{'seqs':>6} " + " ".join(f"{k:>9}" for k in PHASES) + f" {'p50 total':>10} {'µs/seq':>7} {'full gcs':>8}")
+    for n, m in results.items():
+        print(f"{n:>6} " + " ".join(f"{m[k]:>9.0f}" for k in PHASES) + f" {m['p50_total']:>10.0f} {m['total'] / n:>7.2f}"
+              f" {m['full_gcs']:>8}")
+
+
+if __name__ == "__main__":
+    main()
