@@ -2,6 +2,7 @@
 
   .venv/bin/python bench/host_overhead.py                      # 256 and 512 running sequences
   .venv/bin/python bench/host_overhead.py --num-seqs 512 --steps 300 --profile 30
+  .venv/bin/python bench/host_overhead.py --gc off               # or freeze: see --help
 
 A real LLMEngine on a tiny random Llama runs greedy, ignore_eos requests whose prompts are 200-600 tokens.
 Only the device work is faked:
@@ -20,7 +21,10 @@ Phases (mean microseconds per step, decode-only steps with every sequence runnin
   on_token    the rest of LLMEngine.collect(): per-token detokenization and RequestDelta building
   total       LLMEngine.launch() + LLMEngine.collect()
   gc          time inside Python's garbage collector (already counted in the phase it interrupted)
-On the CPU `runner` also holds an argmax over [S, 512] that the GPU would run asynchronously (tens of µs).
+  argmax      the sampler's argmax over [S, 512] logits alone: part of `runner` here, but device work
+              (queued asynchronously) on the GPU
+Full collections are rare (about one per 200-300 steps at 512 sequences) but scan the whole heap, so
+`gc` is noisy over short runs; `p50 total` and `--gc off` leave it out.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ from engine.tiny_model import _corpus, build_tiny_model  # noqa: E402
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
 PROMPT_LENS = (200, 600)
-PHASES = ("schedule", "runner", "graph_in", "update", "on_token", "total", "gc")
+PHASES = ("schedule", "runner", "graph_in", "update", "on_token", "total", "gc", "argmax")
 
 
 class _FakeModel:
@@ -74,6 +78,14 @@ class _FakeModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self._calls += 1
         return self._pool[self._calls % len(self._pool)][: hidden.shape[0]]
+
+    def argmax_seconds(self, rows: int, reps: int = 50) -> float:
+        """Mean time of the sampler's greedy argmax over `rows` rows of logits, on its own."""
+        logits = self._pool[0][:rows]
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            logits.argmax(dim=-1)
+        return (time.perf_counter() - t0) / reps
 
 
 class _NoReplay:
@@ -200,6 +212,7 @@ def make_model_dir(root: Path) -> Path:
 
 
 def build_engine(model_dir: Path, num_seqs: int, max_output: int) -> LLMEngine:
+    """A CPU engine with room for num_seqs sequences of the longest prompt plus max_output tokens."""
     blocks_per_seq = -(-(PROMPT_LENS[1] + max_output) // BLOCK_SIZE)
     config = EngineConfig(
         model=str(model_dir), device="cpu", max_num_seqs=num_seqs, block_size=BLOCK_SIZE,
@@ -208,7 +221,7 @@ def build_engine(model_dir: Path, num_seqs: int, max_output: int) -> LLMEngine:
     return LLMEngine(config)
 
 
-def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: int) -> dict[str, float]:
+def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: int, gc_mode: str) -> dict[str, float]:
     """Fill the batch, run `warmup` decode steps, then time `steps` decode steps; returns mean µs per phase."""
     # Prefill takes about num_seqs * 400 / 8192 steps; the output budget covers it with room to spare.
     max_output = MAX_MODEL_LEN - PROMPT_LENS[1]
@@ -229,29 +242,37 @@ def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: in
         prefill_steps += 1
     for _ in range(warmup):
         timer.step()
-    if prefill_steps + warmup + steps >= max_output:
+    profile_steps = min(steps, 100) if profile_top else 0
+    if prefill_steps + warmup + steps + profile_steps >= max_output:
         raise SystemExit(f"--steps too large: outputs are capped at {max_output} tokens")
     timer.laps.clear()
     gc.collect()  # every run starts its timed steps from the same collector state
+    if gc_mode == "freeze":
+        gc.freeze()  # what a long-running process can do once its engine is built (objects now alive: never scanned)
+    elif gc_mode == "off":
+        gc.disable()
     full_before = timer.gc.full
     num_deltas = 0
     for _ in range(steps):
         num_deltas += len(timer.step())
     assert len(engine.scheduler.running) == num_seqs and num_deltas == num_seqs * steps, "not a full decode batch"
-    means = {k: statistics.fmean(lap[k] for lap in timer.laps) * 1e6 for k in PHASES}
+    means = {k: statistics.fmean(lap[k] for lap in timer.laps) * 1e6 for k in PHASES if k != "argmax"}
+    means["argmax"] = engine.runner.model.argmax_seconds(num_seqs) * 1e6
     means["p50_total"] = statistics.median(lap["total"] for lap in timer.laps) * 1e6
     means["full_gcs"] = timer.gc.full - full_before
     if profile_top:
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(min(steps, 100)):
+        for _ in range(profile_steps):
             timer.step()
         prof.disable()
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(profile_top)
-        print(f"\n--- cProfile, {num_seqs} sequences, {min(steps, 100)} steps, by tottime ---")
+        print(f"\n--- cProfile, {num_seqs} sequences, {profile_steps} steps, by tottime ---")
         print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:20000])
     timer.gc.close()
+    gc.enable()
+    gc.unfreeze()
     return means
 
 
@@ -262,16 +283,18 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20, help="untimed decode steps after the prefill")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N cProfile functions")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
+                    help="Python's collector during the timed steps: as is, after gc.freeze(), or disabled")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(Path(tmp))
-        results = {n: run(model_dir, n, args.steps, args.warmup, args.profile) for n in args.num_seqs}
-    print(f"\nhost µs per decode step (mean over {args.steps} steps; graph_in is part of runner)")
+        results = {n: run(model_dir, n, args.steps, args.warmup, args.profile, args.gc) for n in args.num_seqs}
+    print(f"\nhost µs per decode step (mean over {args.steps} steps, gc {args.gc}; graph_in is part of runner)")
     print(f"{'seqs':>6} " + " ".join(f"{k:>9}" for k in PHASES) + f" {'p50 total':>10} {'µs/seq':>7} {'full gcs':>8}")
     for n, m in results.items():
-        print(f"{n:>6} " + " ".join(f"{m[k]:>9.0f}" for k in PHASES) + f" {m['p50_total']:>10.0f} {m['total'] / n:>7.2f}"
-              f" {m['full_gcs']:>8}")
+        print(f"{n:>6} " + " ".join(f"{m[k]:>9.0f}" for k in PHASES)
+              + f" {m['p50_total']:>10.0f} {m['total'] / n:>7.2f} {m['full_gcs']:>8}")
 
 
 if __name__ == "__main__":

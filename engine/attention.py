@@ -1,6 +1,8 @@
 """The per-step batch description that model code reads, and the choice of kernel backend."""
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,3 +35,21 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         """Number of sequences in the batch."""
         return self.seq_lens.shape[0]
+
+
+def pack_block_tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Non-empty block tables as one [num_tables, max_blocks] int32 CPU tensor, each row padded with block 0.
+
+    Padding with 0 is safe: the kernels never read a row past its seq_len. Tables that are array('i')
+    (the block manager's format) are appended with one memcpy each, not converted id by id: at 512
+    sequences a Python list of all ids would cost torch.tensor() about a millisecond per step.
+    """
+    width = max(map(len, tables))
+    if width == 0:
+        return torch.zeros((len(tables), 0), dtype=torch.int32)
+    zeros = array("i", [0]) * width
+    flat = array("i")
+    for table in tables:
+        flat.extend(table)
+        flat.extend(zeros[: width - len(table)])
+    return torch.frombuffer(flat, dtype=torch.int32).view(len(tables), width)

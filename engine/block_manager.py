@@ -27,9 +27,14 @@ class Block:
     hash: bytes | None = None  # set only while the block is registered in the prefix cache
 
 
+def _new_table() -> array:
+    return array("i")
+
+
 @dataclass(slots=True)
 class _Seq:
-    blocks: list[int] = field(default_factory=list)
+    # int32 block ids: the runner packs tables into int32 tensors with one memcpy per table.
+    blocks: array = field(default_factory=_new_table)
     # Chained hashes of this sequence's full computed blocks, in order. Kept per sequence (not read
     # back from Block.hash) because a block whose content was already cached elsewhere stays unhashed.
     hashes: list[bytes] = field(default_factory=list)
@@ -90,9 +95,14 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def block_table(self, seq_id: str) -> list[int]:
-        """A copy of seq_id's block table (a copy, so scheduler outputs never alias live state)."""
+        """A copy of seq_id's block table as a list."""
         seq = self._seqs.get(seq_id)
-        return list(seq.blocks) if seq else []
+        return seq.blocks.tolist() if seq else []
+
+    def block_table_array(self, seq_id: str) -> array:
+        """seq_id's block table as an int32 array('i'): a copy, so scheduler outputs never alias live state."""
+        seq = self._seqs.get(seq_id)
+        return seq.blocks[:] if seq else array("i")
 
     def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
         """Longest cached run of full prefix blocks for a new sequence, leaving >= 1 token to compute."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, pack_block_tables
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class DecodeGraphs:
         """True when a decode step of this size can replay a graph."""
         return bool(self.graphs) and num_seqs <= self.max_bs and max_blocks <= self.width
 
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], block_size: int) -> torch.Tensor:
+    def run(
+        self, tokens: list[int], positions: list[int], tables: Sequence[Sequence[int]], block_size: int
+    ) -> torch.Tensor:
         """Replay the smallest fitting graph for one token per sequence; returns hidden states [B, hidden]."""
         b = len(tokens)
         bs = next(s for s in self.sizes if s >= b)
@@ -89,12 +92,9 @@ class DecodeGraphs:
         vec[1, :b] = pos
         # Only the columns in use: the kernel never reads a row past its own sequence's last block, so stale
         # entries beyond them are harmless, and padding every row to max_model_len would cost milliseconds.
-        maxb = max(map(len, tables))
-        flat = []
-        for t in tables:
-            flat.extend(t)
-            flat.extend([0] * (maxb - len(t)))
-        tab[:b, :maxb] = torch.tensor(flat, dtype=torch.int32).view(b, maxb)
+        packed = pack_block_tables(tables)  # [b, maxb]
+        maxb = packed.shape[1]
+        tab[:b, :maxb] = packed
         rows = tab[:b].gather(1, (pos // block_size).view(b, 1).to(torch.int64)).view(b).to(torch.int64)
         vec[2, :b] = rows * block_size + pos % block_size
         self.h_lens[:b] = (pos + 1).to(torch.int32)

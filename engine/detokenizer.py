@@ -107,7 +107,7 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
         """Append generated ids; return the stop string that now ends output_text, if one does."""
-        if self._skip:
+        if not self._skip.isdisjoint(token_ids):
             token_ids = [t for t in token_ids if t not in self._skip]
         if self.stopped is not None or not token_ids:
             return None  # text after a stop string is never shown; skipped ids change nothing

@@ -1,6 +1,8 @@
 """LLMEngine: the incremental API (add_request / step / abort) that the offline LLM and the Redis worker drive."""
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import logging
 import math
@@ -51,6 +53,24 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+def _freeze_startup_heap() -> None:
+    """Move every object alive now (weights' Python objects, tokenizer, modules) out of the cyclic GC's reach.
+
+    Full collections during serving then scan only per-step garbage (vLLM does the same after start-up).
+    Measured on the CPU at 512 sequences (bench/host_overhead.py): ~1.2 ms -> ~0.14 ms of GC per step. At exit
+    the heap is unfrozen, so the interpreter's last collection still finalizes those objects.
+    """
+    global _unfreeze_at_exit
+    gc.collect()
+    gc.freeze()
+    if not _unfreeze_at_exit:
+        atexit.register(gc.unfreeze)
+        _unfreeze_at_exit = True
+
+
+_unfreeze_at_exit = False
+
+
 @dataclass(slots=True)
 class StepInFlight:
     """A launched step: what was scheduled and the device work that will produce its tokens."""
@@ -88,6 +108,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._in_flight = False
         self.stats = EngineStats()
+        _freeze_startup_heap()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -265,13 +286,14 @@ class LLMEngine:
             new_lp = [{t: Logprob(lp, ranks.get(t) if ranks else None, s) for (t, lp), s in zip(logprobs.items(), toks)}]
             out.logprobs.extend(new_lp)
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + logprobs[token]
+        num_output = seq.num_output_tokens
         detok = req.detoks[seq.index]
         if detok is not None:
             # A stop token ends the text before itself (vLLM semantics); its id stays in token_ids.
             stopped_by_token = seq.finished and seq.finish_reason == "stop"
             if not stopped_by_token or seq.params.include_stop_str_in_output:
                 # Stop strings count only once min_tokens are out (vLLM semantics).
-                stop_str = detok.add_tokens([token], check_stop=seq.num_output_tokens >= seq.params.min_tokens)
+                stop_str = detok.add_tokens([token], check_stop=num_output >= seq.params.min_tokens)
                 if stop_str is not None:
                     if seq.finished:
                         seq.finish_reason, seq.stop_reason = "stop", stop_str
@@ -284,7 +306,7 @@ class LLMEngine:
             text = detok.get_delta(False)
             out.text = detok.output_text
         return RequestDelta(req.request_id, seq.index, [token], text, False, None, None, new_lp, None,
-                            seq.num_prompt_tokens, seq.num_output_tokens)
+                            seq.num_prompt_tokens, num_output)
 
     def _finish_delta(self, req: _Request, seq: Sequence, tokens: list[int], new_lp=None) -> RequestDelta:
         out = req.outputs[seq.index]

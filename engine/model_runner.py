@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, pack_block_tables
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.loader import build_model
@@ -101,7 +102,7 @@ class ModelRunner:
         return int(total * self.config.gpu_memory_utilization - peak)
 
     def _metadata(
-        self, chunks: list[list[int]], starts: list[int], tables: list[list[int]], sample_rows: list[int]
+        self, chunks: list[list[int]], starts: list[int], tables: Sequence[Sequence[int]], sample_rows: list[int]
     ) -> AttentionMetadata:
         """Flatten chunks into one varlen batch: ids, positions, slots, block tables, lengths, sample rows."""
         dev = self.device
@@ -115,12 +116,7 @@ class ModelRunner:
         num_tokens = len(input_ids)
         seq_idx = torch.arange(num_seqs).repeat_interleave(lens_t, output_size=num_tokens)  # [T]
         positions = torch.arange(num_tokens) - qsl[:-1][seq_idx] + starts_t[seq_idx]  # [T]
-        max_blocks = max(len(t) for t in tables)
-        flat: list[int] = []
-        for t in tables:  # one tensor construction for the whole table, not one per row
-            flat.extend(t)
-            flat.extend([0] * (max_blocks - len(t)))
-        block_tables = torch.tensor(flat, dtype=torch.int32).view(num_seqs, max_blocks)
+        block_tables = pack_block_tables(tables)  # [num_seqs, max_blocks] int32
         slots = block_tables[seq_idx, positions // self.block_size].long() * self.block_size + positions % self.block_size
         seq_lens = starts_t + lens_t
         logits_idx = qsl[1:][torch.tensor(sample_rows, dtype=torch.int64)] - 1
@@ -200,9 +196,9 @@ class PendingStep:
         if self.sample is None:
             return out
         res = self.sample.result()
-        for j, sid in enumerate(self.seq_ids):
-            out.sampled[sid] = res.token_ids[j]
-            if res.logprobs[j] is not None:
-                out.logprobs[sid] = res.logprobs[j]
-                out.ranks[sid] = res.ranks[j]
+        out.sampled = dict(zip(self.seq_ids, res.token_ids))
+        for sid, logprobs, ranks in zip(self.seq_ids, res.logprobs, res.ranks):
+            if logprobs is not None:
+                out.logprobs[sid] = logprobs
+                out.ranks[sid] = ranks
         return out

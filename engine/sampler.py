@@ -203,14 +203,15 @@ class PendingSample:
         """Wait for the device, then unpack ids, logprobs and ranks per row."""
         if self.event is not None:
             self.event.synchronize()
-        host = self.host.tolist()
         num_rows, num_lp, num_top = self.num_rows, len(self.lp_rows), self.num_top
-        token_ids = [int(t) for t in host[:num_rows]]
-        lps, rks = host[num_rows : num_rows + num_lp], host[num_rows + num_lp : num_rows + 2 * num_lp]
-        top_start = num_rows + 2 * num_lp
-        tops, tids = host[top_start : top_start + num_lp * num_top], host[top_start + num_lp * num_top :]
+        token_ids = self.host[:num_rows].to(torch.int64).tolist()
         logprobs: list[dict[int, float] | None] = [None] * num_rows
         ranks: list[dict[int, int] | None] = [None] * num_rows
+        if not num_lp:
+            return SamplerOutput(token_ids, logprobs, ranks)
+        host = self.host[num_rows:].tolist()
+        lps, rks = host[:num_lp], host[num_lp : 2 * num_lp]
+        tops, tids = host[2 * num_lp : 2 * num_lp + num_lp * num_top], host[2 * num_lp + num_lp * num_top :]
         for j, (i, wanted) in enumerate(self.lp_rows):
             tok = token_ids[i]
             values, order = {tok: lps[j]}, {tok: int(rks[j])}

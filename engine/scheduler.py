@@ -8,6 +8,7 @@ the budget, max_num_seqs and the cache allow.
 from __future__ import annotations
 
 import bisect
+from array import array
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -22,7 +23,7 @@ class ScheduledChunk:
     seq_id: str
     token_ids: list[int]  # the tokens computed this step
     start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
-    block_table: list[int]
+    block_table: array  # int32 block ids (a copy)
     sample: bool  # the chunk reaches the sequence's end: sample its next token
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -165,35 +166,32 @@ class Scheduler:
         return out
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        """Schedule seq's next num_new tokens: a chunk in `out`, and seq's progress moved past them."""
         start = seq.num_computed_tokens
-        seq.num_computed_tokens = start + num_new
-        out.chunks.append(
-            ScheduledChunk(
-                seq_id=seq.seq_id,
-                token_ids=seq.token_ids[start : start + num_new],
-                start_pos=start,
-                block_table=self.bm.block_table(seq.seq_id),
-                sample=seq.num_computed_tokens == seq.num_tokens,
-                params=seq.params,
-                prompt_token_ids=seq.prompt_token_ids,
-                all_token_ids=seq.token_ids,
-                seed=seq.seed,
-            )
-        )
+        end = seq.num_computed_tokens = start + num_new
+        # Fields in declaration order: keyword arguments would cost ~0.2 µs more per sequence and step.
+        out.chunks.append(ScheduledChunk(
+            seq.seq_id, seq.token_ids[start:end], start, self.bm.block_table_array(seq.seq_id),
+            end == seq.num_tokens, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed,
+        ))
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
         """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""
         updated: list[Sequence] = []
+        sampled = result.sampled
+        bs = self.bm.block_size
         for chunk in sched.chunks:
             seq = self.seqs.get(chunk.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
-            token = result.sampled.get(chunk.seq_id)
+            token = sampled.get(chunk.seq_id)
             if token is not None:
                 seq.token_ids.append(token)
                 updated.append(seq)
-            # Blocks that just became full of computed tokens can now serve later prompts.
-            self.bm.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            # Blocks that just became full of computed tokens can now serve later prompts. Earlier blocks
+            # were registered when they filled, so a chunk that fills none has nothing to register.
+            if seq.num_computed_tokens // bs > chunk.start_pos // bs:
+                self.bm.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if token is not None:
                 self._check_token_stop(seq, token)
         return updated
