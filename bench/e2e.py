@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from bench.workload import add_workload_flags, make_workload  # noqa: E402
+from bench.workload import add_engine_flags, add_workload_flags, make_workload  # noqa: E402
 
 
 def _sync() -> None:
@@ -93,10 +93,7 @@ def main() -> int:
     src.add_argument("--model", type=Path)
     src.add_argument("--shape", choices=sorted(SHAPES))
     add_workload_flags(p)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    add_engine_flags(p)
     p.add_argument("--interactive-every-ms", type=int, default=500,
                    help="one interactive probe job this often, in a second Redis run after the plain one")
     p.add_argument("--json", type=Path)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from bench.workload import Workload, add_workload_flags, make_workload  # noqa: E402
+from bench.workload import Workload, add_engine_flags, add_workload_flags, make_workload  # noqa: E402
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -94,11 +94,8 @@ def main() -> int:
     src.add_argument("--model", type=Path, help="HF model directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with dummy weights")
     add_workload_flags(p)
-    p.add_argument("--device", default="auto")
+    add_engine_flags(p)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")

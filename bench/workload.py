@@ -28,6 +28,19 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --max-num-seqs, --max-num-batched-tokens, --max-model-len; defaults follow EngineConfig's."""
+    from dataclasses import fields
+
+    from engine.config import EngineConfig
+
+    default = {f.name: f.default for f in fields(EngineConfig)}
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=default["max_num_seqs"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=default["max_num_batched_tokens"])
+    p.add_argument("--max-model-len", type=int, default=4096)
+
+
 def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     """Uniform prompt and output lengths in the given ranges; token ids avoid the first/last 100 (specials)."""
     rng = random.Random(args.seed)

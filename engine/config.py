@@ -129,7 +129,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_bytes: int = 1 << 30
-    max_num_seqs: int = 256
+    max_num_seqs: int = 512
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     load_format: str = "auto"  # "auto" | "safetensors" | "dummy"
