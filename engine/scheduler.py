@@ -127,6 +127,23 @@ class Scheduler:
             self._preempt(tail)
             out.preempted_seq_ids.append(tail.seq_id)
 
+    def _reserve_for_waiting(self, budget: int) -> tuple[int, int]:
+        """(priority, tokens): budget that prompt chunks of running sequences of worse priority must leave.
+
+        Without it, running bulk prompts (chunked prefill) take the whole token budget step after step, and an
+        interactive request that has a free slot, so needs no preemption, still waits behind them. Decode
+        tokens are never held back. When nothing better than the worst running sequence waits: (inf, 0).
+        """
+        if not self.waiting or not self.running or self.waiting[0].priority >= self.running[-1].priority:
+            return (1 << 62, 0)
+        best = self.waiting[0].priority
+        reserved = 0
+        for seq in self.waiting[: max(0, self.max_num_seqs - len(self.running))]:
+            if seq.priority != best or reserved >= budget:
+                break
+            reserved += seq.num_tokens  # an upper bound: a prefix-cache hit needs fewer
+        return best, min(reserved, budget)
+
     # -- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
@@ -134,10 +151,16 @@ class Scheduler:
         self._finished_since_step = []
         self._make_room_for_priority(out)
         budget = self.max_num_batched_tokens
+        better, reserved = self._reserve_for_waiting(budget)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new > 1 and seq.priority > better:  # a worse-priority prompt chunk leaves the reserve alone
+                num_new = min(num_new, budget - reserved)
+                if num_new <= 0:
+                    i += 1
+                    continue
             scheduled = True
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 victim = self.running[-1]

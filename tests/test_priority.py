@@ -99,3 +99,30 @@ def test_interactive_ttft_stays_bounded_while_a_batch_saturates_the_worker(tiny_
         durations.append(t.finished - t.started)
     # Bounded by a few engine steps, far below the ~300 steps one bulk job takes.
     assert max(ttft) < 0.2 * statistics.median(durations), (ttft, statistics.median(durations))
+
+
+def test_interactive_prompt_is_not_starved_by_running_bulk_prompt_chunks(tiny_llama):
+    """A free slot but no token budget: running bulk prompts in chunked prefill must leave room for it."""
+    eng = small_engine(tiny_llama, max_num_batched_tokens=32, max_num_seqs=8)
+    long = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+    for i in range(4):
+        eng.add_request(f"bulk-{i}", list(range(100 + i, 300 + i)), long, priority=BULK)  # 200-token prompts
+    eng.step()
+    assert len(eng.scheduler.running) >= 1 and eng.scheduler.waiting  # bulk prompts are mid-prefill
+    prompt = list(range(400, 420))
+    eng.add_request("inter", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), priority=INTERACTIVE)
+    got = [d for d in eng.step() if d.request_id == "inter" and d.new_token_ids]
+    assert got, "the interactive prompt waited behind running bulk prompt chunks"
+    assert eng.scheduler.num_preemptions == 0  # it had a free slot: room came from the budget, not preemption
+    outputs = {}
+    while eng.has_unfinished_requests():
+        for d in eng.step():
+            outputs.setdefault(d.request_id, []).extend(d.new_token_ids)
+    assert eng.block_manager.num_used_blocks == 0
+    alone = small_engine(tiny_llama)
+    alone.add_request("inter", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    ref = []
+    while alone.has_unfinished_requests():
+        for d in alone.step():
+            ref.extend(d.new_token_ids)
+    assert got[0].new_token_ids + outputs["inter"] == ref
