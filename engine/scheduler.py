@@ -127,22 +127,19 @@ class Scheduler:
             self._preempt(tail)
             out.preempted_seq_ids.append(tail.seq_id)
 
-    def _reserve_for_waiting(self, budget: int) -> tuple[int, int]:
-        """(priority, tokens): budget that prompt chunks of running sequences of worse priority must leave.
+    def _held_back_priority(self) -> int | None:
+        """Priority whose worse prompt chunks sit out this step, or None.
 
-        Without it, running bulk prompts (chunked prefill) take the whole token budget step after step, and an
-        interactive request that has a free slot, so needs no preemption, still waits behind them. Decode
-        tokens are never held back. When nothing better than the worst running sequence waits: (inf, 0).
+        When a request of better priority than some running one is waiting (an interactive job beside a bulk
+        batch), the step that starts it carries no prompt tokens of worse priority: only its prompt and every
+        running decode. Otherwise running bulk prompts (chunked prefill) could take the whole token budget
+        step after step, and even when they leave room, a step with thousands of their prompt tokens takes
+        hundreds of milliseconds on a GPU, which all lands on the interactive request's first token. Held-back
+        prompt tokens run in the next step: no work is lost, at most one step is added.
         """
         if not self.waiting or not self.running or self.waiting[0].priority >= self.running[-1].priority:
-            return (1 << 62, 0)
-        best = self.waiting[0].priority
-        reserved = 0
-        for seq in self.waiting[: max(0, self.max_num_seqs - len(self.running))]:
-            if seq.priority != best or reserved >= budget:
-                break
-            reserved += seq.num_tokens  # an upper bound: a prefix-cache hit needs fewer
-        return best, min(reserved, budget)
+            return None
+        return self.waiting[0].priority
 
     # -- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -151,16 +148,14 @@ class Scheduler:
         self._finished_since_step = []
         self._make_room_for_priority(out)
         budget = self.max_num_batched_tokens
-        better, reserved = self._reserve_for_waiting(budget)
+        held_back = self._held_back_priority()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new > 1 and seq.priority > better:  # a worse-priority prompt chunk leaves the reserve alone
-                num_new = min(num_new, budget - reserved)
-                if num_new <= 0:
-                    i += 1
-                    continue
+            if num_new > 1 and held_back is not None and seq.priority > held_back:
+                i += 1  # a worse-priority prompt chunk sits this step out; decode tokens never do
+                continue
             scheduled = True
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 victim = self.running[-1]
@@ -176,6 +171,8 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if held_back is not None and seq.priority > held_back:
+                break
             blocks, num_cached, num_new = self._first_chunk(seq, budget)
             if not self.bm.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks):
                 break

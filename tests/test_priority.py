@@ -111,8 +111,10 @@ def test_interactive_prompt_is_not_starved_by_running_bulk_prompt_chunks(tiny_ll
     assert len(eng.scheduler.running) >= 1 and eng.scheduler.waiting  # bulk prompts are mid-prefill
     prompt = list(range(400, 420))
     eng.add_request("inter", prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), priority=INTERACTIVE)
-    got = [d for d in eng.step() if d.request_id == "inter" and d.new_token_ids]
-    assert got, "the interactive prompt waited behind running bulk prompt chunks"
+    step = eng.launch()
+    assert [c.seq_id for c in step.sched.chunks] == ["inter#0"]  # bulk prompt chunks sit this step out
+    got = [d for d in eng.collect(step) if d.request_id == "inter"]
+    assert got and got[0].new_token_ids, "the interactive prompt waited behind running bulk prompt chunks"
     assert eng.scheduler.num_preemptions == 0  # it had a free slot: room came from the budget, not preemption
     outputs = {}
     while eng.has_unfinished_requests():
