@@ -96,6 +96,8 @@ def main() -> int:
     add_engine_flags(p)
     p.add_argument("--interactive-every-ms", type=int, default=500,
                    help="one interactive probe job this often, in a second Redis run after the plain one")
+    p.add_argument("--probes-only", action="store_true",
+                   help="only the Redis run with interactive probes (skip the offline and plain Redis runs)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -111,18 +113,19 @@ def main() -> int:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
     llm.generate([{"prompt_token_ids": q[:64]} for q in wl.prompts[:8]], params[:8])  # warm-up
     eng.block_manager.reset_prefix_cache()
-    _sync()
-    t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": q} for q in wl.prompts], params)
-    _sync()
-    offline_s = time.perf_counter() - t0
     out_tokens = sum(wl.output_lens)
-    eng.block_manager.reset_prefix_cache()
-
+    offline_s = redis_s = 0.0
     state = Path(tempfile.mkdtemp(prefix="spool-e2e-"))
     url = ensure_local_redis(state)
-    redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab)
-    eng.block_manager.reset_prefix_cache()
+    if not args.probes_only:
+        _sync()
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": q} for q in wl.prompts], params)
+        _sync()
+        offline_s = time.perf_counter() - t0
+        eng.block_manager.reset_prefix_cache()
+        redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab)
+        eng.block_manager.reset_prefix_cache()
     probed_s, ttft = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab)
     stop_local_redis(state)
 
@@ -131,9 +134,9 @@ def main() -> int:
     res = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": str(args.model or args.shape), "requests": len(wl.prompts), "output_tokens": out_tokens,
-        "offline_output_tok_per_s": round(out_tokens / offline_s, 1),
-        "redis_output_tok_per_s": round(out_tokens / redis_s, 1),
-        "redis_over_offline": round(offline_s / redis_s, 3),
+        "offline_output_tok_per_s": None if args.probes_only else round(out_tokens / offline_s, 1),
+        "redis_output_tok_per_s": None if args.probes_only else round(out_tokens / redis_s, 1),
+        "redis_over_offline": None if args.probes_only else round(offline_s / redis_s, 3),
         "redis_with_probes_output_tok_per_s": round(out_tokens / probed_s, 1),
         "interactive_probes": len(ttft),
         "ttft_ms_p50": round(pct(0.5), 1), "ttft_ms_p90": round(pct(0.9), 1), "ttft_ms_p99": round(pct(0.99), 1),
