@@ -128,3 +128,27 @@ def test_interactive_prompt_is_not_starved_by_running_bulk_prompt_chunks(tiny_ll
         for d in alone.step():
             ref.extend(d.new_token_ids)
     assert got[0].new_token_ids + outputs["inter"] == ref
+
+
+def test_interactive_job_starts_in_the_next_launched_step(tiny_llama, redis_url):
+    """Interactive jobs are read right before each launch, so one tick computes their first token."""
+    from producer.connection import connect
+    from worker.loop import Worker
+    from worker.settings import WorkerSettings
+
+    client = Client(redis_url)
+    client.enqueue_many([{"prompt": f"bulk {i}", "max_tokens": 200, "ignore_eos": True, "priority": "bulk"}
+                         for i in range(3)])
+    eng = small_engine(tiny_llama)
+    w = Worker(eng, connect(redis_url, fail_fast=True), WorkerSettings(redis_url=redis_url, name="pre", block_ms=20))
+    assert w.start()
+    for _ in range(3):
+        w.tick()
+    assert eng.has_unfinished_requests()
+    rid = client.enqueue("an interactive prompt", max_tokens=5, ignore_eos=True)
+    w.tick()
+    out = eng.get_request_output(rid)
+    assert out is not None and out.outputs[0].token_ids, "the interactive job waited a step in Redis"
+    while w.inflight or eng.has_unfinished_requests():
+        w.tick()
+    assert client.result(rid, timeout=5).status == "completed"

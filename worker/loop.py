@@ -115,8 +115,14 @@ class Worker:
         Everything that waits on Redis (publishing the previous step's tokens, heartbeat, leases, reading
         jobs and cancels) runs between launch and collect, so on a GPU the round trips hide behind the
         forward pass instead of adding to it. Jobs admitted and aborts made meanwhile take effect next step.
+        The one exception is a short read of the interactive stream just before the launch.
         """
-        step = self.engine.launch() if self.engine.has_unfinished_requests() else None
+        busy = self.engine.has_unfinished_requests()
+        if busy and not self.stopping:
+            # One small read right before the launch: an interactive job that arrived during the last step
+            # starts in this one, instead of waiting in Redis for the whole step. Bulk waits for the read below.
+            self._admit(idle=False, streams=self.keys.all_jobs[:1])
+        step = self.engine.launch() if busy else None
         self._publish(self._ready)
         self._ready = []
         now = time.monotonic()
@@ -196,7 +202,8 @@ class Worker:
             cap = min(cap, self.s.max_jobs - self.jobs_done - len(self.inflight))
         return cap
 
-    def _admit(self, idle: bool) -> None:
+    def _admit(self, idle: bool, streams: list[str] | None = None) -> None:
+        """Read what the engine can admit now: all streams, interactive first, or only `streams`."""
         if not self.outbox.healthy or not self.gate.ready():
             return
         if idle and not self.inflight:
@@ -207,7 +214,7 @@ class Worker:
             resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.s.block_ms) if cap > 0 else []
         else:
             resp, taken = [], 0
-            for stream in self.keys.all_jobs:  # interactive first, bulk gets what is left
+            for stream in streams or self.keys.all_jobs:  # interactive first, bulk gets what is left
                 cap = self.capacity(stream) - taken  # entries read above are not in the engine yet
                 if cap <= 0:
                     continue
