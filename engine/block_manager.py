@@ -94,6 +94,11 @@ class BlockManager:
         """Blocks needed to hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
 
+    def num_blocks_held(self, seq_id: str) -> int:
+        """How many blocks seq_id's table holds (0 for an unknown sequence)."""
+        seq = self._seqs.get(seq_id)
+        return len(seq.blocks) if seq else 0
+
     def block_table(self, seq_id: str) -> list[int]:
         """A copy of seq_id's block table as a list."""
         seq = self._seqs.get(seq_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import bisect
 import gc
 import itertools
 import logging
@@ -51,6 +52,10 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def _priority_of(seq: Sequence) -> int:
+    return seq.priority
 
 
 def _freeze_startup_heap() -> None:
@@ -220,18 +225,21 @@ class LLMEngine:
         behind a full batch of bulk ones.
         """
         sched = self.scheduler
-        yielding = sum(1 for s in sched.running if s.priority > priority)
-        ahead = [s for s in sched.waiting if s.priority <= priority]
-        busy = len(sched.running) - yielding + len(ahead)
+        # Both queues are sorted by (priority, arrival): split them by priority with a bisection, not a scan
+        # (the worker asks before every launch, with hundreds of sequences running).
+        better_running = bisect.bisect_right(sched.running, priority, key=_priority_of)
+        yielding = len(sched.running) - better_running
+        ahead = sched.waiting[: bisect.bisect_right(sched.waiting, priority, key=_priority_of)]
+        busy = better_running + len(ahead)
         slots = self.config.max_num_seqs - busy
         if slots <= 0:
             return 0
         bs = self.config.block_size
         waiting_blocks = sum(-(-s.num_tokens // bs) for s in ahead)
-        free = self.block_manager.num_free_blocks + (
-            sum(len(self.block_manager.block_table(s.seq_id)) for s in sched.running if s.priority > priority)
-            if yielding else 0
-        )
+        bm = self.block_manager
+        free = bm.num_free_blocks
+        if waiting_blocks >= free and yielding:  # count the yielding sequences' blocks only when they matter
+            free += sum(bm.num_blocks_held(s.seq_id) for s in sched.running[better_running:])
         return slots if waiting_blocks < free else 0
 
     def step(self) -> list[RequestDelta]:

@@ -263,3 +263,29 @@ def test_launch_collect_with_adds_and_aborts_in_flight_matches_plain_steps(tiny_
     assert split["a0"] == plain["a0"] and split["a2"] == plain["a2"]
     # The abort made while step 4 was in flight drops that step's token: a1 has 3 tokens either way.
     assert split["a1"] == plain["a1"] and len(plain["a1"]) == 3
+
+
+def _capacity_by_scan(eng, priority: int) -> int:
+    """admission_capacity's definition, by plain scans of both queues."""
+    sched, bm = eng.scheduler, eng.block_manager
+    yielding = [s for s in sched.running if s.priority > priority]
+    ahead = [s for s in sched.waiting if s.priority <= priority]
+    slots = eng.config.max_num_seqs - (len(sched.running) - len(yielding) + len(ahead))
+    if slots <= 0:
+        return 0
+    need = sum(-(-s.num_tokens // eng.config.block_size) for s in ahead)
+    free = bm.num_free_blocks + sum(len(bm.block_table(s.seq_id)) for s in yielding)
+    return slots if need < free else 0
+
+
+def test_admission_capacity_matches_its_definition_under_random_load(tiny_llama):
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=30, max_num_seqs=5)
+    rng = random.Random(1)
+    for step in range(80):
+        if rng.random() < 0.5:
+            eng.add_request(f"r{step}", _ids(rng.randrange(1, 40), step),
+                            SamplingParams(temperature=0, max_tokens=rng.randrange(1, 25), ignore_eos=True),
+                            priority=rng.choice([0, 1, 1, 2]))
+        for p in (0, 1, 2):
+            assert eng.admission_capacity(p) == _capacity_by_scan(eng, p), (step, p)
+        eng.step()
