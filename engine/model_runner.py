@@ -138,13 +138,11 @@ class ModelRunner:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence."""
-        return self.launch(sched).result()
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> "PendingStep":
-        """Queue the step's forward pass and sampling on the device and return without waiting for them.
+        """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence.
+
+        The forward pass and sampling are queued on the device; this returns without waiting for them.
 
         Until result() the caller may do host work (Redis I/O in the worker) while the GPU computes; it must
         not launch another step meanwhile (the decode graphs' input buffers are reused).
