@@ -118,10 +118,11 @@ class Worker:
         The one exception is a short read of the interactive stream just before the launch.
         """
         busy = self.engine.has_unfinished_requests()
+        interactive, lower = self.keys.all_jobs[:1], self.keys.all_jobs[1:]
         if busy and not self.stopping:
             # One small read right before the launch: an interactive job that arrived during the last step
             # starts in this one, instead of waiting in Redis for the whole step. Bulk waits for the read below.
-            self._admit(idle=False, streams=self.keys.all_jobs[:1])
+            self._admit(idle=False, streams=interactive)
         step = self.engine.launch() if busy else None
         self._publish(self._ready)
         self._ready = []
@@ -131,7 +132,8 @@ class Worker:
             self._next_heartbeat = now + self.s.heartbeat_s
         self.leases.maintain()
         if not self.stopping:
-            self._admit(idle=step is None)
+            # Busy: the interactive stream was just read; idle: block on every stream.
+            self._admit(idle=step is None, streams=lower if busy else None)
         self._poll_cancels()
         self._expire_deadlines()
         self.outbox.flush()
@@ -214,7 +216,7 @@ class Worker:
             resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.s.block_ms) if cap > 0 else []
         else:
             resp, taken = [], 0
-            for stream in streams or self.keys.all_jobs:  # interactive first, bulk gets what is left
+            for stream in self.keys.all_jobs if streams is None else streams:  # interactive first, then bulk
                 cap = self.capacity(stream) - taken  # entries read above are not in the engine yet
                 if cap <= 0:
                     continue
