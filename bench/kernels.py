@@ -205,32 +205,29 @@ def decode_section(a, dtype, rows, results, copy_gbs):
     if a.sweep:
         sweep = []
         base = default_config(True, d, hq // hk, dtype)
-        grid = itertools.product((64, 128), (2, 4), (3, 4, 5), (False, True), (False, True), (1, 2))
-        for bn, w, st, kr, ev, sp in grid:
-            if sp > 1 and (kr or ev):
-                continue  # splits only for the plain loads: the variants are about the load path
-            cfg = AttnConfig(block_m=base.block_m, block_n=bn, num_warps=w, num_stages=st, k_rows=kr, evict_first=ev)
+        grid = itertools.product((64, 128), (2, 4), (3, 4, 5), (1, 2))
+        for bn, w, st, sp in grid:
+            cfg = AttnConfig(block_m=base.block_m, block_n=bn, num_warps=w, num_stages=st)
             try:
                 t = bench(run(cfg, sp), max(50, a.rep // 4))
             except Exception as e:  # out of shared memory etc.
                 print(f"sweep {cfg} splits={sp}: {type(e).__name__}", file=sys.stderr)
                 continue
-            sweep.append({"block_n": bn, "num_warps": w, "num_stages": st, "k_rows": kr, "evict_first": ev,
-                          "splits": sp, "ms": t, "GB/s": moved / t / 1e6})
+            sweep.append({"block_n": bn, "num_warps": w, "num_stages": st, "splits": sp, "ms": t,
+                          "GB/s": moved / t / 1e6})
         sweep.sort(key=lambda r: r["ms"])
         results["decode_sweep"] = sweep
         for r in sweep[:8]:
-            rows.append((f"  sweep bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} kr={r['k_rows']:d} "
-                          f"ev={r['evict_first']:d} sp={r['splits']}",
+            rows.append((f"  sweep bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} sp={r['splits']}",
                          r["ms"], r["GB/s"], f"{100 * r['GB/s'] / copy_gbs:.1f}% of copy"))
         if "sdpa" not in a.skip and best_fn is not None:
             for r in sweep[:3]:  # the leaders again, alternating with SDPA
                 cfg = AttnConfig(block_m=base.block_m, block_n=r["block_n"], num_warps=r["num_warps"],
-                                 num_stages=r["num_stages"], k_rows=r["k_rows"], evict_first=r["evict_first"])
+                                 num_stages=r["num_stages"])
                 tri_ms, sdpa_ms = interleaved(run(cfg, r["splits"]), best_fn, a.rep, rounds=5)
                 r["interleaved"] = {"triton_ms": tri_ms, "sdpa_ms": sdpa_ms, "speedup": sdpa_ms / tri_ms}
-                rows.append((f"  leader bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} kr={r['k_rows']:d} "
-                             f"ev={r['evict_first']:d} sp={r['splits']} vs sdpa x5", tri_ms, moved / tri_ms / 1e6,
+                rows.append((f"  leader bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} sp={r['splits']} "
+                             "vs sdpa x5", tri_ms, moved / tri_ms / 1e6,
                              f"sdpa {sdpa_ms * 1e3:.1f} us: x{sdpa_ms / tri_ms:.3f}"))
 
 

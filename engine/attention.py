@@ -1,4 +1,4 @@
-"""The per-step batch description that model code reads, and the choice of kernel backend."""
+"""The per-step batch description that model code reads, and the packing of block tables into it."""
 from __future__ import annotations
 
 from array import array
@@ -30,11 +30,6 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         """Number of query tokens in the batch."""
         return self.input_ids.shape[0]
-
-    @property
-    def num_seqs(self) -> int:
-        """Number of sequences in the batch."""
-        return self.seq_lens.shape[0]
 
 
 def pack_block_tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:

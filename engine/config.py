@@ -25,8 +25,6 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The decoder shape, read from a Hugging Face config.json."""
 
-    architecture: str
-    family: str
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -45,7 +43,6 @@ class ModelConfig:
     sliding_window: int | None
     dtype: torch.dtype | None
     eos_token_ids: list[int] = field(default_factory=list)
-    bos_token_id: int | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
@@ -79,8 +76,6 @@ class ModelConfig:
         dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "mistral") else None
         return cls(
-            architecture=arch,
-            family=family,
             hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
@@ -99,7 +94,6 @@ class ModelConfig:
             sliding_window=window,
             dtype=DTYPES.get(str(dtype_name)) if dtype_name else None,
             eos_token_ids=eos_ids,
-            bos_token_id=cfg.get("bos_token_id"),
         )
 
     @classmethod

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import atexit
-import bisect
 import gc
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
-from engine.model_runner import ModelRunner, PendingStep
+from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.step_types import StepInFlight
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,7 @@ class EngineStats:
     """Counters for logs and the worker's heartbeat."""
 
     num_steps: int = 0
-    prompt_tokens: int = 0
     generation_tokens: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def _priority_of(seq: Sequence) -> int:
-    return seq.priority
 
 
 def _freeze_startup_heap() -> None:
@@ -74,14 +68,6 @@ def _freeze_startup_heap() -> None:
 
 
 _unfreeze_at_exit = False
-
-
-@dataclass(slots=True)
-class StepInFlight:
-    """A launched step: what was scheduled and the device work that will produce its tokens."""
-
-    sched: SchedulerOutput
-    pending: PendingStep | None  # None when nothing ran (only deltas queued outside a step)
 
 
 class LLMEngine:
@@ -104,7 +90,6 @@ class LLMEngine:
         eos = list(self.model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
             eos.append(self.tokenizer.eos_token_id)
-        self.eos_token_ids = eos
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos
         )
@@ -178,7 +163,7 @@ class LLMEngine:
             for out in outputs:
                 out.finish_reason = "error"
                 self._pending.append(RequestDelta(request_id, out.index, [], "", True, "error", None, None, reason,
-                                                  len(ids), 0))
+                                                  len(ids)))
             req.num_finished = params.n
             return
         arrival = next(self._arrival)
@@ -212,41 +197,15 @@ class LLMEngine:
         """Fraction of KV blocks held by sequences (0..1)."""
         return self.block_manager.usage()
 
-    def num_free_seq_slots(self) -> int:
-        """How many more sequences the engine can take before it would queue them internally."""
-        return max(0, self.config.max_num_seqs - self.scheduler.num_unfinished)
-
     def admission_capacity(self, priority: int = 0) -> int:
-        """How many new requests of `priority` a queue consumer should hand over now.
-
-        Free sequence slots, plus slots held by lower-priority sequences (the scheduler preempts those for
-        this request), while nothing of this priority or better is stuck waiting for KV blocks. So the
-        backlog stays in the queue, not in the process, yet an interactive request never waits in Redis
-        behind a full batch of bulk ones.
-        """
-        sched = self.scheduler
-        # Both queues are sorted by (priority, arrival): split them by priority with a bisection, not a scan
-        # (the worker asks before every launch, with hundreds of sequences running).
-        better_running = bisect.bisect_right(sched.running, priority, key=_priority_of)
-        yielding = len(sched.running) - better_running
-        ahead = sched.waiting[: bisect.bisect_right(sched.waiting, priority, key=_priority_of)]
-        busy = better_running + len(ahead)
-        slots = self.config.max_num_seqs - busy
-        if slots <= 0:
-            return 0
-        bs = self.config.block_size
-        waiting_blocks = sum(-(-s.num_tokens // bs) for s in ahead)
-        bm = self.block_manager
-        free = bm.num_free_blocks
-        if waiting_blocks >= free and yielding:  # count the yielding sequences' blocks only when they matter
-            free += sum(bm.num_blocks_held(s.seq_id) for s in sched.running[better_running:])
-        return slots if waiting_blocks < free else 0
+        """How many new requests of `priority` a queue consumer should hand over now (the scheduler decides)."""
+        return self.scheduler.admission_capacity(priority)
 
     def step(self) -> list[RequestDelta]:
         """Schedule, run one forward pass, sample, detokenize; returns what each touched completion gained."""
         return self.collect(self.launch())
 
-    def launch(self) -> "StepInFlight":
+    def launch(self) -> StepInFlight:
         """First half of step(): schedule and queue the forward pass on the device, without waiting for it.
 
         Between launch() and collect() the caller may add_request(), abort() and read engine state (the
@@ -260,7 +219,7 @@ class LLMEngine:
         self._in_flight = True
         return StepInFlight(sched, self.runner.launch(sched))
 
-    def collect(self, step: "StepInFlight") -> list[RequestDelta]:
+    def collect(self, step: StepInFlight) -> list[RequestDelta]:
         """Second half of step(): wait for the device, append the sampled tokens, detokenize, report."""
         deltas, self._pending = self._pending, []  # includes aborts made while the step was in flight
         if step.pending is None:
@@ -314,7 +273,7 @@ class LLMEngine:
             text = detok.get_delta(False)
             out.text = detok.output_text
         return RequestDelta(req.request_id, seq.index, [token], text, False, None, None, new_lp, None,
-                            seq.num_prompt_tokens, num_output)
+                            seq.num_prompt_tokens)
 
     def _finish_delta(self, req: _Request, seq: Sequence, tokens: list[int], new_lp=None) -> RequestDelta:
         out = req.outputs[seq.index]
@@ -325,7 +284,7 @@ class LLMEngine:
         out.stop_reason = seq.stop_reason
         req.num_finished += 1
         return RequestDelta(req.request_id, seq.index, tokens, text, True, seq.finish_reason, seq.stop_reason, new_lp,
-                            None, seq.num_prompt_tokens, seq.num_output_tokens)
+                            None, seq.num_prompt_tokens)
 
     def get_request_output(self, request_id: str) -> RequestOutput | None:
         """Snapshot of a request still in the engine (None once finished and collected)."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,8 +12,8 @@ from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.loader import build_model
 from engine.models.rope import cos_sin_cache
-from engine.sampler import PendingSample, Sampler, SamplingRow
-from engine.scheduler import RunnerOutput, SchedulerOutput
+from engine.sampler import Sampler, SamplingRow
+from engine.step_types import PendingStep, SchedulerOutput
 from kernels.ops import get_ops
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,6 @@ class ModelRunner:
         self, chunks: list[list[int]], starts: list[int], tables: Sequence[Sequence[int]], sample_rows: list[int]
     ) -> AttentionMetadata:
         """Flatten chunks into one varlen batch: ids, positions, slots, block tables, lengths, sample rows."""
-        dev = self.device
         lens = [len(c) for c in chunks]
         num_seqs = len(chunks)
         input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64)
@@ -139,7 +137,7 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "PendingStep":
+    def launch(self, sched: SchedulerOutput) -> PendingStep:
         """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence.
 
         The forward pass and sampling are queued on the device; this returns without waiting for them.
@@ -180,23 +178,3 @@ class ModelRunner:
             out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
             rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id))
         return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows))
-
-
-@dataclass(slots=True)
-class PendingStep:
-    """A launched step; result() waits for the device and returns the sampled tokens per sequence."""
-
-    seq_ids: list[str]  # the sampled sequences, in sampler row order
-    sample: PendingSample | None
-
-    def result(self) -> RunnerOutput:
-        out = RunnerOutput()
-        if self.sample is None:
-            return out
-        res = self.sample.result()
-        out.sampled = dict(zip(self.seq_ids, res.token_ids))
-        for sid, logprobs, ranks in zip(self.seq_ids, res.logprobs, res.ranks):
-            if logprobs is not None:
-                out.logprobs[sid] = logprobs
-                out.ranks[sid] = ranks
-        return out

@@ -1,9 +1,7 @@
 """Result records returned by the engine: vLLM-compatible RequestOutput / CompletionOutput, and step deltas."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-FINISH_REASONS = ("stop", "length", "abort", "error")
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -62,4 +60,3 @@ class RequestDelta:
     new_logprobs: list[PositionLogprobs] | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
-    num_output_tokens: int = 0

@@ -3,51 +3,21 @@
 Decode, chunked prefill and prefix-cache hits all fall out of that one rule. Running sequences go first
 (oldest/highest priority first); when KV blocks run out, the lowest-priority newest running sequence is
 preempted (its blocks freed, its progress reset, recomputed later). Waiting sequences are admitted while
-the budget, max_num_seqs and the cache allow.
+the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
+requests of a priority to hand over.
 """
 from __future__ import annotations
 
 import bisect
-from array import array
-from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SeqStatus
+from engine.step_types import RunnerOutput, ScheduledChunk, SchedulerOutput
 
 
-@dataclass(slots=True)
-class ScheduledChunk:
-    """One sequence's slice of this step: tokens to compute, where they sit, and whether to sample after them."""
-
-    seq_id: str
-    token_ids: list[int]  # the tokens computed this step
-    start_pos: int  # position of token_ids[0] (= tokens already in the KV cache)
-    block_table: array  # int32 block ids (a copy)
-    sample: bool  # the chunk reaches the sequence's end: sample its next token
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    all_token_ids: list[int]  # prompt + output so far (read-only view for penalties)
-    seed: int | None
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    """What the runner must compute this step, plus sequences finished since the last step (to drop their state)."""
-
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    num_batched_tokens: int = 0
-    preempted_seq_ids: list[str] = field(default_factory=list)
-    finished_seq_ids: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class RunnerOutput:
-    """What the runner returns: one sampled token (and optional logprobs) per sampled sequence."""
-
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
-    ranks: dict[str, dict[int, int]] = field(default_factory=dict)
+def _priority_of(seq: Sequence) -> int:
+    """Bisection key: the queues are sorted by (priority, arrival), so priority alone is sorted too."""
+    return seq.priority
 
 
 class Scheduler:
@@ -79,7 +49,7 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        """End a sequence (stop, length, abort, error): free its blocks and drop it from the queues."""
+        """End a sequence (stop, length, abort): free its blocks and drop it from the queues."""
         if seq.status is SeqStatus.FINISHED:
             return
         queue = self.running if seq.status is SeqStatus.RUNNING else self.waiting
@@ -95,17 +65,35 @@ class Scheduler:
         """True while any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
-    @property
-    def num_unfinished(self) -> int:
-        """Sequences waiting or running."""
-        return len(self.waiting) + len(self.running)
+    def admission_capacity(self, priority: int) -> int:
+        """How many new requests of `priority` a queue consumer should hand over now.
+
+        Free sequence slots, plus slots held by lower-priority sequences (schedule() preempts those for such
+        a request), while nothing of this priority or better is stuck waiting for KV blocks. So the
+        backlog stays in the queue, not in the process, yet an interactive request never waits in Redis
+        behind a full batch of bulk ones.
+        """
+        # Both queues are sorted by (priority, arrival): split them by priority with a bisection, not a scan
+        # (the worker asks before every launch, with hundreds of sequences running).
+        better_running = bisect.bisect_right(self.running, priority, key=_priority_of)
+        yielding = len(self.running) - better_running
+        ahead = self.waiting[: bisect.bisect_right(self.waiting, priority, key=_priority_of)]
+        slots = self.max_num_seqs - better_running - len(ahead)
+        if slots <= 0:
+            return 0
+        bm = self.bm
+        bs = bm.block_size
+        waiting_blocks = sum(-(-s.num_tokens // bs) for s in ahead)
+        free = bm.num_free_blocks
+        if waiting_blocks >= free and yielding:  # count the yielding sequences' blocks only when they matter
+            free += sum(bm.num_blocks_held(s.seq_id) for s in self.running[better_running:])
+        return slots if waiting_blocks < free else 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
@@ -114,7 +102,7 @@ class Scheduler:
         blocks, num_cached = self.bm.get_computed_blocks(seq.token_ids)
         return blocks, num_cached, min(seq.num_tokens - num_cached, budget)
 
-    def _make_room_for_priority(self, out: SchedulerOutput) -> None:
+    def _make_room_for_priority(self) -> None:
         """Preempt lower-priority running sequences while a better-priority waiting one cannot start."""
         while self.waiting and self.running:
             head, tail = self.waiting[0], self.running[-1]
@@ -125,7 +113,6 @@ class Scheduler:
             if not full and self.bm.can_allocate(head.seq_id, cached + new, blocks):
                 return
             self._preempt(tail)
-            out.preempted_seq_ids.append(tail.seq_id)
 
     def _held_back_priority(self) -> int | None:
         """Priority whose worse prompt chunks sit out this step, or None.
@@ -146,7 +133,7 @@ class Scheduler:
         """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
         out = SchedulerOutput(finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
-        self._make_room_for_priority(out)
+        self._make_room_for_priority()
         budget = self.max_num_batched_tokens
         held_back = self._held_back_priority()
         i = 0
@@ -160,7 +147,6 @@ class Scheduler:
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 victim = self.running[-1]
                 self._preempt(victim)
-                out.preempted_seq_ids.append(victim.seq_id)
                 if victim is seq:
                     scheduled = False
                     break

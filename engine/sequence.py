@@ -32,7 +32,6 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -52,11 +51,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         """Generated tokens so far."""
         return len(self.token_ids) - len(self.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        """Generated tokens (a copy)."""
-        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def sort_key(self) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import torch
 from kernels import reference
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ops:
     """A backend: the functions the decoder layers use, all with kernels.reference's signatures."""
 

@@ -52,8 +52,6 @@ class AttnConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    k_rows: bool = False  # load K tiles as [BLOCK_N, D] (like V) and transpose in registers for q @ k
-    evict_first: bool = False  # mark K/V loads evict-first: streamed once, they should not displace L2 lines
 
 
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
@@ -97,8 +95,7 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk_scale,
                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                K_ROWS: tl.constexpr, EVICT: tl.constexpr):
+                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
@@ -109,21 +106,15 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
             page = tl.load(bt_row + offs_n // PAGE)
         page = page.to(tl.int64)  # block offsets can pass 2**31 elements
         row = offs_n % PAGE
-        if K_ROWS:
-            k_off = page[:, None] * stride_kb + row[:, None] * stride_kt + offs_d[None, :] * stride_kd
-            k_mask = in_ctx[:, None]
-        else:
-            k_off = page[None, :] * stride_kb + row[None, :] * stride_kt + offs_d[:, None] * stride_kd
-            k_mask = in_ctx[None, :]
+        # K tiles load transposed, [HEAD_DIM, BLOCK_N], ready for q @ k; V tiles as [BLOCK_N, HEAD_DIM] for p @ v.
+        k_off = page[None, :] * stride_kb + row[None, :] * stride_kt + offs_d[:, None] * stride_kd
         v_off = page[:, None] * stride_vb + row[:, None] * stride_vt + offs_d[None, :] * stride_vd
         if MASKED:  # rows past the context may hold NaN garbage: never let them reach the dots
-            k = tl.load(k_base + k_off, mask=k_mask, other=0.0, eviction_policy=EVICT)
-            v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0, eviction_policy=EVICT)  # [BLOCK_N, HEAD_DIM]
+            k = tl.load(k_base + k_off, mask=in_ctx[None, :], other=0.0)
+            v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0)
         else:
-            k = tl.load(k_base + k_off, eviction_policy=EVICT)
-            v = tl.load(v_base + v_off, eviction_policy=EVICT)
-        if K_ROWS:
-            k = tl.trans(k)  # [HEAD_DIM, BLOCK_N]
+            k = tl.load(k_base + k_off)
+            v = tl.load(v_base + v_off)
         s = _mm(q, k, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
             s = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :], s, float("-inf"))
@@ -151,7 +142,7 @@ def _paged_attn_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, K_ROWS: tl.constexpr, EVICT: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -206,10 +197,10 @@ def _paged_attn_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, K_ROWS, EVICT)
+                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, K_ROWS, EVICT)
+                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
 
     if not SPLIT:
         out = acc / l_i[:, None]
@@ -364,7 +355,6 @@ def paged_attention(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=page, HEAD_DIM=d,
         SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query_per_seq,
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
-        K_ROWS=cfg.k_rows, EVICT="evict_first" if cfg.evict_first else "",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

@@ -128,9 +128,9 @@ def test_paged_attention_small_tiles_and_splits(seqs, splits, group):
 
 @pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_paged_attention_k_rows_and_evict_first(seqs, dtype):
-    """The tuning variants (K loaded row-major then transposed; evict-first K/V loads) compute the same thing."""
-    cfg = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, k_rows=True, evict_first=True)
+def test_paged_attention_32x32_tiles_in_every_dtype(seqs, dtype):
+    """32x32 tiles, with and without forced splits, in every cache dtype (was the tuning-variants test)."""
+    cfg = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     check_attention(seqs, 8, 2, 64, 16, dtype, config=cfg)
     check_attention(seqs, 8, 2, 64, 16, dtype, config=cfg, num_splits=3)
 
