@@ -6,6 +6,9 @@ COPY engine engine
 COPY kernels kernels
 COPY worker worker
 COPY producer producer
+COPY protocol protocol
+COPY spool spool
+COPY spool_testing spool_testing
 RUN pip install --no-cache-dir torch && pip install --no-cache-dir .
 ENTRYPOINT []
 CMD ["spool", "--help"]

@@ -5,7 +5,7 @@
 Starts its own redis-server and a `spool worker` subprocess (CPU by default), runs `spool batch run` under
 /usr/bin/time -v (else getrusage) and reads the batch process's peak RSS and CPU time. --fake-worker swaps
 the engine for a stub that answers every job at once, to measure the batch runner alone (its ceiling and
-its memory at 100k lines). --entry module runs `python -m producer.batch_cli run` instead of `spool batch
+its memory at 100k lines). --entry module runs `python -m spool batch run` instead of `spool batch
 run`: the `spool` entry point imports torch for its worker flags, which dominates the RSS. Not a test.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def serve_fake(url: str) -> None:
     """A stub worker: every bulk job completes at once with one token, written the way a worker writes it."""
     import redis
 
-    from producer.keys import Keys
-    from producer.results import Choice, Result, TokenEvent, Usage
+    from protocol.keys import Keys
+    from protocol import Choice, Result, TokenEvent, Usage
 
     r, k = redis.Redis.from_url(url), Keys()
     try:
@@ -99,7 +99,7 @@ def main() -> int:
     p.add_argument("--resume-check", action="store_true", help="kill the batch half-way, resume, verify")
     p.add_argument("--fake-worker", action="store_true", help="a stub that answers at once (runner alone)")
     p.add_argument("--entry", choices=["spool", "module"], default="spool",
-                   help="spool: `spool batch run`; module: `python -m producer.batch_cli run` (no torch)")
+                   help="spool: `spool batch run`; module: `python -m spool batch run` (no torch)")
     p.add_argument("--serve-fake", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args()
@@ -107,24 +107,24 @@ def main() -> int:
         serve_fake(args.serve_fake)
         return 0
 
-    from tests.fixtures.redis_server import RedisServer
+    from spool_testing.redis_server import RedisServer
 
     tmp = Path(tempfile.mkdtemp(prefix="spool-batch-bench-"))
     model = args.model
     if model is None and not args.fake_worker:
-        from engine.tiny_model import build_tiny_model
+        from spool_testing.tiny_model import build_tiny_model
 
         model = build_tiny_model(tmp / "model", "llama", False)
     inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
     make_input(inp, args.lines, args.max_tokens)
     srv = RedisServer(tmp / "redis").start()
-    spool = [sys.executable, "-m", "worker.cli"]
+    spool = [sys.executable, "-m", "spool"]
     wcmd = ([sys.executable, __file__, "--serve-fake", srv.url] if args.fake_worker else
             [*spool, "worker", "--model", str(model), "--device", args.device, "--max-num-seqs",
              str(args.max_num_seqs), "--redis-url", srv.url])
     worker = subprocess.Popen(wcmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "wb"))
     try:
-        entry = [*spool, "batch"] if args.entry == "spool" else [sys.executable, "-m", "producer.batch_cli"]
+        entry = [*spool, "batch"] if args.entry == "spool" else [sys.executable, "-m", "spool", "batch"]
         cmd = [*entry, "run", str(inp), "-o", str(out), "--id", "bench", "--progress", "plain",
                "--progress-interval", "5", "--max-in-flight", str(args.max_in_flight), "--redis-url", srv.url]
         if args.resume_check:

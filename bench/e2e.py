@@ -36,7 +36,7 @@ def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: i
     Returns (seconds until every bulk result is in, probe TTFTs in ms).
     """
     from producer.client import Client
-    from producer.connection import connect
+    from protocol.connection import connect
     from worker.loop import Worker
     from worker.settings import WorkerSettings
 

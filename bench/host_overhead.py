@@ -49,7 +49,7 @@ from engine import SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.tiny_model import _corpus, build_tiny_model  # noqa: E402
+from spool_testing.tiny_model import _corpus, build_tiny_model  # noqa: E402
 
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048

@@ -1,12 +1,14 @@
-"""The dead-letter stream for operators: list what could not run, and requeue a job once its cause is fixed."""
+"""Admin verbs for operators: the deployment's status, and the dead letters (list them, requeue one)."""
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import redis
 
-from producer.defaults import Defaults
-from producer.keys import Keys, validate_id
+from protocol.commands import as_str
+from protocol.defaults import Defaults
+from protocol.keys import Keys, validate_id
 
 
 class DeadLetterError(LookupError):
@@ -14,7 +16,26 @@ class DeadLetterError(LookupError):
 
 
 def _text(v: Any) -> str:
-    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return as_str(v, errors="replace")
+
+
+def deployment_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Streams (length, pending per consumer), live workers with their heartbeat, and the dead-letter count."""
+    out: dict[str, Any] = {"streams": {}, "workers": {}}
+    for stream in keys.all_jobs:
+        info: dict[str, Any] = {"length": r.xlen(stream), "pending": {}}
+        try:
+            summary = r.xpending(stream, keys.group)
+            info["pending"] = {_text(c["name"]): c["pending"] for c in summary.get("consumers", [])}
+        except redis.ResponseError:  # the group does not exist until a worker starts
+            pass
+        out["streams"][stream] = info
+    for name in sorted(_text(m) for m in r.smembers(keys.workers)):
+        heartbeat = r.hgetall(keys.worker(name))
+        if heartbeat:
+            out["workers"][name] = {_text(k): orjson.loads(v) for k, v in heartbeat.items()}
+    out["dead_letters"] = r.xlen(keys.dead)
+    return out
 
 
 def list_dead(r: redis.Redis, keys: Keys, count: int = 100, start: str = "-") -> list[dict[str, str]]:

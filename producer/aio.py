@@ -4,54 +4,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from producer import ops
-from producer.connection import connect_async
-from producer.defaults import DEFAULT_PREFIX, Defaults
-from producer.keys import Keys
-from producer.schema import Limits, Result, TokenEvent
+from protocol import Result, TokenEvent
+from protocol.commands import execute_async
+from protocol.connection import connect_async
 
 
-class AsyncClient:
+class AsyncClient(ops.ClientBase):
     """Talks to one spool deployment through Redis without blocking the event loop."""
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        prefix: str = DEFAULT_PREFIX,
-        limits: Limits | None = None,
-        *,
-        defaults: Defaults | None = None,
-        connection: aioredis.Redis | None = None,
-    ):
-        self.ctx = ops.Context(Keys(prefix), limits or Limits.from_env(), defaults or Defaults.from_env())
-        # Resolving the URL may start the embedded server: a one-off blocking step at construction time.
-        self.redis = connection if connection is not None else connect_async(redis_url, defaults=self.ctx.defaults)
+    _connect = staticmethod(connect_async)
 
-    @property
-    def keys(self) -> Keys:
-        """The key layout in use."""
-        return self.ctx.keys
-
-    async def enqueue(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[Mapping[str, Any]] | None = None,
-        prompt_token_ids: list[int] | None = None,
-        id: str | None = None,
-        stream: bool = False,
-        priority: str = "interactive",
-        deadline: float | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        **sampling: Any,
-    ) -> str:
-        """Validate one job, XADD it to its priority's stream and mark it queued; returns its id."""
-        steps = ops.enqueue_steps(self.ctx, prompt, messages=messages, prompt_token_ids=prompt_token_ids, id=id,
-                                  stream=stream, priority=priority, deadline=deadline, metadata=metadata,
-                                  **sampling)
-        return await self._run(steps)
+    async def enqueue(self, prompt: str | None = None, **job: Any) -> str:
+        """Validate one job, XADD it to its priority's stream and mark it queued; returns its id (see Client)."""
+        return await self._run(ops.enqueue_steps(self.ctx, prompt, **job))
 
     async def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         """Enqueue dicts of enqueue() arguments, pipelined in chunks; returns ids in order."""
@@ -63,18 +29,8 @@ class AsyncClient:
 
     async def stream(self, id: str, timeout: float | None = None, last_id: str = "0-0") -> AsyncIterator[TokenEvent]:
         """Yield token events after entry `last_id` until done; a restart event means drop partial output."""
-        steps = ops.stream_steps(self.ctx, id, timeout, last_id)
-        reply = None
-        while True:
-            try:
-                item = steps.send(reply)
-            except StopIteration:
-                return
-            if isinstance(item, ops.Batch):
-                reply = await self._execute(item)
-            else:
-                reply = None
-                yield item
+        async for event in self._drive(ops.stream_steps(self.ctx, id, timeout, last_id), []):
+            yield event
 
     async def cancel(self, id: str) -> None:
         """Ask workers to stop `id` (queued or running); its result will say 'cancelled'."""
@@ -94,18 +50,20 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _execute(self, batch: ops.Batch) -> list[Any]:
-        async with self.redis.pipeline(transaction=batch.transaction) as pipe:
-            for name, args, kwargs in batch.cmds:
-                getattr(pipe, name)(*args, **kwargs)
-            return await pipe.execute()
+    async def _drive(self, steps: ops.Steps, value: list[Any]) -> AsyncIterator[TokenEvent]:
+        """Run a verb's round trips and yield its events; its return value is appended to `value`."""
+        item = ops.advance(steps, None)
+        while not isinstance(item, ops.Finished):
+            if isinstance(item, ops.RoundTrip):
+                reply = await execute_async(self.redis, item.cmds, item.transaction)
+            else:
+                reply = None
+                yield item
+            item = ops.advance(steps, reply)
+        value.append(item.value)
 
     async def _run(self, steps: ops.Steps) -> Any:
-        # Verbs other than stream() never yield events, so every item here is a Batch.
-        reply = None
-        while True:
-            try:
-                batch = steps.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            reply = await self._execute(batch)
+        value: list[Any] = []
+        async for _ in self._drive(steps, value):
+            pass  # verbs other than stream() yield no events
+        return value[0]

@@ -4,54 +4,24 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import redis
-
 from producer import ops
-from producer.connection import connect
-from producer.defaults import DEFAULT_PREFIX, Defaults
-from producer.keys import Keys
-from producer.schema import Limits, Result, TokenEvent
+from protocol import Result, TokenEvent
+from protocol.commands import execute
+from protocol.connection import connect
 
 
-class Client:
+class Client(ops.ClientBase):
     """Talks to one spool deployment through Redis (see docs/PROTOCOL.md)."""
 
-    def __init__(
-        self,
-        redis_url: str | None = None,
-        prefix: str = DEFAULT_PREFIX,
-        limits: Limits | None = None,
-        *,
-        defaults: Defaults | None = None,
-        connection: redis.Redis | None = None,
-    ):
-        self.ctx = ops.Context(Keys(prefix), limits or Limits.from_env(), defaults or Defaults.from_env())
-        # decode_responses=False: payloads stay bytes for orjson, and one code path serves both clients.
-        self.redis = connection if connection is not None else connect(redis_url, defaults=self.ctx.defaults)
+    _connect = staticmethod(connect)
 
-    @property
-    def keys(self) -> Keys:
-        """The key layout in use."""
-        return self.ctx.keys
+    def enqueue(self, prompt: str | None = None, **job: Any) -> str:
+        """Validate one job, XADD it to its priority's stream and mark it queued; returns its id.
 
-    def enqueue(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[Mapping[str, Any]] | None = None,
-        prompt_token_ids: list[int] | None = None,
-        id: str | None = None,
-        stream: bool = False,
-        priority: str = "interactive",
-        deadline: float | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        **sampling: Any,
-    ) -> str:
-        """Validate one job, XADD it to its priority's stream and mark it queued; returns its id."""
-        steps = ops.enqueue_steps(self.ctx, prompt, messages=messages, prompt_token_ids=prompt_token_ids, id=id,
-                                  stream=stream, priority=priority, deadline=deadline, metadata=metadata,
-                                  **sampling)
-        return self._run(steps)
+        Keyword arguments are ops.build_job's: messages, prompt_token_ids, id, stream, priority, deadline,
+        metadata, and any sampling field of the Job document (max_tokens=..., temperature=..., ...).
+        """
+        return self._run(ops.enqueue_steps(self.ctx, prompt, **job))
 
     def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         """Enqueue dicts of enqueue() arguments, pipelined in chunks; returns ids in order."""
@@ -83,24 +53,15 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _execute(self, batch: ops.Batch) -> list[Any]:
-        with self.redis.pipeline(transaction=batch.transaction) as pipe:
-            for name, args, kwargs in batch.cmds:
-                getattr(pipe, name)(*args, **kwargs)
-            return pipe.execute()
-
     def _drive(self, steps: ops.Steps) -> Iterator[TokenEvent]:
-        reply = None
-        while True:
-            try:
-                item = steps.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            if isinstance(item, ops.Batch):
-                reply = self._execute(item)
+        item = ops.advance(steps, None)
+        while not isinstance(item, ops.Finished):
+            if isinstance(item, ops.RoundTrip):
+                reply = execute(self.redis, item.cmds, item.transaction)
             else:
-                reply = None
-                yield item
+                reply = yield item  # None: a plain iteration sends nothing back
+            item = ops.advance(steps, reply)
+        return item.value
 
     def _run(self, steps: ops.Steps) -> Any:
         return ops.run_to_end(self._drive(steps))

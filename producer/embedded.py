@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from producer.defaults import ENV_REDIS_SERVER, ENV_STATE_DIR
+from protocol.env import ENV_REDIS_SERVER, ENV_STATE_DIR
 
 SOCKET, PIDFILE, LOGFILE, CONFFILE, LOCKFILE = "redis.sock", "redis.pid", "redis.log", "redis.conf", "redis.lock"
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux and 104 on macOS

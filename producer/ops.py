@@ -1,13 +1,12 @@
 """Client logic shared by Client and AsyncClient, written once as I/O-free generators.
 
-Each verb is a generator that yields a `Batch` of Redis commands (run in one round trip) and receives the
-list of replies, or yields a TokenEvent for the caller. The sync and async clients only execute batches,
-so encoding, waiting and decoding rules cannot drift apart between the two.
+Each verb is a generator that yields a `RoundTrip` of Redis commands and receives the list of replies, or
+yields a TokenEvent for the caller. The sync and async clients only execute round trips, so encoding,
+waiting and decoding rules cannot drift apart between the two.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -15,23 +14,23 @@ from typing import Any
 
 import orjson
 
-from producer.defaults import ENV_REDIS_URL, Defaults
-from producer.keys import DEFAULT_PRIORITY, Keys, new_id, validate_id, validate_priority
-from producer.schema import PROTOCOL_VERSION, JobError, Limits, Result, TokenEvent, parse_job
-
-Cmd = tuple[str, tuple[Any, ...], dict[str, Any]]
-XREAD_COUNT = 512  # entries per read; a long stream is drained over several round trips
+from protocol import PROTOCOL_VERSION, JobError, Limits, Result, TokenEvent, parse_job
+from protocol.commands import XREAD_COUNT, Cmd, cancel_cmds, cmd, enqueue_cmds, xread_entries
+from protocol.defaults import DEFAULT_PREFIX, Defaults
+from protocol.env import ENV_REDIS_URL, env_text
+from protocol.keys import Keys, new_id
+from protocol.priorities import DEFAULT_PRIORITY, validate_priority
 
 
 @dataclass(slots=True)
-class Batch:
+class RoundTrip:
     """Commands for one round trip; transaction=True wraps them in MULTI/EXEC."""
 
     cmds: list[Cmd]
     transaction: bool = False
 
 
-Steps = Generator["Batch | TokenEvent", Any, Any]
+Steps = Generator["RoundTrip | TokenEvent", Any, Any]
 
 
 @dataclass(slots=True)
@@ -42,13 +41,36 @@ class Context:
     limits: Limits = field(default_factory=Limits.from_env)
     defaults: Defaults = field(default_factory=Defaults.from_env)
 
+    @classmethod
+    def build(cls, prefix: str, limits: Limits | None, defaults: Defaults | None) -> Context:
+        """A context from a client's constructor arguments (None: from the environment)."""
+        return cls(Keys(prefix), limits or Limits.from_env(), defaults or Defaults.from_env())
+
+
+class ClientBase:
+    """What Client and AsyncClient share: the context (keys, limits, defaults) and how they connect."""
+
+    _connect: Any  # protocol.connection.connect or connect_async, set by the subclass
+
+    def __init__(self, redis_url: str | None = None, prefix: str = DEFAULT_PREFIX, limits: Limits | None = None,
+                 *, defaults: Defaults | None = None, connection: Any = None):
+        self.ctx = Context.build(prefix, limits, defaults)
+        # decode_responses=False: payloads stay bytes for orjson, and one code path serves both clients.
+        # Resolving the URL may start the embedded server: a one-off blocking step at construction time.
+        self.redis = connection if connection is not None else type(self)._connect(resolve_url(redis_url),
+                                                                                   defaults=self.ctx.defaults)
+
+    @property
+    def keys(self) -> Keys:
+        """The key layout in use."""
+        return self.ctx.keys
+
 
 def resolve_url(redis_url: str | None) -> str:
     """The given URL, else $SPOOL_REDIS_URL, else the embedded local server's socket URL."""
-    if redis_url:
-        return redis_url
-    if os.environ.get(ENV_REDIS_URL):
-        return os.environ[ENV_REDIS_URL]
+    url = redis_url or env_text(ENV_REDIS_URL)
+    if url:
+        return url
     from producer.embedded import ensure_local_redis  # only pay for it when no server is configured
 
     return ensure_local_redis()
@@ -88,16 +110,10 @@ def build_job(
     return job.id, ctx.keys.jobs(priority), raw  # type: ignore[return-value]
 
 
-def _enqueue_cmds(ctx: Context, id: str, stream_key: str, raw: bytes) -> list[Cmd]:
-    # Status before XADD inside MULTI: a fast worker's "running" must never be overwritten by our "queued".
-    return [("set", (ctx.keys.status(id), "queued"), {"ex": ctx.defaults.status_ttl_s}),
-            ("xadd", (stream_key, {"job": raw}), {})]
-
-
 def enqueue_steps(ctx: Context, prompt: str | None, **kwargs: Any) -> Steps:
     """Validate and XADD one job (build_job's arguments); returns its id."""
     id, stream_key, raw = build_job(ctx, prompt, **kwargs)
-    yield Batch(_enqueue_cmds(ctx, id, stream_key, raw), transaction=True)
+    yield RoundTrip(enqueue_cmds(ctx.keys, ctx.defaults, id, stream_key, raw), transaction=True)
     return id
 
 
@@ -120,13 +136,13 @@ def enqueue_many_steps(ctx: Context, jobs: Iterable[Mapping[str, Any]]) -> Steps
             error = JobError(code, f"job #{i}: {msg}", jid)
             break
         pending.append(id)
-        cmds += _enqueue_cmds(ctx, id, stream_key, raw)
+        cmds += enqueue_cmds(ctx.keys, ctx.defaults, id, stream_key, raw)
         if len(pending) >= ctx.defaults.enqueue_chunk:
-            yield Batch(cmds, transaction=True)
+            yield RoundTrip(cmds, transaction=True)
             sent += pending
             pending, cmds = [], []
     if cmds:
-        yield Batch(cmds, transaction=True)
+        yield RoundTrip(cmds, transaction=True)
         sent += pending
     if error is not None:
         error.enqueued = sent
@@ -148,28 +164,17 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-def xread_entries(reply: Any) -> list[tuple[Any, Any]]:
-    """Entries of a single-stream XREAD reply, for RESP2 ([[key, entries]]) and RESP3 ({key: [entries]})."""
-    if not reply:
-        return []
-    if isinstance(reply, Mapping):
-        (entries,) = reply.values()
-        return entries[0] if entries and isinstance(entries[0], list) else entries
-    return reply[0][1]
-
-
 def result_steps(ctx: Context, id: str, timeout: float | None) -> Steps:
     """Wait for the final Result of `id`; TimeoutError after `timeout` seconds (None: forever)."""
     deadline = _deadline(timeout)
     rkey, tkey = ctx.keys.result(id), ctx.keys.tokens(id)
-    raw, tail = yield Batch([("get", (rkey,), {}), ("xrevrange", (tkey, "+", "-"), {"count": 1})])
+    raw, tail = yield RoundTrip([cmd("get", rkey), cmd("xrevrange", tkey, "+", "-", count=1)])
     last = tail[0][0] if tail else b"0-0"  # only entries newer than now can be the wake-up we wait for
     while raw is None:
         block = _block_ms(deadline, ctx.defaults.block_ms, f"no result for {id!r} within {timeout}s")
         # One round trip: Redis runs the GET right after XREAD returns, on a done entry or after `block` ms,
         # so a missed wake-up (or a worker that never writes one) costs at most one block.
-        reply, raw = yield Batch([("xread", ({tkey: last},), {"count": XREAD_COUNT, "block": block}),
-                                  ("get", (rkey,), {})])
+        reply, raw = yield RoundTrip([cmd("xread", {tkey: last}, count=XREAD_COUNT, block=block), cmd("get", rkey)])
         entries = xread_entries(reply)
         if entries:
             last = entries[-1][0]
@@ -183,14 +188,13 @@ def stream_steps(ctx: Context, id: str, timeout: float | None, last_id: str | by
     last = last_id.decode() if isinstance(last_id, bytes) else str(last_id)
     while True:
         block = _block_ms(deadline, ctx.defaults.block_ms, f"stream of {id!r} not done within {timeout}s")
-        (reply,) = yield Batch([("xread", ({tkey: last},), {"count": XREAD_COUNT, "block": block})])
+        (reply,) = yield RoundTrip([cmd("xread", {tkey: last}, count=XREAD_COUNT, block=block)])
         entries = xread_entries(reply)
         if not entries:
             # Idle: if the result is final but its done entry is gone (expired, trimmed, or we resumed past
             # it), finish from the result. One MULTI so a done written in between cannot slip through.
-            raw, entries = yield Batch([("get", (rkey,), {}),
-                                        ("xrange", (tkey, f"({last}", "+"), {"count": XREAD_COUNT})],
-                                       transaction=True)
+            raw, entries = yield RoundTrip([cmd("get", rkey), cmd("xrange", tkey, f"({last}", "+", count=XREAD_COUNT)],
+                                           transaction=True)
             if not entries and raw is not None:
                 res = Result.from_json(raw)
                 yield TokenEvent.done(res.status, res.finish_reason)
@@ -205,15 +209,12 @@ def stream_steps(ctx: Context, id: str, timeout: float | None, last_id: str | by
 
 def cancel_steps(ctx: Context, id: str) -> Steps:
     """Mark `id` cancelled (key with TTL) and wake workers (cancels stream)."""
-    k = ctx.keys
-    yield Batch([("set", (k.cancel(id), "1"), {"ex": ctx.defaults.cancel_ttl_s}),
-                 ("xadd", (k.cancels, {"id": validate_id(id)}),
-                  {"maxlen": ctx.defaults.cancels_maxlen, "approximate": True})], transaction=True)
+    yield RoundTrip(cancel_cmds(ctx.keys, ctx.defaults, id), transaction=True)
 
 
 def status_steps(ctx: Context, id: str) -> Steps:
     """Final status from the result if present, else 'queued' | 'running' from the status key, else 'unknown'."""
-    raw, status = yield Batch([("get", (ctx.keys.result(id),), {}), ("get", (ctx.keys.status(id),), {})])
+    raw, status = yield RoundTrip([cmd("get", ctx.keys.result(id)), cmd("get", ctx.keys.status(id))])
     if raw is not None:
         return str(orjson.loads(raw).get("status", "unknown"))
     if status is not None:
@@ -228,3 +229,18 @@ def run_to_end(steps: Generator[Any, Any, Any]) -> Any:
             next(steps)
     except StopIteration as stop:
         return stop.value
+
+
+@dataclass(slots=True)
+class Finished:
+    """A verb's return value, once its generator is exhausted."""
+
+    value: Any
+
+
+def advance(steps: Steps, reply: Any) -> RoundTrip | TokenEvent | Finished:
+    """Send the last round trip's replies (None after an event) into a verb; returns what it wants next."""
+    try:
+        return steps.send(reply)
+    except StopIteration as stop:
+        return Finished(stop.value)

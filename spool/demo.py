@@ -35,7 +35,7 @@ CHATS = [
 def _model_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from engine.tiny_model import build_tiny_model
+    from spool_testing.tiny_model import build_tiny_model
 
     path = state_dir_path() / "demo-model"
     if not (path / "config.json").is_file():
@@ -45,7 +45,7 @@ def _model_dir(arg: str | None) -> Path:
 
 
 def _start_worker(model: Path, url: str, device: str, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "worker.cli", "worker", "--model", str(model), "--redis-url", url,
+    cmd = [sys.executable, "-m", "spool", "worker", "--model", str(model), "--redis-url", url,
            "--device", device, "--max-num-seqs", "32", "--name", f"demo-{os.getpid()}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from producer.keys import Keys
+from protocol.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ class WorkerProcess:
     def __init__(self, model: str | os.PathLike[str], url: str, name: str, log_dir: Path, *extra: str,
                  claim_idle_ms: int = 1000, max_num_seqs: int = 4, env: dict[str, str] | None = None):
         self.name, self.log_path = name, Path(log_dir) / f"{name}.log"
-        self.cmd = [sys.executable, "-m", "worker.cli", "worker", "--model", str(model), "--redis-url", url,
+        self.cmd = [sys.executable, "-m", "spool", "worker", "--model", str(model), "--redis-url", url,
                     "--device", "cpu", "--name", name, "--claim-idle-ms", str(claim_idle_ms),
                     "--max-num-seqs", str(max_num_seqs), "--block-size", "8", "--heartbeat-s", "0.5",
                     "--block-ms", "200", "--grace-period-s", "5", *extra]

@@ -3,7 +3,7 @@
 A case is the raw stream entry fields, exactly as any producer could XADD them, and the expected outcome:
 a failed result with `code` keyed by `id` (None: keyed by the stream entry id, as for a job sent without
 one), a dead letter whose reason starts with `code` when no usable id exists, or `code=None` for an odd but
-valid job that must complete. Limits are the defaults (producer.schema.Limits) and a 512-token model.
+valid job that must complete. Limits are the defaults (protocol.defaults.Limits) and a 512-token model.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
-MODEL_CONTEXT = 512  # max_position_embeddings of engine.tiny_model
+MODEL_CONTEXT = 512  # max_position_embeddings of spool_testing.tiny_model
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""A real redis-server per test, on a free TCP port in a tmp dir, with stop/restart/kill for failure tests."""
+"""A private redis-server on a free TCP port in a given dir, with stop/restart/kill: for tests and benchmarks."""
 from __future__ import annotations
 
 import os
@@ -6,10 +6,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 
 from producer.embedded import find_redis_server
@@ -124,18 +122,3 @@ class RedisServer:
         """True while the process is alive."""
         return self.proc is not None and self.proc.poll() is None
 
-
-@pytest.fixture
-def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
-    """A fresh redis-server; options via indirect parametrize, e.g. [{"appendonly": True}]."""
-    server = RedisServer(tmp_path / "redis", **getattr(request, "param", {})).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """URL of the per-test redis-server."""
-    return redis_server.url

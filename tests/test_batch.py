@@ -16,11 +16,11 @@ import pytest
 
 from engine import LLMEngine
 from producer import Client, batch
-from producer.batch_format import LineError, cid_key, output_record, parse_line, request_id
-from producer.batch_io import OutputError, scan_outputs
-from producer.batch_progress import Progress
+from producer.batch.format import LineError, cid_key, output_record, parse_line, request_id
+from producer.batch.files import OutputError, scan_outputs
+from producer.batch.progress import Progress
 from producer.ops import Context
-from producer.schema import Result
+from protocol import Result
 from tests.worker_harness import running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,12 +51,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def spool(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "spool", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=120, **kw)
 
 
 def spool_bg(*args):
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "spool", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -343,7 +343,7 @@ def test_rq_submit_at_a_past_time_runs_in_a_burst_worker(engine, redis_url, tmp_
 
 
 def test_rq_cron_schedule_runs_now_and_keeps_one_next_occurrence(engine, redis_url, tmp_path):
-    from producer.batch_schedule import next_fire
+    from producer.batch.schedule import next_fire
 
     inp = write_jsonl(tmp_path / "in.jsonl", [comp(f"n{i}") for i in range(8)])
     sched = spool("batch", "schedule", str(inp), "-o", str(tmp_path / "nightly-{date}.jsonl"), "--cron",
@@ -376,8 +376,8 @@ def test_rq_cron_schedule_runs_now_and_keeps_one_next_occurrence(engine, redis_u
 
 
 def test_one_runner_per_batch_and_one_input_per_batch(redis_url, tmp_path):
-    from producer.batch_state import BatchStore
-    from producer.keys import Keys
+    from producer.batch.state import BatchStore
+    from protocol.keys import Keys
 
     inp = write_jsonl(tmp_path / "in.jsonl", [comp("a")])
     client = Client(redis_url)

@@ -7,9 +7,9 @@ import pytest
 
 from engine import LLMEngine
 from producer import Client
-from producer.connection import connect
-from producer.keys import Keys
-from tests.chaos import audit, wait_for
+from protocol.connection import connect
+from protocol.keys import Keys
+from spool_testing.chaos import audit, wait_for
 from tests.worker_harness import running_worker
 from worker.loop import Worker
 from worker.settings import WorkerSettings

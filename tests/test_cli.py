@@ -9,7 +9,7 @@ import orjson
 import pytest
 import yaml
 
-from worker.cli import build_parser
+from spool.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_env_vars_become_flag_defaults(monkeypatch):
 
 @pytest.mark.parametrize("verb", ["worker", "demo", "enqueue", "tail", "result", "status", "dead"])
 def test_help_of_every_verb(verb):
-    out = subprocess.run([sys.executable, "-m", "worker.cli", verb, "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "spool", verb, "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
     assert out.returncode == 0 and "usage: spool" in out.stdout
 
@@ -50,7 +50,7 @@ def test_enqueue_result_status_cli(engine_for_cli, redis_url):
     from tests.worker_harness import running_worker
 
     def spool(*a):
-        return subprocess.run([sys.executable, "-m", "worker.cli", *a, "--redis-url", redis_url],
+        return subprocess.run([sys.executable, "-m", "spool", *a, "--redis-url", redis_url],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
 
     enq = spool("enqueue", "hello from the cli", "--max-tokens", "5", "--id", "cli-1")

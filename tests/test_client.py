@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from producer import AsyncClient, Client, JobError, Keys, Result, TokenEvent
-from producer.defaults import Defaults
+from protocol.defaults import Defaults
 from producer.embedded import bundled_redis_server, ensure_local_redis, stop_local_redis
 
 KEYS = Keys()

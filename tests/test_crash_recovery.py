@@ -1,6 +1,7 @@
 """Crash recovery: SIGKILLed workers lose nothing, leases keep live jobs, duplicate runs never double a result."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -8,9 +9,9 @@ import pytest
 
 from engine import LLMEngine
 from producer import Client
-from producer.connection import connect
-from producer.keys import Keys
-from tests.chaos import WorkerProcess, audit, count_results, wait_for
+from protocol.connection import connect
+from protocol.keys import Keys
+from spool_testing.chaos import WorkerProcess, audit, count_results, wait_for
 from tests.worker_harness import running_worker
 from worker.loop import Worker
 from worker.settings import WorkerSettings
@@ -113,7 +114,7 @@ def test_stalled_worker_drops_its_run_once_another_took_the_job(tiny_llama, redi
     while (stalled.inflight or eng.has_unfinished_requests()) and time.monotonic() < deadline:
         stalled.tick()  # it wakes up, sees the job is not its own any more, and drops it
     assert not stalled.inflight and eng.block_manager.num_used_blocks == 0
-    assert stalled.writer.finals_queued == 0
+    assert stalled.finisher.finals_queued == 0
     a = audit(client.redis, KEYS, [rid])
     assert a.ok and a.restarts == 1
     assert client.redis.xpending(KEYS.jobs(), KEYS.group)["pending"] == 0
@@ -129,7 +130,7 @@ def test_same_id_run_twice_at_once_has_one_final_result(tiny_llama, redis_url):
     w1 = Worker(e1, connect(redis_url, fail_fast=True), WorkerSettings(redis_url=redis_url, name="a", block_ms=50))
     w2 = Worker(e2, connect(redis_url, fail_fast=True), WorkerSettings(redis_url=redis_url, name="b", block_ms=50))
     assert w1.start() and w2.start()
-    w1.s.max_jobs = w2.s.max_jobs = 1  # each reads exactly one entry
+    w1.settings.max_jobs = w2.settings.max_jobs = 1  # each reads exactly one entry
     w1.tick()
     w2.tick()
     assert w1.inflight and w2.inflight
@@ -138,8 +139,8 @@ def test_same_id_run_twice_at_once_has_one_final_result(tiny_llama, redis_url):
     res = client.result("twice", timeout=60)
     wait_for(lambda: not w1.inflight and not w2.inflight and not len(w1.outbox) and not len(w2.outbox), 30)
     assert res.status == "completed"
-    assert w1.writer.finals_won + w2.writer.finals_won == 1
-    assert w1.writer.finals_lost + w2.writer.finals_lost == 1
+    assert w1.finisher.finals_won + w2.finisher.finals_won == 1
+    assert w1.finisher.finals_lost + w2.finisher.finals_lost == 1
     assert int(r.hget(KEYS.stats, "duplicate_finals")) == 1
     assert audit(r, KEYS, ["twice"]).ok
     assert r.xpending(KEYS.jobs(), KEYS.group)["pending"] == 0
@@ -147,8 +148,8 @@ def test_same_id_run_twice_at_once_has_one_final_result(tiny_llama, redis_url):
 
 @pytest.mark.parametrize("status", ["completed", "failed"])
 def test_finalize_script_first_write_wins(redis_url, status):
-    from producer.results import Result
-    from worker.finals import finalize_cmd
+    from protocol import Result
+    from protocol.scripts import finalize_cmd
 
     r = connect(redis_url)
     r.set(KEYS.status("x"), "running")
@@ -163,3 +164,28 @@ def test_finalize_script_first_write_wins(redis_url, status):
     assert [f[b"type"] for _, f in r.xrange(KEYS.tokens("x"))] == [b"done"]
     assert r.get(KEYS.status("x")) is None and int(r.hget(KEYS.stats, "duplicate_finals")) == 2
     assert 0 < r.ttl(KEYS.result("x")) <= 60 and 0 < r.ttl(KEYS.tokens("x")) <= 60
+
+
+def test_second_sigterm_stops_at_once_and_leaves_jobs_pending(tiny_llama, redis_server, tmp_path):
+    """Warm stop on the first SIGTERM (grace period 60 s here); a second one is a cold stop, as in RQ."""
+    client = Client(redis_server.url)
+    r = client.redis
+    w = WorkerProcess(tiny_llama, redis_server.url, "cold", tmp_path, "--grace-period-s", "60",
+                      max_num_seqs=16).start()
+    try:
+        # 16 sequences of 480 tokens (the tiny model's context is 512): several seconds of work on a CPU.
+        ids = client.enqueue_many([{"id": f"cold{i}", "prompt": f"job {i}", "max_tokens": 480,
+                                    "ignore_eos": True, "temperature": 0} for i in range(16)])
+        wait_for(lambda: all(client.status(i) == "running" for i in ids), 60, what="jobs running")
+        w.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert w.alive, w.log_tail()  # warm stop: still finishing its jobs
+        started = time.monotonic()
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(timeout=30) == 0, w.log_tail()
+        assert time.monotonic() - started < 30
+        assert "second stop signal" in w.log_tail(50)
+        assert count_results(r, KEYS, ids) == 0  # nothing finished: all of them stay pending for another worker
+        assert r.xpending(KEYS.jobs(), KEYS.group)["pending"] == 16
+    finally:
+        w.kill()

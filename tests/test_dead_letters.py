@@ -9,9 +9,9 @@ import pytest
 
 from engine import LLMEngine
 from producer import Client
-from producer.dead import DeadLetterError, list_dead, retry_dead
-from producer.keys import Keys
-from tests.chaos import ROOT, audit, wait_for
+from producer.admin import DeadLetterError, list_dead, retry_dead
+from protocol.keys import Keys
+from spool_testing.chaos import ROOT, audit, wait_for
 from tests.worker_harness import running_worker
 
 KEYS = Keys()
@@ -23,7 +23,7 @@ def engine(tiny_llama):
 
 
 def _spool(url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args, "--redis-url", url], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "spool", *args, "--redis-url", url], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
 
 

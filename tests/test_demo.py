@@ -13,7 +13,7 @@ def test_demo_runs_end_to_end(tmp_path):
     env = dict(os.environ, SPOOL_STATE_DIR=str(tmp_path / "state"))
     env.pop("SPOOL_REDIS_URL", None)
     try:
-        out = subprocess.run([sys.executable, "-m", "worker.cli", "demo", "--jobs", "10", "--device", "cpu"],
+        out = subprocess.run([sys.executable, "-m", "spool", "demo", "--jobs", "10", "--device", "cpu"],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     finally:
         from producer.embedded import stop_local_redis

@@ -8,9 +8,9 @@ import redis
 
 from engine import LLMEngine
 from producer import Client
-from producer.connection import connect
-from producer.keys import Keys
-from tests.chaos import audit, count_results, wait_for
+from protocol.connection import connect
+from protocol.keys import Keys
+from spool_testing.chaos import audit, count_results, wait_for
 from worker.loop import Worker
 from worker.settings import WorkerSettings
 

@@ -5,9 +5,9 @@ import pytest
 
 from engine import LLMEngine
 from producer import Client
-from producer.keys import Keys
-from tests.chaos import audit, wait_for
-from tests.hostile_corpus import MODEL_CONTEXT, bad_cases, corpus
+from protocol.keys import Keys
+from spool_testing.chaos import audit, wait_for
+from spool_testing.hostile_corpus import MODEL_CONTEXT, bad_cases, corpus
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

@@ -11,7 +11,7 @@ from engine import LLMEngine, SamplingParams
 from producer import Client, batch
 from tests.worker_harness import running_worker
 
-INTERACTIVE, BULK = 0, 1  # engine priorities (worker.inflight.PRIORITY_RANK): lower runs first
+INTERACTIVE, BULK = 0, 1  # engine priorities (protocol.PRIORITY_RANK): lower runs first
 
 
 def small_engine(model, **kw):
@@ -132,7 +132,7 @@ def test_interactive_prompt_is_not_starved_by_running_bulk_prompt_chunks(tiny_ll
 
 def test_interactive_job_starts_in_the_next_launched_step(tiny_llama, redis_url):
     """Interactive jobs are read right before each launch, so one tick computes their first token."""
-    from producer.connection import connect
+    from protocol.connection import connect
     from worker.loop import Worker
     from worker.settings import WorkerSettings
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from producer import schema_export
-from producer.defaults import Defaults
-from producer.keys import Keys, new_id, validate_id
-from producer.schema import (
+from protocol import schema_export
+from protocol.defaults import Defaults
+from protocol.keys import Keys, new_id, validate_id
+from protocol import (
     DEFAULT_LIMITS, SAMPLING_FIELDS, Choice, Job, JobError, Limits, Result, TokenEvent, TokenLogprob,
     parse_entry, parse_job,
 )
@@ -263,7 +263,7 @@ def test_token_events_round_trip():
 # --- generated schema files ---------------------------------------------------------------------------
 
 def test_schema_files_are_current():
-    assert schema_export.main(["--check"]) == 0, "run: python -m producer.schema_export"
+    assert schema_export.main(["--check"]) == 0, "run: python -m protocol.schema_export"
 
 
 def test_schema_export_check_detects_stale(tmp_path):

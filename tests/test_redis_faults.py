@@ -10,9 +10,9 @@ import pytest
 
 from engine import LLMEngine
 from producer import AsyncClient, Client
-from producer.connection import connect
-from producer.keys import Keys
-from tests.chaos import audit, count_results, wait_for
+from protocol.connection import connect
+from protocol.keys import Keys
+from spool_testing.chaos import audit, count_results, wait_for
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from producer.connection import connect
+from protocol.connection import connect
 from worker.loop import Worker
 from worker.settings import WorkerSettings
 

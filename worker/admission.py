@@ -14,16 +14,11 @@ except ImportError:  # pragma: no cover - transformers brings jinja2
     TemplateError = ValueError  # type: ignore[misc,assignment]
 
 from engine import LLMEngine, SamplingParams
-from producer.keys import Keys
-from producer.schema import Job, JobError, Limits, entry_field, parse_entry
-from worker.inflight import PRIORITY_RANK, InFlight
+from protocol import PRIORITY_RANK, Job, JobError, Keys, Limits, parse_entry
+from protocol.commands import entry_field
+from worker.inflight import InFlight
 
 log = logging.getLogger(__name__)
-
-
-def as_str(x: str | bytes) -> str:
-    """Decode a Redis reply field (bytes without decode_responses) to str."""
-    return x.decode() if isinstance(x, bytes) else x
 
 
 @dataclass(slots=True)
@@ -57,7 +52,7 @@ class Rejection:
 
 
 def parse(entry: Entry, keys: Keys, limits: Limits) -> tuple[str, Job] | Rejection:
-    """Validate an entry's job and settle its request id."""
+    """Validate an entry's job and settle its request id (a Rejection carries the id when one is known)."""
     priority = keys.priority_of(entry.stream)
     try:
         job = parse_entry(entry.fields, limits)

@@ -1,14 +1,15 @@
-"""What the worker remembers about each job it has handed to the engine, and how it becomes a Result."""
+"""The in-flight table: what the worker remembers about each job it has handed to the engine."""
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from engine.outputs import RequestDelta
-from producer.results import Choice, ErrorInfo, Result, Timings, TokenLogprob, Usage
-from producer.schema import Job
+from protocol import ErrorInfo, Job, TokenLogprob
 
-PRIORITY_RANK = {"interactive": 0, "bulk": 1}  # engine priority: lower runs first
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -46,55 +47,97 @@ class InFlight:
             want_lp = self.job.logprobs is not None
             self.choices = [ChoiceState(logprobs=[] if want_lp else None) for _ in range(self.job.n)]
 
-    def apply(self, d: RequestDelta) -> None:
+    def apply(self, delta: RequestDelta) -> None:
         """Fold one engine delta into the accumulated choice."""
-        c = self.choices[d.index]
-        if d.new_token_ids and self.first_token is None:
+        choice = self.choices[delta.index]
+        if delta.new_token_ids and self.first_token is None:
             self.first_token = time.time()
-        c.token_ids.extend(d.new_token_ids)
-        if d.new_text:
-            c.text.append(d.new_text)
-        if d.new_logprobs is not None and c.logprobs is not None:
-            c.logprobs.extend(wire_logprobs(d.new_logprobs))
-        self.prompt_tokens = d.num_prompt_tokens or self.prompt_tokens
-        if d.finished:
-            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-            if d.error and self.end_error is None:
-                self.end_status, self.end_error = "failed", ErrorInfo(code="invalid_prompt", message=d.error)
+        choice.token_ids.extend(delta.new_token_ids)
+        if delta.new_text:
+            choice.text.append(delta.new_text)
+        if delta.new_logprobs is not None and choice.logprobs is not None:
+            choice.logprobs.extend(wire_logprobs(delta.new_logprobs))
+        self.prompt_tokens = delta.num_prompt_tokens or self.prompt_tokens
+        if delta.finished:
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+            if delta.error and self.end_error is None:
+                self.end_status, self.end_error = "failed", ErrorInfo(code="invalid_prompt", message=delta.error)
 
     @property
     def finished(self) -> bool:
         """True once every choice has a finish reason."""
         return all(c.finish_reason is not None for c in self.choices)
 
-    def result(self, worker: str) -> Result:
-        """The final Result document."""
-        choices = [
-            Choice(index=i, text="".join(c.text), token_ids=c.token_ids, finish_reason=c.finish_reason,
-                   stop_reason=c.stop_reason, logprobs=c.logprobs)
-            for i, c in enumerate(self.choices)
-        ]
-        status = self.end_status or "completed"
-        return Result(
-            id=self.id,
-            status=status,
-            choices=choices,
-            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=sum(len(c.token_ids) for c in self.choices)),
-            error=self.end_error,
-            timings=Timings(enqueued=self.enqueued, started=self.started, first_token=self.first_token,
-                            finished=time.time()),
-            metadata=self.job.metadata,
-            worker=worker,
-        )
-
 
 def wire_logprobs(positions) -> list[list[TokenLogprob]]:
     """Engine logprob dicts -> the wire's lists of TokenLogprob (logprob null for -inf)."""
-    out = []
-    for pos in positions:
-        out.append([
-            TokenLogprob(token_id=t, logprob=lp.logprob if lp.logprob > float("-inf") else None, rank=lp.rank,
-                         token=lp.decoded_token)
-            for t, lp in pos.items()
-        ])
-    return out
+    return [
+        [TokenLogprob(token_id=t, logprob=lp.logprob if lp.logprob > float("-inf") else None, rank=lp.rank,
+                      token=lp.decoded_token)
+         for t, lp in pos.items()]
+        for pos in positions
+    ]
+
+
+class InFlightTable:
+    """The jobs this worker runs, by request id; ending one early goes through here and the engine's abort."""
+
+    def __init__(self, abort: Callable[[str], None]):
+        self._abort = abort  # the engine's abort: the request's last delta arrives with finish_reason "abort"
+        self._jobs: dict[str, InFlight] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __bool__(self) -> bool:
+        return bool(self._jobs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._jobs)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._jobs
+
+    def get(self, rid: str) -> InFlight | None:
+        """The job running under `rid`, if any."""
+        return self._jobs.get(rid)
+
+    def values(self) -> list[InFlight]:
+        """A snapshot of the running jobs (safe to end them while iterating)."""
+        return list(self._jobs.values())
+
+    def entry_ids(self) -> set[str]:
+        """Stream entry ids of every job held, superseded ones included (they are still in the engine)."""
+        return {inf.entry_id for inf in self._jobs.values()}
+
+    def add(self, inf: InFlight) -> None:
+        """Remember a job the engine has accepted."""
+        self._jobs[inf.id] = inf
+
+    def remove(self, rid: str) -> None:
+        """Forget a job whose last delta has arrived."""
+        del self._jobs[rid]
+
+    def supersede(self, rid: str, why: str) -> None:
+        """Drop our run of `rid` without writing anything: another worker owns or finished the job."""
+        inf = self._jobs.get(rid)
+        if inf is None or inf.superseded:
+            return
+        log.warning("dropping job %s: %s", rid, why)
+        inf.superseded = True
+        self._abort(rid)
+
+    def end_early(self, rid: str, status: str, code: str, message: str) -> None:
+        """Abort a running job; its result (with partial text) is written when the engine reports the abort."""
+        inf = self._jobs.get(rid)
+        if inf is None or inf.end_status is not None or inf.superseded:
+            return
+        inf.end_status, inf.end_error = status, ErrorInfo(code=code, message=message)
+        self._abort(rid)
+
+    def abandon_all(self) -> None:
+        """Leave every job unfinished (end of the grace period): they stay pending in Redis for another worker."""
+        for inf in self._jobs.values():
+            if not inf.superseded:
+                inf.superseded = True
+                self._abort(inf.id)

@@ -6,6 +6,9 @@ job land together or not at all; a job whose worker dies stays pending and is re
 
 While Redis is away the engine keeps stepping: reads are skipped under a capped backoff, writes wait in the
 Outbox, and everything finished meanwhile is written once Redis answers again.
+
+Owners: admission (entry -> engine request), inflight (the table of running jobs), leases (claims,
+reclaims, poison), finish (every write that ends a job), tokens (live token events), outbox (the writes).
 """
 from __future__ import annotations
 
@@ -17,16 +20,16 @@ import orjson
 import redis
 
 from engine import LLMEngine
-from producer.defaults import Defaults
-from producer.keys import Keys, validate_id
-from producer.results import ErrorInfo, TokenEvent
-from producer.schema import Limits
-from worker.admission import Entry, Rejection, as_str, check_runnable, parse, submit
-from worker.inflight import PRIORITY_RANK, InFlight
-from worker.leases import Leases, is_nogroup
-from worker.outbox import REDIS_ERRORS, Backoff, Outbox
+from protocol import PRIORITY_RANK, Defaults, Keys, Limits, TokenEvent, validate_id
+from protocol.commands import as_str, entry_field
+from protocol.connection import TRANSIENT_ERRORS
+from worker.admission import Entry, Rejection, check_runnable, parse, submit
+from worker.finish import Finisher
+from worker.inflight import InFlightTable
+from worker.leases import LeaseActions, Leases, is_nogroup
+from worker.outbox import Backoff, Outbox
 from worker.settings import WorkerSettings
-from worker.writer import Writer
+from worker.tokens import TokenStreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +37,26 @@ log = logging.getLogger(__name__)
 class Worker:
     """A long-lived consumer of the jobs streams around one LLMEngine."""
 
-    def __init__(self, engine: LLMEngine, client: redis.Redis, settings: WorkerSettings,
+    def __init__(self, engine: LLMEngine, redis_client: redis.Redis, settings: WorkerSettings,
                  limits: Limits | None = None, defaults: Defaults | None = None):
         self.engine = engine
-        self.r = client
-        self.s = settings
+        self.redis = redis_client
+        self.settings = settings
         self.keys = Keys(settings.prefix)
         validate_id(settings.name, "worker name")  # it keys the heartbeat and names the consumer: fail at start
         self.limits = limits or Limits.from_env()
-        self.d = defaults or Defaults.from_env()
+        self.defaults = defaults or Defaults.from_env()
         # Pauses after Redis failures stay well under claim_idle, so that when Redis comes back this worker
         # re-leases its jobs before other workers take them for abandoned.
         lease_s = max(0.1, settings.claim_idle_ms / 4000)
-        self.outbox = Outbox(client, backoff=Backoff(cap_s=min(5.0, lease_s)))
-        self.writer = Writer(self.outbox, self.keys, self.d, settings.name, self.limits.max_job_bytes)
+        self.outbox = Outbox(redis_client, backoff=Backoff(cap_s=min(5.0, lease_s)))
+        self.finisher = Finisher(self.outbox, self.keys, self.defaults, settings.name, self.limits.max_job_bytes)
+        self.tokens = TokenStreamWriter(self.outbox, self.keys, self.defaults)
         self.gate = Backoff(cap_s=min(2.0, lease_s))  # reads: paused together while Redis does not answer
-        self.leases = Leases(self, self.gate)
-        self.inflight: dict[str, InFlight] = {}
-        self.stopping = False
+        self.inflight = InFlightTable(engine.abort)
+        self.leases = Leases(redis_client, self.keys, settings, self.inflight, self.gate, self.capacity)
+        self.stopping = False  # warm stop: read nothing new, finish what runs within the grace period
+        self.stop_now = False  # cold stop: leave at once; unfinished jobs stay pending for another worker
         self._ready: list = []  # the last collected step's deltas, published during the next step
         self.started = time.time()
         self._next_heartbeat = 0.0
@@ -61,17 +66,24 @@ class Worker:
     @property
     def jobs_done(self) -> int:
         """Final results this worker has queued (completed, failed, cancelled or expired)."""
-        return self.writer.finals_queued
+        return self.finisher.finals_queued
 
     # -- lifecycle --------------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
-        """Stop reading new jobs; finish in-flight ones within the grace period."""
-        if not self.stopping:
-            log.info("stop requested: finishing %d in-flight jobs (grace %.0fs)", len(self.inflight), self.s.grace_period_s)
+        """First call: stop reading new jobs and finish in-flight ones within the grace period (warm stop).
+        A second call while stopping: leave at once, unfinished jobs stay pending for another worker (cold)."""
+        if self.stopping:
+            if not self.stop_now:
+                log.warning("second stop signal: leaving now; %d unfinished jobs stay pending for another worker",
+                            len(self.inflight))
+            self.stop_now = True
+            return
+        log.info("stop requested: finishing %d in-flight jobs (grace %.0fs); signal again to stop at once",
+                 len(self.inflight), self.settings.grace_period_s)
         self.stopping = True
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT start a graceful stop."""
+        """SIGTERM and SIGINT start a warm stop; a second one makes it a cold stop."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
 
@@ -82,11 +94,11 @@ class Worker:
             try:
                 self.ensure_groups(strict=True)
                 self._init_cancels_cursor()
-                self.leases.recover_own()
+                self._apply(self.leases.recover_own())
                 return True
             except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:
                 raise SystemExit(f"spool worker: Redis refused our credentials: {e}") from None
-            except (*REDIS_ERRORS, redis.ResponseError) as e:
+            except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
                 pause = self.gate.fail()
                 log.warning("redis not ready at start-up (%s); retry in %.1fs", e, pause)
                 time.sleep(pause)
@@ -96,14 +108,14 @@ class Worker:
         """Serve until stopped (or max_jobs done); returns the process exit code."""
         if not self.start():
             return 0
-        log.info("worker %s serving %s", self.s.name, ", ".join(self.keys.all_jobs))
+        log.info("worker %s serving %s", self.settings.name, ", ".join(self.keys.all_jobs))
         stop_deadline = None
-        while True:
+        while not self.stop_now:
             if self.stopping and stop_deadline is None:
-                stop_deadline = time.monotonic() + self.s.grace_period_s
+                stop_deadline = time.monotonic() + self.settings.grace_period_s
             if self.stopping and (not self.inflight or time.monotonic() > stop_deadline):
                 break
-            if self.s.max_jobs is not None and self.jobs_done >= self.s.max_jobs and not self.inflight:
+            if self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs and not self.inflight:
                 break
             self.tick()
         self._leave()
@@ -129,8 +141,8 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._heartbeat()
-            self._next_heartbeat = now + self.s.heartbeat_s
-        self.leases.maintain()
+            self._next_heartbeat = now + self.settings.heartbeat_s
+        self._apply(self.leases.maintain(outbox_healthy=self.outbox.healthy, may_reclaim=not self.stopping))
         if not self.stopping:
             # Busy: the interactive stream was just read; idle: block on every stream.
             self._admit(idle=step is None, streams=lower if busy else None)
@@ -143,24 +155,22 @@ class Worker:
             time.sleep(0.05)  # Redis is away and there is nothing to compute: don't spin
 
     def _leave(self) -> None:
-        for rid, inf in list(self.inflight.items()):
-            # Unfinished at the end of the grace period: stays pending in Redis for another worker.
-            inf.superseded = True
-            self.engine.abort(rid)
+        # Unfinished now (end of the grace period, or a cold stop): they stay pending for another worker.
+        self.inflight.abandon_all()
         self._publish(self._ready)
         self._ready = []
         while self.engine.has_unfinished_requests():
             self._publish(self.engine.step())
-        self.outbox.add("SREM", self.keys.workers, self.s.name)
-        self.outbox.add("DEL", self.keys.worker(self.s.name))
+        self.outbox.add("SREM", self.keys.workers, self.settings.name)
+        self.outbox.add("DEL", self.keys.worker(self.settings.name))
         # Results finished during an outage are still in the outbox: give Redis a little time to come back.
-        give_up = time.monotonic() + min(self.s.grace_period_s, 10.0)
+        give_up = time.monotonic() + (0.0 if self.stop_now else min(self.settings.grace_period_s, 10.0))
         while not self.outbox.flush() and time.monotonic() < give_up:
             time.sleep(0.1)
         if len(self.outbox):
             log.error("redis unavailable at exit: %d writes lost (their jobs stay pending and will be rerun)",
                       len(self.outbox))
-        log.info("worker %s stopped after %d jobs", self.s.name, self.jobs_done)
+        log.info("worker %s stopped after %d jobs", self.settings.name, self.jobs_done)
 
     # -- reading ----------------------------------------------------------------------------------
     def ensure_groups(self, strict: bool = False) -> None:
@@ -169,7 +179,7 @@ class Worker:
             for stream in self.keys.all_jobs:
                 try:
                     # Start at 0: jobs XADDed before any worker existed are served too.
-                    self.r.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+                    self.redis.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
                     if self._groups_ok:
                         log.warning("consumer group on %s was gone (Redis restarted without persistence?); "
                                     "recreated", stream)
@@ -177,17 +187,17 @@ class Worker:
                     if "BUSYGROUP" not in str(e):
                         raise
             self._groups_ok = True
-        except (*REDIS_ERRORS, redis.ResponseError) as e:
+        except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
             if strict:
                 raise
             log.warning("could not create consumer groups: %s (retry in %.1fs)", e, self.gate.fail())
 
     def _read(self, streams: dict[str, str], count: int, block: int | None = None) -> list:
         try:
-            resp = self.r.xreadgroup(self.keys.group, self.s.name, streams, count=count, block=block)
+            resp = self.redis.xreadgroup(self.keys.group, self.settings.name, streams, count=count, block=block)
             self.gate.ok()
             return resp or []
-        except REDIS_ERRORS as e:
+        except TRANSIENT_ERRORS as e:
             log.warning("redis read failed: %s (retry in %.1fs)", e, self.gate.fail())
         except redis.ResponseError as e:
             if is_nogroup(e):
@@ -200,8 +210,8 @@ class Worker:
     def capacity(self, stream: str) -> int:
         """How many jobs of this stream's priority to read now (running bulk yields to interactive, not to bulk)."""
         cap = self.engine.admission_capacity(PRIORITY_RANK[self.keys.priority_of(stream)])
-        if self.s.max_jobs is not None:
-            cap = min(cap, self.s.max_jobs - self.jobs_done - len(self.inflight))
+        if self.settings.max_jobs is not None:
+            cap = min(cap, self.settings.max_jobs - self.jobs_done - len(self.inflight))
         return cap
 
     def _admit(self, idle: bool, streams: list[str] | None = None) -> None:
@@ -213,7 +223,7 @@ class Worker:
             if not self.outbox.flush():
                 return
             cap = self.capacity(self.keys.jobs())
-            resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.s.block_ms) if cap > 0 else []
+            resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.settings.block_ms) if cap > 0 else []
         else:
             resp, taken = [], 0
             for stream in self.keys.all_jobs if streams is None else streams:  # interactive first, then bulk
@@ -232,106 +242,108 @@ class Worker:
     def handle_entries(self, entries: list[Entry], restart: bool = False) -> None:
         """Validate and admit entries (new or reclaimed); everything that cannot run gets its result now."""
         parsed: list[tuple[Entry, str, object]] = []
-        for e in entries:
-            p = parse(e, self.keys, self.limits)
+        for entry in entries:
+            p = parse(entry, self.keys, self.limits)
             if isinstance(p, Rejection):
-                self.writer.reject(p)
+                self.finisher.reject(p)
             else:
-                parsed.append((e, p[0], p[1]))
+                parsed.append((entry, p[0], p[1]))
         if not parsed:
             return
         try:
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             for _, rid, _ in parsed:
                 pipe.exists(self.keys.result(rid))
                 pipe.exists(self.keys.cancel(rid))
             flags = pipe.execute()
-        except REDIS_ERRORS as e:
+        except TRANSIENT_ERRORS as e:
             # Already delivered to us: they stay pending and come back through a reclaim.
             log.warning("redis unavailable while admitting (%s); jobs stay pending (retry in %.1fs)",
                         e, self.gate.fail())
             return
         now = time.time()
-        for i, (e, rid, job) in enumerate(parsed):
+        for i, (entry, rid, job) in enumerate(parsed):
             has_result, cancelled = flags[2 * i], flags[2 * i + 1]
             running = self.inflight.get(rid)
             if running is not None and running.superseded:
                 continue  # our run of this id is being dropped: leave the entry pending for a later reclaim
             if has_result or running is not None:
                 # Final already (or running here): a duplicate id or a redelivery must not overwrite it.
-                log.info("job %s already final or in flight; acking duplicate entry %s", rid, e.entry_id)
-                self.outbox.add("XACK", e.stream, self.keys.group, e.entry_id)
-                self.outbox.add("XDEL", e.stream, e.entry_id)  # acked: the stream keeps only the backlog
+                log.info("job %s already final or in flight; acking duplicate entry %s", rid, entry.entry_id)
+                self.finisher.ack(entry.stream, entry.entry_id)
                 continue
-            rej = check_runnable(e, rid, job, bool(cancelled), now)
-            res = rej or submit(self.engine, e, rid, job, self.keys)
-            if isinstance(res, Rejection):
-                self.writer.reject(res)
+            rejection = check_runnable(entry, rid, job, bool(cancelled), now)
+            admitted = rejection or submit(self.engine, entry, rid, job, self.keys)
+            if isinstance(admitted, Rejection):
+                self.finisher.reject(admitted)
                 continue
-            self.inflight[rid] = res
-            self.outbox.add("SET", self.keys.status(rid), "running", "EX", self.d.status_ttl_s)
+            self.inflight.add(admitted)
+            self.outbox.add("SET", self.keys.status(rid), "running", "EX", self.defaults.status_ttl_s)
             if restart:
-                self.writer.restart(rid, "job reclaimed from a worker that stopped")
+                self.tokens.restart(rid, "job reclaimed from a worker that stopped")
+
+    def _apply(self, actions: LeaseActions) -> None:
+        """Carry out what a lease pass decided."""
+        if actions.groups_lost:
+            self.ensure_groups()
+        for rid, why in actions.supersedes:
+            self.inflight.supersede(rid, why)
+        for stream, entry_id in actions.gone:
+            self.outbox.add("XACK", stream, self.keys.group, entry_id)
+        for entry in actions.poisoned:
+            self._poison(entry)
+        if actions.takeovers:
+            self.handle_entries(actions.takeovers, restart=True)
+
+    def _poison(self, entry: Entry) -> None:
+        reason = (f"delivered {entry.deliveries} times (limit {self.settings.max_deliveries}); "
+                  "a worker died on every attempt")
+        parsed = parse(entry, self.keys, self.limits)
+        rid, job = (parsed.id, parsed.job) if isinstance(parsed, Rejection) else parsed
+        self.finisher.poison(entry, rid, reason, job)
 
     # -- writing ----------------------------------------------------------------------------------
     def _publish(self, deltas) -> None:
-        for d in deltas:
-            inf = self.inflight.get(d.request_id)
+        for delta in deltas:
+            inf = self.inflight.get(delta.request_id)
             if inf is None:
                 continue
-            inf.apply(d)
-            if inf.job.stream and not inf.superseded and (d.new_text or d.new_token_ids):
-                self.writer.delta(d.request_id, TokenEvent.delta(d.index, d.new_text, d.new_token_ids))
-            if d.finished and inf.finished:  # only a finishing delta can complete the request
-                del self.inflight[inf.id]
+            inf.apply(delta)
+            if inf.job.stream and not inf.superseded and (delta.new_text or delta.new_token_ids):
+                self.tokens.delta(delta.request_id, TokenEvent.delta(delta.index, delta.new_text, delta.new_token_ids))
+            if delta.finished and inf.finished:  # only a finishing delta can complete the request
+                self.inflight.remove(inf.id)
                 if not inf.superseded:
-                    self.writer.final(inf.id, inf.result(self.s.name), inf.stream, inf.entry_id)
-
-    def supersede(self, rid: str, why: str) -> None:
-        """Drop our run of `rid` without writing anything: another worker owns or finished the job."""
-        inf = self.inflight.get(rid)
-        if inf is None or inf.superseded:
-            return
-        log.warning("dropping job %s: %s", rid, why)
-        inf.superseded = True
-        self.engine.abort(rid)
+                    self.finisher.complete(inf)
 
     # -- control ----------------------------------------------------------------------------------
     def _init_cancels_cursor(self) -> None:
-        last = self.r.xrevrange(self.keys.cancels, count=1)
+        last = self.redis.xrevrange(self.keys.cancels, count=1)
         self._cancels_last = as_str(last[0][0]) if last else "0-0"
 
     def _poll_cancels(self) -> None:
         if not self.inflight or not self.gate.ready():
             return
         try:
-            resp = self.r.xread({self.keys.cancels: self._cancels_last}, count=1000)
-        except REDIS_ERRORS as e:
+            resp = self.redis.xread({self.keys.cancels: self._cancels_last}, count=1000)
+        except TRANSIENT_ERRORS as e:
             log.warning("redis unavailable polling cancels: %s (retry in %.1fs)", e, self.gate.fail())
             return
         for _, msgs in resp or []:
-            for eid, fields in msgs:
-                self._cancels_last = as_str(eid)
-                rid = as_str(fields.get(b"id", fields.get("id", b"")))
-                self.end_early(rid, "cancelled", "cancelled", "cancelled by request")
+            for entry_id, fields in msgs:
+                self._cancels_last = as_str(entry_id)
+                rid = as_str(entry_field(fields, "id") or b"")
+                self.inflight.end_early(rid, "cancelled", "cancelled", "cancelled by request")
 
     def _expire_deadlines(self) -> None:
         now = time.time()
-        for inf in list(self.inflight.values()):
+        for inf in self.inflight.values():
             if inf.job.deadline is not None and inf.job.deadline < now and inf.end_status is None:
-                self.end_early(inf.id, "expired", "deadline_exceeded", "deadline passed while running")
-
-    def end_early(self, rid: str, status: str, code: str, message: str) -> None:
-        """Abort a running request; its result (with partial text) is written when the engine reports the abort."""
-        inf = self.inflight.get(rid)
-        if inf is None or inf.end_status is not None or inf.superseded:
-            return
-        inf.end_status, inf.end_error = status, ErrorInfo(code=code, message=message)
-        self.engine.abort(rid)
+                self.inflight.end_early(inf.id, "expired", "deadline_exceeded", "deadline passed while running")
 
     def _heartbeat(self) -> None:
         info = {
-            "name": self.s.name,
+            "name": self.settings.name,
             "model": self.engine.config.model,
             "started": self.started,
             "last_seen": time.time(),
@@ -340,10 +352,10 @@ class Worker:
             "jobs_done": self.jobs_done,
             "steps": self.engine.stats.num_steps,
             "generated_tokens": self.engine.stats.generation_tokens,
-            "duplicate_finals": self.writer.finals_lost,
+            "duplicate_finals": self.finisher.finals_lost,
         }
-        key = self.keys.worker(self.s.name)
+        key = self.keys.worker(self.settings.name)
         flat = [x for k, v in info.items() for x in (k, orjson.dumps(v))]
         self.outbox.add("HSET", key, *flat, droppable=True)
-        self.outbox.add("EXPIRE", key, self.d.worker_ttl_s, droppable=True)
-        self.outbox.add("SADD", self.keys.workers, self.s.name, droppable=True)
+        self.outbox.add("EXPIRE", key, self.defaults.worker_ttl_s, droppable=True)
+        self.outbox.add("SADD", self.keys.workers, self.settings.name, droppable=True)

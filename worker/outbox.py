@@ -9,10 +9,9 @@ from typing import Any
 
 import redis
 
-log = logging.getLogger(__name__)
+from protocol.connection import TRANSIENT_ERRORS
 
-# Redis is unreachable, restarting or loading its AOF: wait and try again; nothing is wrong with the command.
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError)
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -81,7 +80,7 @@ class Outbox:
             # Runtime errors of single commands (WRONGTYPE on a key someone else wrote) come back as values
             # and cost only that command; the transaction itself goes through.
             replies = pipe.execute(raise_on_error=False)
-        except REDIS_ERRORS as e:
+        except TRANSIENT_ERRORS as e:
             self._failed(f"redis write failed ({e})", logging.WARNING)
             return False
         except redis.ResponseError as e:

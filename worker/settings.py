@@ -6,6 +6,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from protocol.defaults import DEFAULT_PREFIX
+
 
 def default_worker_name() -> str:
     """host-pid, reduced to the id charset so it can key Redis entries."""
@@ -18,7 +20,7 @@ class WorkerSettings:
     """How the worker talks to Redis and paces itself."""
 
     redis_url: str | None = None  # None: SPOOL_REDIS_URL, else the embedded local server
-    prefix: str = "spool:"
+    prefix: str = DEFAULT_PREFIX
     name: str = field(default_factory=default_worker_name)
     grace_period_s: float = 30.0  # on SIGTERM: time to finish in-flight requests before leaving them pending
     claim_idle_ms: int = 60_000  # a pending job idle this long belongs to a dead worker and is reclaimed

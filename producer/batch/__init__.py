@@ -18,15 +18,15 @@ from typing import Any
 
 import orjson
 
-from producer.batch_io import iter_lines
-from producer.batch_runner import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, RunOptions
-from producer.batch_schedule import (
+from producer.batch.files import iter_lines
+from producer.batch.runner import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, RunOptions
+from producer.batch.schedule import (
     DEFAULT_QUEUE, job_spec, list_schedules, run_batch_job, run_scheduled, schedule as _schedule,
     submit as _submit, unschedule as _unschedule,
 )
-from producer.batch_state import TERMINAL, BatchInfo, BatchStore
+from producer.batch.state import TERMINAL, BatchInfo, BatchStore
 from producer.client import Client
-from producer.defaults import DEFAULT_PREFIX
+from protocol.defaults import DEFAULT_PREFIX
 
 PathLike = str | os.PathLike[str]
 
@@ -99,8 +99,7 @@ def cancel(batch_id: str, *, client: Client | None = None, redis_url: str | None
            prefix: str = DEFAULT_PREFIX) -> str:
     """Cancel a batch; returns its status afterwards (cancelling while its runner winds down, or cancelled)."""
     c = _client(client, redis_url, prefix)
-    d = c.ctx.defaults
-    return BatchStore(c.redis, c.keys).cancel(batch_id, d.cancel_ttl_s, d.cancels_maxlen)
+    return BatchStore(c.redis, c.keys).cancel(batch_id, c.ctx.defaults)
 
 
 def list_batches(limit: int = 50, *, client: Client | None = None, redis_url: str | None = None,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from producer.batch_format import cid_key, parse_record_id
+from producer.batch.format import cid_key, parse_record_id
 
 
 class OutputError(RuntimeError):
@@ -25,15 +25,23 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
 
 
 @dataclass(slots=True)
-class Written:
-    """What the output files already hold: the resume point of a batch."""
+class RequestCounts:
+    """A batch's requests by outcome (total and invalid known after validation), and tokens generated."""
+
+    total: int = 0
+    invalid: int = 0
+    completed: int = 0
+    failed: int = 0
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class Written(RequestCounts):
+    """What the output files already hold: the resume point of a batch (counts of what they hold)."""
 
     batch_id: str | None = None
     written: int = 0  # request lines (custom_ids) already written
     rejected_lines: set[int] = field(default_factory=set)  # input lines written as validation errors
-    completed: int = 0
-    failed: int = 0
-    tokens: int = 0
 
 
 def scan_outputs(paths: list[Path], batch_id: str | None,

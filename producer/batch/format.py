@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from producer import ops
-from producer.schema import JobError, Result
+from protocol import BATCH_PRIORITY, JobError, Result
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 MAX_CUSTOM_ID = 1024
@@ -118,7 +118,8 @@ def parse_line(ctx: ops.Context, raw: bytes, line: int, batch_id: str, default_m
         if "max_tokens" not in kw and default_max_tokens is not None:
             kw["max_tokens"] = default_max_tokens
         rid = request_id(batch_id, cid)
-        _, _, doc = ops.build_job(ctx, id=rid, priority="bulk", metadata={"batch": batch_id, "custom_id": cid}, **kw)
+        metadata = {"batch": batch_id, "custom_id": cid}
+        _, _, doc = ops.build_job(ctx, id=rid, priority=BATCH_PRIORITY, metadata=metadata, **kw)
     except LineError as e:
         raise LineError(e.code, e.message, cid) from None
     except JobError as e:

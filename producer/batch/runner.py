@@ -15,17 +15,19 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 
-from producer.batch_format import LineError, Request, cid_key, error_record, output_record, parse_line
-from producer.batch_io import LineWriter, OutputError, Written, detect_batch_id, iter_lines, scan_outputs
-from producer.batch_progress import Progress
-from producer.batch_state import TMP_TTL_S, BatchInfo, BatchStore, Cmd, cmd, execute, validate_batch_id
-from producer.batch_validate import BatchBusy, BatchInvalid, BatchMismatch, validate
+from producer.batch.format import LineError, Request, cid_key, error_record, output_record, parse_line
+from producer.batch.files import (
+    LineWriter, OutputError, RequestCounts, Written, detect_batch_id, iter_lines, scan_outputs,
+)
+from producer.batch.progress import Progress
+from producer.batch.state import TMP_TTL_S, BatchInfo, BatchStore, validate_batch_id
+from producer.batch.validate import BatchBusy, BatchInvalid, BatchMismatch, validate
 from producer.client import Client
-from producer.schema import Result
+from protocol import BATCH_PRIORITY, Result
+from protocol.commands import Cmd, as_str, cancel_cmds, cmd, enqueue_cmds, execute
+from protocol.connection import TRANSIENT_ERRORS
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 SWEEP_S = 5.0  # also GET every in-flight result this often, in case a done wake-up was missed or trimmed
 
 
@@ -50,15 +52,6 @@ class _Flight:
     last: bytes = b"0-0"  # last token stream entry seen
 
 
-@dataclass(slots=True)
-class _Counts:
-    completed: int = 0
-    failed: int = 0
-    tokens: int = 0
-    total: int = 0
-    invalid: int = 0
-
-
 class BatchRunner:
     """Runs one batch to a final status (or until stop_requested); safe to re-run on the same files to resume."""
 
@@ -78,7 +71,7 @@ class BatchRunner:
         self.cancelling = False
         self.has_written = False  # the output files already hold request lines: filter them out on submit
         self.inflight: dict[str, _Flight] = {}
-        self.c = _Counts()
+        self.c = RequestCounts()
         self._writers: list[LineWriter] = []  # opened once the run starts; until then counts are not ours
         self._next_beat = self._next_sweep = 0.0
 
@@ -205,12 +198,10 @@ class BatchRunner:
         k, d = self.keys, self.ctx.defaults
         cmds = [cmd("sadd", self.store.inflight_key(self.batch_id), *(q.rid for q in reqs))]
         for q in reqs:
-            # Status before XADD in one MULTI, exactly like Client.enqueue (see docs/PROTOCOL.md, Status).
-            cmds += [cmd("set", k.status(q.rid), "queued", ex=d.status_ttl_s),
-                     cmd("xadd", k.jobs("bulk"), {"job": q.raw})]
+            cmds += enqueue_cmds(k, d, q.rid, k.jobs(BATCH_PRIORITY), q.raw)  # as Client.enqueue does
         try:
             self._exec(cmds, True)
-        except REDIS_ERRORS:
+        except TRANSIENT_ERRORS:
             # The MULTI may or may not have run: re-check and enqueue only what has neither status nor result.
             time.sleep(1.0)
             vals = self._retry(lambda: self._exec([c for q in reqs for c in (cmd("exists", k.status(q.rid)),
@@ -228,7 +219,7 @@ class BatchRunner:
                                                  count=64, block=block))
         ready = []
         for key, entries in _xread_streams(reply):
-            rid = tkey.get(key.decode() if isinstance(key, bytes) else key)
+            rid = tkey.get(as_str(key))
             if rid is not None and entries:
                 self.inflight[rid].last = entries[-1][0]
                 ready.append(rid)
@@ -297,12 +288,8 @@ class BatchRunner:
 
     def _finish_cancel(self, bid: str) -> BatchInfo:
         """Cancel every in-flight job, keep what finishes within the grace period, then status cancelled."""
-        k, d = self.keys, self.ctx.defaults
-        rids = set(self.inflight) | {x.decode() for x in self.r.smembers(self.store.inflight_key(bid))}
-        cmds = []
-        for rid in rids:
-            cmds += [cmd("set", k.cancel(rid), "1", ex=d.cancel_ttl_s),
-                     cmd("xadd", k.cancels, {"id": rid}, maxlen=d.cancels_maxlen, approximate=True)]
+        rids = set(self.inflight) | {as_str(x) for x in self.r.smembers(self.store.inflight_key(bid))}
+        cmds = [c for rid in rids for c in cancel_cmds(self.keys, self.ctx.defaults, rid)]
         if cmds:
             self._exec(cmds, False)
         end = time.monotonic() + self.o.cancel_grace_s
@@ -343,7 +330,7 @@ class BatchRunner:
         while True:
             try:
                 return fn()
-            except REDIS_ERRORS:
+            except TRANSIENT_ERRORS:
                 if time.monotonic() > end or self.stop_requested:
                     raise
                 time.sleep(delay)

@@ -23,10 +23,10 @@ from rq import Queue, get_current_job
 from rq.exceptions import DuplicateJobError
 from rq.serializers import JSONSerializer
 
-from producer.batch_runner import BatchRunner, RunOptions
-from producer.batch_state import BatchStore, validate_batch_id
+from producer.batch.runner import BatchRunner, RunOptions
+from producer.batch.state import BatchStore, validate_batch_id
 from producer.client import Client
-from producer.defaults import DEFAULT_PREFIX
+from protocol.defaults import DEFAULT_PREFIX
 
 DEFAULT_QUEUE = "spool-batch"
 DEFAULT_JOB_TIMEOUT_S = 86_400  # rq's default (180 s) would kill any real batch

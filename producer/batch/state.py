@@ -14,15 +14,15 @@ from typing import Any
 import orjson
 import redis
 
-from producer.keys import Keys, validate_id
+from protocol.commands import as_str, cancel_cmds, execute
+from protocol.defaults import Defaults
+from protocol.keys import Keys, validate_id
 
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
-ACTIVE = ("validating", "in_progress", "finalizing")
 MAX_BATCH_ID = 96  # request ids are b-{batch id}-{24 hex}: this keeps them within the 128-character id rule
 LOCK_TTL_MS = 15_000  # a runner refreshes its lock every heartbeat; a dead one frees the batch this fast
 TMP_TTL_S = 86_400  # the temporary seen/written sets outlive a crashed run until the next one deletes them
-Cmd = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status') or ''
@@ -46,19 +46,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def cmd(name: str, *args: Any, **kw: Any) -> Cmd:
-    """One Redis command for execute(): cmd("set", key, value, ex=10)."""
-    return name, args, kw
-
-
-def execute(r: redis.Redis, cmds: list[Cmd], transaction: bool) -> list:
-    """Run commands in one round trip (MULTI/EXEC if `transaction`); returns their replies."""
-    with r.pipeline(transaction=transaction) as pipe:
-        for name, args, kw in cmds:
-            getattr(pipe, name)(*args, **kw)
-        return pipe.execute()
 
 
 def validate_batch_id(batch_id: str) -> str:
@@ -143,7 +130,7 @@ class BatchStore:
         raw = self.r.hgetall(self.key(batch_id))
         if not raw:
             return None
-        f = {_s(k): _s(v) for k, v in raw.items()}
+        f = {as_str(k): as_str(v) for k, v in raw.items()}
         return BatchInfo(batch_id, f.get("status", ""), f)
 
     def create(self, batch_id: str, **fields: Any) -> BatchInfo:
@@ -167,11 +154,11 @@ class BatchStore:
     def transition(self, batch_id: str, to: str, *, frm: tuple[str, ...]) -> str | None:
         """Move to status `to` if the current one is in `frm`; returns None on success, else the current status."""
         got = self._transition(keys=[self.key(batch_id)], args=[to, repr(time.time()), *frm])
-        return None if _s(got) == "OK" else _s(got)
+        return None if as_str(got) == "OK" else as_str(got)
 
     def list(self, limit: int = 50) -> list[BatchInfo]:
         """The newest batches first."""
-        ids = [_s(x) for x in self.r.zrevrange(self.index_key, 0, limit - 1)]
+        ids = [as_str(x) for x in self.r.zrevrange(self.index_key, 0, limit - 1)]
         return [b for b in (self.get(i) for i in ids) if b is not None]
 
     # -- the runner's lock ------------------------------------------------------------------------
@@ -184,7 +171,7 @@ class BatchStore:
         holder = self.r.get(self.lock_key(batch_id))
         if holder is None:
             return self.acquire(batch_id, owner)
-        host, _, rest = _s(holder).partition(":")
+        host, _, rest = as_str(holder).partition(":")
         pid = rest.partition(":")[0]
         if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
             return False
@@ -203,7 +190,7 @@ class BatchStore:
         return bool(self.r.exists(self.lock_key(batch_id)))
 
     # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, batch_id: str, cancel_ttl_s: int, cancels_maxlen: int) -> str:
+    def cancel(self, batch_id: str, defaults: Defaults) -> str:
         """Ask for a cancel; with no live runner, cancel the batch's queued jobs here. Returns the new status."""
         if self.get(batch_id) is None:
             raise KeyError(f"no batch {batch_id!r}")
@@ -212,13 +199,9 @@ class BatchStore:
             return current  # already terminal: nothing to cancel
         if self.runner_alive(batch_id):
             return "cancelling"  # the runner sees it within a heartbeat and winds down itself
-        rids = [_s(x) for x in self.r.smembers(self.inflight_key(batch_id))]
-        pipe = self.r.pipeline(transaction=False)
-        for rid in rids:
-            pipe.set(self.keys.cancel(rid), "1", ex=cancel_ttl_s)
-            pipe.xadd(self.keys.cancels, {"id": rid}, maxlen=cancels_maxlen, approximate=True)
-        pipe.delete(self.inflight_key(batch_id))
-        pipe.execute()
+        rids = [as_str(x) for x in self.r.smembers(self.inflight_key(batch_id))]
+        cmds = [c for rid in rids for c in cancel_cmds(self.keys, defaults, rid)]
+        execute(self.r, [*cmds, ("delete", (self.inflight_key(batch_id),), {})])
         self.transition(batch_id, "cancelled", frm=("cancelling",))
         return "cancelled"
 
@@ -231,10 +214,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
-
-
-def _s(x: Any) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def _enc(v: Any) -> str | bytes:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from producer import ops
-from producer.batch_format import LineError, cid_key, parse_line
-from producer.batch_state import TMP_TTL_S, BatchStore, cmd, execute
+from producer.batch.format import LineError, cid_key, parse_line
+from producer.batch.state import TMP_TTL_S, BatchStore
+from protocol.commands import cmd, execute
 
 CHUNK = 1000  # lines per pipelined round trip to the seen-set
 KEEPALIVE_LINES = 2048  # refresh the runner's lock this often while reading a long file

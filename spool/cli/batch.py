@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from datetime import datetime
 
-import orjson
+from spool.cli.common import add_redis_flags, client, print_json
 
 EXIT_INVALID, EXIT_BUSY, EXIT_INTERRUPTED = 2, 3, 130
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", default=os.environ.get("SPOOL_REDIS_URL"),
-                   help="Redis URL [SPOOL_REDIS_URL; default: the embedded local server]")
-    p.add_argument("--prefix", default=os.environ.get("SPOOL_PREFIX", "spool:"), help="key prefix [SPOOL_PREFIX]")
 
 
 def _files(p: argparse.ArgumentParser) -> None:
@@ -26,16 +19,6 @@ def _files(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-invalid", action="store_true",
                    help="run the valid lines and write invalid ones as errors (default: refuse the whole file)")
     p.add_argument("--default-max-tokens", type=int, help="max_tokens for lines that give none (default 16)")
-
-
-def _client(args):
-    from producer.client import Client
-
-    return Client(args.redis_url, prefix=args.prefix)
-
-
-def _print(obj) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _opts(args, **extra) -> dict:
@@ -49,10 +32,10 @@ def _opts(args, **extra) -> dict:
 def cmd_run(args) -> int:
     """Run (or resume) a batch in this process, with progress on stderr."""
     from producer.batch import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, options
-    from producer.batch_io import OutputError
+    from producer.batch.files import OutputError
 
     opts = options(**_opts(args, progress=args.progress, progress_interval_s=args.progress_interval))
-    runner = BatchRunner(_client(args), args.input, args.output, args.errors, args.id, opts)
+    runner = BatchRunner(client(args), args.input, args.output, args.errors, args.id, opts)
 
     def stop(*_):
         if runner.stop_requested:
@@ -73,7 +56,7 @@ def cmd_run(args) -> int:
     except (BatchBusy, BatchMismatch, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY
-    _print(info.to_dict())
+    print_json(info.to_dict())
     if runner.interrupted:
         return EXIT_INTERRUPTED
     return 0 if info.status == "completed" else 1
@@ -85,9 +68,9 @@ def cmd_submit(args) -> int:
 
     at = datetime.fromisoformat(args.at).astimezone() if args.at else None
     bid, job_id = batch.submit(args.input, args.output, args.errors, batch_id=args.id, at=at, delay_s=args.in_s,
-                               queue=args.queue, job_timeout=args.job_timeout, client=_client(args),
+                               queue=args.queue, job_timeout=args.job_timeout, client=client(args),
                                redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
-    _print({"batch_id": bid, "rq_job_id": job_id, "queue": args.queue,
+    print_json({"batch_id": bid, "rq_job_id": job_id, "queue": args.queue,
             "at": at.isoformat() if at else None, "in_s": args.in_s})
     return 0
 
@@ -99,11 +82,11 @@ def cmd_schedule(args) -> int:
     try:
         entry = batch.schedule(args.name, args.input, args.output, args.errors, cron=args.cron, tz=args.tz,
                                run_now=args.now, queue=args.queue, job_timeout=args.job_timeout,
-                               client=_client(args), redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
+                               client=client(args), redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    _print({k: entry[k] for k in ("name", "cron", "tz", "queue", "next_run", "next_job_id")})
+    print_json({k: entry[k] for k in ("name", "cron", "tz", "queue", "next_run", "next_job_id")})
     return 0
 
 
@@ -111,7 +94,7 @@ def cmd_unschedule(args) -> int:
     """Remove a cron schedule."""
     from producer import batch
 
-    found = batch.unschedule(args.name, client=_client(args))
+    found = batch.unschedule(args.name, client=client(args))
     print("removed" if found else f"no schedule named {args.name!r}")
     return 0 if found else 1
 
@@ -120,8 +103,8 @@ def cmd_schedules(args) -> int:
     """List cron schedules."""
     from producer import batch
 
-    _print([{k: e.get(k) for k in ("name", "cron", "tz", "queue", "next_run", "last_batch_id")}
-            for e in batch.schedules(client=_client(args))])
+    print_json([{k: e.get(k) for k in ("name", "cron", "tz", "queue", "next_run", "last_batch_id")}
+            for e in batch.schedules(client=client(args))])
     return 0
 
 
@@ -129,11 +112,11 @@ def cmd_status(args) -> int:
     """Print one batch's state as JSON."""
     from producer import batch
 
-    info = batch.status(args.id, client=_client(args))
+    info = batch.status(args.id, client=client(args))
     if info is None:
         print(f"no batch {args.id!r}", file=sys.stderr)
         return 1
-    _print(info.to_dict())
+    print_json(info.to_dict())
     return 0
 
 
@@ -142,7 +125,7 @@ def cmd_cancel(args) -> int:
     from producer import batch
 
     try:
-        print(batch.cancel(args.id, client=_client(args)))
+        print(batch.cancel(args.id, client=client(args)))
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 1
@@ -153,14 +136,14 @@ def cmd_list(args) -> int:
     """List batches, newest first."""
     from producer import batch
 
-    for info in batch.list_batches(args.limit, client=_client(args)):
+    for info in batch.list_batches(args.limit, client=client(args)):
         c = info.to_dict()["request_counts"]
         print(f"{info.id}\t{info.status}\t{c['completed']}+{c['failed']}/{c['total']}\t"
               f"{info.fields.get('output_file', '')}")
     return 0
 
 
-def add_batch_commands(sub) -> None:
+def add_commands(sub) -> None:
     """Register `spool batch ...` on the `spool` subparsers."""
     b = sub.add_parser("batch", help="OpenAI-format bulk batches: run, submit/schedule with rq, status, cancel")
     bs = b.add_subparsers(dest="batch_command", required=True, metavar="ACTION")
@@ -208,16 +191,5 @@ def add_batch_commands(sub) -> None:
     li.add_argument("--limit", type=int, default=50)
     li.set_defaults(func=cmd_list)
     for x in (r, s, c, u, ls, st, ca, li):
-        _common(x)
+        add_redis_flags(x)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m producer.batch_cli ACTION ...`: the batch verbs without loading the engine (or torch)."""
-    p = argparse.ArgumentParser(prog="spool")
-    add_batch_commands(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 from typing import Any
+
+from protocol.env import base_type, env_name, field_defaults
 
 _HELP = {
     "model": "path of a local Hugging Face model directory",
@@ -23,34 +24,17 @@ _HELP = {
 }
 
 
-def _base_type(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def _parse_env(raw: str, tp: Any) -> Any:
-    if tp is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return tp(raw)
-
-
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add --field-name for each field of `cls`; defaults come from SPOOL_FIELD_NAME, else the dataclass."""
     hints = typing.get_type_hints(cls)
+    defaults = field_defaults(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        tp = _base_type(hints[f.name])
-        env = "SPOOL_" + f.name.upper()
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None
-        if env in os.environ:
-            default = _parse_env(os.environ[env], tp)
+        tp = base_type(hints[f.name])
+        env = env_name(f.name)
+        default = defaults[f.name]
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [{env}; default: {default}]"
         if tp is bool:

@@ -1,0 +1,20 @@
+"""spool's wire contract, shared by the worker and the clients: keys, documents, limits, scripts, commands.
+
+This package knows Redis and JSON and nothing else: it never imports engine, worker or producer.
+"""
+from protocol.defaults import DEFAULT_LIMITS, DEFAULT_PREFIX, Defaults, Limits
+from protocol.job import SAMPLING_FIELDS, Job, JobError, Message, parse_entry, parse_job
+from protocol.keys import GROUP, Keys, new_id, validate_id
+from protocol.priorities import BATCH_PRIORITY, DEFAULT_PRIORITY, PRIORITIES, PRIORITY_RANK, Priority, validate_priority
+from protocol.results import (
+    PROTOCOL_VERSION, Choice, DeltaData, DoneData, ErrorInfo, RestartData, Result, Timings, TokenEvent,
+    TokenLogprob, Usage,
+)
+
+__all__ = [
+    "BATCH_PRIORITY", "Choice", "DEFAULT_LIMITS", "DEFAULT_PREFIX", "DEFAULT_PRIORITY", "Defaults", "DeltaData",
+    "DoneData",
+    "ErrorInfo", "GROUP", "Job", "JobError", "Keys", "Limits", "Message", "PRIORITIES", "PRIORITY_RANK",
+    "PROTOCOL_VERSION", "Priority", "RestartData", "Result", "SAMPLING_FIELDS", "Timings", "TokenEvent",
+    "TokenLogprob", "Usage", "new_id", "parse_entry", "parse_job", "validate_id", "validate_priority",
+]

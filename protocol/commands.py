@@ -1,0 +1,71 @@
+"""Small Redis command builders both sides of the wire use, and helpers to read Redis replies.
+
+A command is a `Cmd` (redis-py method name, args, kwargs); a list of them runs in one round trip with
+`execute` (MULTI/EXEC when `transaction`). Enqueue and cancel are built here once, so the clients, the batch
+runner and the admin verbs cannot drift apart on what a job or a cancel looks like in Redis.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from protocol.defaults import Defaults
+from protocol.keys import Keys, validate_id
+
+Cmd = tuple[str, tuple[Any, ...], dict[str, Any]]
+XREAD_COUNT = 512  # entries per read; a long stream is drained over several round trips
+
+
+def cmd(name: str, *args: Any, **kw: Any) -> Cmd:
+    """One Redis command: cmd("set", key, value, ex=10)."""
+    return name, args, kw
+
+
+def execute(redis_client: Any, cmds: list[Cmd], transaction: bool = False) -> list[Any]:
+    """Run commands in one round trip (MULTI/EXEC if `transaction`) on a redis.Redis; returns their replies."""
+    with redis_client.pipeline(transaction=transaction) as pipe:
+        for name, args, kw in cmds:
+            getattr(pipe, name)(*args, **kw)
+        return pipe.execute()
+
+
+async def execute_async(redis_client: Any, cmds: list[Cmd], transaction: bool = False) -> list[Any]:
+    """The asyncio twin of execute(), on a redis.asyncio.Redis."""
+    async with redis_client.pipeline(transaction=transaction) as pipe:
+        for name, args, kw in cmds:
+            getattr(pipe, name)(*args, **kw)
+        return await pipe.execute()
+
+
+def as_str(value: Any, errors: str = "strict") -> str:
+    """Decode a Redis reply field (bytes without decode_responses) to str; other values through str()."""
+    return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+
+
+def entry_field(fields: Mapping[Any, Any], name: str) -> Any:
+    """A stream entry field by name, whether the client decoded responses (str keys) or not (bytes)."""
+    value = fields.get(name.encode())
+    return fields.get(name) if value is None else value
+
+
+def xread_entries(reply: Any) -> list[tuple[Any, Any]]:
+    """Entries of a single-stream XREAD reply, for RESP2 ([[key, entries]]) and RESP3 ({key: [entries]})."""
+    if not reply:
+        return []
+    if isinstance(reply, Mapping):
+        (entries,) = reply.values()
+        return entries[0] if entries and isinstance(entries[0], list) else entries
+    return reply[0][1]
+
+
+def enqueue_cmds(keys: Keys, defaults: Defaults, id: str, stream_key: str, raw: bytes) -> list[Cmd]:
+    """Mark `id` queued and XADD its job document; run them in one MULTI/EXEC."""
+    # Status before XADD inside MULTI: a fast worker's "running" must never be overwritten by our "queued".
+    return [cmd("set", keys.status(id), "queued", ex=defaults.status_ttl_s),
+            cmd("xadd", stream_key, {"job": raw})]
+
+
+def cancel_cmds(keys: Keys, defaults: Defaults, id: str) -> list[Cmd]:
+    """Mark `id` cancelled (a key with a TTL, the source of truth) and wake workers (the cancels stream)."""
+    return [cmd("set", keys.cancel(id), "1", ex=defaults.cancel_ttl_s),
+            cmd("xadd", keys.cancels, {"id": validate_id(id)}, maxlen=defaults.cancels_maxlen, approximate=True)]

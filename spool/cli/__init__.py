@@ -1,0 +1,1 @@
+"""The `spool` command tree: main (parser, entry point), worker, jobs, admin and batch verbs."""

@@ -1,0 +1,121 @@
+"""Finishing a job, the one place it happens: build the Result, write it first-final-wins, ack, dead-letter.
+
+Every way a job can end goes through Finisher: a completed or aborted run (complete), an entry that never
+runs (reject: invalid, cancelled before start, expired), a duplicate entry of a job already final or
+running (ack), a poison job (poison) and an entry without a usable id (dead_letter). The writes queue on
+the Outbox and leave with the step's other writes in one MULTI/EXEC, so a result and its XACK land
+together or not at all; the compare-and-set inside Redis (protocol.scripts) makes a duplicate run harmless.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from protocol import Choice, Defaults, Job, Keys, Result, Timings, TokenEvent, Usage
+from protocol.commands import entry_field
+from protocol.scripts import finalize_cmd, flat_fields
+from worker.admission import Entry, Rejection
+from worker.inflight import InFlight
+from worker.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def build_result(inf: InFlight, worker: str) -> Result:
+    """The final Result document of a job whose last delta has arrived."""
+    choices = [
+        Choice(index=i, text="".join(c.text), token_ids=c.token_ids, finish_reason=c.finish_reason,
+               stop_reason=c.stop_reason, logprobs=c.logprobs)
+        for i, c in enumerate(inf.choices)
+    ]
+    return Result(
+        id=inf.id,
+        status=inf.end_status or "completed",
+        choices=choices,
+        usage=Usage(prompt_tokens=inf.prompt_tokens, completion_tokens=sum(len(c.token_ids) for c in inf.choices)),
+        error=inf.end_error,
+        timings=Timings(enqueued=inf.enqueued, started=inf.started, first_token=inf.first_token,
+                        finished=time.time()),
+        metadata=inf.job.metadata,
+        worker=worker,
+    )
+
+
+class Finisher:
+    """Queues every write that ends a job on the Outbox, and counts how the first-final-wins writes went."""
+
+    def __init__(self, outbox: Outbox, keys: Keys, defaults: Defaults, worker_name: str,
+                 max_job_bytes: int = 1 << 20):
+        self.outbox, self.keys, self.defaults, self.worker_name = outbox, keys, defaults, worker_name
+        self.max_job_bytes = max_job_bytes  # dead letters keep at most this much of a document
+        self.finals_queued = 0  # final writes handed to the outbox
+        self.finals_won = 0  # final results this worker wrote
+        self.finals_lost = 0  # final writes suppressed because the request already had a final result
+
+    def complete(self, inf: InFlight) -> None:
+        """A run the engine has ended (finished, cancelled, expired or failed): write its result."""
+        self.final(inf.id, build_result(inf, self.worker_name), inf.stream, inf.entry_id)
+
+    def reject(self, rejection: Rejection) -> None:
+        """An entry that ends without running: its failed/cancelled/expired result, or a dead letter without id."""
+        entry = rejection.entry
+        if rejection.id is None:
+            # No usable id: nobody can be waiting on a result key, so the entry goes to the dead letters.
+            self.dead_letter(entry, f"{rejection.code}: {rejection.message}")
+            return
+        metadata = rejection.job.metadata if rejection.job is not None else None
+        result = Result.failed(rejection.id, rejection.code, rejection.message, status=rejection.status,
+                               metadata=metadata, worker=self.worker_name)
+        result.timings.enqueued = entry.enqueued
+        result.timings.finished = time.time()
+        self.final(rejection.id, result, entry.stream, entry.entry_id)
+
+    def poison(self, entry: Entry, rid: str | None, reason: str, job: Job | None = None) -> None:
+        """A job that keeps killing workers: dead letter plus a failed result, never another run."""
+        self.dead_letter(entry, reason, rid)
+        if rid is not None:
+            self.reject(Rejection(entry, rid, "failed", "poison_job", reason, job))
+
+    def final(self, rid: str, result: Result, stream: str, entry_id: str) -> None:
+        """Result, done entry and status cleanup (first final wins), plus the XACK: one MULTI/EXEC carries them."""
+        done = TokenEvent.done(result.status, result.finish_reason).to_fields()
+        self.finals_queued += 1
+        d, k = self.defaults, self.keys
+        self.outbox.add(*finalize_cmd(k.result(rid), k.tokens(rid), k.status(rid), k.stats, result.to_json(),
+                                      d.result_ttl_s, d.tokens_maxlen, d.tokens_ttl_s, done),
+                        on_reply=lambda reply: self._counted(rid, reply))
+        self.ack(stream, entry_id)
+
+    def ack(self, stream: str, entry_id: str) -> None:
+        """XACK and XDEL one jobs-stream entry: acked, it leaves the stream, which keeps only the backlog."""
+        self.outbox.add("XACK", stream, self.keys.group, entry_id)
+        self.outbox.add("XDEL", stream, entry_id)
+
+    def dead_letter(self, entry: Entry, reason: str, rid: str | None = None) -> None:
+        """Copy an entry to the dead-letter stream with its reason; ack it unless a result write will."""
+        fields: dict[str, Any] = {
+            "stream": entry.stream,
+            "entry_id": entry.entry_id,
+            "reason": reason[:2000],
+            "deliveries": str(entry.deliveries),
+            "id": rid or "",
+            "at": f"{time.time():.3f}",
+        }
+        job = entry_field(entry.fields, "job")
+        if job is not None:
+            if len(job) > self.max_job_bytes:
+                # A hostile 100 MB entry must not be copied whole: it could never run anyway.
+                job, fields["job_truncated_from"] = job[:self.max_job_bytes], str(len(job))
+            fields["job"] = job
+        self.outbox.add("XADD", self.keys.dead, "MAXLEN", "~", self.defaults.dead_maxlen, "*", *flat_fields(fields))
+        if rid is None:
+            self.ack(entry.stream, entry.entry_id)
+        log.warning("dead letter %s/%s: %s", entry.stream, entry.entry_id, reason[:300])
+
+    def _counted(self, rid: str, reply: object) -> None:
+        if reply == 1:
+            self.finals_won += 1
+        elif reply == 0:
+            self.finals_lost += 1
+            log.warning("request %s already had a final result; this duplicate run's result was dropped", rid)
