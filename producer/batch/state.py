@@ -94,7 +94,7 @@ class BatchStore:
     """Reads and writes the Redis state of batches under one key prefix."""
 
     def __init__(self, r: redis.Redis, keys: Keys):
-        self.r, self.keys = r, keys
+        self.redis, self.keys = r, keys
         self._transition = r.register_script(_TRANSITION)
         self._refresh = r.register_script(_REFRESH)
         self._release = r.register_script(_RELEASE)
@@ -127,7 +127,7 @@ class BatchStore:
 
     def get(self, batch_id: str) -> BatchInfo | None:
         """The batch's state, or None if it does not exist."""
-        raw = self.r.hgetall(self.key(batch_id))
+        raw = self.redis.hgetall(self.key(batch_id))
         if not raw:
             return None
         f = {as_str(k): as_str(v) for k, v in raw.items()}
@@ -137,7 +137,7 @@ class BatchStore:
         """Create the batch in status validating if it does not exist; returns its state either way."""
         now = time.time()
         key = self.key(batch_id)
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(key, "status", "validating")
         pipe.hsetnx(key, "created_at", repr(now))
         pipe.hsetnx(key, "validating_at", repr(now))
@@ -149,7 +149,7 @@ class BatchStore:
 
     def update(self, batch_id: str, **fields: Any) -> None:
         """Set plain fields (counts, files, heartbeat...)."""
-        self.r.hset(self.key(batch_id), mapping={k: _enc(v) for k, v in fields.items()})
+        self.redis.hset(self.key(batch_id), mapping={k: _enc(v) for k, v in fields.items()})
 
     def transition(self, batch_id: str, to: str, *, frm: tuple[str, ...]) -> str | None:
         """Move to status `to` if the current one is in `frm`; returns None on success, else the current status."""
@@ -158,17 +158,17 @@ class BatchStore:
 
     def list(self, limit: int = 50) -> list[BatchInfo]:
         """The newest batches first."""
-        ids = [as_str(x) for x in self.r.zrevrange(self.index_key, 0, limit - 1)]
+        ids = [as_str(x) for x in self.redis.zrevrange(self.index_key, 0, limit - 1)]
         return [b for b in (self.get(i) for i in ids) if b is not None]
 
     # -- the runner's lock ------------------------------------------------------------------------
     def acquire(self, batch_id: str, owner: str) -> bool:
         """Take the batch's lock; False if another live runner holds it."""
-        return bool(self.r.set(self.lock_key(batch_id), owner, nx=True, px=LOCK_TTL_MS))
+        return bool(self.redis.set(self.lock_key(batch_id), owner, nx=True, px=LOCK_TTL_MS))
 
     def take_over_dead(self, batch_id: str, owner: str) -> bool:
         """Take the lock from a holder that is a dead process on this host (a crashed runner); else False."""
-        holder = self.r.get(self.lock_key(batch_id))
+        holder = self.redis.get(self.lock_key(batch_id))
         if holder is None:
             return self.acquire(batch_id, owner)
         host, _, rest = as_str(holder).partition(":")
@@ -187,7 +187,7 @@ class BatchStore:
 
     def runner_alive(self, batch_id: str) -> bool:
         """True while some runner holds the lock."""
-        return bool(self.r.exists(self.lock_key(batch_id)))
+        return bool(self.redis.exists(self.lock_key(batch_id)))
 
     # -- cancel -----------------------------------------------------------------------------------
     def cancel(self, batch_id: str, defaults: Defaults) -> str:
@@ -199,9 +199,9 @@ class BatchStore:
             return current  # already terminal: nothing to cancel
         if self.runner_alive(batch_id):
             return "cancelling"  # the runner sees it within a heartbeat and winds down itself
-        rids = [as_str(x) for x in self.r.smembers(self.inflight_key(batch_id))]
+        rids = [as_str(x) for x in self.redis.smembers(self.inflight_key(batch_id))]
         cmds = [c for rid in rids for c in cancel_cmds(self.keys, defaults, rid)]
-        execute(self.r, [*cmds, ("delete", (self.inflight_key(batch_id),), {})])
+        execute(self.redis, [*cmds, ("delete", (self.inflight_key(batch_id),), {})])
         self.transition(batch_id, "cancelled", frm=("cancelling",))
         return "cancelled"
 

@@ -46,7 +46,7 @@ def validate(store: BatchStore, ctx: ops.Context, path: Path, batch_id: str, def
     """Parse every line; duplicates are found with a temporary Redis set, so memory does not grow with the file."""
     sha, invalid, errors, valid = hashlib.sha256(), set(), [], 0
     seen_key, chunk = store.seen_key(batch_id), []
-    store.r.delete(seen_key)
+    store.redis.delete(seen_key)
 
     def reject(n: int, e: LineError) -> None:
         invalid.add(n)
@@ -55,7 +55,7 @@ def validate(store: BatchStore, ctx: ops.Context, path: Path, batch_id: str, def
 
     def dedupe() -> int:
         # SADD answers 0 for a custom_id already seen (earlier in this chunk too: a pipeline runs in order).
-        added = execute(store.r, [cmd("sadd", seen_key, k) for _, _, k in chunk] +
+        added = execute(store.redis, [cmd("sadd", seen_key, k) for _, _, k in chunk] +
                         [cmd("expire", seen_key, TMP_TTL_S)], False)[:-1]
         for (n, cid, _), new in zip(chunk, added):
             if not new:
@@ -81,6 +81,6 @@ def validate(store: BatchStore, ctx: ops.Context, path: Path, batch_id: str, def
                 valid += dedupe()
     if chunk:
         valid += dedupe()
-    store.r.delete(seen_key)
+    store.redis.delete(seen_key)
     errors.sort(key=lambda e: e["line"])
     return Validation(valid, invalid, errors, sha.hexdigest())
