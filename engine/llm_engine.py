@@ -146,9 +146,14 @@ class LLMEngine:
         return None
 
     def add_request(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None, priority: int = 0
+        self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None, priority: int = 0,
+        isolated: bool = False,
     ) -> None:
-        """Queue a request; one that can never run finishes at the next step with finish_reason 'error'."""
+        """Queue a request; one that can never run finishes at the next step with finish_reason 'error'.
+
+        isolated=True runs it in steps of its own: while it is unfinished, no other request is computed
+        (they keep their KV cache and resume after it), so a crash during its steps is its own doing.
+        """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         params = params or SamplingParams()
@@ -169,7 +174,7 @@ class LLMEngine:
         arrival = next(self._arrival)
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
-            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, seed, priority, arrival)
+            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, seed, priority, arrival, isolated)
             req.seqs.append(seq)
             req.detoks.append(
                 IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
@@ -196,6 +201,11 @@ class LLMEngine:
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks held by sequences (0..1)."""
         return self.block_manager.usage()
+
+    def isolated_request(self) -> str | None:
+        """The isolated request (add_request(isolated=True)) that the next step computes alone, if any."""
+        isolated = self.scheduler.isolated
+        return isolated[0].request_id if isolated else None
 
     def admission_capacity(self, priority: int = 0) -> int:
         """How many new requests of `priority` a queue consumer should hand over now (the scheduler decides)."""

@@ -41,12 +41,15 @@ class Scheduler:
         self.seqs: dict[str, Sequence] = {}
         self._finished_since_step: list[str] = []
         self.num_preemptions = 0
+        self.isolated: list[Sequence] = []  # unfinished isolated sequences, oldest first
 
     # -- queue management -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
         self.seqs[seq.seq_id] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+        if seq.isolated:
+            self.isolated.append(seq)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End a sequence (stop, length, abort): free its blocks and drop it from the queues."""
@@ -60,6 +63,8 @@ class Scheduler:
         seq.stop_reason = stop_reason
         del self.seqs[seq.seq_id]
         self._finished_since_step.append(seq.seq_id)
+        if seq.isolated:
+            self.isolated.remove(seq)
 
     def has_unfinished(self) -> bool:
         """True while any sequence is waiting or running."""
@@ -133,6 +138,8 @@ class Scheduler:
         """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
         out = SchedulerOutput(finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
+        if self.isolated:
+            return self._schedule_isolated(out)
         self._make_room_for_priority()
         budget = self.max_num_batched_tokens
         held_back = self._held_back_priority()
@@ -170,6 +177,59 @@ class Scheduler:
             budget -= num_new
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _schedule_isolated(self, out: SchedulerOutput) -> SchedulerOutput:
+        """A step of the oldest isolated request's sequences only; everything else keeps its KV and waits.
+
+        Slots and blocks for them are made by preempting the newest lowest-priority other sequences, as for
+        any admission; if the whole cache cannot hold them, they wait like any sequence that does not fit.
+        """
+        request_id = self.isolated[0].request_id
+        group = [s for s in self.isolated if s.request_id == request_id]
+        budget = self.max_num_batched_tokens
+        for i, seq in enumerate(group):
+            if budget <= 0:
+                break
+            later = group[i + 1:]  # not scheduled yet this step: may give way to `seq`
+            if seq.status is SeqStatus.WAITING:
+                while len(self.running) >= self.max_num_seqs and self._preempt_other(group, later):
+                    pass
+                if len(self.running) >= self.max_num_seqs:
+                    continue
+                blocks, num_cached, num_new = self._first_chunk(seq, budget)
+                while not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks):
+                    if not self._preempt_other(group, later):
+                        break
+                    blocks, num_cached, num_new = self._first_chunk(seq, budget)  # preemption may free hits
+                else:
+                    self.waiting.remove(seq)
+                    seq.status = SeqStatus.RUNNING
+                    seq.num_computed_tokens = num_cached
+                    bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+                    self._emit(out, seq, num_new)
+                    budget -= num_new
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
+                if not self._preempt_other(group, later):
+                    break
+            else:
+                self._emit(out, seq, num_new)
+                budget -= num_new
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _preempt_other(self, group: list[Sequence], later: list[Sequence]) -> bool:
+        """Make room for an isolated sequence: preempt the newest running sequence of another request, else a
+        running sibling not yet scheduled this step; False if there is none."""
+        members = {id(s) for s in group}
+        victim = next((s for s in reversed(self.running) if id(s) not in members), None)
+        if victim is None:
+            victim = next((s for s in reversed(later) if s.status is SeqStatus.RUNNING), None)
+        if victim is None:
+            return False
+        self._preempt(victim)
+        return True
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         """Schedule seq's next num_new tokens: a chunk in `out`, and seq's progress moved past them."""

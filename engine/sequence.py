@@ -27,6 +27,7 @@ class Sequence:
     seed: int | None
     priority: int
     arrival: int  # monotonically increasing admission counter: FCFS order within a priority
+    isolated: bool = False  # runs in steps of its own request only (the worker's quarantine of a suspect job)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, appended in place
     num_computed_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING

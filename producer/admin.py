@@ -9,6 +9,7 @@ import redis
 from protocol.commands import as_str
 from protocol.defaults import Defaults
 from protocol.keys import Keys, validate_id
+from protocol.scripts import digest
 
 
 class DeadLetterError(LookupError):
@@ -72,7 +73,13 @@ def retry_dead(r: redis.Redis, keys: Keys, dead_id: str, defaults: Defaults | No
     pipe = r.pipeline(transaction=True)
     if rid:
         validate_id(rid)  # keys are built only from validated ids, even from our own dead letters
-        pipe.delete(keys.result(rid), keys.tokens(rid), keys.cancel(rid))
+        held = r.get(keys.digest(rid))
+        if held is not None and _text(held) != digest(job):
+            # A duplicate_id dead letter: the id's result and stream belong to another job; leave them be.
+            raise DeadLetterError(f"id {rid!r} is held by another job document; "
+                                  "requeue this job under a new id instead")
+        pipe.delete(keys.result(rid), keys.tokens(rid), keys.cancel(rid), keys.quarantine(rid))
+        pipe.set(keys.digest(rid), digest(job), ex=d.result_ttl_s)
         pipe.set(keys.status(rid), "queued", ex=d.status_ttl_s)
     pipe.xadd(stream, {"job": job})
     pipe.xdel(keys.dead, dead_id)

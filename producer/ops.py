@@ -15,7 +15,9 @@ from typing import Any
 import orjson
 
 from protocol import PROTOCOL_VERSION, JobError, Limits, Result, TokenEvent, parse_job
-from protocol.commands import XREAD_COUNT, Cmd, cancel_cmds, cmd, enqueue_cmds, xread_entries
+from protocol.commands import (
+    DUPLICATE_ID, XREAD_COUNT, Cmd, cancel_cmds, cmd, duplicate_id_message, enqueue_cmd, xread_entries,
+)
 from protocol.defaults import DEFAULT_PREFIX, Defaults
 from protocol.env import ENV_REDIS_URL, env_text
 from protocol.keys import Keys, new_id
@@ -111,21 +113,29 @@ def build_job(
 
 
 def enqueue_steps(ctx: Context, prompt: str | None, **kwargs: Any) -> Steps:
-    """Validate and XADD one job (build_job's arguments); returns its id."""
+    """Validate and enqueue one job (build_job's arguments) idempotently; returns its id.
+
+    Sending the same document under the same id again adds nothing (a retry after a lost reply is safe);
+    another document under an id that is queued, running or finished fails with JobError duplicate_id.
+    """
     id, stream_key, raw = build_job(ctx, prompt, **kwargs)
-    yield RoundTrip(enqueue_cmds(ctx.keys, ctx.defaults, id, stream_key, raw), transaction=True)
+    (reply,) = yield RoundTrip([enqueue_cmd(ctx.keys, ctx.defaults, id, stream_key, raw)])
+    if reply == DUPLICATE_ID:
+        raise JobError("duplicate_id", duplicate_id_message(id), id)
     return id
 
 
 def enqueue_many_steps(ctx: Context, jobs: Iterable[Mapping[str, Any]]) -> Steps:
-    """Validate and XADD many jobs, one MULTI/EXEC per chunk; returns their ids in order.
+    """Validate and enqueue many jobs, pipelined in chunks; returns their ids in order.
 
     On an invalid job, the jobs before it are sent, then JobError is raised with their ids in `.enqueued`.
+    On a duplicate_id, the rest of its chunk is sent too and `.enqueued` names every id that was accepted.
     """
     sent: list[str] = []
     pending: list[str] = []
     cmds: list[Cmd] = []
     error: JobError | None = None
+    chunk_start = 0  # index of the first job in `pending`
     for i, spec in enumerate(jobs):
         try:
             if not isinstance(spec, Mapping):
@@ -136,18 +146,30 @@ def enqueue_many_steps(ctx: Context, jobs: Iterable[Mapping[str, Any]]) -> Steps
             error = JobError(code, f"job #{i}: {msg}", jid)
             break
         pending.append(id)
-        cmds += enqueue_cmds(ctx.keys, ctx.defaults, id, stream_key, raw)
+        cmds.append(enqueue_cmd(ctx.keys, ctx.defaults, id, stream_key, raw))
         if len(pending) >= ctx.defaults.enqueue_chunk:
-            yield RoundTrip(cmds, transaction=True)
-            sent += pending
-            pending, cmds = [], []
-    if cmds:
-        yield RoundTrip(cmds, transaction=True)
-        sent += pending
+            error = yield from _send_chunk(cmds, pending, sent, chunk_start)
+            pending, cmds, chunk_start = [], [], i + 1
+            if error is not None:
+                break
+    if cmds:  # the jobs before an invalid one are sent, as promised
+        error = (yield from _send_chunk(cmds, pending, sent, chunk_start)) or error
     if error is not None:
         error.enqueued = sent
         raise error
     return sent
+
+
+def _send_chunk(cmds: list[Cmd], ids: list[str], sent: list[str], first: int) -> Steps:
+    """Enqueue one chunk; accepted ids go to `sent`; returns the JobError of its first duplicate, if any."""
+    replies = yield RoundTrip(cmds)
+    error = None
+    for n, (id, reply) in enumerate(zip(ids, replies)):
+        if reply == DUPLICATE_ID:
+            error = error or JobError("duplicate_id", f"job #{first + n}: {duplicate_id_message(id)}", id)
+        else:
+            sent.append(id)
+    return error
 
 
 def _block_ms(deadline: float | None, block_ms: int, what: str) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 from protocol.defaults import Defaults
 from protocol.keys import Keys, validate_id
+from protocol.scripts import ENQUEUE
 
 Cmd = tuple[str, tuple[Any, ...], dict[str, Any]]
 XREAD_COUNT = 512  # entries per read; a long stream is drained over several round trips
@@ -58,11 +59,23 @@ def xread_entries(reply: Any) -> list[tuple[Any, Any]]:
     return reply[0][1]
 
 
-def enqueue_cmds(keys: Keys, defaults: Defaults, id: str, stream_key: str, raw: bytes) -> list[Cmd]:
-    """Mark `id` queued and XADD its job document; run them in one MULTI/EXEC."""
-    # Status before XADD inside MULTI: a fast worker's "running" must never be overwritten by our "queued".
-    return [cmd("set", keys.status(id), "queued", ex=defaults.status_ttl_s),
-            cmd("xadd", stream_key, {"job": raw})]
+def enqueue_cmd(keys: Keys, defaults: Defaults, id: str, stream_key: str, raw: bytes) -> Cmd:
+    """Claim `id` for this document, mark it queued and XADD it, atomically (protocol.scripts.ENQUEUE).
+
+    The reply is ENQUEUED (1), ALREADY_ENQUEUED (0: this very document holds the id; a resend adds nothing)
+    or DUPLICATE_ID (-1: another document holds the id, queued, running or finished).
+    """
+    return ENQUEUE.eval_cmd([keys.digest(id), keys.status(id), stream_key, keys.result(id)],
+                            [raw, defaults.status_ttl_s, defaults.result_ttl_s])
+
+
+ENQUEUED, ALREADY_ENQUEUED, DUPLICATE_ID = 1, 0, -1
+
+
+def duplicate_id_message(id: str) -> str:
+    """The one-line reason of a duplicate_id failure."""
+    return (f"id {id!r} is already taken by another job document (queued, running or finished); "
+            "use a new id, or resend exactly the same document")
 
 
 def cancel_cmds(keys: Keys, defaults: Defaults, id: str) -> list[Cmd]:

@@ -87,6 +87,14 @@ class Keys:
         """String key whose presence cancels a request."""
         return f"{self.prefix}cancel:{validate_id(id)}"
 
+    def digest(self, id: str) -> str:
+        """String key: SHA-1 of the job document that holds this id (enqueue is idempotent by it)."""
+        return f"{self.prefix}digest:{validate_id(id)}"
+
+    def quarantine(self, id: str) -> str:
+        """Hash of a suspect job run alone: the worker running it ('runner') and 'deaths' while it did."""
+        return f"{self.prefix}quarantine:{validate_id(id)}"
+
     def worker(self, name: str) -> str:
         """Hash with one worker's heartbeat, model and load."""
         return f"{self.prefix}worker:{validate_id(name, 'worker name')}"

@@ -1,54 +1,163 @@
-"""Conditional writes that make "exactly one final result per request id" hold whatever crashes and retries.
+"""The Lua scripts that make every write of the protocol safe to repeat, and their argument builders.
 
-Two workers can run the same job: a reclaim from a worker that only stalled, a producer that sent one id
-twice, a transaction re-sent after its reply was lost. So the final write is a compare-and-set run inside
-Redis: the first final result wins (SET NX) and only the winner appends the `done` entry and clears the
-status; a later one changes nothing and is counted in the stats hash (`duplicate_finals`). A `restart`
-entry is appended only while no final result exists, so it can never follow `done`.
+Writes get repeated: a transaction whose reply was lost is sent again, a producer resends after a timeout,
+two workers run one job (a reclaim from a worker that only stalled). Each script decides inside Redis, in
+one atomic step, whether its write is new:
 
-The scripts go out as EVAL with their text, never EVALSHA: Redis forgets cached scripts when it restarts,
-and an EVALSHA queued in the outbox would then fail with NOSCRIPT and lose a result.
+- ENQUEUE: a job id is claimed by the digest (SHA-1) of its document. The same document again adds
+  nothing (a resend is idempotent); another document under a live or finished id is `duplicate_id`.
+- ADMIT: the worker's check before it runs an entry: the same digest rule for raw XADD producers (the first
+  run claims the id), plus whether the job is final or cancelled, and its quarantine record.
+- APPEND: a token event carries its run and its position (seq) in that run. An event at or below the
+  stream's last position of the same run was applied already; an event of another run than the one that
+  owns the stream is dropped (only a `restart`, which takes the stream over, may change owner); nothing is
+  appended once a final result exists, so nothing ever follows `done`.
+- FINALIZE: the first final result wins (SET NX); only the winner appends `done`, clears the status and
+  the quarantine record and keeps the id's digest as long as the result. If the token stream does not end
+  with the winner's own last event (another run owned it, or deltas were shed while Redis was away), the
+  winner appends a `restart` and its whole output as one delta per choice first, so a stream read after
+  its last restart always equals the result. A losing write changes nothing and is counted in the stats
+  hash (`duplicate_finals`).
+
+Producers send scripts as EVAL with their text. The worker's outbox sends EVALSHA and loads the scripts it
+uses at the head of the same MULTI/EXEC, so a Redis that restarted (and forgot its scripts) never fails a
+queued write with NOSCRIPT.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any
 
-# KEYS: result, tokens, status, stats. ARGV: result JSON, result TTL, tokens MAXLEN, tokens TTL, done fields...
-FINALIZE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
-  redis.pcall('EXPIRE', KEYS[2], ARGV[4])
-  redis.pcall('DEL', KEYS[3])
-  return 1
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script, its SHA-1 for EVALSHA, and how many keys it takes."""
+
+    name: str
+    num_keys: int
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+
+    def args(self, keys: list[str], argv: list[Any]) -> tuple[Any, ...]:
+        """EVALSHA arguments (execute_command form) for these keys and arguments."""
+        if len(keys) != self.num_keys:
+            raise ValueError(f"{self.name} takes {self.num_keys} keys, got {len(keys)}")
+        return ("EVALSHA", self.sha, self.num_keys, *keys, *argv)
+
+    def eval_cmd(self, keys: list[str], argv: list[Any]) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        """The same call as a protocol.commands.Cmd (EVAL with the text: nothing to load first)."""
+        if len(keys) != self.num_keys:
+            raise ValueError(f"{self.name} takes {self.num_keys} keys, got {len(keys)}")
+        return ("eval", (self.text, self.num_keys, *keys, *argv), {})
+
+
+def digest(raw: bytes | str) -> str:
+    """The digest that claims a job id: SHA-1 hex of the job document's bytes (redis.sha1hex in Lua)."""
+    return hashlib.sha1(raw.encode() if isinstance(raw, str) else raw).hexdigest()
+
+
+# Reads the run and seq fields of a token stream's last entry: (nil, -1) for an empty stream.
+_LAST_EVENT = """
+local function last_event(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+  if not last then return nil, -1 end
+  local run, seq, f = nil, -1, last[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'run' then run = f[i + 1] elseif f[i] == 'seq' then seq = tonumber(f[i + 1]) end
+  end
+  return run, seq
 end
-redis.call('HINCRBY', KEYS[4], 'duplicate_finals', 1)
-return 0
 """
 
-# KEYS: result, tokens. ARGV: tokens MAXLEN, tokens TTL, event fields...
-APPEND_UNLESS_FINAL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+# KEYS: digest, status, jobs stream, result. ARGV: job document, status TTL, digest TTL.
+# Returns 1 (enqueued), 0 (this document is already enqueued or done: nothing added), -1 (duplicate_id).
+ENQUEUE = Script("enqueue", 4, """
+local digest = redis.sha1hex(ARGV[1])
+local held = redis.call('GET', KEYS[1])
+if held then
+  if held == digest then return 0 end
+  return -1
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+redis.call('SET', KEYS[1], digest, 'EX', ARGV[3])
+redis.call('SET', KEYS[2], 'queued', 'EX', ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return 1
+""")
+
+# KEYS: digest, result, cancel, quarantine. ARGV: the entry's digest, digest TTL.
+# Returns {same document (1/0), has result (1/0), cancelled (1/0), and the quarantine record: runner or
+# false, deaths, the worker of the last death or false}.
+ADMIT = Script("admit", 4, """
+local held = redis.call('GET', KEYS[1])
+local has_result = redis.call('EXISTS', KEYS[2])
+local same = 1
+if held then
+  if held ~= ARGV[1] then same = 0 end
+elseif has_result == 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+local q = redis.call('HMGET', KEYS[4], 'runner', 'deaths', 'died_on')
+return {same, has_result, redis.call('EXISTS', KEYS[3]), q[1], tonumber(q[2]) or 0, q[3]}
+""")
+
+# KEYS: result, tokens. ARGV: run, seq, tokens MAXLEN, tokens TTL, takeover (1 for a restart), fields...
+# Returns 1 when appended, 0 when the event was applied already, belongs to a run that lost the stream,
+# or the request is final.
+APPEND = Script("append", 2, _LAST_EVENT + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local run, seq = last_event(KEYS[2])
+if run == ARGV[1] then
+  if seq >= tonumber(ARGV[2]) then return 0 end
+elseif run ~= nil and ARGV[5] ~= '1' then
   return 0
 end
-redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-redis.pcall('EXPIRE', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[1], 'seq', ARGV[2], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
-"""
+""")
+
+# KEYS: result, tokens, status, stats, digest, quarantine.
+# ARGV: result JSON, result TTL, tokens MAXLEN, stream TTL after done, run, last seq of the run (-1: the
+# run streamed nothing), stream mode (0: not streamed, 1: streamed, 2: streamed with gaps: replay), done fields...
+# Returns 1 when this final result won, 0 for a suppressed duplicate.
+FINALIZE = Script("finalize", 6, _LAST_EVENT + """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('HINCRBY', KEYS[4], 'duplicate_finals', 1)
+  return 0
+end
+local seq = tonumber(ARGV[6])
+if ARGV[7] ~= '0' then
+  local run, last = last_event(KEYS[2])
+  if ARGV[7] == '2' or (not (run == nil and seq == -1) and (run ~= ARGV[5] or last ~= seq)) then
+    seq = seq + 1
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[5], 'seq', seq, 'type', 'restart',
+               'data', cjson.encode({reason = 'the stream did not hold this run\\'s output: replayed whole'}))
+    for _, c in ipairs(cjson.decode(ARGV[1]).choices) do
+      if #c.token_ids > 0 then
+        seq = seq + 1
+        local data = {index = c.index, text = c.text, token_ids = c.token_ids, finish_reason = c.finish_reason}
+        if c.logprobs ~= cjson.null then data.logprobs = c.logprobs end
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[5], 'seq', seq, 'type', 'delta',
+                   'data', cjson.encode(data))
+      end
+    end
+  end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[5], 'seq', seq + 1, unpack(ARGV, 8))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('DEL', KEYS[3], KEYS[6])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
+return 1
+""")
+
+SCRIPTS = (ENQUEUE, ADMIT, APPEND, FINALIZE)
 
 
 def flat_fields(fields: dict[str, Any]) -> list[Any]:
     """{k: v, ...} -> [k, v, ...], the argument form of XADD / HSET."""
     return [x for kv in fields.items() for x in kv]
-
-
-def finalize_cmd(result_key: str, tokens_key: str, status_key: str, stats_key: str, result_json: bytes,
-                 result_ttl: int, tokens_maxlen: int, tokens_ttl: int, done_fields: dict[str, Any]) -> tuple:
-    """EVAL arguments of FINALIZE; its reply is 1 when this write won, 0 for a suppressed duplicate."""
-    return ("EVAL", FINALIZE, 4, result_key, tokens_key, status_key, stats_key,
-            result_json, result_ttl, tokens_maxlen, tokens_ttl, *flat_fields(done_fields))
-
-
-def append_unless_final_cmd(result_key: str, tokens_key: str, tokens_maxlen: int, tokens_ttl: int,
-                            fields: dict[str, Any]) -> tuple:
-    """EVAL arguments of APPEND_UNLESS_FINAL (restart events)."""
-    return ("EVAL", APPEND_UNLESS_FINAL, 2, result_key, tokens_key, tokens_maxlen, tokens_ttl, *flat_fields(fields))

@@ -26,9 +26,10 @@ class WorkerProcess:
     """One `spool worker` subprocess on the CPU, logging to a file."""
 
     def __init__(self, model: str | os.PathLike[str], url: str, name: str, log_dir: Path, *extra: str,
-                 claim_idle_ms: int = 1000, max_num_seqs: int = 4, env: dict[str, str] | None = None):
+                 claim_idle_ms: int = 1000, max_num_seqs: int = 4, env: dict[str, str] | None = None,
+                 module: str = "spool"):
         self.name, self.log_path = name, Path(log_dir) / f"{name}.log"
-        self.cmd = [sys.executable, "-m", "spool", "worker", "--model", str(model), "--redis-url", url,
+        self.cmd = [sys.executable, "-m", module, "worker", "--model", str(model), "--redis-url", url,
                     "--device", "cpu", "--name", name, "--claim-idle-ms", str(claim_idle_ms),
                     "--max-num-seqs", str(max_num_seqs), "--block-size", "8", "--heartbeat-s", "0.5",
                     "--block-ms", "200", "--grace-period-s", "5", *extra]
@@ -104,7 +105,7 @@ class Audit:
     jobs: int = 0
     lost: list[str] = field(default_factory=list)  # accepted, but no result
     duplicates: list[str] = field(default_factory=list)  # more than one done entry (more than one final)
-    no_done: list[str] = field(default_factory=list)  # result but no done entry
+    no_done: list[str] = field(default_factory=list)  # a token stream without its done entry
     restarts: int = 0  # restart events seen (jobs that were rerun)
     statuses: dict[str, int] = field(default_factory=dict)
     codes: dict[str, str] = field(default_factory=dict)  # id -> error code, for failed results
@@ -144,6 +145,6 @@ def audit(r: redis.Redis, keys: Keys, ids: list[str]) -> Audit:
                 a.codes[rid] = doc["error"]["code"]
             if dones > 1:
                 a.duplicates.append(rid)
-            elif dones == 0:
+            elif dones == 0 and entries:  # no stream at all: a non-streamed job's done marker expired
                 a.no_done.append(rid)
     return a

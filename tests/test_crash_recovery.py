@@ -149,16 +149,17 @@ def test_same_id_run_twice_at_once_has_one_final_result(tiny_llama, redis_url):
 @pytest.mark.parametrize("status", ["completed", "failed"])
 def test_finalize_script_first_write_wins(redis_url, status):
     from protocol import Result
-    from protocol.scripts import finalize_cmd
+    from protocol.scripts import FINALIZE
 
     r = connect(redis_url)
     r.set(KEYS.status("x"), "running")
     replies = []
     for n in range(3):
         res = Result(id="x", status=status, worker=f"w{n}")
-        cmd = finalize_cmd(KEYS.result("x"), KEYS.tokens("x"), KEYS.status("x"), KEYS.stats, res.to_json(),
-                           60, 100, 60, {"type": "done", "data": b"{}"})
-        replies.append(r.execute_command(*cmd))
+        name, args, _ = FINALIZE.eval_cmd(
+            [KEYS.result("x"), KEYS.tokens("x"), KEYS.status("x"), KEYS.stats, KEYS.digest("x"), KEYS.quarantine("x")],
+            [res.to_json(), 60, 100, 60, f"run{n}", -1, 0, "type", "done", "data", b"{}"])
+        replies.append(r.eval(*args))
     assert replies == [1, 0, 0]
     assert Result.from_json(r.get(KEYS.result("x"))).worker == "w0"
     assert [f[b"type"] for _, f in r.xrange(KEYS.tokens("x"))] == [b"done"]

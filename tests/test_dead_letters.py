@@ -1,4 +1,7 @@
-"""Poison jobs go to spool:dead with a failed result; `spool dead list` / `spool dead retry` inspect and requeue."""
+"""Poison jobs go to spool:dead with a failed result; `spool dead list` / `spool dead retry` inspect and requeue.
+
+A job is poison only on evidence (worker.quarantine): delivered too often makes it a suspect that runs
+alone, and only workers dying while it ran alone condemn it."""
 from __future__ import annotations
 
 import subprocess
@@ -37,22 +40,34 @@ def _die_holding_it(r, times: int) -> None:
         r.xclaim(KEYS.jobs(), KEYS.group, f"ghost-{n}", 0, ids)
 
 
+def _died_alone(r, rid: str, deaths_before: int) -> None:
+    """Record what a crash loop leaves: `deaths_before` deaths while the job ran alone, and a runner (a
+    worker that was running it alone) that never finished it: it died too."""
+    r.hset(KEYS.quarantine(rid), mapping={"deaths": deaths_before, "died_on": "ghost-1", "runner": "ghost-2"})
+
+
 def test_poison_job_is_dead_lettered_then_retried(engine, redis_url):
     client = Client(redis_url)
     r = client.redis
     poison = client.enqueue("I crash workers", max_tokens=5, stream=True, metadata={"k": 1})
     survivor = client.enqueue("so do I", max_tokens=5, id="also-poison")
-    _die_holding_it(r, times=3)  # both delivered 3 times; the next take-over makes it 4 > max_deliveries=3
-    with running_worker(engine, redis_url, claim_idle_ms=200, max_deliveries=3):
+    unlucky = client.enqueue("I was only beside them", max_tokens=5, id="unlucky")
+    _die_holding_it(r, times=3)  # all delivered 3 times; the next take-over makes it 4 > max_deliveries=3
+    _died_alone(r, poison, 1)
+    _died_alone(r, survivor, 1)  # `unlucky` has deliveries but no death while alone: no evidence
+    with running_worker(engine, redis_url, claim_idle_ms=200, max_deliveries=3, max_quarantine_deaths=2):
         res = client.result(poison, timeout=30)
         ok = client.result(survivor, timeout=30)
-    assert res.status == "failed" and res.error.code == "poison_job" and "4 times" in res.error.message
+        spared = client.result(unlucky, timeout=30)
+    assert res.status == "failed" and res.error.code == "poison_job"
+    assert "died 2 times while this job ran alone" in res.error.message and "after 4 deliveries" in res.error.message
     assert res.metadata == {"k": 1}
     assert ok.status == "failed" and ok.error.code == "poison_job"  # same history, same verdict
+    assert spared.status == "completed"  # run in quarantine, alone, and it finished
     rows = list_dead(r, KEYS)
     assert {row["id"] for row in rows} == {poison, survivor}
     row = next(row for row in rows if row["id"] == poison)
-    assert row["deliveries"] == "4" and "delivered 4 times" in row["reason"] and row["stream"] == KEYS.jobs()
+    assert row["deliveries"] == "4" and "died 2 times" in row["reason"] and row["stream"] == KEYS.jobs()
     assert orjson.loads(row["job"])["id"] == poison
 
     listed = _spool(redis_url, "dead", "list")
@@ -63,6 +78,7 @@ def test_poison_job_is_dead_lettered_then_retried(engine, redis_url):
     with running_worker(engine, redis_url):
         again = client.result(poison, timeout=30)
     assert again.status == "completed" and again.metadata == {"k": 1}
+    assert not r.exists(KEYS.quarantine(poison))  # retried: its record went, and the finished run cleared it
     assert audit(r, KEYS, [poison]).ok  # the old done entry went with the old result
     assert [row["id"] for row in list_dead(r, KEYS)] == [survivor]
     assert r.xpending(KEYS.jobs(), KEYS.group)["pending"] == 0

@@ -289,3 +289,40 @@ def test_admission_capacity_matches_its_definition_under_random_load(tiny_llama)
         for p in (0, 1, 2):
             assert eng.admission_capacity(p) == _capacity_by_scan(eng, p), (step, p)
         eng.step()
+
+
+@pytest.mark.parametrize("num_blocks", [None, 12], ids=["roomy", "tight-cache"])
+def test_isolated_request_runs_alone_and_matches_a_normal_run(tiny_llama, num_blocks):
+    """isolated=True (the worker's quarantine): while it is unfinished every step holds its sequences only;
+    the others keep their place (or are preempted for room) and all outputs equal an un-isolated run."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    two = SamplingParams(temperature=0.9, seed=7, n=2, max_tokens=10, ignore_eos=True)
+
+    def run(isolate: bool):
+        eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=4,
+                                    num_kv_blocks=num_blocks)
+        steps, done = [], {}
+        for i in range(4):
+            eng.add_request(f"bg{i}", f"background job {i}", params)
+        eng.step()
+        eng.add_request("suspect", "a suspicious prompt", two, isolated=isolate)
+        original = eng.scheduler.schedule
+
+        def recording():
+            out = original()
+            steps.append({c.seq_id.split("#")[0] for c in out.chunks})
+            return out
+
+        eng.scheduler.schedule = recording
+        while eng.has_unfinished_requests():
+            for d in eng.step():
+                done.setdefault((d.request_id, d.index), []).extend(d.new_token_ids)
+        return steps, done
+
+    steps, isolated_out = run(True)
+    _, normal_out = run(False)
+    assert isolated_out == normal_out
+    first = next(i for i, s in enumerate(steps) if "suspect" in s)
+    last = max(i for i, s in enumerate(steps) if "suspect" in s)
+    assert all(s == {"suspect"} for s in steps[first:last + 1] if s), steps
+    assert any(s - {"suspect"} for s in steps[last + 1:])  # the others went on afterwards

@@ -64,7 +64,7 @@ def test_hostile_corpus_fails_cleanly_while_good_jobs_complete(engine, redis_url
     # Nothing keyed by an unvalidated id: every key is one of ours, built from a validated id.
     for key in r.scan_iter(count=1000):
         kind, _, rid = key.decode().removeprefix("spool:").partition(":")
-        assert kind in {"jobs", "result", "tokens", "status", "dead", "worker", "workers", "stats"}, key
+        assert kind in {"jobs", "result", "tokens", "status", "dead", "worker", "workers", "stats", "digest", "quarantine"}, key
         assert not rid or kind == "jobs" or KEYS.result(rid), key
 
 

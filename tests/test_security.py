@@ -18,11 +18,11 @@ from spool_testing.redis_server import free_port
 from tests.worker_harness import running_worker
 
 # The ACL rules docs/SECURITY.md recommends; keep the two in step.
-PRODUCER_ACL = ("-@all +@connection +get +exists +set +xadd +xread +xrange +xrevrange +multi +exec +discard "
+PRODUCER_ACL = ("-@all +@connection +get +exists +set +xadd +xread +xrange +xrevrange +eval +multi +exec +discard "
                 "~spool:*")
 WORKER_ACL = ("-@all +@connection +xreadgroup +xgroup|create +xack +xdel +xclaim +xautoclaim +xpending +xread +xrange "
-              "+xrevrange +exists +get +set +del +expire +xadd +hset +sadd +srem +hincrby +eval +multi +exec "
-              "+discard ~spool:*")
+              "+xrevrange +exists +get +set +del +expire +xadd +hset +hget +hmget +hdel +sadd +srem +smembers +hincrby "
+              "+eval +evalsha +script|load +multi +exec +discard ~spool:*")
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +64,15 @@ def test_least_privilege_acl_users(engine, redis_server):
                                                                                      ("worker", "wpass")))
     _roundtrip(engine, worker_url, producer_url)
     p = connect(producer_url)
-    # A producer can spend GPU time, but cannot run code, manage groups or touch keys outside the prefix.
-    for cmd in (("EVAL", "return 1", 0), ("XGROUP", "DESTROY", "spool:jobs", "workers"), ("FLUSHALL",),
-                ("CONFIG", "GET", "*"), ("GET", "other:secret"), ("KEYS", "*")):
+    # A producer can spend GPU time, but cannot manage groups or touch keys outside the prefix, not even
+    # from a script (commands a script calls are held to the caller's ACL).
+    for cmd in (("XGROUP", "DESTROY", "spool:jobs", "workers"), ("FLUSHALL",), ("CONFIG", "GET", "*"),
+                ("GET", "other:secret"), ("KEYS", "*"), ("SCRIPT", "FLUSH")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             p.execute_command(*cmd)
+    for script in ("return redis.call('FLUSHALL')", "return redis.call('GET', 'other:secret')"):
+        with pytest.raises(redis.exceptions.ResponseError, match="(?i)can't run this command|can't access"):
+            p.eval(script, 0)
     w = connect(worker_url)
     for cmd in (("FLUSHALL",), ("CONFIG", "SET", "save", ""), ("GET", "other:secret"), ("XGROUP", "DESTROY",
                                                                                           "spool:jobs", "workers")):

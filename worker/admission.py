@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import orjson
+import redis
 from pydantic import ValidationError
 
 try:  # a chat template that refuses its input (raise_exception) raises jinja2's TemplateError
@@ -14,9 +15,11 @@ except ImportError:  # pragma: no cover - transformers brings jinja2
     TemplateError = ValueError  # type: ignore[misc,assignment]
 
 from engine import LLMEngine, SamplingParams
-from protocol import PRIORITY_RANK, Job, JobError, Keys, Limits, parse_entry
-from protocol.commands import entry_field
+from protocol import PRIORITY_RANK, Defaults, Job, JobError, Keys, Limits, parse_entry
+from protocol.commands import as_str, entry_field
+from protocol.scripts import ADMIT, digest
 from worker.inflight import InFlight
+from worker.quarantine import Record
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,12 @@ class Entry:
     entry_id: str
     fields: dict
     deliveries: int = 1
+
+    @property
+    def raw(self) -> bytes | None:
+        """The job document's bytes (None when the entry has no job field)."""
+        raw = entry_field(self.fields, "job")
+        return raw.encode() if isinstance(raw, str) else raw
 
     @property
     def enqueued(self) -> float | None:
@@ -81,6 +90,31 @@ def _default_id_of_invalid(entry: Entry, keys: Keys, priority: str, limits: Limi
     return None
 
 
+@dataclass(slots=True)
+class AdmitCheck:
+    """What Redis says about an entry's id before the worker runs it (protocol.scripts.ADMIT)."""
+
+    same_document: bool  # False: another job document holds this id (duplicate_id)
+    has_result: bool
+    cancelled: bool
+    quarantine: Record
+
+
+def admit_checks(redis_client: redis.Redis, keys: Keys, defaults: Defaults,
+                 items: list[tuple[str, bytes]]) -> list[AdmitCheck]:
+    """One round trip: ADMIT for each (request id, job document bytes); raises the transient Redis errors."""
+    with redis_client.pipeline(transaction=False) as pipe:
+        pipe.execute_command("SCRIPT", "LOAD", ADMIT.text)  # Redis may have restarted since the last call
+        for rid, raw in items:
+            pipe.execute_command(*ADMIT.args(
+                [keys.digest(rid), keys.result(rid), keys.cancel(rid), keys.quarantine(rid)],
+                [digest(raw), defaults.result_ttl_s]))
+        replies = pipe.execute()[1:]
+    return [AdmitCheck(bool(same), bool(has_result), bool(cancelled),
+                       Record(as_str(runner) if runner else None, int(deaths), as_str(died_on) if died_on else None))
+            for same, has_result, cancelled, runner, deaths, died_on in replies]
+
+
 def check_runnable(entry: Entry, rid: str, job: Job, cancelled: bool, now: float) -> Rejection | None:
     """A cancelled or expired job never starts."""
     if cancelled:
@@ -91,8 +125,10 @@ def check_runnable(entry: Entry, rid: str, job: Job, cancelled: bool, now: float
     return None
 
 
-def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys) -> InFlight | Rejection:
-    """Hand a valid job to the engine; prompt rendering or parameter errors become failed results."""
+def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys,
+           quarantined: bool = False) -> InFlight | Rejection:
+    """Hand a valid job to the engine (alone in its steps if quarantined); prompt rendering or parameter
+    errors become failed results."""
     priority = job.priority or keys.priority_of(entry.stream)
     try:
         if job.messages is not None:
@@ -102,7 +138,7 @@ def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys) -> I
         else:
             prompt = job.prompt
         params = SamplingParams(**job.sampling_kwargs())
-        engine.add_request(rid, prompt, params, priority=PRIORITY_RANK[priority])
+        engine.add_request(rid, prompt, params, priority=PRIORITY_RANK[priority], isolated=quarantined)
     except (ValueError, ValidationError, TypeError, TemplateError) as e:
         log.info("job %s rejected: %s", rid, e)
         return Rejection(entry, rid, "failed", "invalid_prompt", (str(e).splitlines() or [""])[0][:500], job)
@@ -110,4 +146,5 @@ def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys) -> I
         log.exception("job %s could not be submitted", rid)
         return Rejection(entry, rid, "failed", "internal_error", f"{type(e).__name__}: {e}"[:500], job)
     return InFlight(id=rid, job=job, stream=entry.stream, entry_id=entry.entry_id, priority=priority,
-                    enqueued=entry.enqueued, started=time.time(), deliveries=entry.deliveries)
+                    enqueued=entry.enqueued, started=time.time(), deliveries=entry.deliveries,
+                    quarantined=quarantined)

@@ -13,13 +13,15 @@ import time
 from typing import Any
 
 from protocol import Choice, Defaults, Job, Keys, Result, Timings, TokenEvent, Usage
-from protocol.commands import entry_field
-from protocol.scripts import finalize_cmd, flat_fields
+from protocol.commands import duplicate_id_message
+from protocol.scripts import FINALIZE, flat_fields
 from worker.admission import Entry, Rejection
-from worker.inflight import InFlight
+from worker.inflight import InFlight, new_run
 from worker.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+NOT_STREAMED, STREAMED, STREAM_GAPS = 0, 1, 2  # FINALIZE's stream modes (STREAM_GAPS: replay the output)
 
 
 def build_result(inf: InFlight, worker: str) -> Result:
@@ -55,7 +57,9 @@ class Finisher:
 
     def complete(self, inf: InFlight) -> None:
         """A run the engine has ended (finished, cancelled, expired or failed): write its result."""
-        self.final(inf.id, build_result(inf, self.worker_name), inf.stream, inf.entry_id)
+        mode = (STREAM_GAPS if inf.stream_gap else STREAMED) if inf.job.stream else NOT_STREAMED
+        self.final(inf.id, build_result(inf, self.worker_name), inf.stream, inf.entry_id,
+                   run=inf.run, last_seq=inf.seq, stream_mode=mode)
 
     def reject(self, rejection: Rejection) -> None:
         """An entry that ends without running: its failed/cancelled/expired result, or a dead letter without id."""
@@ -69,22 +73,34 @@ class Finisher:
                                metadata=metadata, worker=self.worker_name)
         result.timings.enqueued = entry.enqueued
         result.timings.finished = time.time()
-        self.final(rejection.id, result, entry.stream, entry.entry_id)
+        streamed = rejection.job is not None and rejection.job.stream
+        self.final(rejection.id, result, entry.stream, entry.entry_id, run=new_run(), last_seq=-1,
+                   stream_mode=STREAMED if streamed else NOT_STREAMED)
 
     def poison(self, entry: Entry, rid: str | None, reason: str, job: Job | None = None) -> None:
         """A job that keeps killing workers: dead letter plus a failed result, never another run."""
-        self.dead_letter(entry, reason, rid)
+        self.dead_letter(entry, reason, rid, ack=rid is None)
         if rid is not None:
             self.reject(Rejection(entry, rid, "failed", "poison_job", reason, job))
 
-    def final(self, rid: str, result: Result, stream: str, entry_id: str) -> None:
-        """Result, done entry and status cleanup (first final wins), plus the XACK: one MULTI/EXEC carries them."""
+    def duplicate(self, entry: Entry, rid: str) -> None:
+        """An entry whose id another job document holds (queued, running or final): never run, never merged
+        into the other job's result or stream; dead-lettered and acked."""
+        self.dead_letter(entry, f"duplicate_id: {duplicate_id_message(rid)}", rid)
+
+    def final(self, rid: str, result: Result, stream: str, entry_id: str, *, run: str, last_seq: int,
+              stream_mode: int) -> None:
+        """Result, done event, status and quarantine cleanup (first final wins), then the XACK: the step's
+        MULTI/EXEC carries them together (protocol.scripts.FINALIZE)."""
         done = TokenEvent.done(result.status, result.finish_reason).to_fields()
         self.finals_queued += 1
         d, k = self.defaults, self.keys
-        self.outbox.add(*finalize_cmd(k.result(rid), k.tokens(rid), k.status(rid), k.stats, result.to_json(),
-                                      d.result_ttl_s, d.tokens_maxlen, d.tokens_ttl_s, done),
-                        on_reply=lambda reply: self._counted(rid, reply))
+        keep_stream_s = d.stream_done_ttl_s if stream_mode != NOT_STREAMED else d.done_marker_ttl_s
+        self.outbox.add_script(
+            FINALIZE, [k.result(rid), k.tokens(rid), k.status(rid), k.stats, k.digest(rid), k.quarantine(rid)],
+            [result.to_json(), d.result_ttl_s, d.tokens_maxlen, keep_stream_s, run, last_seq, stream_mode,
+             *flat_fields(done)],
+            on_reply=lambda reply: self._counted(rid, reply))
         self.ack(stream, entry_id)
 
     def ack(self, stream: str, entry_id: str) -> None:
@@ -92,7 +108,7 @@ class Finisher:
         self.outbox.add("XACK", stream, self.keys.group, entry_id)
         self.outbox.add("XDEL", stream, entry_id)
 
-    def dead_letter(self, entry: Entry, reason: str, rid: str | None = None) -> None:
+    def dead_letter(self, entry: Entry, reason: str, rid: str | None = None, ack: bool = True) -> None:
         """Copy an entry to the dead-letter stream with its reason; ack it unless a result write will."""
         fields: dict[str, Any] = {
             "stream": entry.stream,
@@ -102,14 +118,14 @@ class Finisher:
             "id": rid or "",
             "at": f"{time.time():.3f}",
         }
-        job = entry_field(entry.fields, "job")
+        job = entry.raw
         if job is not None:
             if len(job) > self.max_job_bytes:
                 # A hostile 100 MB entry must not be copied whole: it could never run anyway.
                 job, fields["job_truncated_from"] = job[:self.max_job_bytes], str(len(job))
             fields["job"] = job
         self.outbox.add("XADD", self.keys.dead, "MAXLEN", "~", self.defaults.dead_maxlen, "*", *flat_fields(fields))
-        if rid is None:
+        if ack:
             self.ack(entry.stream, entry.entry_id)
         log.warning("dead letter %s/%s: %s", entry.stream, entry.entry_id, reason[:300])
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -10,6 +11,11 @@ from engine.outputs import RequestDelta
 from protocol import ErrorInfo, Job, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+
+def new_run() -> str:
+    """A fresh run id: tells the token events of two runs of one job apart."""
+    return secrets.token_hex(6)
 
 
 @dataclass(slots=True)
@@ -41,6 +47,19 @@ class InFlight:
     end_status: str | None = None  # set when the worker ends it early: cancelled / expired / failed
     end_error: ErrorInfo | None = None
     superseded: bool = False  # another worker owns or finished this job: abort quietly, write nothing
+    quarantined: bool = False  # a suspect job (delivered too often): computed alone in its steps
+    run: str = field(default_factory=new_run)  # names this run's token events (protocol.scripts.APPEND)
+    seq: int = -1  # position of the last token event this run wrote
+    stream_gap: bool = False  # some of its deltas were shed while Redis was away: the final write replays
+
+    def mark_stream_gap(self) -> None:
+        """One of this run's deltas was dropped: its stream no longer equals its output."""
+        self.stream_gap = True
+
+    def next_seq(self) -> int:
+        """Position of this run's next token event."""
+        self.seq += 1
+        return self.seq
 
     def __post_init__(self) -> None:
         if not self.choices:
@@ -135,9 +154,10 @@ class InFlightTable:
         inf.end_status, inf.end_error = status, ErrorInfo(code=code, message=message)
         self._abort(rid)
 
-    def abandon_all(self) -> None:
-        """Leave every job unfinished (end of the grace period): they stay pending in Redis for another worker."""
-        for inf in self._jobs.values():
-            if not inf.superseded:
-                inf.superseded = True
-                self._abort(inf.id)
+    def abandon_all(self) -> list[InFlight]:
+        """Leave every job unfinished (a stop): they stay pending in Redis for another worker; returns them."""
+        abandoned = [inf for inf in self._jobs.values() if not inf.superseded]
+        for inf in abandoned:
+            inf.superseded = True
+            self._abort(inf.id)
+        return abandoned

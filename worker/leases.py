@@ -6,12 +6,13 @@ long generation; a dead worker's entries go idle and any live worker takes them 
 worker restarted under the same name takes its own back at once). Before refreshing, the worker checks that
 each entry is still its own: if it stalled longer than claim_idle (a Redis outage, a frozen host) and
 another worker took the job, or the job already has its final result, the local run is dropped quietly.
-A job delivered more than max_deliveries times is a poison job. Entries a worker holds but lost track of
-through a Redis error are taken back without counting a delivery, so only worker deaths (and the rare reply
-lost in transit) count towards that limit.
+Entries a worker holds but lost track of through a Redis error are taken back without counting a delivery,
+and a worker that stops (warm or cold) releases its unfinished entries with their delivery count unchanged
+and their lease expired (release), so the count a job carries is the number of worker deaths around it
+(worker.quarantine decides what a high count means).
 
 Leases only talks to Redis and decides; it returns LeaseActions and the worker loop applies them (admit the
-takeovers, drop the superseded runs, finish the poison jobs), so this module never reaches into the loop.
+takeovers, drop the superseded runs), so this module never reaches into the loop.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from protocol.commands import as_str
 from protocol.connection import TRANSIENT_ERRORS
 from worker.admission import Entry
 from worker.inflight import InFlightTable
-from worker.outbox import Backoff
+from worker.outbox import Backoff, Outbox
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ class LeaseActions:
 
     takeovers: list[Entry] = field(default_factory=list)  # jobs to run again (a restart marker goes first)
     supersedes: list[tuple[str, str]] = field(default_factory=list)  # (request id, why): drop our run
-    poisoned: list[Entry] = field(default_factory=list)  # delivered more than max_deliveries times
     gone: list[tuple[str, str]] = field(default_factory=list)  # (stream, entry id) deleted while pending: ack
     groups_lost: bool = False  # NOGROUP: the consumer groups must be created again
 
@@ -53,8 +53,9 @@ class Leases:
     """Keeps this worker's jobs claimed and finds jobs whose worker stopped answering."""
 
     def __init__(self, redis_client: redis.Redis, keys: Keys, settings: WorkerSettings, inflight: InFlightTable,
-                 gate: Backoff, capacity: Callable[[str], int]):
+                 gate: Backoff, capacity: Callable[[str], int], outbox: Outbox):
         self.redis, self.keys, self.settings, self.inflight = redis_client, keys, settings, inflight
+        self.outbox = outbox
         self.gate = gate  # shared with the worker's reads: one pause for the whole worker while Redis is away
         self.capacity = capacity  # jobs of a stream the engine can admit now
         self._next_refresh = 0.0
@@ -86,6 +87,14 @@ class Leases:
                 self._next_reclaim = now + max(idle_s / 2, 0.05)
                 self._guard("reclaim", lambda a: self._reclaim(a, outbox_healthy), actions)
         return actions
+
+    def release(self, stream: str, entry_id: str, deliveries: int) -> None:
+        """Hand a pending entry of ours back at once (an operator stop, or a suspect better run elsewhere):
+        its lease expires now and its delivery count is restored, so the next taker's delivery is not
+        counted as a death."""
+        self.outbox.add("XCLAIM", stream, self.keys.group, self.settings.name, 0, entry_id,
+                        "IDLE", self.settings.claim_idle_ms, "RETRYCOUNT", max(deliveries - 1, 0), "JUSTID",
+                        options={"parse_justid": True})
 
     def recover_own(self) -> LeaseActions:
         """At start-up: this worker name's pending jobs belonged to a previous process that died; rerun them."""
@@ -192,13 +201,7 @@ class Leases:
             return
         if counts is None:
             counts = self._delivery_counts(stream, [eid for eid, _ in msgs])
-        taken = []
-        for eid, fields in msgs:
-            entry = Entry(stream, eid, fields, counts.get(eid, 1))
-            if entry.deliveries > self.settings.max_deliveries:
-                actions.poisoned.append(entry)
-            else:
-                taken.append(entry)
+        taken = [Entry(stream, eid, fields, counts.get(eid, 1)) for eid, fields in msgs]
         if taken:
             log.warning("took over %d jobs from %s: %s", len(taken), stream, " ".join(e.entry_id for e in taken))
             actions.takeovers += taken

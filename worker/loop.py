@@ -20,14 +20,15 @@ import orjson
 import redis
 
 from engine import LLMEngine
-from protocol import PRIORITY_RANK, Defaults, Keys, Limits, TokenEvent, validate_id
+from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, validate_id
 from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS
-from worker.admission import Entry, Rejection, check_runnable, parse, submit
+from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
 from worker.finish import Finisher
 from worker.inflight import InFlightTable
 from worker.leases import LeaseActions, Leases, is_nogroup
 from worker.outbox import Backoff, Outbox
+from worker.quarantine import HAND_OVER, POISON, Quarantine
 from worker.settings import WorkerSettings
 from worker.tokens import TokenStreamWriter
 
@@ -54,7 +55,8 @@ class Worker:
         self.tokens = TokenStreamWriter(self.outbox, self.keys, self.defaults)
         self.gate = Backoff(cap_s=min(2.0, lease_s))  # reads: paused together while Redis does not answer
         self.inflight = InFlightTable(engine.abort)
-        self.leases = Leases(redis_client, self.keys, settings, self.inflight, self.gate, self.capacity)
+        self.leases = Leases(redis_client, self.keys, settings, self.inflight, self.gate, self.capacity, self.outbox)
+        self.quarantine = Quarantine(redis_client, self.outbox, self.keys, self.defaults, settings)
         self.stopping = False  # warm stop: read nothing new, finish what runs within the grace period
         self.stop_now = False  # cold stop: leave at once; unfinished jobs stay pending for another worker
         self._ready: list = []  # the last collected step's deltas, published during the next step
@@ -135,6 +137,9 @@ class Worker:
             # One small read right before the launch: an interactive job that arrived during the last step
             # starts in this one, instead of waiting in Redis for the whole step. Bulk waits for the read below.
             self._admit(idle=False, streams=interactive)
+        if busy:
+            # A quarantined job about to be computed alone: on record first, so a crash in it is evidence.
+            self.quarantine.mark_running(self.engine.isolated_request())
         step = self.engine.launch() if busy else None
         self._publish(self._ready)
         self._ready = []
@@ -155,8 +160,12 @@ class Worker:
             time.sleep(0.05)  # Redis is away and there is nothing to compute: don't spin
 
     def _leave(self) -> None:
-        # Unfinished now (end of the grace period, or a cold stop): they stay pending for another worker.
-        self.inflight.abandon_all()
+        # Unfinished now (end of the grace period, or a cold stop): handed back for another worker at once,
+        # their delivery counts unchanged (an operator stop is no evidence against a job).
+        for inf in self.inflight.abandon_all():
+            self.leases.release(inf.stream, inf.entry_id, inf.deliveries)
+            if inf.quarantined:
+                self.quarantine.unmark(inf.id)
         self._publish(self._ready)
         self._ready = []
         while self.engine.has_unfinished_requests():
@@ -240,47 +249,65 @@ class Worker:
         self.handle_entries(entries)
 
     def handle_entries(self, entries: list[Entry], restart: bool = False) -> None:
-        """Validate and admit entries (new or reclaimed); everything that cannot run gets its result now."""
-        parsed: list[tuple[Entry, str, object]] = []
+        """Validate and admit entries (new or reclaimed); everything that cannot run gets its result now.
+
+        An entry whose id another document holds is a duplicate_id dead letter, never a result: that id's
+        result and stream belong to the other job. A suspect (delivered too often) runs in quarantine.
+        """
+        checked: list[tuple[Entry, str, Job | Rejection]] = []
         for entry in entries:
-            p = parse(entry, self.keys, self.limits)
-            if isinstance(p, Rejection):
-                self.finisher.reject(p)
+            parsed = parse(entry, self.keys, self.limits)
+            if isinstance(parsed, Rejection):
+                if parsed.id is None or entry.raw is None:
+                    self.finisher.reject(parsed)  # no id: a dead letter; nobody's result is at stake
+                else:
+                    checked.append((entry, parsed.id, parsed))
             else:
-                parsed.append((entry, p[0], p[1]))
-        if not parsed:
+                checked.append((entry, *parsed))
+        if not checked:
             return
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            for _, rid, _ in parsed:
-                pipe.exists(self.keys.result(rid))
-                pipe.exists(self.keys.cancel(rid))
-            flags = pipe.execute()
-        except TRANSIENT_ERRORS as e:
+            checks = admit_checks(self.redis, self.keys, self.defaults, [(rid, e.raw) for e, rid, _ in checked])
+        except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
             # Already delivered to us: they stay pending and come back through a reclaim.
-            log.warning("redis unavailable while admitting (%s); jobs stay pending (retry in %.1fs)",
+            log.warning("redis could not check new jobs (%s); they stay pending (retry in %.1fs)",
                         e, self.gate.fail())
             return
         now = time.time()
-        for i, (entry, rid, job) in enumerate(parsed):
-            has_result, cancelled = flags[2 * i], flags[2 * i + 1]
+        for (entry, rid, job), check in zip(checked, checks):
+            if not check.same_document:
+                self.finisher.duplicate(entry, rid)
+                continue
+            if isinstance(job, Rejection):
+                self.finisher.reject(job)
+                continue
             running = self.inflight.get(rid)
             if running is not None and running.superseded:
                 continue  # our run of this id is being dropped: leave the entry pending for a later reclaim
-            if has_result or running is not None:
-                # Final already (or running here): a duplicate id or a redelivery must not overwrite it.
+            if check.has_result or running is not None:
+                # Final already (or running here): a resend or a redelivery must not overwrite it.
                 log.info("job %s already final or in flight; acking duplicate entry %s", rid, entry.entry_id)
                 self.finisher.ack(entry.stream, entry.entry_id)
                 continue
-            rejection = check_runnable(entry, rid, job, bool(cancelled), now)
-            admitted = rejection or submit(self.engine, entry, rid, job, self.keys)
+            quarantined = self.quarantine.is_suspect(entry.deliveries)
+            if quarantined:
+                verdict, deaths = self.quarantine.verdict(rid, check.quarantine)
+                if verdict == POISON:
+                    self._poison(entry, rid, job, deaths)
+                    continue
+                if verdict == HAND_OVER:
+                    log.warning("job %s last died alone on this worker: handing it to another", rid)
+                    self.leases.release(entry.stream, entry.entry_id, entry.deliveries)
+                    continue
+            rejection = check_runnable(entry, rid, job, check.cancelled, now)
+            admitted = rejection or submit(self.engine, entry, rid, job, self.keys, quarantined)
             if isinstance(admitted, Rejection):
                 self.finisher.reject(admitted)
                 continue
             self.inflight.add(admitted)
             self.outbox.add("SET", self.keys.status(rid), "running", "EX", self.defaults.status_ttl_s)
             if restart:
-                self.tokens.restart(rid, "job reclaimed from a worker that stopped")
+                self.tokens.restart(admitted, "job reclaimed from a worker that stopped")
 
     def _apply(self, actions: LeaseActions) -> None:
         """Carry out what a lease pass decided."""
@@ -290,16 +317,12 @@ class Worker:
             self.inflight.supersede(rid, why)
         for stream, entry_id in actions.gone:
             self.outbox.add("XACK", stream, self.keys.group, entry_id)
-        for entry in actions.poisoned:
-            self._poison(entry)
         if actions.takeovers:
             self.handle_entries(actions.takeovers, restart=True)
 
-    def _poison(self, entry: Entry) -> None:
-        reason = (f"delivered {entry.deliveries} times (limit {self.settings.max_deliveries}); "
-                  "a worker died on every attempt")
-        parsed = parse(entry, self.keys, self.limits)
-        rid, job = (parsed.id, parsed.job) if isinstance(parsed, Rejection) else parsed
+    def _poison(self, entry: Entry, rid: str, job: Job, deaths: int) -> None:
+        reason = (f"a worker died {deaths} times while this job ran alone (limit "
+                  f"{self.settings.max_quarantine_deaths}), after {entry.deliveries} deliveries")
         self.finisher.poison(entry, rid, reason, job)
 
     # -- writing ----------------------------------------------------------------------------------
@@ -310,7 +333,7 @@ class Worker:
                 continue
             inf.apply(delta)
             if inf.job.stream and not inf.superseded and (delta.new_text or delta.new_token_ids):
-                self.tokens.delta(delta.request_id, TokenEvent.delta(delta.index, delta.new_text, delta.new_token_ids))
+                self.tokens.delta(inf, TokenEvent.delta(delta.index, delta.new_text, delta.new_token_ids))
             if delta.finished and inf.finished:  # only a finishing delta can complete the request
                 self.inflight.remove(inf.id)
                 if not inf.superseded:

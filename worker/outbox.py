@@ -10,6 +10,7 @@ from typing import Any
 import redis
 
 from protocol.connection import TRANSIENT_ERRORS
+from protocol.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,37 @@ OnReply = Callable[[Any], None]
 
 
 @dataclass(slots=True)
+class _Queued:
+    args: tuple[Any, ...]  # execute_command arguments
+    droppable: bool
+    on_reply: OnReply | None
+    script: Script | None  # the script an EVALSHA runs: loaded at the head of the transaction
+    on_shed: Callable[[], None] | None = None  # a droppable command dropped while Redis stayed away
+    options: dict[str, Any] | None = None  # redis-py reply parsing options (e.g. parse_justid)
+
+
+@dataclass(slots=True)
 class Outbox:
-    """Queued commands; droppable ones (token deltas) are shed first if Redis stays down for long."""
+    """Queued commands; droppable ones (token deltas) are shed first if Redis stays down for long.
+
+    Every write the worker makes is safe to apply twice (protocol.scripts), because a transaction whose
+    reply is lost is sent again in full.
+    """
 
     client: redis.Redis
     max_droppable: int = 100_000
     backoff: Backoff = field(default_factory=Backoff)
-    _cmds: list[tuple[bool, tuple[Any, ...], OnReply | None]] = field(default_factory=list)
+    _cmds: list[_Queued] = field(default_factory=list)
 
-    def add(self, *args: Any, droppable: bool = False, on_reply: OnReply | None = None) -> None:
+    def add(self, *args: Any, droppable: bool = False, on_reply: OnReply | None = None,
+            options: dict[str, Any] | None = None) -> None:
         """Queue one Redis command (execute_command arguments); on_reply gets its reply once it has run."""
-        self._cmds.append((droppable, args, on_reply))
+        self._cmds.append(_Queued(args, droppable, on_reply, None, options=options))
+
+    def add_script(self, script: Script, keys: list[str], argv: list[Any], *, droppable: bool = False,
+                   on_reply: OnReply | None = None, on_shed: Callable[[], None] | None = None) -> None:
+        """Queue a script call (EVALSHA; the flush loads the script first, so NOSCRIPT never happens)."""
+        self._cmds.append(_Queued(script.args(keys, argv), droppable, on_reply, script, on_shed))
 
     def __len__(self) -> int:
         return len(self._cmds)
@@ -75,8 +96,11 @@ class Outbox:
         if not self.backoff.ready():
             return False
         pipe = self.client.pipeline(transaction=True)
-        for _, args, _ in self._cmds:
-            pipe.execute_command(*args)
+        scripts = {q.script.sha: q.script for q in self._cmds if q.script is not None}
+        for script in scripts.values():  # a restarted Redis forgot them; loading a known one costs little
+            pipe.execute_command("SCRIPT", "LOAD", script.text)
+        for q in self._cmds:
+            pipe.execute_command(*q.args, **(q.options or {}))
         try:
             # Runtime errors of single commands (WRONGTYPE on a key someone else wrote) come back as values
             # and cost only that command; the transaction itself goes through.
@@ -93,11 +117,11 @@ class Outbox:
             pipe.reset()
         cmds, self._cmds = self._cmds, []
         self.backoff.ok()
-        for (_, args, on_reply), reply in zip(cmds, replies):
+        for q, reply in zip(cmds, replies[len(scripts):]):
             if isinstance(reply, Exception):
-                log.warning("redis %s failed: %s", _name(args), reply)
-            if on_reply is not None:
-                on_reply(reply)
+                log.warning("redis %s failed: %s", _name(q.args), reply)
+            if q.on_reply is not None:
+                q.on_reply(reply)
         return True
 
     def _failed(self, why: str, level: int) -> None:
@@ -106,10 +130,14 @@ class Outbox:
         log.log(level, "%s; %d commands kept, retry in %.1fs", why, len(self._cmds), pause)
 
     def _shed(self) -> None:
-        droppable = sum(1 for d, _, _ in self._cmds if d)
+        droppable = sum(1 for q in self._cmds if q.droppable)
         if droppable > self.max_droppable:
-            # Live deltas are a convenience; results, acks and done markers are never dropped.
-            self._cmds = [c for c in self._cmds if not c[0]]
+            # Live deltas are a convenience (the final write replays a run's output into a stream that
+            # lacks it); results, acks and done markers are never dropped.
+            for q in self._cmds:
+                if q.droppable and q.on_shed is not None:
+                    q.on_shed()
+            self._cmds = [q for q in self._cmds if not q.droppable]
             log.warning("redis unavailable: dropped %d buffered token deltas", droppable)
 
 

@@ -24,7 +24,8 @@ class WorkerSettings:
     name: str = field(default_factory=default_worker_name)
     grace_period_s: float = 30.0  # on SIGTERM: time to finish in-flight requests before leaving them pending
     claim_idle_ms: int = 60_000  # a pending job idle this long belongs to a dead worker and is reclaimed
-    max_deliveries: int = 3  # a job delivered more often than this goes to the dead-letter stream
+    max_deliveries: int = 3  # a job delivered more often than this is a suspect: it runs alone (quarantine)
+    max_quarantine_deaths: int = 2  # deaths of workers while a suspect ran alone that make it a poison job
     heartbeat_s: float = 2.0
     block_ms: int = 1_000  # longest blocking read while idle
     max_jobs: int | None = None  # exit after this many finished jobs (tests, one-shot runs)

@@ -25,7 +25,9 @@ from producer.batch.state import TMP_TTL_S, BatchInfo, BatchStore, validate_batc
 from producer.batch.validate import BatchBusy, BatchInvalid, BatchMismatch, validate
 from producer.client import Client
 from protocol import BATCH_PRIORITY, Result
-from protocol.commands import Cmd, as_str, cancel_cmds, cmd, enqueue_cmds, execute
+from protocol.commands import (
+    DUPLICATE_ID, Cmd, as_str, cancel_cmds, cmd, duplicate_id_message, enqueue_cmd, execute,
+)
 from protocol.connection import TRANSIENT_ERRORS
 
 SWEEP_S = 5.0  # also GET every in-flight result this often, in case a done wake-up was missed or trimmed
@@ -197,18 +199,14 @@ class BatchRunner:
     def _enqueue(self, reqs: list[Request]) -> None:
         k, d = self.keys, self.ctx.defaults
         cmds = [cmd("sadd", self.store.inflight_key(self.batch_id), *(q.rid for q in reqs))]
-        for q in reqs:
-            cmds += enqueue_cmds(k, d, q.rid, k.jobs(BATCH_PRIORITY), q.raw)  # as Client.enqueue does
-        try:
-            self._exec(cmds, True)
-        except TRANSIENT_ERRORS:
-            # The MULTI may or may not have run: re-check and enqueue only what has neither status nor result.
-            time.sleep(1.0)
-            vals = self._retry(lambda: self._exec([c for q in reqs for c in (cmd("exists", k.status(q.rid)),
-                                                                            cmd("exists", k.result(q.rid)))], True))
-            left = [q for i, q in enumerate(reqs) if not vals[2 * i] and not vals[2 * i + 1]]
-            if left:
-                self._enqueue(left)
+        cmds += [enqueue_cmd(k, d, q.rid, k.jobs(BATCH_PRIORITY), q.raw) for q in reqs]  # as Client.enqueue does
+        # Idempotent (SADD, and the enqueue script by the document's digest): resending after a lost reply
+        # adds nothing, so a failed round trip is simply sent again.
+        replies = self._retry(lambda: self._exec(cmds, False))[1:]
+        for q, reply in zip(reqs, replies):
+            if reply == DUPLICATE_ID:  # e.g. resumed with another --default-max-tokens: the documents differ
+                self._write_result(self.inflight.pop(q.rid).req,
+                                   Result.failed(q.rid, "duplicate_id", duplicate_id_message(q.rid)))
 
     def _wait(self, bid: str) -> None:
         """Block until some in-flight job finishes (its done entry wakes us), then write what is final."""

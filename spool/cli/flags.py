@@ -19,7 +19,8 @@ _HELP = {
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "grace_period_s": "on SIGTERM, seconds to finish in-flight jobs",
     "claim_idle_ms": "reclaim other workers' jobs idle this long",
-    "max_deliveries": "dead-letter a job delivered more often than this",
+    "max_deliveries": "run a job delivered more often than this alone (quarantine) before it can be condemned",
+    "max_quarantine_deaths": "dead-letter a job as poison after workers died this often while it ran alone",
     "max_jobs": "exit after this many finished jobs",
 }
 

@@ -43,7 +43,13 @@ def cmd_enqueue(args) -> int:
         prompt = None
     else:
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    rid = producer.enqueue(prompt, id=args.id, stream=args.stream, priority=args.priority, **kw)
+    from protocol import JobError
+
+    try:
+        rid = producer.enqueue(prompt, id=args.id, stream=args.stream, priority=args.priority, **kw)
+    except JobError as e:  # invalid, or duplicate_id: the user's mistake, one line
+        print(f"spool enqueue: {e.code}: {e.message}", file=sys.stderr)
+        return 1
     if args.stream:
         return _follow(producer, rid, args.timeout)
     if args.wait:
