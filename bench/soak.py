@@ -1,5 +1,5 @@
-"""Soak: jobs flow for a set time while workers are SIGKILLed and Redis restarts; then audit that every job
-ended exactly once.
+"""Soak: jobs flow for a set time while workers are SIGKILLed, Redis restarts, freezes (SIGSTOP), runs out of
+memory and drops connections; then audit that every job ended exactly once.
 
   python bench/soak.py --duration 120 --workers 3 --kill-every 8 --restart-redis-every 25 --json soak.json
 
@@ -10,13 +10,17 @@ spool_testing/hostile_corpus.py) while a chaos loop SIGKILLs random workers (res
 a new one) and restarts Redis (gracefully or with SIGKILL). Then it waits for quiescence and audits: every
 accepted id has a result and exactly one `done`, hostile jobs failed with their expected codes, every
 id-less hostile entry is in the dead letters, nothing is pending. Exit status 0 when nothing was lost or
-duplicated and no worker died on its own. Bounded: it stops by itself after --duration + --quiesce-timeout.
+duplicated and no worker died on its own. On top, spool_testing/history.py checks the exactly-once
+invariants of docs/PROTOCOL.md on every regular job: one final result, nothing after `done`, no two runs
+mixed, each streamed job's stream equal to its result, no healthy job condemned as poison. Bounded: it
+stops by itself after --duration + --quiesce-timeout.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -31,11 +35,17 @@ import redis  # noqa: E402
 from producer import Client  # noqa: E402
 from protocol.keys import Keys  # noqa: E402
 from spool_testing.chaos import WorkerProcess, audit  # noqa: E402
+from spool_testing.history import History, check  # noqa: E402
 from spool_testing.redis_server import RedisServer  # noqa: E402
 from spool_testing.hostile_corpus import corpus  # noqa: E402
 
 KEYS = Keys()
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def _retryable(e: Exception) -> bool:
+    # A Redis out of memory (the --oom-every chaos) refuses writes for a while: the producer waits it out.
+    return isinstance(e, RETRYABLE) or (isinstance(e, redis.ResponseError) and "maxmemory" in str(e))
 
 
 @dataclass
@@ -52,7 +62,11 @@ class Tally:
     worker_crashes: int = 0  # died without being killed: must stay 0
     redis_restarts: int = 0
     redis_crashes: int = 0
+    redis_freezes: int = 0
+    redis_ooms: int = 0
+    client_kills: int = 0
     events: list[str] = field(default_factory=list)
+    history: History = field(default_factory=History)
 
 
 def _retry(fn, tally: Tally, stop_at: float):
@@ -60,7 +74,9 @@ def _retry(fn, tally: Tally, stop_at: float):
     while True:
         try:
             return fn()
-        except RETRYABLE:
+        except Exception as e:  # noqa: BLE001 - only the retryable ones are swallowed
+            if not _retryable(e):
+                raise
             tally.enqueue_retries += 1
             if time.monotonic() > stop_at:
                 raise
@@ -82,6 +98,7 @@ def produce(url: str, tally: Tally, stop: threading.Event, args, rng: random.Ran
                "temperature": rng.choice([0.0, 0.7, 1.0])}
         _retry(lambda: client.enqueue_many([job]), tally, hard_stop)
         tally.accepted.append(rid)
+        tally.history.acknowledged(rid, streamed=job["stream"])
         if rng.random() < args.cancel_fraction:
             _retry(lambda: client.cancel(rid), tally, hard_stop)
             tally.cancels += 1
@@ -104,10 +121,14 @@ def produce(url: str, tally: Tally, stop: threading.Event, args, rng: random.Ran
 
 def chaos(server: RedisServer, workers: list[WorkerProcess], spawn, tally: Tally, stop: threading.Event, args,
           rng: random.Random) -> None:
-    """SIGKILL a random worker every ~kill_every s, restart Redis every ~restart_redis_every s."""
+    """SIGKILL a random worker every ~kill_every s, restart Redis every ~restart_redis_every s, freeze it,
+    run it out of memory and drop every client connection at their own mean intervals."""
     now = time.monotonic()
     next_kill = now + rng.uniform(0.5, 1.5) * args.kill_every
     next_redis = now + rng.uniform(0.5, 1.5) * args.restart_redis_every
+    timers = {name: now + rng.uniform(0.5, 1.5) * every for name, every in
+              (("freeze", args.freeze_redis_every), ("oom", args.oom_every), ("client_kill", args.client_kill_every))
+              if every > 0}
     while not stop.wait(0.1):
         for i, w in enumerate(workers):
             if not w.alive:  # nobody killed it: a crash
@@ -134,6 +155,37 @@ def chaos(server: RedisServer, workers: list[WorkerProcess], spawn, tally: Tally
             tally.redis_restarts += 1
             tally.redis_crashes += crash
             tally.events.append(f"{t - now:.1f}s redis {'SIGKILL' if crash else 'SIGTERM'} + restart")
+        for name, due in list(timers.items()):
+            if t >= due:
+                every = {"freeze": args.freeze_redis_every, "oom": args.oom_every,
+                         "client_kill": args.client_kill_every}[name]
+                timers[name] = t + rng.uniform(0.5, 1.5) * every
+                _fault(name, server, tally, rng, t - now)
+
+
+def _fault(name: str, server: RedisServer, tally: Tally, rng: random.Random, at: float) -> None:
+    """One of the milder faults: a frozen Redis, a Redis out of memory, or every connection dropped."""
+    try:
+        if name == "freeze" and server.proc is not None:
+            pause = rng.uniform(0.5, 3.0)
+            server.proc.send_signal(signal.SIGSTOP)
+            time.sleep(pause)
+            server.proc.send_signal(signal.SIGCONT)
+            tally.redis_freezes += 1
+            tally.events.append(f"{at:.1f}s redis SIGSTOP for {pause:.1f}s")
+        elif name == "oom":
+            admin = server.client()
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+            time.sleep(rng.uniform(0.5, 2.0))
+            admin.config_set("maxmemory", 0)
+            tally.redis_ooms += 1
+            tally.events.append(f"{at:.1f}s redis out of memory for a while")
+        elif name == "client_kill":
+            tally.client_kills += int(server.client().execute_command("CLIENT", "KILL", "TYPE", "normal",
+                                                                      "SKIPME", "yes"))
+    except RETRYABLE:
+        pass  # Redis was restarting: skip this one
 
 
 def quiesce(r: redis.Redis, tally: Tally, timeout: float) -> float:
@@ -186,8 +238,13 @@ def report(r: redis.Redis, tally: Tally, wall: float, quiet_s: float, args) -> d
         "examples": {**a.summary()["examples"], "wrong_codes": dict(list(wrong_codes.items())[:5])},
         "events": tally.events,
     }
+    problems = check(tally.history, r, KEYS)
+    out["history_problems"] = len(problems)
+    out["examples"]["history"] = problems[:5]
+    out["redis_freezes"], out["redis_ooms"], out["client_kills"] = (tally.redis_freezes, tally.redis_ooms,
+                                                                    tally.client_kills)
     out["ok"] = not (a.lost or a.duplicates or a.no_done or wrong_codes or dead_missing or dead_wrong
-                     or tally.worker_crashes or quiet_s < 0)
+                     or tally.worker_crashes or quiet_s < 0 or problems)
     return out
 
 
@@ -198,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between worker SIGKILLs (0: never)")
     p.add_argument("--restart-redis-every", type=float, default=25.0, help="mean seconds between Redis restarts")
+    p.add_argument("--freeze-redis-every", type=float, default=30.0, help="mean seconds between SIGSTOPs of Redis")
+    p.add_argument("--oom-every", type=float, default=40.0, help="mean seconds between Redis out-of-memory spells")
+    p.add_argument("--client-kill-every", type=float, default=5.0, help="mean seconds between CLIENT KILLs (0: never)")
     p.add_argument("--rate", type=float, default=25.0, help="jobs enqueued per second")
     p.add_argument("--max-tokens", type=int, default=120)
     p.add_argument("--hostile-fraction", type=float, default=0.1, help="share of jobs followed by a hostile entry")
