@@ -2,6 +2,7 @@
 
   python bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer
   python bench/throughput.py --model /path/to/hf_dir ...
+  python bench/throughput.py --shape llama3-8b ... --structured one|distinct   (a JSON schema on every request)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
 """
 from __future__ import annotations
@@ -32,8 +33,11 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
-    llm.generate([{"prompt_token_ids": p[:64]} for p in wl.prompts[:8]], params[:8])  # warm-up
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=_schema(args, i))
+              for i, n in enumerate(wl.output_lens)]
+    llm.generate([{"prompt_token_ids": p[:64]} for p in wl.prompts[:8]],
+                 [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens[:8]])  # warm-up
+    compile_s = _time_first_compile(llm, args) if args.structured != "none" else None
     llm.engine.block_manager.reset_prefix_cache()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -43,16 +47,47 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert out_tokens == sum(wl.output_lens), "spool generated a different number of tokens than asked"
+    reasons: dict[str, int] = {}
+    for o in outs:
+        reasons[str(o.outputs[0].finish_reason)] = reasons.get(str(o.outputs[0].finish_reason), 0) + 1
+    if args.structured == "none":
+        assert out_tokens == sum(wl.output_lens), "spool generated a different number of tokens than asked"
+    else:
+        print(f"finish reasons {reasons}; first error: {next((o.error for o in outs if o.error), None)}")
     eng = llm.engine
     res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
     res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks, preemptions=eng.scheduler.num_preemptions,
-               steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3))
+               steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
+               structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons)
     del llm, eng, outs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+def _schema(args, i: int):
+    """A JSON schema that cannot end before max_tokens (>= 256 array items), one for all or one per request."""
+    if args.structured == "none":
+        return None
+    from engine import StructuredOutputsParams
+
+    key = "items" if args.structured == "one" else f"items_{i}"
+    return StructuredOutputsParams(json={
+        "type": "object", "required": [key],
+        "properties": {key: {"type": "array", "minItems": 256, "items": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 999}}}})
+
+
+def _time_first_compile(llm, args) -> float:
+    """Seconds of one request with a schema nobody compiled yet (compile + a 1-token generation)."""
+    from engine import SamplingParams, StructuredOutputsParams
+
+    fresh = StructuredOutputsParams(json={"type": "object", "required": ["probe"],
+                                          "properties": {"probe": {"type": "array", "items": {"type": "integer"}}}})
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1, structured_outputs=fresh))
+    return round(time.perf_counter() - t0, 3)
 
 
 def run_peer(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -102,6 +137,8 @@ def main() -> int:
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
+                   help="a JSON schema on every request: the same one, or one per request (compiled each)")
     args = p.parse_args()
     path, load_format = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]

@@ -196,3 +196,11 @@ def decode_logprob_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
         # One call into Rust for all top-k ids of a position.
         return backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
     return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+
+def token_bytes_table(tokenizer) -> list[bytes]:
+    """The exact bytes of every token id: byte-level BPE (GPT-2 style) and byte-fallback (<0xNN>) tokens are
+    mapped back to their bytes, so a token that holds part of a UTF-8 character is not a U+FFFD."""
+    import xgrammar  # decodes both vocabulary styles the way its grammar matcher needs them
+
+    return list(xgrammar.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab)

@@ -49,10 +49,18 @@ class LLM:
         messages: list[dict] | Seq[list[dict]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate (vLLM's
+        arguments: tools, add_generation_prompt, continue_final_message, chat_template_kwargs)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.engine.apply_chat_template(c) for c in convs]
+        prompts = [self.engine.apply_chat_template(c, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                   continue_final_message=continue_final_message,
+                                                   chat_template_kwargs=chat_template_kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptInput], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:

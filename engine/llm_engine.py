@@ -11,18 +11,22 @@ from pathlib import Path
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
-from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
+from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens, token_bytes_table
+from engine.grammar_gate import Compiled, GrammarGate
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SeqStatus
 from engine.step_types import StepInFlight
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 PromptInput = str | list[int] | dict
+# How long launch() may block for a compiling grammar when nothing else can run (keeps LLM.generate and an
+# idle worker loop from spinning; a busy engine never waits).
+_IDLE_GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass(slots=True)
@@ -95,9 +99,11 @@ class LLMEngine:
         )
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)
+        self._grammars = GrammarGate(self.tokenizer, self.model_cfg.vocab_size, eos)  # structured outputs
         self._arrival = itertools.count()
         self._in_flight = False
         self.stats = EngineStats()
+        self._vocab_bytes: list[bytes] | None = None  # token id -> exact bytes, built when logprobs need it
         _freeze_startup_heap()
 
     @classmethod
@@ -123,11 +129,22 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError("prompt must be a string, a list of token ids, or a dict with 'prompt_token_ids'")
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        """Render chat messages with the model's chat template, ready for generation."""
+    def apply_chat_template(
+        self, messages: list[dict], *, tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+    ) -> dict:
+        """Render chat messages with the model's chat template: {"prompt": text, "prompt_token_ids": ids}.
+
+        The rendered template owns the special tokens (most render `{{ bos_token }}` themselves), so the text
+        is tokenized without adding any: the ids equal transformers' apply_chat_template(tokenize=True).
+        """
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {"prompt": text, "prompt_token_ids": ids}
 
     def _reject_reason(self, ids: list[int], params: SamplingParams) -> str | None:
         if not ids:
@@ -135,6 +152,11 @@ class LLMEngine:
         vocab = self.model_cfg.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             return f"prompt token ids must be in [0, {vocab})"
+        if params.max_tokens is None:
+            return (f"the prompt ({len(ids)} tokens) leaves no room to generate within max_model_len "
+                    f"({self.max_model_len})")
+        if params.max_tokens < params.min_tokens:
+            return f"min_tokens ({params.min_tokens}) exceeds the {params.max_tokens} tokens left after the prompt"
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
@@ -158,28 +180,66 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         params = params or SamplingParams()
         text, ids = self.encode_prompt(prompt)
+        vocab = self.model_cfg.vocab_size
+        bad_bias = [t for t in params.logit_bias if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {vocab})")
+        if params.max_tokens is None:
+            params = self._resolve_max_tokens(ids, params)
         outputs = [CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if params.logprobs is not None else None)
                    for i in range(params.n)]
         req = _Request(request_id, text, ids, params, [], [], outputs)
         self.requests[request_id] = req
         reason = self._reject_reason(ids, params)
         if reason is not None:
-            req.error = reason
-            for out in outputs:
-                out.finish_reason = "error"
-                self._pending.append(RequestDelta(request_id, out.index, [], "", True, "error", None, None, reason,
-                                                  len(ids)))
-            req.num_finished = params.n
+            self._fail_request(req, reason)
             return
         arrival = next(self._arrival)
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
+            seed = generator_seed(params.seed, i)
             seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, seed, priority, arrival, isolated)
             req.seqs.append(seq)
             req.detoks.append(
                 IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                        params.include_stop_str_in_output) if self.tokenizer is not None else None
             )
+        if params.structured_outputs is None:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+            return
+        # Compiling is off the step path: until the grammar is ready the sequences wait in the gate, unseen by
+        # the scheduler, so a new schema never stalls running requests (a cache hit is ready right here).
+        compiled = self._grammars.submit(request_id, params.structured_outputs, req.seqs)
+        if compiled is not None:
+            self._start_compiled(compiled)
+
+    def _resolve_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        """max_tokens=None: the rest of max_model_len after the prompt, within what the whole KV cache holds
+        (a request must always be able to finish alone). None is kept when no room is left (then rejected)."""
+        cache_tokens = self.block_manager.num_blocks * self.config.block_size
+        room = min(self.max_model_len, cache_tokens) - len(ids)
+        return params.model_copy(update={"max_tokens": room}) if room >= 1 else params
+
+    def _fail_request(self, req: _Request, reason: str) -> None:
+        """Finish every completion of a request that cannot run; the error deltas leave with the next step."""
+        req.error = reason
+        for seq in req.seqs:
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, "error"  # never reached the scheduler
+        for out in req.outputs:
+            out.finish_reason = "error"
+            self._pending.append(RequestDelta(req.request_id, out.index, [], "", True, "error", None, None, reason,
+                                              len(req.prompt_token_ids)))
+        req.num_finished = len(req.outputs)
+
+    def _start_compiled(self, compiled: Compiled) -> None:
+        """A request's grammar is settled: schedule its sequences, or fail it (invalid_structured_output)."""
+        req = self.requests.get(compiled.request_id)
+        if req is None:
+            return
+        if compiled.error is not None:
+            self._fail_request(req, compiled.error)
+            return
+        for seq in compiled.seqs:
             self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -187,16 +247,20 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is None:
             return False
+        compiling = self._grammars.discard(request_id)  # sequences the scheduler has not seen yet
         for seq in req.seqs:
             if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+                if compiling:
+                    seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+                else:
+                    self.scheduler.finish(seq, "abort")
                 self._pending.append(self._finish_delta(req, seq, []))
         return True
 
     # -- the loop ---------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        """True while a request is queued, running, or has deltas still to deliver."""
-        return bool(self._pending) or self.scheduler.has_unfinished()
+        """True while a request is compiling its grammar, queued, running, or has deltas still to deliver."""
+        return bool(self._pending) or self.scheduler.has_unfinished() or bool(self._grammars)
 
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks held by sequences (0..1)."""
@@ -209,7 +273,10 @@ class LLMEngine:
 
     def admission_capacity(self, priority: int = 0) -> int:
         """How many new requests of `priority` a queue consumer should hand over now (the scheduler decides)."""
-        return self.scheduler.admission_capacity(priority)
+        capacity = self.scheduler.admission_capacity(priority)
+        if self._grammars:  # sequences waiting for their grammar will queue soon: count them as queued
+            capacity = max(0, capacity - self._grammars.num_waiting(priority))
+        return capacity
 
     def step(self) -> list[RequestDelta]:
         """Schedule, run one forward pass, sample, detokenize; returns what each touched completion gained."""
@@ -223,6 +290,11 @@ class LLMEngine:
         """
         if self._in_flight:
             raise RuntimeError("a step is already in flight: collect() it first")
+        if self._grammars:
+            if not (self._pending or self.scheduler.has_unfinished()):
+                self._grammars.wait(_IDLE_GRAMMAR_WAIT_S)  # nothing else to run: do not spin on the compile
+            for compiled in self._grammars.poll():
+                self._start_compiled(compiled)
         sched = self.scheduler.schedule()
         if not (sched.chunks or sched.finished_seq_ids):
             return StepInFlight(sched, None)
@@ -251,6 +323,13 @@ class LLMEngine:
                     del self.requests[d.request_id]
         return deltas
 
+    def _token_bytes(self, ids: list[int]) -> list[bytes | None]:
+        """Exact bytes of tokens (for logprobs); the vocabulary's table is built on first use."""
+        if self._vocab_bytes is None:
+            self._vocab_bytes = token_bytes_table(self.tokenizer) if self.tokenizer is not None else []
+        table = self._vocab_bytes
+        return [table[i] if 0 <= i < len(table) else None for i in ids]
+
     def _on_token(self, seq: Sequence, logprobs: dict[int, float] | None, ranks: dict[int, int] | None) -> RequestDelta:
         req = self.requests[seq.request_id]
         out = req.outputs[seq.index]
@@ -259,8 +338,11 @@ class LLMEngine:
         self.stats.generation_tokens += 1
         new_lp = None
         if logprobs is not None and out.logprobs is not None:
-            toks = decode_logprob_tokens(self.tokenizer, list(logprobs)) if self.tokenizer else [None] * len(logprobs)
-            new_lp = [{t: Logprob(lp, ranks.get(t) if ranks else None, s) for (t, lp), s in zip(logprobs.items(), toks)}]
+            ids = list(logprobs)
+            toks = decode_logprob_tokens(self.tokenizer, ids) if self.tokenizer else [None] * len(ids)
+            raw = self._token_bytes(ids)
+            new_lp = [{t: Logprob(lp, ranks.get(t) if ranks else None, s, b)
+                       for (t, lp), s, b in zip(logprobs.items(), toks, raw)}]
             out.logprobs.extend(new_lp)
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + logprobs[token]
         num_output = seq.num_output_tokens
@@ -293,8 +375,11 @@ class LLMEngine:
         out.finish_reason = seq.finish_reason
         out.stop_reason = seq.stop_reason
         req.num_finished += 1
+        error = None
+        if seq.finish_reason == "error" and seq.grammar is not None:  # a sampled token the grammar rejected
+            error = req.error = f"structured output: {seq.grammar.error}"
         return RequestDelta(req.request_id, seq.index, tokens, text, True, seq.finish_reason, seq.stop_reason, new_lp,
-                            None, seq.num_prompt_tokens)
+                            error, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0))
 
     def get_request_output(self, request_id: str) -> RequestOutput | None:
         """Snapshot of a request still in the engine (None once finished and collected)."""

@@ -176,5 +176,5 @@ class ModelRunner:
             needs_history = (p.min_tokens > 0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                              or p.repetition_penalty != 1.0)
             out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
-            rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id))
+            rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id, c.grammar))
         return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows))

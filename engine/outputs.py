@@ -11,6 +11,7 @@ class Logprob:
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
+    token_bytes: bytes | None = None  # exact: a byte-level token may hold part of a UTF-8 character
 
 
 # One position's logprobs: the sampled token plus the top-N alternatives, keyed by token id.
@@ -60,3 +61,4 @@ class RequestDelta:
     new_logprobs: list[PositionLogprobs] | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (on a completion's last delta)

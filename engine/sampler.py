@@ -1,8 +1,9 @@
 """Sampler: the runner's logits to one token per sequence, in one batched pass with vLLM's semantics.
 
-Order of stages (vLLM): float32 -> min_tokens mask -> repetition, frequency, presence penalties ->
-greedy argmax | temperature -> top-k -> top-p -> min-p -> exponential race. Logprobs and ranks come from
-the raw model distribution (vLLM v1's default), not the processed one. Stages no row needs are skipped.
+Order of stages (vLLM): float32 -> logit_bias -> min_tokens mask -> repetition, frequency, presence
+penalties -> grammar bitmask (structured outputs) -> greedy argmax | temperature -> top-k -> top-p -> min-p
+-> exponential race. Logprobs and ranks come from the raw model distribution (vLLM v1's default), not the
+processed one. Stages no row needs are skipped.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from engine.sampling_ops import (
     token_counts,
 )
 from engine.sampling_params import SamplingParams
+from engine.token_bitmask import RowGrammar, apply_token_bitmask, fill_bitmask, forbid_unless_only
 
 # Columns of the per-row parameter table, sent to the device in one copy per step.
 _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _FREQ, _PRES, _GREEDY = range(8)
@@ -37,6 +39,7 @@ class SamplingRow:
     seed: int | None  # effective seed (already derived for n>1 children) or None
     eos_token_ids: list[int]  # the model's EOS ids (masked until min_tokens is reached)
     key: str  # the sequence id; owns this row's seeded generator until Sampler.release(key)
+    grammar: RowGrammar | None = None  # structured outputs: the sequence's matcher (engine.grammar.SequenceGrammar)
 
 
 @dataclass(slots=True)
@@ -82,14 +85,21 @@ class Sampler:
         """Token ids [R] int64 on the logits' device, without a host sync."""
         vocab, device = self.vocab_size, logits.device
         greedy = [r.params.greedy for r in rows]
+        bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        grammar = [i for i, r in enumerate(rows) if r.grammar is not None]
         min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
         rep = any(r.params.repetition_penalty != 1.0 for r in rows)
         freq = any(r.params.frequency_penalty != 0.0 for r in rows)
         pres = any(r.params.presence_penalty != 0.0 for r in rows)
-        if all(greedy) and not (min_tok or rep or freq or pres):
+        if all(greedy) and not (bias or grammar or min_tok or rep or freq or pres):
             return logits.argmax(dim=-1)  # [R]
 
+        # The grammar rows' bitmask is filled on the host first: on CUDA the forward pass is still running.
+        bitmask = self._grammar_bitmask(rows, grammar, min_tok) if grammar else None
         x = logits.to(torch.float32, copy=True)  # [R, V], processed in place from here on
+        if bias:
+            self._add_logit_bias(x, rows, bias)
+        min_tok = [i for i in min_tok if rows[i].grammar is None]  # grammar rows: handled in their bitmask
         if min_tok:
             stops = [rows[i].eos_token_ids + rows[i].params.stop_token_ids for i in min_tok]
             flat = to_device(flat_token_index(stops, min_tok, vocab), torch.int64, device)  # [S]
@@ -97,6 +107,12 @@ class Sampler:
         table = to_device(_param_table(rows, greedy, vocab), torch.float32, device)  # [R, 8]
         if rep or freq or pres:
             x = self._penalize(x, rows, table, rep, freq, pres)
+        if bitmask is not None:
+            # After logit_bias and penalties, before temperature/top-k/top-p, so a disallowed token can never
+            # come back. On CUDA this runs after the decode graph's replay (the logits leave the graph, which
+            # holds only the model), so structured outputs never change or re-capture a CUDA graph.
+            rows_idx = None if len(grammar) == len(rows) else to_device(grammar, torch.int64, device)  # [G]
+            x = apply_token_bitmask(x, to_device(bitmask, torch.int32, device), rows_idx)
         if all(greedy):
             return x.argmax(dim=-1)
         greedy_tokens = x.argmax(dim=-1) if any(greedy) else None  # [R]; before temperature, as in vLLM
@@ -118,6 +134,29 @@ class Sampler:
         if greedy_tokens is None:
             return tokens
         return torch.where(table[:, _GREEDY] > 0, greedy_tokens, tokens)
+
+    def _grammar_bitmask(self, rows: list[SamplingRow], grammar: list[int], min_tok: list[int]) -> torch.Tensor:
+        """CPU int32 [G, W]: what each grammar row may sample next, with EOS and stop ids held back until
+        min_tokens unless the grammar allows nothing else (then ending early beats an invalid token)."""
+        bitmask = fill_bitmask([rows[i].grammar for i in grammar], self.vocab_size, self.device.type == "cuda")
+        held = set(min_tok)
+        for j, i in enumerate(grammar):
+            if i in held:
+                r = rows[i]
+                forbid_unless_only(bitmask[j], r.eos_token_ids + r.params.stop_token_ids, self.vocab_size)
+        return bitmask
+
+    def _add_logit_bias(self, x: torch.Tensor, rows: list[SamplingRow], bias: list[int]) -> None:
+        """x[row, token] += bias for every row's logit_bias entry (in place, one index_add)."""
+        vocab = self.vocab_size
+        flat, values = [], []
+        for i in bias:
+            for token, b in rows[i].params.logit_bias.items():
+                if token < vocab:  # add_request rejects larger ids; the sampler stays safe without it
+                    flat.append(i * vocab + token)
+                    values.append(b)
+        device = x.device
+        x.view(-1).index_add_(0, to_device(flat, torch.int64, device), to_device(values, torch.float32, device))
 
     def _penalize(
         self, x: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor, rep: bool, freq: bool, pres: bool

@@ -172,6 +172,8 @@ class Scheduler:
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens < 0:  # usage.cached_tokens reports the first admission's hit
+                seq.num_cached_tokens = num_cached
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             self._emit(out, seq, num_new)
             budget -= num_new
@@ -205,6 +207,8 @@ class Scheduler:
                     self.waiting.remove(seq)
                     seq.status = SeqStatus.RUNNING
                     seq.num_computed_tokens = num_cached
+                    if seq.num_cached_tokens < 0:
+                        seq.num_cached_tokens = num_cached
                     bisect.insort(self.running, seq, key=lambda s: s.sort_key)
                     self._emit(out, seq, num_new)
                     budget -= num_new
@@ -238,7 +242,7 @@ class Scheduler:
         # Fields in declaration order: keyword arguments would cost ~0.2 µs more per sequence and step.
         out.chunks.append(ScheduledChunk(
             seq.seq_id, seq.token_ids[start:end], start, self.block_manager.block_table_array(seq.seq_id),
-            end == seq.num_tokens, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed,
+            end == seq.num_tokens, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed, seq.grammar,
         ))
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
@@ -260,7 +264,22 @@ class Scheduler:
                 self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if token is not None:
                 self._check_token_stop(seq, token)
+                if seq.grammar is not None and seq.status is SeqStatus.RUNNING:
+                    self._advance_grammar(seq, token)
         return updated
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """Feed a structured-output sequence's new token to its matcher; a terminated grammar ends it.
+
+        Only sequences still running get here: once stopped (EOS, stop id, length) the matcher is never
+        asked for a mask again. The grammar terminates only by accepting an EOS that did not stop the
+        sequence (ignore_eos, or an EOS allowed before min_tokens because the grammar allowed nothing else):
+        then nothing may follow, so the sequence stops.
+        """
+        if not seq.grammar.accept(token):
+            self.finish(seq, "error")  # the mask allowed it, so this is a bug: end it rather than emit junk
+        elif seq.grammar.terminated:
+            self.finish(seq, "stop")
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

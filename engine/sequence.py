@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # an annotation only: the scheduler never needs xgrammar
+    from engine.grammar import SequenceGrammar
 
 
 class SeqStatus(enum.Enum):
@@ -30,9 +34,11 @@ class Sequence:
     isolated: bool = False  # runs in steps of its own request only (the worker's quarantine of a suspect job)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, appended in place
     num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prompt tokens the prefix cache held at first admission (-1: not admitted yet)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: SequenceGrammar | None = None  # structured outputs: has accepted exactly the output tokens
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # an annotation only: see the module docstring
+    from engine.grammar import SequenceGrammar
     from engine.sampler import PendingSample
 
 
@@ -30,6 +31,7 @@ class ScheduledChunk:
     prompt_token_ids: list[int]
     all_token_ids: list[int]  # prompt + output so far (read-only view for penalties)
     seed: int | None
+    grammar: SequenceGrammar | None  # the sequence's matcher (structured outputs); masks its sampling row
 
 
 @dataclass(slots=True)

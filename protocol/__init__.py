@@ -8,7 +8,7 @@ from protocol.keys import GROUP, Keys, new_id, validate_id
 from protocol.priorities import BATCH_PRIORITY, DEFAULT_PRIORITY, PRIORITIES, PRIORITY_RANK, Priority, validate_priority
 from protocol.results import (
     PROTOCOL_VERSION, Choice, DeltaData, DoneData, ErrorInfo, RestartData, Result, Timings, TokenEvent,
-    TokenLogprob, Usage,
+    TokenLogprob, ToolCall, Usage,
 )
 
 __all__ = [
@@ -16,5 +16,5 @@ __all__ = [
     "DoneData",
     "ErrorInfo", "GROUP", "Job", "JobError", "Keys", "Limits", "Message", "PRIORITIES", "PRIORITY_RANK",
     "PROTOCOL_VERSION", "Priority", "RestartData", "Result", "SAMPLING_FIELDS", "Timings", "TokenEvent",
-    "TokenLogprob", "Usage", "new_id", "parse_entry", "parse_job", "validate_id", "validate_priority",
+    "TokenLogprob", "ToolCall", "Usage", "new_id", "parse_entry", "parse_job", "validate_id", "validate_priority",
 ]

@@ -9,6 +9,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from protocol.chat import (
+    LOGIT_BIAS_KEY, Message, NamedToolChoice, ResponseFormat, StrictInput, StructuredOutputs, Tool, ToolChoice,
+)
 from protocol.commands import entry_field
 from protocol.defaults import (
     DEFAULT_LIMITS, ENGINE_MAX_LOGPROBS, ENGINE_MAX_N, ENGINE_MAX_STOP, MAX_STOP_STRING_CHARS, MAX_TOKEN_ID, Limits,
@@ -17,7 +20,6 @@ from protocol.keys import validate_id
 from protocol.priorities import Priority
 from protocol.results import PROTOCOL_VERSION, IdStr, JsonObject
 
-Role = Literal["system", "user", "assistant", "tool"]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
@@ -38,19 +40,7 @@ class JobError(ValueError):
         self.enqueued: list[str] = []  # enqueue_many: ids already sent before this job failed
 
 
-class _Input(BaseModel):
-    # Strict so every language sees the same rules ("16" is not 16, 1 is not true); extra keys are typos.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class Message(_Input):
-    """One chat message; the worker renders messages with the model's chat template."""
-
-    role: Role
-    content: str
-
-
-class Job(_Input):
+class Job(StrictInput):
     """One prompt job: the JSON document in the `job` field of a jobs stream entry."""
 
     # Lets JSON Schema validators enforce "exactly one prompt field" too, not only this model.
@@ -66,11 +56,12 @@ class Job(_Input):
     prompt_token_ids: list[TokenId] | None = Field(None, min_length=1, description="Pre-tokenized prompt.")
     n: int = Field(1, ge=1, le=ENGINE_MAX_N, description="Completions per prompt.")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0 means greedy (as OpenAI).")
     top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    max_tokens: int = Field(16, ge=1, description="New tokens per completion (capped by Limits.max_tokens).")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Any 64-bit integer.")
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "New tokens per completion. Absent: the rest of the model's context (capped by Limits.max_tokens)."))
     min_tokens: int = Field(0, ge=0)
     stop: Annotated[list[StopStr], Field(max_length=ENGINE_MAX_STOP)] | None = Field(
         None, description="A stop string or a list of them.", json_schema_extra={"anyOf": [
@@ -86,6 +77,17 @@ class Job(_Input):
     logprobs: int | None = Field(None, ge=0, le=ENGINE_MAX_LOGPROBS, description="Top-N logprobs per token.")
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = Field(None, description=(
+        "Token id (a decimal string, as in OpenAI) -> bias in [-100, 100], added to the logits."))
+    response_format: ResponseFormat | None = Field(None, description="OpenAI: text, json_object or json_schema.")
+    structured_outputs: StructuredOutputs | None = Field(None, description=(
+        "vLLM: exactly one of json, regex, choice, grammar, json_object."))
+    tools: list[Tool] | None = Field(None, max_length=128, description="Functions the model may call (chat).")
+    tool_choice: ToolChoice | None = Field(None, description=(
+        "none | auto | required | {type: function, function: {name}}; default auto when tools are given."))
+    chat_template_kwargs: JsonObject | None = Field(None, description="Extra variables for the chat template.")
+    add_generation_prompt: bool | None = Field(None, description="Default: true, false with continue_final_message.")
+    continue_final_message: bool = Field(False, description="Continue the last (assistant) message instead.")
     stream: bool = Field(False, description="Write token deltas to the token stream.")
     priority: Priority | None = Field(None, description="Scheduling class; default: the stream's.")
     deadline: float | None = Field(None, gt=0, description="Unix epoch seconds; later starts expire.")
@@ -112,23 +114,55 @@ class Job(_Input):
         given = [k for k in ("prompt", "messages", "prompt_token_ids") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        self._check_chat_fields()
         limits = (info.context or {}).get("limits", DEFAULT_LIMITS)
         self._check_limits(limits)
         return self
 
+    def _check_chat_fields(self) -> None:
+        chat_only = [k for k in ("tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt")
+                     if getattr(self, k) is not None] + (["continue_final_message"] if self.continue_final_message else [])
+        if chat_only and self.messages is None:
+            raise ValueError(f"{', '.join(chat_only)} need messages")
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            if self.messages and self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message needs the last message to be from the assistant")
+        for key, bias in (self.logit_bias or {}).items():
+            if not LOGIT_BIAS_KEY.match(key) or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias key {key!r} is not a token id")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{key}] = {bias} is outside [-100, 100]")
+        if self.logit_bias is not None and len(self.logit_bias) > 1024:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most 1024")
+        constraints = [k for k in ("response_format", "structured_outputs") if getattr(self, k) is not None
+                       and not (k == "response_format" and self.response_format.type == "text")]
+        choice = self.tool_choice
+        names = {t.function.name for t in self.tools or ()}
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        if constraints and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            raise ValueError(f"{constraints[0]} cannot be combined with tool_choice that forces a call")
+        if len(constraints) > 1:
+            raise ValueError("give response_format or structured_outputs, not both")
+
     def _check_limits(self, lim: Limits) -> None:
         if self.id is not None and len(self.id) > lim.max_id:
             raise PydanticCustomError("invalid_id", "id is longer than {n} characters", {"n": lim.max_id})
-        chars = len(self.prompt) if self.prompt is not None else sum(len(m.content) for m in self.messages or ())
+        chars = (len(self.prompt) if self.prompt is not None
+                 else sum(len(m.content or "") for m in self.messages or ()))
         if chars > lim.max_prompt_chars:
             raise _too_large(f"prompt has {chars} characters; the limit is {lim.max_prompt_chars}")
         if self.prompt_token_ids is not None and len(self.prompt_token_ids) > lim.max_prompt_tokens:
             raise _too_large(f"prompt_token_ids has {len(self.prompt_token_ids)} ids; "
                              f"the limit is {lim.max_prompt_tokens}")
         for name, value, cap in (
-            ("max_tokens", self.max_tokens, lim.max_tokens),
+            ("max_tokens", self.max_tokens or 0, lim.max_tokens),
             ("n", self.n, lim.max_n),
             ("number of stop strings", len(self.stop or ()), lim.max_stop),
             ("number of stop_token_ids", len(self.stop_token_ids or ()), lim.max_stop),
@@ -140,6 +174,8 @@ class Job(_Input):
         """Keyword arguments for engine SamplingParams (vLLM names)."""
         kw = {k: getattr(self, k) for k in SAMPLING_FIELDS}
         kw["stop"], kw["stop_token_ids"] = list(self.stop or ()), list(self.stop_token_ids or ())
+        if self.logit_bias:
+            kw["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
         return kw
 
 

@@ -14,7 +14,7 @@ from protocol.keys import ID_PATTERN
 PROTOCOL_VERSION = 1  # lives here, below protocol.job, so both documents share it without a cycle
 
 Status = Literal["completed", "failed", "cancelled", "expired"]
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 IdStr = Annotated[str, Field(pattern=ID_PATTERN, min_length=1, max_length=MAX_ID_LEN)]
 JsonObject = dict[str, Any]
 
@@ -31,9 +31,25 @@ class TokenLogprob(_Output):
     logprob: float | None
     rank: int | None = None
     token: str | None = None
+    bytes: list[int] | None = Field(None, description="The token's exact bytes (a token may be part of a character).")
 
 
 PositionLogprobs = list[TokenLogprob]
+
+
+class FunctionCallOut(_Output):
+    """The function a tool call invokes, with its arguments as a JSON string (OpenAI's shape)."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Output):
+    """One tool call parsed from a completion (OpenAI's message.tool_calls item)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class Choice(_Output):
@@ -45,6 +61,8 @@ class Choice(_Output):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = Field(None, description="The stop string or token id that ended it.")
     logprobs: list[PositionLogprobs] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="Tool calls parsed from text (jobs with tools).")
+    content: str | None = Field(None, description="With tool_calls: the text outside the calls, if any.")
 
 
 class Usage(_Output):
@@ -52,6 +70,7 @@ class Usage(_Output):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = Field(0, description="Prompt tokens served from the prefix cache.")
 
 
 class ErrorInfo(_Output):

@@ -30,6 +30,28 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# Qwen-style: no BOS anywhere (the template renders none, encode() adds none), Hermes tool calls, and
+# Qwen3's enable_thinking switch (a chat_template_kwargs variable).
+QWEN_CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\nTools:\n<tools>\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}"
+    "{% endfor %}{{ '</tools>' + eos_token + '\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\n<tool_response>\n' + message['content'] + '\n</tool_response>' + eos_token + '\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>\n' + (message['content'] or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '\n</tool_call>' }}{% endfor %}"
+    "{% if not (loop.last and continue_final_message) %}{{ eos_token + '\n' }}{% endif %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n' }}{% endif %}"
+    "{% endif %}"
+)
+
 _WORDS = (
     "the a an of to and in is it that for on with as was at by be this from or have not are but "
     "one all were when we there can which their said if will each about how up out them then she "
@@ -77,8 +99,12 @@ def _corpus(num_lines: int = 400, seed: int = 1234) -> list[str]:
     return lines
 
 
-def build_tokenizer(path: str | Path, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train the tiny byte-level BPE tokenizer, save it to `path` (AutoTokenizer-loadable offline), return it."""
+def build_tokenizer(path: str | Path, vocab_size: int = 512, style: str = "llama") -> PreTrainedTokenizerFast:
+    """Train the tiny byte-level BPE tokenizer, save it to `path` (AutoTokenizer-loadable offline), return it.
+
+    style "llama": encode() prepends BOS and the chat template renders `{{ bos_token }}` too (Llama 3,
+    Mistral); "qwen": no BOS at all, Hermes `<tool_call>` tool calls and an enable_thinking switch.
+    """
     tok = Tokenizer(models.BPE())
     # Byte-level everything: any string encodes, and decode is the exact inverse on text.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -93,17 +119,20 @@ def build_tokenizer(path: str | Path, vocab_size: int = 512) -> PreTrainedTokeni
     tok.train_from_iterator(_corpus(), trainer=trainer)
     # Llama-style: encode() prepends BOS; trim_offsets=False keeps offsets over the raw bytes.
     bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
-    ])
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if style == "llama":
+        steps.append(processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                   special_tokens=[(BOS, bos_id)]))
+    elif style != "qwen":
+        raise ValueError(f"unknown tokenizer style {style!r}")
+    tok.post_processor = processors.Sequence(steps)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
         extra_special_tokens=list(CHAT_MARKERS),
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE if style == "llama" else QWEN_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
     )
@@ -143,12 +172,13 @@ def _config(arch: str, tokenizer, tie: bool, hidden_size: int, num_layers: int):
 
 
 def build_tiny_model(
-    path: str | Path, arch: str = "llama", tie: bool = False, seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+    path: str | Path, arch: str = "llama", tie: bool = False, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+    tokenizer_style: str = "llama",
 ) -> Path:
-    """Save a tiny random-init `arch` model with a trained BPE tokenizer to `path`; returns the path."""
+    """Save a tiny random-init `arch` model with a trained BPE tokenizer (build_tokenizer's style) to `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(path)
+    tok = build_tokenizer(path, style=tokenizer_style)
     cfg = _config(arch, tok, tie, hidden_size, num_layers)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

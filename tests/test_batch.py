@@ -16,7 +16,8 @@ import pytest
 
 from engine import LLMEngine
 from producer import Client, batch
-from producer.batch.format import LineError, cid_key, output_record, parse_line, request_id
+from producer.batch.format import LineError, cid_key, parse_line, request_id
+from producer.batch.responses import output_record
 from producer.batch.files import OutputError, scan_outputs
 from producer.batch.progress import Progress
 from producer.ops import Context
@@ -75,13 +76,18 @@ def wait_for(cond, timeout=60.0, what="condition"):
     (orjson.dumps({**comp("x"), "custom_id": 7}), "invalid_request", "custom_id"),
     (orjson.dumps(comp("x", temperature=-1)), "invalid_body", "temperature"),
     (orjson.dumps(comp("x", prompt=["a", "b"])), "unsupported", "one prompt per line"),
-    (orjson.dumps(comp("x", logit_bias={"1": 5})), "unsupported", "logit_bias"),
+    (orjson.dumps(comp("x", logit_bias={"x1": 5})), "invalid_body", "logit_bias"),
+    (orjson.dumps(comp("x", suffix="the end")), "unsupported", "suffix"),
+    (orjson.dumps(comp("x", best_of=3)), "unsupported", "best_of"),
+    (orjson.dumps(comp("x", tools=[{"type": "function", "function": {"name": "f"}}])), "unsupported", "tools"),
+    (orjson.dumps(chat("x", tool_choice="required")), "invalid_body", "tool_choice needs tools"),
+    (orjson.dumps(chat("x", response_format={"type": "json_schema"})), "invalid_body", "json_schema"),
     (orjson.dumps(comp("x", echo=True)), "unsupported", "echo"),
     (orjson.dumps(comp("x", colour="red")), "unsupported", "colour"),
     (orjson.dumps(chat("x", max_completion_tokens=3)), "invalid_body", "disagree"),
     (orjson.dumps(chat("x", top_logprobs=2)), "invalid_body", "top_logprobs"),
     (orjson.dumps({**chat("x"), "body": {"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}}), "unsupported", "text parts"),
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}}), "unsupported", "image_url parts"),
     (orjson.dumps({**comp("x"), "body": {"prompt": "p"}}), "invalid_body", "model"),
 ])
 def test_invalid_lines_name_the_problem(line, code, needle):
@@ -104,7 +110,7 @@ def test_valid_lines_map_to_jobs():
     parts["body"]["messages"] = [{"role": "developer", "content": [{"type": "text", "text": "a"},
                                                                    {"type": "text", "text": "b"}], "name": "n"}]
     assert orjson.loads(parse_line(ctx, orjson.dumps(parts), 3, "b1", 9).raw)["messages"] == [
-        {"role": "system", "content": "ab"}]
+        {"role": "system", "content": "ab", "name": "n"}]  # name goes to the chat template, as in OpenAI
     del parts["body"]["max_tokens"]
     assert orjson.loads(parse_line(ctx, orjson.dumps(parts), 3, "b1", 9).raw)["max_tokens"] == 9
     rid = request_id("x" * 96, "y" * 1000)
@@ -124,7 +130,8 @@ def test_output_shapes():
     body = rec["response"]["body"]
     assert rec["error"] is None and rec["response"]["status_code"] == 200 and rec["custom_id"] == "c"
     assert body["object"] == "text_completion" and body["created"] == 1700000000 and body["model"] == "tiny"
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert body["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -9999.0]
     chat_req = parse_line(ctx, orjson.dumps(chat("d", logprobs=True, top_logprobs=1)), 2, "b", None)
     cbody = output_record(chat_req, res)["response"]["body"]
@@ -218,8 +225,9 @@ def test_mixed_file_round_trips_through_a_real_worker(engine, redis_url, tmp_pat
     again = spool("batch", "run", str(inp), "-o", str(out), "--errors", str(err), "--skip-invalid",
                   "--redis-url", redis_url)  # no --id: found in OUT; already completed, writes nothing
     assert again.returncode == 0 and "already completed" in again.stderr and len(read_jsonl(out)) == 5
-    listed = spool("batch", "list", "--redis-url", redis_url).stdout
-    assert "mixed\tcompleted\t5+5/10" in listed and "strict\tfailed" in listed
+    listed = {row.split()[0]: row.split()[1:5] for row in spool("batch", "list", "--redis-url", redis_url).stdout
+              .splitlines()[1:]}  # a table under a header: ID STATUS DONE FAILED TOTAL ...
+    assert listed["mixed"] == ["completed", "5", "5", "10"] and listed["strict"][0] == "failed"
     assert orjson.loads(spool("batch", "status", "mixed", "--redis-url", redis_url).stdout)["completed_at"]
 
 

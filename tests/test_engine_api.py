@@ -109,9 +109,14 @@ def test_chat_template(llm):
 
 
 @pytest.mark.parametrize("bad", [
-    {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0}, {"min_p": 2},
+    {"temperature": -1}, {"top_p": -0.1}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 0}, {"min_p": 2},
     {"temperature": float("nan")}, {"logprobs": 100}, {"stop": [""]}, {"min_tokens": 5, "max_tokens": 2},
     {"repetition_penalty": 0}, {"presence_penalty": 3}, {"unknown_field": 1},
+    {"logit_bias": {5: 101}}, {"logit_bias": {-1: 1.0}}, {"logit_bias": {5: float("nan")}},
+    {"structured_outputs": {}}, {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+    {"structured_outputs": {"choice": []}}, {"structured_outputs": {"json": "{not json"}},
+    {"structured_outputs": {"json": "[1]"}}, {"structured_outputs": {"json_object": False}},
+    {"structured_outputs": {"yaml": "a: 1"}},
 ])
 def test_bad_sampling_params_rejected(bad):
     with pytest.raises(ValidationError):
@@ -326,3 +331,53 @@ def test_isolated_request_runs_alone_and_matches_a_normal_run(tiny_llama, num_bl
     last = max(i for i, s in enumerate(steps) if "suspect" in s)
     assert all(s == {"suspect"} for s in steps[first:last + 1] if s), steps
     assert any(s - {"suspect"} for s in steps[last + 1:])  # the others went on afterwards
+
+
+# ---- logit_bias, top_p = 0, any-integer seeds, max_tokens = None ----
+
+def test_logit_bias_steers_greedy_and_out_of_vocab_ids_are_refused(llm):
+    prompt = {"prompt_token_ids": _ids(6, 11)}
+    base = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate(prompt, base)[0].outputs[0].token_ids
+    forced = llm.generate(prompt, base.model_copy(update={"logit_bias": {77: 100.0}}))[0].outputs[0].token_ids
+    assert forced == [77] * 6
+    banned = llm.generate(prompt, base.model_copy(update={"logit_bias": {plain[0]: -100.0}}))[0].outputs[0]
+    assert banned.token_ids[0] != plain[0]
+    with pytest.raises(ValueError, match="logit_bias token id 512 "):
+        llm.engine.add_request("bias-oov", prompt, SamplingParams(logit_bias={3: 1.0, 512: 5.0}))
+    assert "bias-oov" not in llm.engine.requests
+    assert SamplingParams(logit_bias={"12": 1}).logit_bias == {12: 1.0}  # JSON object keys are strings
+
+
+def test_top_p_zero_equals_temperature_zero(llm):
+    prompt = {"prompt_token_ids": _ids(7, 12)}
+    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    top_p0 = llm.generate(prompt, SamplingParams(top_p=0, temperature=1.3, seed=5, max_tokens=8, ignore_eos=True))[0]
+    assert top_p0.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_negative_and_huge_seeds_are_reproducible(llm):
+    prompt = {"prompt_token_ids": _ids(6, 13)}
+
+    def run(seed, n=1):
+        p = SamplingParams(temperature=1.0, seed=seed, n=n, max_tokens=10, ignore_eos=True)
+        return [c.token_ids for c in llm.generate(prompt, p)[0].outputs]
+
+    neg = run(-7, n=2)
+    assert run(-7, n=2) == neg and neg[0] != neg[1]
+    assert run(-8) != neg[:1]
+    assert run(2**64 - 7) == neg[:1] and run(2**200 - 6) == neg[1:]  # seed mod 2**64, child i at seed + i
+
+
+def test_max_tokens_none_fills_the_context(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", block_size=8, max_model_len=64)
+    p = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": _ids(10, 14)}, p)[0].outputs[0]
+    assert len(out.token_ids) == 54 and out.finish_reason == "length"
+    full = llm.generate({"prompt_token_ids": _ids(64, 15)}, p)[0]
+    assert full.outputs[0].finish_reason == "error" and "no room" in full.error
+    small = LLM(str(tiny_llama), device="cpu", block_size=8, max_model_len=64, num_kv_blocks=4)  # 32 tokens
+    out = small.generate({"prompt_token_ids": _ids(10, 14)}, p)[0].outputs[0]
+    assert len(out.token_ids) == 22 and out.finish_reason == "length"
+    too_many = SamplingParams(temperature=0, max_tokens=None, min_tokens=30, ignore_eos=True)
+    assert small.generate({"prompt_token_ids": _ids(10, 14)}, too_many)[0].outputs[0].finish_reason == "error"

@@ -73,8 +73,9 @@ def test_canonical_example_in_protocol_doc_is_valid():
 
 def test_defaults_follow_vllm():
     job = parse_job(b'{"prompt":"hi"}')
+    # max_tokens null: the rest of the context, as OpenAI and vLLM's server (the worker resolves it)
     assert job.sampling_kwargs() == {
-        "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "max_tokens": 16,
+        "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "max_tokens": None,
         "min_tokens": 0, "stop": [], "stop_token_ids": [], "ignore_eos": False, "presence_penalty": 0.0,
         "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logprobs": None,
         "include_stop_str_in_output": False, "skip_special_tokens": True}
@@ -92,9 +93,13 @@ def test_each_prompt_kind_and_passthrough():
 
 def test_valid_job_always_yields_valid_engine_sampling_params():
     sp = pytest.importorskip("engine.sampling_params")
-    assert set(SAMPLING_FIELDS) == set(sp.SamplingParams.model_fields), "Job and SamplingParams drifted apart"
+    # logit_bias is converted (string keys -> ids) and structured_outputs built by the worker (worker/chat.py)
+    assert set(SAMPLING_FIELDS) | {"logit_bias", "structured_outputs"} == set(sp.SamplingParams.model_fields), \
+        "Job and SamplingParams drifted apart"
     extremes = [
         dict(temperature=100.0, top_p=1e-9, top_k=-1, min_p=1.0, seed=2**63 - 1, n=16, logprobs=20),
+        dict(top_p=0.0, seed=-(2**63), logit_bias={"0": -100.0, "7": 100.0}),
+        dict(seed=2**64 - 1),
         dict(temperature=0.0, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=10.0),
         dict(max_tokens=8192, min_tokens=8192, stop=["x" * 256] * 16, stop_token_ids=list(range(16))),
         dict(stop="a", ignore_eos=True, include_stop_str_in_output=True, skip_special_tokens=False, logprobs=0),
@@ -115,6 +120,12 @@ def test_invalid_json(raw):
     assert err(raw).code == "invalid_json"
 
 
+@pytest.mark.parametrize("raw", [b'{"prompt":"a","seed":-9223372036854775809}',
+                                 b'{"prompt":"a","seed":18446744073709551616}'])
+def test_seed_outside_64_bits_is_refused(raw):
+    assert err(raw).code in ("invalid_json", "invalid_job")  # JSON parsers disagree on such numbers
+
+
 @pytest.mark.parametrize("doc", [
     [1, 2], "a string", 3,                                       # not an object
     {}, {"max_tokens": 3},                                       # no prompt field
@@ -123,15 +134,15 @@ def test_invalid_json(raw):
     {"prompt": "a", "bogus": 1}, {"prompt": "a", "Max_tokens": 3},   # unknown fields
     {"prompt": "a", "max_tokens": "16"}, {"prompt": "a", "max_tokens": 16.0}, {"prompt": "a", "stream": 1},
     {"prompt": "a", "n": True}, {"prompt": 5},                    # wrong types (strict: no coercion)
-    {"prompt": "a", "temperature": -0.1}, {"prompt": "a", "temperature": 100.5}, {"prompt": "a", "top_p": 0},
-    {"prompt": "a", "top_k": -2}, {"prompt": "a", "min_p": 1.5}, {"prompt": "a", "seed": -1},
-    {"prompt": "a", "seed": 2**63}, {"prompt": "a", "max_tokens": 0}, {"prompt": "a", "min_tokens": -1},
+    {"prompt": "a", "temperature": -0.1}, {"prompt": "a", "temperature": 100.5}, {"prompt": "a", "top_p": -0.1},
+    {"prompt": "a", "top_k": -2}, {"prompt": "a", "min_p": 1.5}, {"prompt": "a", "seed": 1.5},
+    {"prompt": "a", "max_tokens": 0}, {"prompt": "a", "min_tokens": -1},
     {"prompt": "a", "max_tokens": 4, "min_tokens": 5}, {"prompt": "a", "repetition_penalty": 0},
     {"prompt": "a", "presence_penalty": 2.5}, {"prompt": "a", "logprobs": 21}, {"prompt": "a", "n": 0},
     {"prompt": "a", "stop": ""}, {"prompt": "a", "stop": ["ok", ""]}, {"prompt": "a", "stop": "x" * 257},
     {"prompt": "a", "stop_token_ids": [-1]}, {"prompt_token_ids": [1, -2]}, {"prompt_token_ids": [2**31]},
     {"messages": [{"role": "robot", "content": "x"}]}, {"messages": [{"role": "user"}]},
-    {"messages": [{"role": "user", "content": "x", "name": "n"}]},
+    {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},
     {"prompt": "a", "priority": "urgent"}, {"prompt": "a", "deadline": 0}, {"prompt": "a", "metadata": [1]},
     {"prompt": "a", "v": True}, {"prompt": "a", "v": "1"},
     {"prompt": "a", "max_tokens": 8193}, {"prompt": "a", "n": 17}, {"prompt": "a", "stop": ["s"] * 17},

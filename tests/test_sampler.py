@@ -9,7 +9,8 @@ import torch
 
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_ops import apply_min_p, apply_penalties, apply_top_k_top_p, flat_token_index, token_counts
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, generator_seed
+from engine.token_bitmask import apply_token_bitmask, bitmask_words, forbid_unless_only
 
 V = 64
 EOS = V - 1
@@ -264,14 +265,138 @@ def test_different_seeds_differ_and_release_restarts():
     sampler.release("never-seen")
 
 
+# ---- logit_bias, top_p = 0, seeds of any integer ----
+
+def test_logit_bias_is_added_before_penalties_and_steers_greedy():
+    logits = randn(3, V, seed=12, scale=2.0)
+    bias = {5: 100.0, 9: -100.0, 17: 3.5}
+    rows = [make_row("a", temperature=0.0, logit_bias={5: 100.0}),
+            make_row("b", temperature=0.0, logit_bias=bias, repetition_penalty=2.0, prompt=[17], out=[5]),
+            make_row("c", temperature=0.0)]  # no bias: untouched
+    out = Sampler(V, "cpu")(logits, rows).token_ids
+    biased = logits[1].tolist()
+    for t, b in bias.items():
+        biased[t] += b
+    ref = ref_penalize(biased, [17], [5], rep=2.0)  # bias first, then the penalty divides (or multiplies) it
+    assert out == [5, max(range(V), key=lambda t: ref[t]), int(logits[2].argmax())]
+    for _ in range(3):  # a +100 bias wins under sampling too; -100 never comes up
+        assert set(Sampler(V, "cpu")(torch.zeros(64, V), [make_row(str(i), logit_bias={7: 100.0, EOS: -100.0})
+                                                         for i in range(64)]).token_ids) == {7}
+
+
+def test_top_p_zero_is_greedy():
+    logits = randn(16, V, seed=13, scale=3.0)
+    rows = [make_row(str(i), top_p=0.0, temperature=1.5, seed=i) for i in range(16)]
+    assert all(r.params.greedy for r in rows)
+    assert Sampler(V, "cpu")(logits, rows).token_ids == logits.argmax(-1).tolist()
+
+
+def test_any_integer_seed_maps_to_64_bits():
+    assert generator_seed(None, 0) is None
+    assert generator_seed(-1, 0) == 2**64 - 1 and generator_seed(-1, 1) == 0
+    assert generator_seed(2**64 + 5, 0) == 5 and generator_seed(7, 2) == 9
+    flat = torch.zeros(1, 1000)
+
+    def draw(seed):
+        sampler = Sampler(1000, "cpu")
+        return [sampler(flat, [make_row("k", seed=generator_seed(seed, 0), eos=[])]).token_ids[0] for _ in range(5)]
+
+    assert draw(-12345) == draw(-12345) == draw(2**64 - 12345) != draw(-12346)
+
+
+# ---- grammar bitmask ----
+
+def ref_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Element by element: logits[rows[j], t] = -inf unless bit t of bitmask row j is set."""
+    out = logits.clone()
+    for j, r in enumerate(rows):
+        for t in range(logits.shape[1]):
+            if not (int(bitmask[j, t // 32]) >> (t % 32)) & 1:
+                out[r, t] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("vocab", [64, 70, 95])
+def test_apply_token_bitmask_matches_reference_and_xgrammar(vocab):
+    xgr = pytest.importorskip("xgrammar")
+    gen = torch.Generator().manual_seed(vocab)
+    bitmask = torch.randint(-2**31, 2**31, (3, bitmask_words(vocab)), generator=gen, dtype=torch.int64).to(torch.int32)
+    bitmask[1, 0] = -2**31  # only bit 31 of the first word
+    logits = torch.randn(5, vocab, generator=gen)
+    rows = [4, 0, 2]
+    got = apply_token_bitmask(logits.clone(), bitmask, torch.tensor(rows))
+    assert torch.equal(got, ref_mask(logits, bitmask, rows))
+    dense = torch.full((5, bitmask_words(vocab)), -1, dtype=torch.int32)
+    dense[rows] = bitmask
+    theirs = logits.clone()
+    xgr.apply_token_bitmask_inplace(theirs, dense, vocab_size=vocab)
+    assert torch.equal(got, theirs)
+    assert torch.equal(apply_token_bitmask(logits[:3].clone(), bitmask, None), ref_mask(logits[:3], bitmask, [0, 1, 2]))
+
+
+def test_forbid_unless_only():
+    row = torch.zeros(3, dtype=torch.int32)
+    row[0], row[2] = 1 << 4, -2**31  # tokens 4 and 95 allowed
+    assert forbid_unless_only(row, [95], 96) and allowed_ids(row) == [4]
+    assert not forbid_unless_only(row, [4, 200], 96) and allowed_ids(row) == [4]  # the only one: kept
+    full = torch.full((2,), -1, dtype=torch.int32)
+    assert forbid_unless_only(full, [31, 63, 0], 64) and allowed_ids(full) == [t for t in range(1, 63) if t != 31]
+
+
+def allowed_ids(row: torch.Tensor) -> list[int]:
+    return [t for t in range(32 * len(row)) if (int(row[t // 32]) >> (t % 32)) & 1]
+
+
+class FakeGrammar:
+    """Allows a fixed token set (what SequenceGrammar.fill_bitmask does from its matcher)."""
+
+    def __init__(self, allowed):
+        self.allowed = list(allowed)
+
+    def fill_bitmask(self, bitmask, index):
+        bitmask[index] = 0
+        for t in self.allowed:
+            word = int(bitmask[index, t // 32]) | (1 << (t % 32))
+            bitmask[index, t // 32] = word - 2**32 if word >= 2**31 else word
+
+
+def test_grammar_mask_after_penalties_before_top_k():
+    logits = torch.arange(V, dtype=torch.float32).repeat(4, 1)  # higher id = better
+    allowed = [3, 10, 40]
+    rows = [
+        make_row("greedy", temperature=0.0),
+        make_row("top1", top_k=1, temperature=2.0),  # top-k after the mask: the best *allowed* token survives
+        make_row("biased", temperature=0.0, logit_bias={3: 100.0, 50: 100.0}),  # bias cannot unmask 50
+        make_row("free", temperature=0.0),  # no grammar in the same batch
+    ]
+    for r in rows[:3]:
+        r.grammar = FakeGrammar(allowed)
+    assert Sampler(V, "cpu")(logits, rows).token_ids == [40, 40, 3, V - 1]
+    many = [make_row(str(i), temperature=5.0, top_p=0.5, seed=i, repetition_penalty=3.0, out=[40]) for i in range(100)]
+    for r in many[::2]:
+        r.grammar = FakeGrammar(allowed)
+    out = Sampler(V, "cpu")(randn(100, V, seed=14, scale=4.0), many).token_ids
+    assert set(out[::2]) <= set(allowed) and not set(out[1::2]) <= set(allowed)
+
+
+def test_min_tokens_with_grammar_allows_eos_only_when_nothing_else_is_allowed():
+    logits = torch.arange(V, dtype=torch.float32).repeat(3, 1)  # EOS (V-1) is the best token
+    rows = [make_row("only-eos", temperature=0.0, min_tokens=4), make_row("eos-or-3", temperature=0.0, min_tokens=4),
+            make_row("done", temperature=0.0, min_tokens=1, out=[2])]
+    rows[0].grammar, rows[1].grammar, rows[2].grammar = FakeGrammar([EOS]), FakeGrammar([3, EOS]), FakeGrammar([3, EOS])
+    assert Sampler(V, "cpu")(logits, rows).token_ids == [EOS, 3, EOS]
+
+
 # ---- CUDA: host syncs (not run in CPU CI) ----
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_at_most_one_host_sync():
     rows = [make_row("a", seed=1, top_p=0.9, logprobs=2, frequency_penalty=0.5, out=[1, 2], min_tokens=5),
-            make_row("b", top_k=5, repetition_penalty=1.2, prompt=[3]), make_row("c", temperature=0.0)]
-    logits = randn(3, V, seed=8).cuda()
+            make_row("b", top_k=5, repetition_penalty=1.2, prompt=[3], logit_bias={4: 2.0}),
+            make_row("c", temperature=0.0), make_row("d", min_tokens=3)]
+    rows[3].grammar = FakeGrammar([2, 5, EOS])  # the bitmask is filled on the host and copied without a sync
+    logits = randn(4, V, seed=8).cuda()
     sampler = Sampler(V, "cuda")
     sampler(logits, rows)  # warm-up: lazy CUDA init may sync
     torch.cuda.synchronize()

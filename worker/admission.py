@@ -14,12 +14,14 @@ try:  # a chat template that refuses its input (raise_exception) raises jinja2's
 except ImportError:  # pragma: no cover - transformers brings jinja2
     TemplateError = ValueError  # type: ignore[misc,assignment]
 
-from engine import LLMEngine, SamplingParams
+from engine import LLMEngine, SamplingParams, StructuredOutputsParams
 from protocol import PRIORITY_RANK, Defaults, Job, JobError, Keys, Limits, parse_entry
 from protocol.commands import as_str, entry_field
 from protocol.scripts import ADMIT, digest
+from worker.chat import constraint_of, prompt_of, tool_mode
 from worker.inflight import InFlight
 from worker.quarantine import Record
+from worker.tool_calls import parser_for
 
 log = logging.getLogger(__name__)
 
@@ -125,26 +127,34 @@ def check_runnable(entry: Entry, rid: str, job: Job, cancelled: bool, now: float
     return None
 
 
-def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys,
-           quarantined: bool = False) -> InFlight | Rejection:
+def submit(engine: LLMEngine, entry: Entry, rid: str, job: Job, keys: Keys, limits: Limits,
+           quarantined: bool = False, tool_parser: str = "auto") -> InFlight | Rejection:
     """Hand a valid job to the engine (alone in its steps if quarantined); prompt rendering or parameter
     errors become failed results."""
     priority = job.priority or keys.priority_of(entry.stream)
     try:
-        if job.messages is not None:
-            prompt = engine.apply_chat_template([m.model_dump() for m in job.messages])
-        elif job.prompt_token_ids is not None:
-            prompt = {"prompt_token_ids": job.prompt_token_ids}
-        else:
-            prompt = job.prompt
-        params = SamplingParams(**job.sampling_kwargs())
-        engine.add_request(rid, prompt, params, priority=PRIORITY_RANK[priority], isolated=quarantined)
+        text, ids = engine.encode_prompt(prompt_of(engine, job))
+        kwargs = job.sampling_kwargs()
+        if kwargs["max_tokens"] is None:  # OpenAI's default: the rest of the context, within the deployment's cap
+            room = engine.max_model_len - len(ids)
+            if room < 1:
+                raise ValueError(f"the prompt ({len(ids)} tokens) fills the model's context ({engine.max_model_len})")
+            kwargs["max_tokens"] = max(min(room, limits.max_tokens), kwargs["min_tokens"], 1)
+        constraint = constraint_of(job)
+        if constraint is not None:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**constraint)
+        params = SamplingParams(**kwargs)
+        engine.add_request(rid, {"prompt": text, "prompt_token_ids": ids}, params, priority=PRIORITY_RANK[priority],
+                           isolated=quarantined)
     except (ValueError, ValidationError, TypeError, TemplateError) as e:
         log.info("job %s rejected: %s", rid, e)
         return Rejection(entry, rid, "failed", "invalid_prompt", (str(e).splitlines() or [""])[0][:500], job)
     except Exception as e:  # noqa: BLE001 - e.g. a tokenizer or chat template error on odd input
         log.exception("job %s could not be submitted", rid)
         return Rejection(entry, rid, "failed", "internal_error", f"{type(e).__name__}: {e}"[:500], job)
+    mode = tool_mode(job)
     return InFlight(id=rid, job=job, stream=entry.stream, entry_id=entry.entry_id, priority=priority,
                     enqueued=entry.enqueued, started=time.time(), deliveries=entry.deliveries,
-                    quarantined=quarantined)
+                    quarantined=quarantined, tool_mode=mode,
+                    tool_parser=parser_for(getattr(engine.tokenizer, "chat_template", None), tool_parser)
+                    if mode else None)

@@ -16,8 +16,10 @@ from protocol import Choice, Defaults, Job, Keys, Result, Timings, TokenEvent, U
 from protocol.commands import duplicate_id_message
 from protocol.scripts import FINALIZE, flat_fields
 from worker.admission import Entry, Rejection
+from worker.chat import NAMED
 from worker.inflight import InFlight, new_run
 from worker.outbox import Outbox
+from worker.tool_calls import extract, named_call
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +28,38 @@ NOT_STREAMED, STREAMED, STREAM_GAPS = 0, 1, 2  # FINALIZE's stream modes (STREAM
 
 def build_result(inf: InFlight, worker: str) -> Result:
     """The final Result document of a job whose last delta has arrived."""
-    choices = [
-        Choice(index=i, text="".join(c.text), token_ids=c.token_ids, finish_reason=c.finish_reason,
-               stop_reason=c.stop_reason, logprobs=c.logprobs)
-        for i, c in enumerate(inf.choices)
-    ]
+    choices = []
+    for i, c in enumerate(inf.choices):
+        choice = Choice(index=i, text="".join(c.text), token_ids=c.token_ids, finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason, logprobs=c.logprobs)
+        if inf.tool_mode is not None and c.finish_reason in ("stop", "length"):
+            _add_tool_calls(choice, inf)
+        choices.append(choice)
     return Result(
         id=inf.id,
         status=inf.end_status or "completed",
         choices=choices,
-        usage=Usage(prompt_tokens=inf.prompt_tokens, completion_tokens=sum(len(c.token_ids) for c in inf.choices)),
+        usage=Usage(prompt_tokens=inf.prompt_tokens, completion_tokens=sum(len(c.token_ids) for c in inf.choices),
+                    cached_tokens=inf.cached_tokens),
         error=inf.end_error,
         timings=Timings(enqueued=inf.enqueued, started=inf.started, first_token=inf.first_token,
                         finished=time.time()),
         metadata=inf.job.metadata,
         worker=worker,
     )
+
+
+def _add_tool_calls(choice: Choice, inf: InFlight) -> None:
+    """Parse a choice's text into OpenAI tool calls (finish_reason "tool_calls" as OpenAI reports them)."""
+    if inf.tool_mode == NAMED:
+        name = inf.job.tool_choice.function.name  # type: ignore[union-attr]
+        calls, content = named_call(choice.text, name, inf.id, choice.index), None
+    else:
+        content, calls = extract(choice.text, inf.tool_mode, inf.tool_parser or "hermes", inf.id, choice.index)
+    if calls:
+        choice.tool_calls, choice.content = calls, content
+        if inf.tool_mode != NAMED and choice.finish_reason == "stop":
+            choice.finish_reason = "tool_calls"
 
 
 class Finisher:

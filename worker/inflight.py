@@ -43,11 +43,14 @@ class InFlight:
     deliveries: int = 1
     first_token: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     choices: list[ChoiceState] = field(default_factory=list)
     end_status: str | None = None  # set when the worker ends it early: cancelled / expired / failed
     end_error: ErrorInfo | None = None
     superseded: bool = False  # another worker owns or finished this job: abort quietly, write nothing
     quarantined: bool = False  # a suspect job (delivered too often): computed alone in its steps
+    tool_mode: str | None = None  # worker.chat: how the output becomes tool calls (None: it does not)
+    tool_parser: str | None = None  # worker.tool_calls parser for tool_mode "auto"
     run: str = field(default_factory=new_run)  # names this run's token events (protocol.scripts.APPEND)
     seq: int = -1  # position of the last token event this run wrote
     stream_gap: bool = False  # some of its deltas were shed while Redis was away: the final write replays
@@ -77,6 +80,7 @@ class InFlight:
         if delta.new_logprobs is not None and choice.logprobs is not None:
             choice.logprobs.extend(wire_logprobs(delta.new_logprobs))
         self.prompt_tokens = delta.num_prompt_tokens or self.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, delta.num_cached_tokens)
         if delta.finished:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             if delta.error and self.end_error is None:
@@ -92,7 +96,7 @@ def wire_logprobs(positions) -> list[list[TokenLogprob]]:
     """Engine logprob dicts -> the wire's lists of TokenLogprob (logprob null for -inf)."""
     return [
         [TokenLogprob(token_id=t, logprob=lp.logprob if lp.logprob > float("-inf") else None, rank=lp.rank,
-                      token=lp.decoded_token)
+                      token=lp.decoded_token, bytes=list(lp.token_bytes) if lp.token_bytes is not None else None)
          for t, lp in pos.items()]
         for pos in positions
     ]

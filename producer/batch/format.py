@@ -1,8 +1,10 @@
-"""OpenAI Batch API lines: parse an input line into a spool job, shape a spool Result into an output line.
+"""OpenAI request bodies -> spool jobs, validated exactly as a worker will: one path for a batch line and an
+HTTP request (`spool serve`, gateway/), whose bodies differ only in the HTTP-only fields (stream, ...).
 
-Input: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}.
-Output: {"id", "custom_id", "response": {"status_code", "request_id", "body"} | null, "error": {code, message}
-| null}, with chat.completion / text_completion bodies. See docs/BATCH.md for the supported fields.
+Input line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}.
+`parse_body` judges a body, `job_document` turns it into the job document; `parse_line` does both for a line.
+Responses are shaped by producer.batch.responses. See docs/BATCH.md for every field: supported, accepted and
+ignored, or rejected with a message that names it (docs/SERVER.md for the HTTP-only ones).
 """
 from __future__ import annotations
 
@@ -13,29 +15,35 @@ from typing import Any
 import orjson
 
 from producer import ops
-from protocol import BATCH_PRIORITY, JobError, Result
+from protocol import BATCH_PRIORITY, PRIORITIES, JobError, validate_id
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 MAX_CUSTOM_ID = 1024
 # Accepted and ignored: they change nothing about the generated text.
 IGNORED = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls", "stream_options"})
-# Sampling fields passed to the job unchanged (OpenAI's plus vLLM's extra parameters, same names as a Job).
+# Fields passed to the job unchanged (OpenAI's plus vLLM's extra parameters, same names as a Job); the
+# job's validation is the one that judges them.
 PASSTHROUGH = frozenset({
-    "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
+    "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-    "skip_special_tokens", "include_stop_str_in_output",
+    "skip_special_tokens", "include_stop_str_in_output", "response_format", "structured_outputs",
 })
+CHAT_ONLY = frozenset({"tools", "tool_choice", "chat_template_kwargs", "add_generation_prompt",
+                       "continue_final_message"})
 # Fields accepted only with the value that means "off" (anything else would silently change the output).
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "stream": (None, False), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+    "stream": (None, False), "echo": (None, False), "suffix": (None,), "functions": (None, []),
+    "function_call": (None, "none"), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
 }
 COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "logprobs", "best_of"}) | PASSTHROUGH
 CHAT_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "logprobs",
-                         "top_logprobs"}) | PASSTHROUGH
+                         "top_logprobs"}) | PASSTHROUGH | CHAT_ONLY
+# Only in an HTTP request: a batch line has no stream, its request id comes from its custom_id and its
+# priority from the batch.
+HTTP_ONLY = frozenset({"stream", "stream_options", "request_id", "priority"})
+STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-NO_LOGPROB = -9999.0  # what OpenAI reports for a token of probability 0 (-inf is not JSON)
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
 class LineError(ValueError):
@@ -44,6 +52,20 @@ class LineError(ValueError):
     def __init__(self, code: str, message: str, custom_id: str | None = None):
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.custom_id = code, message, custom_id
+
+
+@dataclass(slots=True)
+class Body:
+    """A valid OpenAI request body: the job's build_job arguments and what shaping the response needs."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    job: dict[str, Any]  # ops.build_job keyword arguments (prompt fields and sampling fields)
+    top_logprobs: int | None  # None: no logprobs asked; else how many alternatives per token
+    stream: bool = False  # HTTP only: answer with server-sent events
+    include_usage: bool = False  # HTTP only: stream_options.include_usage
+    priority: str | None = None  # HTTP only: the caller's choice, else the endpoint's default
+    request_id: str | None = None  # HTTP only: the caller's request id (vLLM's extra field), else a new one
 
 
 @dataclass(slots=True)
@@ -110,21 +132,72 @@ def parse_line(ctx: ops.Context, raw: bytes, line: int, batch_id: str, default_m
     kind = URLS.get(obj.get("url"))  # type: ignore[arg-type]
     if kind is None:
         raise LineError("invalid_url", f"url must be one of {', '.join(URLS)}; got {obj.get('url')!r}", cid)
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise LineError("invalid_body", "body must be a JSON object", cid)
     try:
-        kw = (_chat_job if kind == "chat" else _completion_job)(body)
-        if "max_tokens" not in kw and default_max_tokens is not None:
-            kw["max_tokens"] = default_max_tokens
+        parsed = parse_body(kind, obj.get("body"))
         rid = request_id(batch_id, cid)
-        metadata = {"batch": batch_id, "custom_id": cid}
-        _, _, doc = ops.build_job(ctx, id=rid, priority=BATCH_PRIORITY, metadata=metadata, **kw)
+        _, doc = job_document(ctx, parsed, id=rid, priority=BATCH_PRIORITY,
+                              metadata={"batch": batch_id, "custom_id": cid}, default_max_tokens=default_max_tokens)
     except LineError as e:
         raise LineError(e.code, e.message, cid) from None
+    return Request(line, cid, kind, parsed.model, rid, doc, parsed.top_logprobs)
+
+
+def parse_body(kind: str, body: Any, *, http: bool = False) -> Body:
+    """Judge the body of a chat ("chat") or completions ("completion") request; raise LineError naming the field.
+
+    http=True also takes the HTTP-only fields (stream, stream_options, request_id, priority); in a batch line
+    they keep their batch meaning (stream must be false, stream_options is ignored, the others are unsupported).
+    """
+    if not isinstance(body, dict):
+        raise LineError("invalid_body", "body must be a JSON object")
+    extra: dict[str, Any] = {}
+    if http:
+        extra = _http_fields(body)
+        body = {k: v for k, v in body.items() if k not in HTTP_ONLY}
+    kw = (_chat_job if kind == "chat" else _completion_job)(body)
+    return Body(kind, body["model"], kw, kw.get("logprobs"), **extra)
+
+
+def job_document(ctx: ops.Context, parsed: Body, *, id: str, priority: str, metadata: dict | None = None,
+                 stream: bool = False, default_max_tokens: int | None = None) -> tuple[str, bytes]:
+    """(jobs stream key, job document) of a parsed body, validated exactly as a worker will (LineError invalid_body)."""
+    kw = dict(parsed.job)
+    if "max_tokens" not in kw and default_max_tokens is not None:
+        kw["max_tokens"] = default_max_tokens
+    try:
+        _, stream_key, doc = ops.build_job(ctx, id=id, priority=priority, metadata=metadata, stream=stream, **kw)
     except JobError as e:
-        raise LineError("invalid_body", e.message, cid) from None
-    return Request(line, cid, kind, body["model"], rid, doc, kw.get("logprobs"))
+        raise LineError("invalid_body", e.message) from None
+    return stream_key, doc
+
+
+def _http_fields(body: dict) -> dict[str, Any]:
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and type(stream) is not bool:
+        raise LineError("invalid_body", "body.stream must be a boolean")
+    out: dict[str, Any] = {"stream": bool(stream)}
+    if options is not None:
+        if not stream:
+            raise LineError("invalid_body", "body.stream_options is only allowed when body.stream is true")
+        if not isinstance(options, dict):
+            raise LineError("invalid_body", "body.stream_options must be an object")
+        for k, v in options.items():
+            if k not in STREAM_OPTIONS:
+                raise LineError("unsupported", f"body.stream_options.{k} is not a supported field")
+            if v is not None and type(v) is not bool:
+                raise LineError("invalid_body", f"body.stream_options.{k} must be a boolean")
+        out["include_usage"] = bool(options.get("include_usage"))
+    rid, priority = body.get("request_id"), body.get("priority")
+    if rid is not None:
+        try:
+            out["request_id"] = validate_id(rid, "request id")
+        except ValueError as e:
+            raise LineError("invalid_body", f"body.request_id: {e}") from None
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise LineError("invalid_body", f"body.priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
+        out["priority"] = priority
+    return out
 
 
 def _common(body: dict, allowed: frozenset[str]) -> dict[str, Any]:
@@ -139,7 +212,7 @@ def _common(body: dict, allowed: frozenset[str]) -> dict[str, Any]:
                 raise LineError("unsupported", f"body.{k}={orjson.dumps(v).decode()[:80]} is not supported")
             continue
         raise LineError("unsupported", f"body.{k} is not a supported field")
-    return {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
+    return {k: body[k] for k in allowed & (PASSTHROUGH | CHAT_ONLY) if body.get(k) is not None}
 
 
 def _completion_job(body: dict) -> dict[str, Any]:
@@ -183,7 +256,7 @@ def _chat_job(body: dict) -> dict[str, Any]:
     return kw
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise LineError("invalid_body", "body.messages must be a non-empty list")
     out = []
@@ -195,87 +268,25 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         if role is None:
             raise LineError("invalid_body", f"{where}.role must be one of {', '.join(ROLES)}")
         for k, v in m.items():
-            if k not in ("role", "content", "name") and v is not None:
+            if k not in MESSAGE_KEYS and v is not None:
                 raise LineError("unsupported", f"{where}.{k} is not supported")
-        out.append({"role": role, "content": _content(m.get("content"), where)})
+        message = {k: v for k, v in m.items() if k in MESSAGE_KEYS and v is not None}
+        message["role"] = role
+        message["content"] = _content(m.get("content"), where)
+        out.append(message)
     return out
 
 
-def _content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
+def _content(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content  # null content is judged by the job (allowed beside assistant tool_calls)
     if isinstance(content, list):
         parts = []
-        for p in content:
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise LineError("unsupported", f"{where}.content: only text parts are supported")
+        for j, p in enumerate(content):
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind != "text" or not isinstance(p.get("text"), str):
+                raise LineError("unsupported", f"{where}.content[{j}]: {kind or 'this'} parts are not supported "
+                                               "(text only: no images, audio or files)")
             parts.append(p["text"])
         return "".join(parts)
     raise LineError("invalid_body", f"{where}.content must be a string or a list of text parts")
-
-
-def output_record(req: Request, res: Result) -> dict:
-    """The output line of a final Result: a response for a completed job, else an error."""
-    rid, kind = req.rid, req.kind
-    rec: dict[str, Any] = {"id": f"batch_req_{rid}", "custom_id": req.custom_id, "response": None, "error": None}
-    if res.status != "completed":
-        code = res.error.code if res.error else res.status
-        msg = res.error.message if res.error else f"request {res.status}"
-        rec["error"] = {"code": code, "message": msg}
-        return rec
-    shape = _chat_choice if kind == "chat" else _completion_choice
-    body = {
-        "id": ("chatcmpl-" if kind == "chat" else "cmpl-") + rid,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(res.timings.finished or res.timings.started or 0),
-        "model": req.model,
-        "choices": [shape(c, req.top_logprobs) for c in res.choices],
-        "usage": {"prompt_tokens": res.usage.prompt_tokens, "completion_tokens": res.usage.completion_tokens,
-                  "total_tokens": res.usage.prompt_tokens + res.usage.completion_tokens},
-    }
-    rec["response"] = {"status_code": 200, "request_id": rid, "body": body}
-    return rec
-
-
-def error_record(batch_id: str, line: int, custom_id: str | None, code: str, message: str) -> dict:
-    """The output line of an input line rejected by validation (--skip-invalid)."""
-    return {"id": line_record_id(batch_id, line), "custom_id": custom_id, "response": None,
-            "error": {"code": code, "message": f"line {line}: {message}"}, "line": line}
-
-
-def _completion_choice(c, k: int | None) -> dict:
-    lp = None
-    if k is not None and c.logprobs is not None:
-        tokens, token_lps, tops, offsets, at = [], [], [], [], 0
-        for tid, cands in zip(c.token_ids, c.logprobs):
-            chosen = next((x for x in cands if x.token_id == tid), cands[0])
-            tok = chosen.token or ""
-            tokens.append(tok)
-            token_lps.append(_lp(chosen.logprob))
-            tops.append({(x.token or ""): _lp(x.logprob) for x in cands})
-            offsets.append(at)
-            at += len(tok)
-        lp = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-    return {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": lp}
-
-
-def _chat_choice(c, k: int | None) -> dict:
-    lp = None
-    if k is not None and c.logprobs is not None:
-        content = []
-        for tid, cands in zip(c.token_ids, c.logprobs):
-            chosen = next((x for x in cands if x.token_id == tid), cands[0])
-            top = [x for x in cands if x.rank is not None and x.rank <= k]  # the sampled token may rank lower
-            content.append({**_tok(chosen), "top_logprobs": [_tok(x) for x in sorted(top, key=lambda x: x.rank)]})
-        lp = {"content": content, "refusal": None}
-    return {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "logprobs": lp, "finish_reason": c.finish_reason}
-
-
-def _tok(x) -> dict:
-    tok = x.token or ""
-    return {"token": tok, "logprob": _lp(x.logprob), "bytes": list(tok.encode())}
-
-
-def _lp(v: float | None) -> float:
-    return NO_LOGPROB if v is None else v

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from producer.batch.format import LineError, Request, cid_key, error_record, output_record, parse_line
+from producer.batch.format import LineError, Request, cid_key, parse_line
+from producer.batch.responses import error_record, output_record
 from producer.batch.files import (
     LineWriter, OutputError, RequestCounts, Written, detect_batch_id, iter_lines, scan_outputs,
 )
@@ -39,13 +40,14 @@ class RunOptions:
 
     max_in_flight: int = 256  # jobs enqueued and not yet written; the rest of the file waits on disk
     skip_invalid: bool = False  # run the valid lines and write the invalid ones as errors, instead of failing
-    default_max_tokens: int | None = None  # for lines without max_tokens (else the protocol default, 16)
+    default_max_tokens: int | None = None  # for lines without max_tokens (else the rest of the context)
     progress: str = "auto"  # auto | bar | plain | none
     progress_interval_s: float = 10.0  # between plain progress lines
     fsync_every: int = 100
     cancel_grace_s: float = 10.0  # after a cancel, wait this long for in-flight jobs to report
     heartbeat_s: float = 1.0  # state counts, lock refresh and cancel check
     max_errors_kept: int = 100  # validation errors kept for the report (all are counted)
+    priority: str = BATCH_PRIORITY  # the jobs stream the batch's requests go on (bulk: interactive traffic first)
 
 
 @dataclass(slots=True)
@@ -109,14 +111,15 @@ class BatchRunner:
             if not self.store.refresh(bid, self.owner):
                 raise BatchBusy(f"batch {bid}: lost the runner lock while validating")
 
-        valid, invalid, errors, sha = validate(self.store, self.ctx, self.input, bid, self.options.default_max_tokens,
-                                               self.options.max_errors_kept, keepalive)
+        valid, invalid, errors, sha, endpoint = validate(self.store, self.ctx, self.input, bid,
+                                                         self.options.default_max_tokens, self.options.max_errors_kept,
+                                                         keepalive)
         if resumed and info.fields.get("input_sha256") not in (None, sha):
             self.store.update(bid, status=info.status)  # refused: leave the batch as it was
             raise BatchMismatch(f"batch {bid} was started from another input file (sha256 differs)")
         self.counts.total, self.counts.invalid = valid + len(invalid), len(invalid)
         self.store.update(bid, total=self.counts.total, invalid=self.counts.invalid, input_sha256=sha,
-                          errors={"object": "list", "data": errors[:20]}, runner=self.owner)
+                          errors={"object": "list", "data": errors[:20]}, runner=self.owner, endpoint=endpoint)
         if invalid and not self.options.skip_invalid:
             self.store.transition(bid, "failed", frm=("validating",))
             raise BatchInvalid(bid, errors, len(invalid))
@@ -199,7 +202,8 @@ class BatchRunner:
     def _enqueue(self, reqs: list[Request]) -> None:
         k, d = self.keys, self.ctx.defaults
         cmds = [cmd("sadd", self.store.inflight_key(self.batch_id), *(q.rid for q in reqs))]
-        cmds += [enqueue_cmd(k, d, q.rid, k.jobs(BATCH_PRIORITY), q.raw) for q in reqs]  # as Client.enqueue does
+        stream = k.jobs(self.options.priority)
+        cmds += [enqueue_cmd(k, d, q.rid, stream, q.raw) for q in reqs]  # as Client.enqueue does
         # Idempotent (SADD, and the enqueue script by the document's digest): resending after a lost reply
         # adds nothing, so a failed round trip is simply sent again.
         replies = self._retry(lambda: self._exec(cmds, False))[1:]

@@ -74,19 +74,31 @@ class BatchInfo:
         return self.status in TERMINAL
 
     def to_dict(self) -> dict[str, Any]:
-        """OpenAI-like batch object: status, request_counts, *_at timestamps, files, errors."""
+        """The OpenAI batch object (it validates as openai.types.Batch): status, endpoint, files as ids,
+        integer *_at timestamps, request_counts, errors; spool's own fields beside them."""
         f = self.fields
-        out: dict[str, Any] = {"id": self.id, "object": "batch", "status": self.status,
-                               "request_counts": {k: self.count(k) for k in ("total", "completed", "failed")}}
+        out: dict[str, Any] = {
+            "id": self.id, "object": "batch", "status": self.status,
+            "endpoint": f.get("endpoint") or "/v1/chat/completions",
+            "completion_window": "24h",  # spool never expires a batch; 24h is the only value OpenAI takes
+            "input_file_id": f.get("input_file") or "",
+            "output_file_id": f.get("output_file"), "error_file_id": f.get("error_file"),
+            "created_at": int(float(f.get("created_at") or 0)),
+            "request_counts": {k: self.count(k) for k in ("total", "completed", "failed")},
+        }
         for k in ("input_file", "output_file", "error_file", "input_sha256", "runner", "rq_job_id", "last_error"):
             if f.get(k):
                 out[k] = f[k]
         out["invalid_lines"], out["completion_tokens"] = self.count("invalid"), self.count("tokens")
-        for k in ("created_at", "heartbeat", *(s + "_at" for s in STATUSES)):
+        for k in (s + "_at" for s in STATUSES):
             if f.get(k):
-                out[k] = float(f[k])
+                out[k] = int(float(f[k]))
+        if f.get("heartbeat"):
+            out["heartbeat"] = float(f["heartbeat"])
         if f.get("errors"):
-            out["errors"] = orjson.loads(f["errors"])
+            errors = orjson.loads(f["errors"])
+            out["errors"] = {"object": "list", "data": [{k: e.get(k) for k in ("code", "line", "message")}
+                                                        for e in errors.get("data", [])]}
         return out
 
 

@@ -39,12 +39,13 @@ class Validation(NamedTuple):
     invalid: set[int]
     errors: list[dict]
     sha256: str
+    endpoint: str  # the OpenAI endpoint of the valid lines (chat completions if they mix)
 
 
 def validate(store: BatchStore, ctx: ops.Context, path: Path, batch_id: str, default_max_tokens: int | None,
              max_errors: int, keepalive: Callable[[], None]) -> Validation:
     """Parse every line; duplicates are found with a temporary Redis set, so memory does not grow with the file."""
-    sha, invalid, errors, valid = hashlib.sha256(), set(), [], 0
+    sha, invalid, errors, valid, kinds = hashlib.sha256(), set(), [], 0, set()
     seen_key, chunk = store.seen_key(batch_id), []
     store.redis.delete(seen_key)
 
@@ -76,6 +77,7 @@ def validate(store: BatchStore, ctx: ops.Context, path: Path, batch_id: str, def
             except LineError as e:
                 reject(n, e)
                 continue
+            kinds.add(req.kind)
             chunk.append((n, req.custom_id, cid_key(req.custom_id)))
             if len(chunk) >= CHUNK:
                 valid += dedupe()
@@ -83,4 +85,5 @@ def validate(store: BatchStore, ctx: ops.Context, path: Path, batch_id: str, def
         valid += dedupe()
     store.redis.delete(seen_key)
     errors.sort(key=lambda e: e["line"])
-    return Validation(valid, invalid, errors, sha.hexdigest())
+    endpoint = "/v1/completions" if kinds == {"completion"} else "/v1/chat/completions"
+    return Validation(valid, invalid, errors, sha.hexdigest(), endpoint)
