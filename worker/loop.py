@@ -24,10 +24,12 @@ from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, val
 from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
-from worker.finish import Finisher
 from worker.inflight import InFlightTable
+from worker.joblog import JobLog, log_startup, redact_url
 from worker.leases import LeaseActions, Leases, is_nogroup
-from worker.outbox import Backoff, Outbox
+from worker.metrics import CountingBackoff, WorkerMetrics
+from worker.observe import ObservedFinisher
+from worker.outbox import Outbox
 from worker.quarantine import HAND_OVER, POISON, Quarantine
 from worker.settings import WorkerSettings
 from worker.tokens import TokenStreamWriter
@@ -50,10 +52,11 @@ class Worker:
         # Pauses after Redis failures stay well under claim_idle, so that when Redis comes back this worker
         # re-leases its jobs before other workers take them for abandoned.
         lease_s = max(0.1, settings.claim_idle_ms / 4000)
-        self.outbox = Outbox(redis_client, backoff=Backoff(cap_s=min(5.0, lease_s)))
-        self.finisher = Finisher(self.outbox, self.keys, self.defaults, settings.name, self.limits.max_job_bytes)
+        self.outbox = Outbox(redis_client, backoff=CountingBackoff(cap_s=min(5.0, lease_s)))
+        self.finisher = ObservedFinisher(self.outbox, self.keys, self.defaults, settings.name,
+                                         self.limits.max_job_bytes)
         self.tokens = TokenStreamWriter(self.outbox, self.keys, self.defaults)
-        self.gate = Backoff(cap_s=min(2.0, lease_s))  # reads: paused together while Redis does not answer
+        self.gate = CountingBackoff(cap_s=min(2.0, lease_s))  # reads: paused together while Redis does not answer
         self.inflight = InFlightTable(engine.abort)
         self.leases = Leases(redis_client, self.keys, settings, self.inflight, self.gate, self.capacity, self.outbox)
         self.quarantine = Quarantine(redis_client, self.outbox, self.keys, self.defaults, settings)
@@ -64,6 +67,10 @@ class Worker:
         self._next_heartbeat = 0.0
         self._cancels_last = "$"
         self._groups_ok = False
+        # For operators: a log line per finished job, and Prometheus metrics when a port is set (worker.metrics).
+        self.metrics = WorkerMetrics(self) if settings.metrics_port is not None else None
+        self.finisher.job_log, self.finisher.metrics = JobLog.for_keys(self.keys), self.metrics
+        self._rate_since = (time.time(), 0)  # (time, generated tokens) at the last heartbeat: its tokens/s
 
     @property
     def jobs_done(self) -> int:
@@ -102,13 +109,18 @@ class Worker:
                 raise SystemExit(f"spool worker: Redis refused our credentials: {e}") from None
             except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
                 pause = self.gate.fail()
-                log.warning("redis not ready at start-up (%s); retry in %.1fs", e, pause)
+                log.warning("redis at %s not ready at start-up (%s); retry in %.1fs",
+                            redact_url(self.settings.redis_url), e, pause)
                 time.sleep(pause)
         return False
 
     def run(self) -> int:
         """Serve until stopped (or max_jobs done); returns the process exit code."""
+        if self.metrics is not None:
+            self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+        log_startup(self, self.settings.redis_url)
         if not self.start():
+            self._close_metrics()
             return 0
         log.info("worker %s serving %s", self.settings.name, ", ".join(self.keys.all_jobs))
         stop_deadline = None
@@ -131,6 +143,7 @@ class Worker:
         forward pass instead of adding to it. Jobs admitted and aborts made meanwhile take effect next step.
         The one exception is a short read of the interactive stream just before the launch.
         """
+        began = time.perf_counter()
         busy = self.engine.has_unfinished_requests()
         interactive, lower = self.keys.all_jobs[:1], self.keys.all_jobs[1:]
         if busy and not self.stopping:
@@ -156,6 +169,8 @@ class Worker:
         self.outbox.flush()
         if step is not None:
             self._ready = self.engine.collect(step)
+            if self.metrics is not None:
+                self.metrics.observe_step(time.perf_counter() - began)
         elif self.gate.failing or not self.outbox.healthy:
             time.sleep(0.05)  # Redis is away and there is nothing to compute: don't spin
 
@@ -180,6 +195,11 @@ class Worker:
             log.error("redis unavailable at exit: %d writes lost (their jobs stay pending and will be rerun)",
                       len(self.outbox))
         log.info("worker %s stopped after %d jobs", self.settings.name, self.jobs_done)
+        self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
 
     # -- reading ----------------------------------------------------------------------------------
     def ensure_groups(self, strict: bool = False) -> None:
@@ -300,7 +320,8 @@ class Worker:
                     self.leases.release(entry.stream, entry.entry_id, entry.deliveries)
                     continue
             rejection = check_runnable(entry, rid, job, check.cancelled, now)
-            admitted = rejection or submit(self.engine, entry, rid, job, self.keys, quarantined)
+            admitted = rejection or submit(self.engine, entry, rid, job, self.keys, self.limits, quarantined,
+                                           self.settings.tool_call_parser)
             if isinstance(admitted, Rejection):
                 self.finisher.reject(admitted)
                 continue
@@ -318,6 +339,8 @@ class Worker:
         for stream, entry_id in actions.gone:
             self.outbox.add("XACK", stream, self.keys.group, entry_id)
         if actions.takeovers:
+            if self.metrics is not None:
+                self.metrics.on_reclaimed(len(actions.takeovers))
             self.handle_entries(actions.takeovers, restart=True)
 
     def _poison(self, entry: Entry, rid: str, job: Job, deaths: int) -> None:
@@ -365,9 +388,18 @@ class Worker:
                 self.inflight.end_early(inf.id, "expired", "deadline_exceeded", "deadline passed while running")
 
     def _heartbeat(self) -> None:
+        now, generated = time.time(), self.engine.stats.generation_tokens
+        since, before = self._rate_since
+        self._rate_since = (now, generated)
+        scheduler = self.engine.scheduler
         info = {
             "name": self.settings.name,
             "model": self.engine.config.model,
+            "device": str(self.engine.runner.device),
+            "running": len(scheduler.running),  # sequences, as spool_running_requests
+            "waiting": len(scheduler.waiting),
+            "tokens_per_s": round((generated - before) / max(now - since, 1e-3), 1),
+            "max_num_seqs": self.engine.config.max_num_seqs,
             "started": self.started,
             "last_seen": time.time(),
             "in_flight": len(self.inflight),

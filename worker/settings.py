@@ -26,6 +26,10 @@ class WorkerSettings:
     claim_idle_ms: int = 60_000  # a pending job idle this long belongs to a dead worker and is reclaimed
     max_deliveries: int = 3  # a job delivered more often than this is a suspect: it runs alone (quarantine)
     max_quarantine_deaths: int = 2  # deaths of workers while a suspect ran alone that make it a poison job
+    tool_call_parser: str = "auto"  # auto (from the chat template) | hermes | llama3_json
     heartbeat_s: float = 2.0
     block_ms: int = 1_000  # longest blocking read while idle
     max_jobs: int | None = None  # exit after this many finished jobs (tests, one-shot runs)
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port (0: any free one); None: off
+    metrics_host: str = "0.0.0.0"  # address the metrics server binds to
+    log_format: str = "text"  # text | json (one JSON object per line)

@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 from datetime import datetime
+from pathlib import Path
 
-from spool.cli.common import add_redis_flags, client, print_json
+from spool.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, add_redis_flags, client, note_if_no_worker, print_json
 
+# Documented in docs/BATCH.md: 2 a file with invalid lines, 3 another runner holds the batch, 130 interrupted.
 EXIT_INVALID, EXIT_BUSY, EXIT_INTERRUPTED = 2, 3, 130
+LIST_COLUMNS = ("ID", "STATUS", "DONE", "FAILED", "TOTAL", "CREATED", "OUTPUT")
 
 
 def _files(p: argparse.ArgumentParser) -> None:
@@ -25,8 +29,15 @@ def _opts(args, **extra) -> dict:
     kw = {"max_in_flight": args.max_in_flight, "skip_invalid": args.skip_invalid,
           "default_max_tokens": args.default_max_tokens, **extra}
     if kw["max_in_flight"] < 1:
-        raise SystemExit("--max-in-flight must be >= 1")
+        raise CliError("--max-in-flight must be >= 1", EXIT_USAGE)
     return kw
+
+
+def _readable(path: str) -> None:
+    """Refuse a missing input file before anything is created in Redis (no batch stuck in `validating`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"input file {path!r} {'is not a file' if p.exists() else 'does not exist'}", EXIT_USAGE)
 
 
 def cmd_run(args) -> int:
@@ -34,6 +45,7 @@ def cmd_run(args) -> int:
     from producer.batch import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, options
     from producer.batch.files import OutputError
 
+    _readable(args.input)
     opts = options(**_opts(args, progress=args.progress, progress_interval_s=args.progress_interval))
     runner = BatchRunner(client(args), args.input, args.output, args.errors, args.id, opts)
 
@@ -44,6 +56,7 @@ def cmd_run(args) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    note_if_no_worker(runner.client, args, "the batch")
     try:
         info = runner.run()
     except BatchInvalid as e:
@@ -54,7 +67,7 @@ def cmd_run(args) -> int:
               f"(batch {e.batch_id} failed). Fix them, or pass --skip-invalid.", file=sys.stderr)
         return EXIT_INVALID
     except (BatchBusy, BatchMismatch, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"spool batch {args.batch_command}: {e}", file=sys.stderr)
         return EXIT_BUSY
     print_json(info.to_dict())
     if runner.interrupted:
@@ -66,7 +79,11 @@ def cmd_submit(args) -> int:
     """Enqueue a batch as an rq job (now, --at TIME or --in SECONDS)."""
     from producer import batch
 
-    at = datetime.fromisoformat(args.at).astimezone() if args.at else None
+    _readable(args.input)
+    try:
+        at = datetime.fromisoformat(args.at).astimezone() if args.at else None
+    except ValueError as e:
+        raise CliError(f"--at: {e} (use ISO 8601, e.g. 2026-12-01T02:00)", EXIT_USAGE) from None
     bid, job_id = batch.submit(args.input, args.output, args.errors, batch_id=args.id, at=at, delay_s=args.in_s,
                                queue=args.queue, job_timeout=args.job_timeout, client=client(args),
                                redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
@@ -84,7 +101,7 @@ def cmd_schedule(args) -> int:
                                run_now=args.now, queue=args.queue, job_timeout=args.job_timeout,
                                client=client(args), redis_url=args.redis_url, prefix=args.prefix, **_opts(args))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"spool batch {args.batch_command}: {e}", file=sys.stderr)
         return EXIT_INVALID
     print_json({k: entry[k] for k in ("name", "cron", "tz", "queue", "next_run", "next_job_id")})
     return 0
@@ -112,10 +129,12 @@ def cmd_status(args) -> int:
     """Print one batch's state as JSON."""
     from producer import batch
 
-    info = batch.status(args.id, client=client(args))
+    try:
+        info = batch.status(args.id, client=client(args))
+    except ValueError as e:  # not a valid batch id
+        raise CliError(str(e), EXIT_USAGE) from None
     if info is None:
-        print(f"no batch {args.id!r}", file=sys.stderr)
-        return 1
+        raise CliError(f"no batch {args.id!r}", EXIT_FAILED)
     print_json(info.to_dict())
     return 0
 
@@ -127,19 +146,33 @@ def cmd_cancel(args) -> int:
     try:
         print(batch.cancel(args.id, client=client(args)))
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 1
+        raise CliError(str(e.args[0]), EXIT_FAILED) from None
+    except ValueError as e:  # not a valid batch id
+        raise CliError(str(e), EXIT_USAGE) from None
     return 0
 
 
+def _created(info) -> str:
+    at = info.fields.get("created_at")
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(at))) if at else "-"
+
+
 def cmd_list(args) -> int:
-    """List batches, newest first."""
+    """List batches, newest first: a table with a header, or JSON."""
     from producer import batch
 
-    for info in batch.list_batches(args.limit, client=client(args)):
+    infos = batch.list_batches(args.limit, client=client(args))
+    if args.json:
+        print_json([info.to_dict() for info in infos])
+        return 0
+    rows = [LIST_COLUMNS]
+    for info in infos:
         c = info.to_dict()["request_counts"]
-        print(f"{info.id}\t{info.status}\t{c['completed']}+{c['failed']}/{c['total']}\t"
-              f"{info.fields.get('output_file', '')}")
+        rows.append((info.id, info.status, str(c["completed"]), str(c["failed"]), str(c["total"]), _created(info),
+                     info.fields.get("output_file", "") or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS) - 1)]
+    for row in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] + "\n")
     return 0
 
 
@@ -153,7 +186,8 @@ def add_commands(sub) -> None:
     r.add_argument("--id", help="batch id (default: the one in OUT if resuming, else a new one)")
     r.add_argument("--progress", default="auto", choices=["auto", "bar", "plain", "none"],
                    help="auto: a bar on a terminal, plain lines otherwise")
-    r.add_argument("--progress-interval", type=float, default=10.0, help="seconds between plain progress lines")
+    r.add_argument("--progress-interval", type=float, default=10.0,
+                   help="seconds between plain progress lines (default 10)")
     r.set_defaults(func=cmd_run)
 
     s = bs.add_parser("submit", help="enqueue a batch as an rq job (run by `rq worker --with-scheduler ...`)")
@@ -176,19 +210,20 @@ def add_commands(sub) -> None:
     c.set_defaults(func=cmd_schedule)
 
     u = bs.add_parser("unschedule", help="remove a cron schedule")
-    u.add_argument("name")
+    u.add_argument("name", help="the schedule's name")
     u.set_defaults(func=cmd_unschedule)
     ls = bs.add_parser("schedules", help="list cron schedules")
     ls.set_defaults(func=cmd_schedules)
 
     st = bs.add_parser("status", help="a batch's state (JSON)")
-    st.add_argument("id")
+    st.add_argument("id", help="batch id")
     st.set_defaults(func=cmd_status)
     ca = bs.add_parser("cancel", help="cancel a batch")
-    ca.add_argument("id")
+    ca.add_argument("id", help="batch id")
     ca.set_defaults(func=cmd_cancel)
-    li = bs.add_parser("list", help="list batches, newest first")
-    li.add_argument("--limit", type=int, default=50)
+    li = bs.add_parser("list", help="list batches, newest first (a table; --json for JSON)")
+    li.add_argument("--limit", type=int, default=50, help="most batches to list (default 50)")
+    li.add_argument("--json", action="store_true", help="print the batches as a JSON list")
     li.set_defaults(func=cmd_list)
     for x in (r, s, c, u, ls, st, ca, li):
         add_redis_flags(x)

@@ -9,27 +9,51 @@ from typing import Any
 from protocol.env import base_type, env_name, field_defaults
 
 _HELP = {
-    "model": "path of a local Hugging Face model directory",
-    "device": "cpu | cuda | cuda:N | auto",
-    "dtype": "auto | float32 | bfloat16 | float16",
-    "num_kv_blocks": "KV cache blocks (default: sized from memory)",
-    "load_format": "auto | safetensors | dummy (random weights)",
-    "kernel_backend": "auto | torch | triton",
+    # engine (engine.config.EngineConfig)
+    "model": "path of a local Hugging Face model directory (config.json, *.safetensors, tokenizer files)",
+    "tokenizer": "tokenizer directory, if not the model's",
+    "device": "cpu | cuda | cuda:N | auto (CUDA when torch sees a GPU)",
+    "dtype": "auto | float32 | bfloat16 | float16 (auto: the checkpoint's on CUDA, float32 on CPU)",
+    "block_size": "tokens per KV cache block: 8 | 16 | 32 | 64 | 128",
+    "num_kv_blocks": "KV cache blocks (default: sized from --gpu-memory-utilization or --cpu-kv-cache-bytes)",
+    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and the KV cache",
+    "cpu_kv_cache_bytes": "KV cache size on the CPU, in bytes",
+    "max_num_seqs": "most sequences in one batch (also the most jobs read from Redis at once)",
+    "max_num_batched_tokens": "most tokens one engine step computes (prefill chunks plus decodes)",
+    "max_model_len": "longest prompt + output in tokens (default: the model's limit)",
+    "load_format": "auto | safetensors | dummy (random weights, for benchmarks)",
+    "seed": "seed of the engine's sampling generator (a job's own seed overrides it)",
+    "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
+    # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
+    "prefix": "key prefix of the deployment",
+    "name": "worker name: unique among live workers; keys its heartbeat and names its consumer",
     "grace_period_s": "on SIGTERM, seconds to finish in-flight jobs",
     "claim_idle_ms": "reclaim other workers' jobs idle this long",
     "max_deliveries": "run a job delivered more often than this alone (quarantine) before it can be condemned",
+    "tool_call_parser": "how tool calls are read from output: auto (from the chat template) | hermes | llama3_json",
     "max_quarantine_deaths": "dead-letter a job as poison after workers died this often while it ran alone",
+    "heartbeat_s": "seconds between heartbeats (what `spool status` and `spool top` show)",
+    "block_ms": "longest blocking Redis read while idle, in milliseconds",
     "max_jobs": "exit after this many finished jobs",
+    "metrics_port": "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: off)",
+    "metrics_host": "address the metrics server binds to",
+    "log_format": "text | json (one JSON object per line)",
 }
+CHOICES = {"log_format": ("text", "json")}  # checked by argparse, so a typo is a usage error
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                        title: str | None = None) -> None:
     """Add --field-name for each field of `cls`; defaults come from SPOOL_FIELD_NAME, else the dataclass."""
     hints = typing.get_type_hints(cls)
-    defaults = field_defaults(cls)
-    group = parser.add_argument_group(cls.__name__)
+    try:
+        defaults = field_defaults(cls)
+    except ValueError as e:  # SPOOL_MAX_NUM_SEQS=abc: a usage error, not a traceback
+        parser.error(str(e))
+    group = parser.add_argument_group(title or cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -37,12 +61,14 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[
         env = env_name(f.name)
         default = defaults[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [{env}; default: {default}]"
+        required = default is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        where = "required" if required else f"default: {default}"
+        help_ = f"{_HELP.get(f.name, f.name.replace('_', ' '))} [{env}; {where}]"
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
-            required = default is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            group.add_argument(flag, dest=f.name, type=tp, default=default, required=required, help=help_)
+            group.add_argument(flag, dest=f.name, type=tp, default=default, required=required, help=help_,
+                               choices=CHOICES.get(f.name))
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
