@@ -6,7 +6,7 @@ from typing import Any
 import orjson
 import redis
 
-from protocol.commands import as_str
+from protocol.commands import as_str, queue_backlog
 from protocol.defaults import Defaults
 from protocol.keys import Keys, validate_id
 from protocol.scripts import digest
@@ -31,34 +31,10 @@ def live_workers(r: redis.Redis, keys: Keys) -> list[str]:
     return [name for name, alive in zip(names, pipe.execute()) if alive]
 
 
-def queue_backlog(r: redis.Redis, keys: Keys) -> dict[str, int]:
-    """Jobs queued or running per jobs stream: the consumer group's lag plus its pending entries.
-
-    Without the group (no worker started yet) every entry is lag; where Redis gives no lag (6.2, or entries
-    deleted past the group's cursor) the stream length is the same number, as workers delete acked entries.
-    (worker.metrics.stream_backlog computes the same for spool_queue_backlog; producer cannot import worker.)
-    """
-    pipe = r.pipeline(transaction=False)
-    for stream in keys.all_jobs:
-        pipe.xlen(stream)
-        pipe.xinfo_groups(stream)
-    replies = pipe.execute(raise_on_error=False)
-    out: dict[str, int] = {}
-    for i, stream in enumerate(keys.all_jobs):
-        length, groups = replies[2 * i], replies[2 * i + 1]
-        if isinstance(length, Exception):
-            raise length
-        out[stream] = int(length)
-        for group in groups if isinstance(groups, list) else []:
-            if _text(group.get("name", b"")) == keys.group and group.get("lag") is not None:
-                out[stream] = int(group["lag"]) + int(group.get("pending") or 0)
-    return out
-
-
 def deployment_status(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     """Streams (length, backlog, pending per consumer), live workers with their heartbeat, the dead-letter count."""
     out: dict[str, Any] = {"streams": {}, "workers": {}}
-    backlog = queue_backlog(r, keys)
+    backlog = queue_backlog(r, keys.all_jobs, keys.group)
     for stream in keys.all_jobs:
         info: dict[str, Any] = {"length": r.xlen(stream), "backlog": backlog[stream], "pending": {}}
         try:

@@ -82,3 +82,28 @@ def cancel_cmds(keys: Keys, defaults: Defaults, id: str) -> list[Cmd]:
     """Mark `id` cancelled (a key with a TTL, the source of truth) and wake workers (the cancels stream)."""
     return [cmd("set", keys.cancel(id), "1", ex=defaults.cancel_ttl_s),
             cmd("xadd", keys.cancels, {"id": validate_id(id)}, maxlen=defaults.cancels_maxlen, approximate=True)]
+
+
+def queue_backlog(redis_client: Any, streams: list[str], group: str) -> dict[str, int]:
+    """Jobs waiting or running per jobs stream: the group's lag plus its pending entries.
+
+    Without the group (no worker started yet) every entry is lag; where Redis cannot give the lag (6.2, or
+    entries deleted after the group's cursor) the stream length is used, which is the same number because
+    workers delete acknowledged entries.
+    """
+    pipe = redis_client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+    replies = pipe.execute(raise_on_error=False)
+    out: dict[str, int] = {}
+    for i, stream in enumerate(streams):
+        length, groups = replies[2 * i], replies[2 * i + 1]
+        if isinstance(length, Exception):
+            raise length
+        value = int(length)
+        for g in groups if isinstance(groups, list) else []:
+            if as_str(g.get("name", b"")) == group and g.get("lag") is not None:
+                value = int(g["lag"]) + int(g.get("pending") or 0)
+        out[stream] = value
+    return out

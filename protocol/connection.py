@@ -7,7 +7,7 @@ and unix:///path/redis.sock. Query-string options override the defaults set here
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -23,6 +23,7 @@ TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # ...but these are ConnectionErrors too, and trying a wrong password again only delays the error.
 NEVER_RETRY = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 SCHEMES = ("redis", "rediss", "unix")
+_SECRET_QUERY_KEYS = ("password", "pass", "pwd")
 
 
 def _retryable(is_retryable):
@@ -82,3 +83,19 @@ def connect_async(url: str, *, defaults: Defaults | None = None, **extra: Any) -
     retry = _AsyncRetry(ExponentialBackoff(cap=kw.pop("cap"), base=0.05), kw.pop("retries"),
                         supported_errors=TRANSIENT_ERRORS)
     return aioredis.Redis.from_url(url, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **extra})
+
+
+def redact_url(url: str | None) -> str:
+    """`url` with its password (in the authority or the query string) replaced by ***."""
+    if not url:
+        return str(url)
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -152,7 +152,7 @@ def test_redis_errors_and_reconnects_are_counted(engine, redis_server):
 
 
 def test_stream_backlog_is_lag_plus_pending(redis_server):
-    from worker.metrics import stream_backlog
+    from protocol.commands import queue_backlog as stream_backlog
 
     r = redis_server.client()
     for i in range(5):

@@ -2,7 +2,7 @@
 as text or JSON lines (--log-format), with Redis URLs shown without their password.
 
 The per-job line is fed by worker.observe.ObservedFinisher, which sees every way a job ends. This module
-imports neither the engine nor torch: the CLI's producer verbs use redact_url too.
+imports neither the engine nor torch.
 """
 from __future__ import annotations
 
@@ -10,30 +10,13 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from protocol import PRIORITIES, Result
+from protocol.connection import redact_url
 
 log = logging.getLogger("worker.jobs")
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_SECRET_QUERY_KEYS = ("password", "pass", "pwd")
-
-
-def redact_url(url: str | None) -> str:
-    """`url` with its password (in the authority or the query string) replaced by ***."""
-    if not url:
-        return str(url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user = parts.username or ""
-        netloc = f"{user}:***@{netloc.rsplit('@', 1)[1]}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class JsonFormatter(logging.Formatter):

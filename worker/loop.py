@@ -25,7 +25,8 @@ from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
 from worker.inflight import InFlightTable
-from worker.joblog import JobLog, log_startup, redact_url
+from protocol.connection import redact_url
+from worker.joblog import JobLog, log_startup
 from worker.leases import LeaseActions, Leases, is_nogroup
 from worker.metrics import CountingBackoff, WorkerMetrics
 from worker.observe import ObservedFinisher

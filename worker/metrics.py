@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol import PRIORITIES, Result
+from protocol.commands import queue_backlog
 from protocol.connection import TRANSIENT_ERRORS
 from protocol.results import Status
 from worker.outbox import Backoff
@@ -74,33 +75,6 @@ def backlog_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
-def stream_backlog(client: redis.Redis, streams: list[str], group: str) -> dict[str, int]:
-    """Jobs waiting or running per jobs stream: the group's lag plus its pending entries.
-
-    Without the group (no worker started yet) every entry is lag; where Redis cannot give the lag (6.2, or
-    entries deleted after the group's cursor) the stream length is used, which is the same number because
-    workers delete acknowledged entries.
-    """
-    pipe = client.pipeline(transaction=False)
-    for stream in streams:
-        pipe.xlen(stream)
-        pipe.xinfo_groups(stream)
-    replies = pipe.execute(raise_on_error=False)
-    out: dict[str, int] = {}
-    for i, stream in enumerate(streams):
-        length, groups = replies[2 * i], replies[2 * i + 1]
-        if isinstance(length, Exception):
-            raise length
-        value = int(length)
-        for g in groups if isinstance(groups, list) else []:
-            name = g.get("name")
-            name = name.decode() if isinstance(name, bytes) else name
-            if name == group and g.get("lag") is not None:
-                value = int(g["lag"]) + int(g.get("pending") or 0)
-        out[stream] = value
-    return out
-
-
 class _ScrapeTimeCollector(Collector):
     """Gauges and counters read from the engine and the loop when Prometheus scrapes."""
 
@@ -136,7 +110,7 @@ class _ScrapeTimeCollector(Collector):
                                     "Jobs queued or running per jobs stream (consumer-group lag + pending).",
                                     labels=["stream"])
         try:
-            for stream, value in stream_backlog(self.redis, w.keys.all_jobs, w.keys.group).items():
+            for stream, value in queue_backlog(self.redis, w.keys.all_jobs, w.keys.group).items():
                 backlog.add_metric([stream], value)
         except (*TRANSIENT_ERRORS, redis.ResponseError) as e:
             log.debug("metrics: queue backlog unavailable: %s", e)

@@ -76,7 +76,7 @@ def add_redis_flags(parser: argparse.ArgumentParser) -> None:
 
 def describe_redis(args: argparse.Namespace) -> str:
     """The deployment's Redis for a message: its URL without password, and whether it is the embedded one."""
-    from worker.joblog import redact_url  # stdlib only: keeps the producer verbs light
+    from protocol.connection import redact_url
 
     url = getattr(args, "resolved_url", None) or args.redis_url or "?"
     if not args.redis_url:
