@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.defaults import DEFAULT_PREFIX, MAX_ID_LEN
@@ -32,6 +33,15 @@ def validate_id(value: object, what: str = "id") -> str:
 def new_id() -> str:
     """A fresh random request id (uuid4 hex, 32 chars)."""
     return uuid.uuid4().hex
+
+
+def _id_key(kind: str, doc: str, what: str = "id") -> Callable[[Keys, str], str]:
+    """A Keys method building '{prefix}{kind}:{id}' from a validated id."""
+    def key(self: Keys, id: str) -> str:
+        return f"{self.prefix}{kind}:{validate_id(id, what)}"
+
+    key.__name__, key.__doc__ = kind, doc
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,37 +81,15 @@ class Keys:
                 return p
         raise ValueError(f"{name!r} is not a jobs stream under prefix {self.prefix!r}")
 
-    def result(self, id: str) -> str:
-        """String key holding the final Result JSON."""
-        return f"{self.prefix}result:{validate_id(id)}"
-
-    def tokens(self, id: str) -> str:
-        """Stream of token events (delta/restart, then done) of one request."""
-        return f"{self.prefix}tokens:{validate_id(id)}"
-
-    def status(self, id: str) -> str:
-        """String key 'queued' | 'running' while a job is not final."""
-        return f"{self.prefix}status:{validate_id(id)}"
-
-    def cancel(self, id: str) -> str:
-        """String key whose presence cancels a request."""
-        return f"{self.prefix}cancel:{validate_id(id)}"
-
-    def digest(self, id: str) -> str:
-        """String key: SHA-1 of the job document that holds this id (enqueue is idempotent by it)."""
-        return f"{self.prefix}digest:{validate_id(id)}"
-
-    def quarantine(self, id: str) -> str:
-        """Hash of a suspect job run alone: the worker running it ('runner') and 'deaths' while it did."""
-        return f"{self.prefix}quarantine:{validate_id(id)}"
-
-    def worker(self, name: str) -> str:
-        """Hash with one worker's heartbeat, model and load."""
-        return f"{self.prefix}worker:{validate_id(name, 'worker name')}"
-
-    def batch(self, id: str) -> str:
-        """Hash with one bulk batch's state and counts."""
-        return f"{self.prefix}batch:{validate_id(id, 'batch id')}"
+    # Per-request (and per-worker, per-batch) keys: '{prefix}{kind}:{id}', the id validated on the way in.
+    result = _id_key("result", "String key holding the final Result JSON.")
+    tokens = _id_key("tokens", "Stream of token events (delta/restart, then done) of one request.")
+    status = _id_key("status", "String key 'queued' | 'running' while a job is not final.")
+    cancel = _id_key("cancel", "String key whose presence cancels a request.")
+    digest = _id_key("digest", "String key: SHA-1 of the job document that holds this id (idempotent enqueue).")
+    quarantine = _id_key("quarantine", "Hash of a suspect job run alone: 'runner', and 'deaths' while alone.")
+    worker = _id_key("worker", "Hash with one worker's heartbeat, model and load.", "worker name")
+    batch = _id_key("batch", "Hash with one bulk batch's state and counts.", "batch id")
 
     @staticmethod
     def default_id(priority: str, entry_id: str | bytes) -> str:
