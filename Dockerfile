@@ -6,6 +6,7 @@ COPY engine engine
 COPY kernels kernels
 COPY worker worker
 COPY producer producer
+COPY gateway gateway
 COPY protocol protocol
 COPY spool spool
 COPY spool_testing spool_testing

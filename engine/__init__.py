@@ -1,4 +1,6 @@
-"""spool's generation engine: continuous batching over a paged KV cache. No Redis, no asyncio."""
+"""spool's generation engine: continuous batching over a paged KV cache (no Redis); AsyncLLMEngine steps it on
+a thread for asyncio callers."""
+from engine.async_engine import AsyncEngineArgs, AsyncEngineDeadError, AsyncLLMEngine, random_uuid
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine

@@ -1,9 +1,9 @@
 """The package map's dependency rules (docs/ARCHITECTURE.md), checked by scanning the sources.
 
 engine never imports worker, producer or protocol; kernels never import engine; protocol imports none of
-spool's packages; worker never imports producer; producer never imports worker or engine; nothing shipped
-imports the test support; bench never imports the test suite; no import cycles at module level; the
-producer verbs of the CLI never load torch.
+spool's packages; worker never imports producer; producer never imports worker or engine; the gateway never
+imports engine or worker (nor torch); nothing shipped imports the test support; bench never imports the test
+suite; no import cycles at module level; the producer verbs of the CLI and `spool serve` never load torch.
 """
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels", "protocol", "worker", "producer", "spool", "spool_testing")
+PACKAGES = ("engine", "kernels", "protocol", "worker", "producer", "gateway", "spool", "spool_testing")
 ALL_OURS = (*PACKAGES, "tests", "bench")
 
 # package -> packages it must never import (at any depth, lazily or not)
 FORBIDDEN = {
-    "kernels": {"engine", "worker", "producer", "protocol", "spool", "spool_testing", "tests", "bench"},
-    "engine": {"worker", "producer", "protocol", "spool", "spool_testing", "tests", "bench"},
-    "protocol": {"engine", "kernels", "worker", "producer", "spool", "spool_testing", "tests", "bench"},
-    "worker": {"producer", "spool", "spool_testing", "tests", "bench"},
-    "producer": {"engine", "kernels", "worker", "spool", "spool_testing", "tests", "bench"},
+    "kernels": {"engine", "worker", "producer", "protocol", "gateway", "spool", "spool_testing", "tests", "bench"},
+    "engine": {"worker", "producer", "protocol", "gateway", "spool", "spool_testing", "tests", "bench"},
+    "protocol": {"engine", "kernels", "worker", "producer", "gateway", "spool", "spool_testing", "tests", "bench"},
+    "worker": {"producer", "gateway", "spool", "spool_testing", "tests", "bench"},
+    "producer": {"engine", "kernels", "worker", "gateway", "spool", "spool_testing", "tests", "bench"},
+    # the HTTP face: `spool serve` runs without torch, so never the engine's side of the queue
+    "gateway": {"engine", "kernels", "worker", "spool", "spool_testing", "tests", "bench"},
     "spool": {"tests", "bench"},
     "spool_testing": {"tests", "bench"},
     "bench": {"tests"},
@@ -103,6 +105,15 @@ def test_producer_verbs_do_not_import_torch():
     code = ("import sys; from spool.cli.main import build_parser; "
             "build_parser(worker_flags=False).parse_args(['status']); "
             "import producer, producer.batch, producer.admin; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_the_gateway_does_not_import_torch():
+    code = ("import sys; from spool.cli.main import build_parser; "
+            "build_parser(worker_flags=False).parse_args(['serve']); "
+            "import gateway.app, gateway.server; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

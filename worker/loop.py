@@ -24,7 +24,7 @@ from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, val
 from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
-from worker.inflight import InFlightTable
+from worker.inflight import InFlightTable, wire_logprobs
 from protocol.connection import redact_url
 from worker.joblog import JobLog, log_startup
 from worker.leases import LeaseActions, Leases, is_nogroup
@@ -357,7 +357,8 @@ class Worker:
                 continue
             inf.apply(delta)
             if inf.job.stream and not inf.superseded and (delta.new_text or delta.new_token_ids):
-                self.tokens.delta(inf, TokenEvent.delta(delta.index, delta.new_text, delta.new_token_ids))
+                lps = wire_logprobs(delta.new_logprobs) if delta.new_logprobs and inf.job.logprobs is not None else None
+                self.tokens.delta(inf, TokenEvent.delta(delta.index, delta.new_text, delta.new_token_ids, logprobs=lps))
             if delta.finished and inf.finished:  # only a finishing delta can complete the request
                 self.inflight.remove(inf.id)
                 if not inf.superseded:

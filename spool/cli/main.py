@@ -55,6 +55,7 @@ def build_parser(worker_flags: bool = True) -> argparse.ArgumentParser:
     admin.add_commands(sub)
     batch.add_commands(sub)
     top.add_commands(sub)
+    __import__("spool.cli.serve", fromlist=["add_commands"]).add_commands(sub)  # spool serve (gateway/)
     return parser
 
 

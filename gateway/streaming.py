@@ -1,0 +1,108 @@
+"""`stream: true`: server-sent events read from the job's token stream (Redis), shaped by gateway.chunks.
+
+The response starts only once the job's first event is in: a job that fails before producing anything (a
+prompt too long for the model, say) is answered with a plain HTTP error, not a stream holding one. From then
+on a failure is an `data: {"error": ...}` event (the openai SDK raises it). A client that disconnects has its
+job cancelled.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import orjson
+import redis
+from starlette.responses import StreamingResponse
+
+from gateway.chunks import ChunkShaper, StreamDiverged
+from gateway.core import Gateway, Watcher
+from gateway.errors import ApiError, from_result
+from producer.batch.format import Body
+from protocol import TokenEvent
+
+log = logging.getLogger("spool.gateway")
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # nginx: do not buffer the stream
+
+
+def sse(obj: dict) -> bytes:
+    """One server-sent event."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def error_event(err: ApiError) -> bytes:
+    """An error inside a stream, in OpenAI's error shape."""
+    return sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+
+
+async def respond(gw: Gateway, parsed: Body, rid: str, created: int, started: float, watcher: Watcher,
+                  headers: dict[str, str]) -> StreamingResponse:
+    """Wait for the job's first event (ClientGone / TimeoutError propagate), then stream the rest."""
+    events = gw.client.stream(rid, timeout=gw.settings.request_timeout_s)
+    try:
+        first = await watcher.race(events.__anext__())
+        if first.type == "done" and first.status != "completed":
+            res = await gw.client.result(rid, timeout=10)
+            raise from_result(res)
+    except BaseException:
+        await events.aclose()
+        raise
+    watcher.close()  # from here StreamingResponse listens for the disconnect and cancels the body
+    n = parsed.job.get("n") or 1
+    tools = bool(parsed.job.get("tools")) and parsed.job.get("tool_choice") != "none"
+    shaper = ChunkShaper(parsed.kind, rid, parsed.model, created, n, parsed.top_logprobs, parsed.include_usage, tools)
+    body = _body(gw, shaper, rid, first, events, started)
+    return StreamingResponse(body, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+async def _body(gw: Gateway, shaper: ChunkShaper, rid: str, first: TokenEvent,
+                events: AsyncIterator[TokenEvent], started: float) -> AsyncIterator[bytes]:
+    finished, client_left = False, True
+    try:
+        for chunk in shaper.start():
+            yield sse(chunk)
+        event = first
+        while True:
+            if event.type == "restart":
+                shaper.restart()
+            elif event.type == "delta":
+                for chunk in shaper.delta(event):
+                    yield sse(chunk)
+                if shaper.sent_content and started:
+                    gw.metrics.ttft.observe(time.perf_counter() - started)
+                    started = 0.0
+            else:  # done: the result is set
+                res = await gw.client.result(rid, timeout=10)
+                if res.status != "completed":
+                    yield error_event(from_result(res))
+                else:
+                    for chunk in shaper.finish(res):
+                        yield sse(chunk)
+                    yield DONE
+                finished = True
+                return
+            event = await events.__anext__()
+    except StreamDiverged as e:
+        client_left = False
+        log.warning("request %s: %s; ending its stream", rid, e)
+        yield error_event(ApiError(500, f"{e} (the job was restarted on another worker after a crash)",
+                                   type="server_error", code="restart_diverged"))
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        client_left = False
+        yield error_event(ApiError(503, f"Redis is unreachable: {e}", type="server_error", code="redis_unavailable"))
+    except TimeoutError:
+        client_left = False
+        yield error_event(ApiError(504, f"no result within {gw.settings.request_timeout_s:g}s", type="timeout",
+                                   code="timeout"))
+    finally:
+        with anyio.CancelScope(shield=True):  # the client may be gone: this must still reach Redis
+            await events.aclose()
+            if not finished:
+                if client_left:
+                    gw.metrics.disconnects.inc()
+                try:
+                    await gw.cancel(rid)
+                except Exception as e:  # noqa: BLE001 - Redis away: the job runs to its end instead
+                    log.warning("request %s: could not cancel after the client left: %s", rid, e)
