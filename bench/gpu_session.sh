@@ -32,6 +32,8 @@ for stage in "$@"; do case $stage in
   structured) for m in one distinct; do  # issue 11: a JSON schema on every request, vs llama above
       run llama8b_so_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured $m --json "$OUT/llama8b_so_$m.json"
     done ;;
+  serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
+         run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   *) echo "unknown stage $stage" ;;
 esac; done
