@@ -239,7 +239,9 @@ async def workload_client(base_url: str, spec: dict) -> dict:
                     chunk = orjson.loads(line[6:])
                     if first is None and chunk.get("choices"):
                         c = chunk["choices"][0]
-                        if c.get("text") or (c.get("delta") or {}).get("content"):
+                        # The first chunk of output; its text may be empty (a model without a tokenizer, as the
+                        # dummy-weight shapes, streams token counts but no text).
+                        if c.get("text") or (c.get("delta") or {}).get("content") or c.get("finish_reason") is None:
                             first = time.perf_counter() - t0
                     if chunk.get("usage"):
                         tokens[0] += chunk["usage"]["completion_tokens"]
