@@ -11,7 +11,6 @@ files (purpose "batch_output") once the batch is final.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ from gateway.settings import GatewaySettings
 from producer import Client
 from producer.batch import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, RunOptions
 from producer.batch.files import OutputError
-from producer.batch.state import STATUSES, TERMINAL, BatchInfo, BatchStore, validate_batch_id
+from producer.batch.state import STATUSES, TERMINAL, BatchInfo, BatchStore, pid_alive, validate_batch_id
 from protocol.commands import as_str
 
 log = logging.getLogger("spool.gateway")
@@ -222,7 +221,7 @@ class BatchManager:
             return True
         host, _, rest = as_str(holder).partition(":")
         pid = rest.partition(":")[0]
-        return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+        return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
     def _finished(self, bid: str) -> None:
         info = self.store.get(bid) if _valid(bid) else None
@@ -258,13 +257,5 @@ def _valid(batch_id: str) -> bool:
         return False
     return True
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 

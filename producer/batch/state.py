@@ -185,7 +185,7 @@ class BatchStore:
             return self.acquire(batch_id, owner)
         host, _, rest = as_str(holder).partition(":")
         pid = rest.partition(":")[0]
-        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+        if host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid)):
             return False
         return bool(self._takeover(keys=[self.lock_key(batch_id)], args=[holder, owner, LOCK_TTL_MS]))
 
@@ -218,7 +218,8 @@ class BatchStore:
         return "cancelled"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process of this id exists on this host (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
