@@ -9,6 +9,10 @@ from engine.sampling_params import SamplingParams
 from engine.structured_outputs import StructuredOutputsParams
 
 __all__ = [
+    "AsyncEngineArgs",
+    "AsyncEngineDeadError",
+    "AsyncLLMEngine",
+    "random_uuid",
     "LLM",
     "LLMEngine",
     "SamplingParams",
