@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from gateway.core import Gateway, read_json
+from gateway.core import gateway_of, read_json
 from gateway.errors import ApiError
 from producer.batch.format import URLS
 from protocol import BATCH_PRIORITY, PRIORITIES
@@ -19,10 +19,6 @@ CREATE_FIELDS = frozenset({"input_file_id", "endpoint", "completion_window", "me
                            "priority"})
 
 
-def _gw(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
 def _not_found(batch_id: str) -> ApiError:
     return ApiError(404, f"no batch with id {batch_id[:100]!r}", param="batch_id", code="batch_not_found")
 
@@ -30,7 +26,7 @@ def _not_found(batch_id: str) -> ApiError:
 @router.post("/v1/batches")
 async def create(request: Request) -> dict:
     """Create a batch from an uploaded file (purpose "batch") and start it."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     body = await read_json(request, 64 << 10)
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_request")
@@ -64,7 +60,7 @@ async def create(request: Request) -> dict:
 async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(20, ge=1, le=100)) -> dict:
     """The gateway's batches, newest first, paged by `after` and `limit`."""
-    items, more = await run_in_threadpool(_gw(request).batches.list, after, limit)
+    items, more = await run_in_threadpool(gateway_of(request).batches.list, after, limit)
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": more}
 
@@ -72,7 +68,7 @@ async def list_batches(request: Request, after: str | None = None,
 @router.get("/v1/batches/{batch_id}")
 async def retrieve(request: Request, batch_id: str) -> dict:
     """One batch: status, request counts, timestamps, output and error file ids once final."""
-    info = await run_in_threadpool(_gw(request).batches.info, batch_id)
+    info = await run_in_threadpool(gateway_of(request).batches.info, batch_id)
     if info is None:
         raise _not_found(batch_id)
     return info
@@ -81,7 +77,7 @@ async def retrieve(request: Request, batch_id: str) -> dict:
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel(request: Request, batch_id: str) -> dict:
     """Cancel a batch: status cancelling while its runner winds down (a second or so), then cancelled."""
-    info = await run_in_threadpool(_gw(request).batches.cancel, batch_id)
+    info = await run_in_threadpool(gateway_of(request).batches.cancel, batch_id)
     if info is None:
         raise _not_found(batch_id)
     return info

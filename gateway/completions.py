@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway import streaming
-from gateway.core import ClientGone, Gateway, Watcher, now, read_json
+from gateway.core import ClientGone, Gateway, Watcher, gateway_of, now, read_json
 from gateway.errors import ApiError, bad_request, from_result
 from producer.batch.format import LineError, job_document, parse_body
 from producer.batch.responses import completion_body
@@ -48,7 +48,7 @@ def _header_id(request: Request) -> str | None:
 
 async def complete(request: Request, kind: str) -> Response:
     """Parse, admit, enqueue, then answer from the Result or stream the token events."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway_of(request)
     started, created = time.perf_counter(), now()
     body = await read_json(request, 2 * gw.ctx.limits.max_job_bytes)
     try:

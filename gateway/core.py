@@ -151,3 +151,8 @@ async def read_json(request: Request, limit: int) -> Any:
 def now() -> int:
     """Unix seconds, for `created` fields."""
     return int(time.time())
+
+
+def gateway_of(request) -> Gateway:
+    """The Gateway the app serves (set on app.state at start-up)."""
+    return request.app.state.gateway

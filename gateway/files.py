@@ -7,16 +7,12 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
-from gateway.core import Gateway
+from gateway.core import gateway_of
 from gateway.errors import ApiError
 from gateway.upload import receive_upload
 
 router = APIRouter()
 UPLOAD_PURPOSES = ("batch",)  # what this server can do with a file; OpenAI's other purposes are refused
-
-
-def _gw(request: Request) -> Gateway:
-    return request.app.state.gateway
 
 
 def _not_found(file_id: str) -> ApiError:
@@ -26,7 +22,7 @@ def _not_found(file_id: str) -> ApiError:
 @router.post("/v1/files")
 async def upload(request: Request) -> dict:
     """Store an uploaded file (multipart fields `file` and `purpose`); returns its file object."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     tmp = gw.files.temp_path()
     form = await receive_upload(request, tmp, gw.settings.max_file_bytes)
     try:
@@ -45,7 +41,7 @@ async def upload(request: Request) -> dict:
 async def list_files(request: Request, purpose: str | None = None, after: str | None = None,
                      limit: int = Query(10_000, ge=1, le=10_000), order: Literal["asc", "desc"] = "desc") -> dict:
     """File objects, newest first (order=asc: oldest first), paged by `after` and `limit`."""
-    items, more = await run_in_threadpool(_gw(request).files.list, purpose, after, limit, order)
+    items, more = await run_in_threadpool(gateway_of(request).files.list, purpose, after, limit, order)
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": more}
 
@@ -61,14 +57,14 @@ async def retrieve(request: Request, file_id: str) -> dict:
 async def content(request: Request, file_id: str) -> Response:
     """The file's bytes."""
     meta = await _meta(request, file_id)
-    path = _gw(request).files.data_path(meta["id"])
+    path = gateway_of(request).files.data_path(meta["id"])
     return FileResponse(path, media_type="application/octet-stream", filename=meta["filename"])
 
 
 @router.delete("/v1/files/{file_id}")
 async def delete(request: Request, file_id: str) -> dict:
     """Remove a file; the input file of a batch that is still running cannot be removed."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     await _meta(request, file_id)
     running = await run_in_threadpool(gw.batches.running_with_input, file_id)
     if running:
@@ -79,7 +75,7 @@ async def delete(request: Request, file_id: str) -> dict:
 
 
 async def _meta(request: Request, file_id: str) -> dict:
-    gw = _gw(request)
+    gw = gateway_of(request)
     if not gw.files.valid_id(file_id):
         raise _not_found(file_id)
     meta = await run_in_threadpool(gw.files.get, file_id)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from gateway.core import Gateway
+from gateway.core import gateway_of
 
 router = APIRouter()
 
@@ -16,7 +16,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> Response:
     """200 when Redis answers a PING within 2 s (the gateway can take requests), else 503."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway_of(request)
     try:
         await asyncio.wait_for(gw.redis.ping(), timeout=2.0)
         ok, error = True, None
@@ -31,7 +31,7 @@ async def health(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """The gateway's Prometheus metrics."""
-    gw: Gateway = request.app.state.gateway
+    gw = gateway_of(request)
     gw.metrics.live_workers.set(len(gw.deployment.workers))
     for priority, n in gw.deployment.backlog.items():
         gw.metrics.backlog.labels(priority).set(n)

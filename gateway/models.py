@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from gateway.core import Gateway
+from gateway.core import Gateway, gateway_of
 from gateway.errors import ApiError
 
 router = APIRouter()
@@ -24,13 +24,13 @@ def model_objects(gw: Gateway) -> list[dict]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     """Every model a request may name."""
-    return {"object": "list", "data": model_objects(request.app.state.gateway)}
+    return {"object": "list", "data": model_objects(gateway_of(request))}
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(request: Request, model: str) -> dict:
     """One model object; 404 for a model nobody serves."""
-    for obj in model_objects(request.app.state.gateway):
+    for obj in model_objects(gateway_of(request)):
         if obj["id"] == model:
             return obj
     raise ApiError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
