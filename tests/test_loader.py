@@ -62,7 +62,7 @@ def test_incomplete_dirs_and_unsupported_arch(tiny_llama, tmp_path):
     t = load_file(str(missing_tensor / "model.safetensors"))
     del t["model.layers.1.mlp.up_proj.weight"]
     save_file(t, str(missing_tensor / "model.safetensors"))
-    with pytest.raises(ConfigError, match="layers.1.mlp.gate_up_proj"):
+    with pytest.raises(ConfigError, match="layers.1.mlp.gate_up_proj.weight"):
         LLM(str(missing_tensor), device="cpu")
 
 

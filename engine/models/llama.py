@@ -11,11 +11,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
+from engine.models.linear import Linear, empty_param
 from kernels.ops import Ops
-
-
-def _param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
 class Attention(nn.Module):
@@ -29,12 +26,10 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
-        self.qkv_proj = _param(self.q_size + 2 * self.kv_size, cfg.hidden_size)
-        self.qkv_bias = _param(self.q_size + 2 * self.kv_size) if cfg.qkv_bias else None
-        self.o_proj = _param(cfg.hidden_size, self.q_size)
-        self.o_bias = _param(cfg.hidden_size) if cfg.o_bias else None
-        self.q_norm = _param(self.head_dim) if cfg.qk_norm else None
-        self.k_norm = _param(self.head_dim) if cfg.qk_norm else None
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = empty_param(self.head_dim) if cfg.qk_norm else None
+        self.k_norm = empty_param(self.head_dim) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -44,7 +39,7 @@ class Attention(nn.Module):
         cos_sin: torch.Tensor,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [T, (Hq + 2Hk) * D]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2Hk) * D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -59,7 +54,7 @@ class Attention(nn.Module):
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
         )  # [T, Hq, D]
-        return F.linear(o.reshape(t, self.q_size), self.o_proj, self.o_bias)
+        return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -68,11 +63,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = _param(2 * cfg.intermediate_size, cfg.hidden_size)
-        self.down_proj = _param(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -84,8 +79,8 @@ class DecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.self_attn = Attention(cfg, ops)
         self.mlp = MLP(cfg, ops)
-        self.input_layernorm = _param(cfg.hidden_size)
-        self.post_attention_layernorm = _param(cfg.hidden_size)
+        self.input_layernorm = empty_param(cfg.hidden_size)
+        self.post_attention_layernorm = empty_param(cfg.hidden_size)
 
     def forward(self, x, residual, meta, kv, cos_sin):
         if residual is None:
@@ -105,10 +100,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ops = ops
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
-        self.norm = _param(cfg.hidden_size)
-        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+        self.norm = empty_param(cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else empty_param(cfg.vocab_size, cfg.hidden_size)
 
     def forward(
         self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], cos_sin: torch.Tensor

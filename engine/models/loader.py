@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, ModelConfig
+from engine.models.linear import Linear
 from engine.models.llama import LlamaForCausalLM
 from kernels.ops import Ops
 
@@ -19,21 +20,21 @@ SINGLE_FILE = "model.safetensors"
 
 # HF parameter suffix -> (our parameter path suffix, shard index within a fused tensor or None)
 _FUSED = {
-    "self_attn.q_proj.weight": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj.weight": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj.weight": ("self_attn.qkv_proj", 2),
-    "self_attn.q_proj.bias": ("self_attn.qkv_bias", 0),
-    "self_attn.k_proj.bias": ("self_attn.qkv_bias", 1),
-    "self_attn.v_proj.bias": ("self_attn.qkv_bias", 2),
-    "mlp.gate_proj.weight": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj.weight": ("mlp.gate_up_proj", 1),
+    "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0),
+    "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", 1),
+    "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", 2),
+    "self_attn.q_proj.bias": ("self_attn.qkv_proj.bias", 0),
+    "self_attn.k_proj.bias": ("self_attn.qkv_proj.bias", 1),
+    "self_attn.v_proj.bias": ("self_attn.qkv_proj.bias", 2),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 1),
 }
 _RENAMED = {
-    "self_attn.o_proj.weight": "self_attn.o_proj",
-    "self_attn.o_proj.bias": "self_attn.o_bias",
+    "self_attn.o_proj.weight": "self_attn.o_proj.weight",
+    "self_attn.o_proj.bias": "self_attn.o_proj.bias",
     "self_attn.q_norm.weight": "self_attn.q_norm",
     "self_attn.k_norm.weight": "self_attn.k_norm",
-    "mlp.down_proj.weight": "mlp.down_proj",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
     "input_layernorm.weight": "input_layernorm",
     "post_attention_layernorm.weight": "post_attention_layernorm",
 }
@@ -110,9 +111,9 @@ def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, sou
         loaded.add(tgt)
     expected = set()
     for pname in params:
-        if pname.endswith(("qkv_proj", "qkv_bias")):
+        if ".qkv_proj." in pname:
             expected |= {(pname, 0), (pname, 1), (pname, 2)}
-        elif pname.endswith("gate_up_proj"):
+        elif ".gate_up_proj." in pname:
             expected |= {(pname, 0), (pname, 1)}
         else:
             expected.add((pname, None))
@@ -153,4 +154,7 @@ def build_model(
         init_dummy_weights(model, seed)
     else:
         load_weights(model, path, device, dtype)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_weights_after_loading(module)
     return model.eval()
