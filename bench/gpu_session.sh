@@ -29,7 +29,9 @@ for stage in "$@"; do case $stage in
       run e2e_off_$i 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_off_$i.json"
       run e2e_on_$i 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --metrics-port 0 --scrape-every-s 5 --worker-log "$OUT/joblog_$i.log" --json "$OUT/e2e_on_$i.json"
     done ;;
-  structured) for m in one distinct; do  # issue 11: a JSON schema on every request, vs llama above
+  structured) # issue 11: a JSON schema on every request vs none, all with the synthetic tokenizer (detokenized)
+      run llama8b_tok 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --with-tokenizer --json "$OUT/llama8b_tok.json"
+      for m in one distinct; do
       run llama8b_so_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured $m --json "$OUT/llama8b_so_$m.json"
     done ;;
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"

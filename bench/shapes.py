@@ -24,10 +24,19 @@ SHAPES = {
 }
 
 
-def shape_dir(name: str) -> Path:
-    """A directory holding only config.json for a named shape (use with load_format='dummy')."""
+def shape_dir(name: str, tokenizer: bool = False) -> Path:
+    """A directory holding config.json for a named shape (use with load_format='dummy').
+
+    With `tokenizer`, also a synthetic byte-level tokenizer of the shape's vocabulary (bench/synthetic_tokenizer.py),
+    for runs that need one: structured outputs, detokenized text. Without, outputs are token ids only.
+    """
     if name not in SHAPES:
         raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     d = Path(tempfile.mkdtemp(prefix=f"spool-{name}-"))
-    (d / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+    cfg = SHAPES[name]
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer:
+        from bench.synthetic_tokenizer import build_synthetic_tokenizer
+
+        build_synthetic_tokenizer(d, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
     return d

@@ -137,10 +137,14 @@ def main() -> int:
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--with-tokenizer", action="store_true",
+                   help="give a --shape a synthetic tokenizer of its vocabulary (implied by --structured): outputs "
+                        "are detokenized, as in a real deployment")
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
                    help="a JSON schema on every request: the same one, or one per request (compiled each)")
     args = p.parse_args()
-    path, load_format = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
+    with_tokenizer = args.with_tokenizer or args.structured != "none"
+    path, load_format = (args.model, "auto") if args.model else (shape_dir(args.shape, with_tokenizer), "dummy")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
