@@ -37,6 +37,17 @@ class SequenceGrammar:
             batch = cls._batch[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
         batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
 
+    @staticmethod
+    def accept_many(grammars: list[SequenceGrammar], tokens: list[int]) -> list[bool]:
+        """accept() for many rows in one xgrammar call: half the per-token cost of a Python loop (measured)."""
+        import xgrammar as xgr
+
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token([g.matcher for g in grammars], tokens)
+        for g, token, ok in zip(grammars, tokens, accepted):
+            if not ok:
+                g.error = f"the grammar rejected sampled token {token}"
+        return accepted
+
     def fill_bitmask(self, bitmask, index: int) -> None:
         """Write the allowed next tokens into bitmask[index] (int32 words on the CPU, 1 bit = allowed)."""
         self.matcher.fill_next_token_bitmask(bitmask, index)

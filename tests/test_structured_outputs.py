@@ -360,7 +360,9 @@ def test_rejected_token_finishes_with_error(tiny_llama, monkeypatch):
     eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8)
     eng.add_request("ok", _ids(5, 1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     eng.add_request("x", _ids(5, 0), _sp(SO(regex="[a-z]+")))
-    monkeypatch.setattr(SequenceGrammar, "accept", lambda self, t: setattr(self, "error", f"no {t}") or False)
+    reject = lambda g, t: setattr(g, "error", f"no {t}") or False  # noqa: E731
+    monkeypatch.setattr(SequenceGrammar, "accept", reject)
+    monkeypatch.setattr(SequenceGrammar, "accept_many", staticmethod(lambda gs, ts: list(map(reject, gs, ts))))
     final = {}
     while eng.has_unfinished_requests():
         final.update({d.request_id: d for d in eng.step() if d.finished})
