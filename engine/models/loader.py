@@ -51,7 +51,8 @@ _RENAMED = {
     "post_attention_layernorm.weight": "post_attention_layernorm",
 }
 # FP8 layers hold a float32 scale per weight row, fused and sharded exactly like the weight's rows.
-_FUSED.update({k + "_scale": (v + "_scale", shard) for k, (v, shard) in list(_FUSED.items()) if k.endswith("proj.weight")})
+_FUSED.update({k + "_scale": (v + "_scale", shard)
+               for k, (v, shard) in list(_FUSED.items()) if k.endswith("proj.weight")})
 _RENAMED.update({k + "_scale": v + "_scale" for k, v in list(_RENAMED.items()) if k.endswith("proj.weight")})
 
 
@@ -218,7 +219,8 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
         if name.endswith(".weight_scale"):
             continue  # written with its weight
         if p.dtype == FP8_DTYPE:
-            full = torch.empty(p.shape, dtype=model.embed_tokens.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+            full = torch.empty(p.shape, dtype=model.embed_tokens.dtype, device=p.device)
+            full.normal_(0.0, 0.02, generator=gen)  # what an unquantized model draws here
             rows, row_scale = quantize_per_channel(full)
             p.data.copy_(rows)
             params[name + "_scale"].data.copy_(row_scale)
