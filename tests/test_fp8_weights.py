@@ -30,7 +30,13 @@ from engine.quantization.fp8 import (
     quantize_per_channel,
     quantize_per_token,
 )
-from spool_testing.fp8_checkpoints import FORMATS, is_projection, quantization_config, quantize_blocks, write_fp8_checkpoint
+from spool_testing.fp8_checkpoints import (
+    FORMATS,
+    is_projection,
+    quantization_config,
+    quantize_blocks,
+    write_fp8_checkpoint,
+)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = [[5, 9, 33, 70, 12], list(range(100, 140)), [7] * 20]
@@ -94,7 +100,8 @@ def test_per_token_and_per_channel_quantization_within_one_e4m3_rounding():
     assert ws.shape == (48,)
     assert torch.all((dequantize_rows(wq, ws) - w).abs() <= e4m3_bound(w, ws[:, None]))
     xb = x.to(torch.bfloat16)  # model-dtype input: same scales (amax is exact in bf16)
-    assert torch.equal(quantize_per_token(xb)[1], (xb.float().abs().amax(-1, keepdim=True) / 448).clamp(min=1 / 448 / 512))
+    expected = (xb.float().abs().amax(-1, keepdim=True) / 448).clamp(min=1 / 448 / 512)
+    assert torch.equal(quantize_per_token(xb)[1], expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -135,7 +142,8 @@ def test_block_scales_become_rows_within_one_more_rounding():
     looped = torch.empty_like(block_deq)  # the same, tile by tile
     for i in range(3):
         for j in range(3):
-            looped[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float() * grid[i, j]
+            tile = (slice(i * 128, (i + 1) * 128), slice(j * 128, (j + 1) * 128))
+            looped[tile] = q[tile].float() * grid[i, j]
     assert torch.equal(block_deq, looped)
     rows, row_scale = checkpoint_weight_to_rows(q, grid, (128, 128))
     assert rows.dtype == FP8_DTYPE and row_scale.shape == (300,)
