@@ -91,7 +91,17 @@ def check_fp8_device(device: torch.device) -> None:
     if device.type != "cuda":
         return
     capability = torch.cuda.get_device_capability(device)
-    check_fp8_capability(capability, torch.cuda.get_device_name(device))
+    name = torch.cuda.get_device_name(device)
+    check_fp8_capability(capability, name)
+    # The card has FP8 tensor cores; make sure this torch build's row-wise scaled matmul runs on it too.
+    a = torch.ones(16, 16, dtype=FP8_DTYPE, device=device)
+    ones = torch.ones(16, 1, device=device)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"quantization='fp8': torch {torch.__version__} cannot run row-wise scaled FP8 matmuls "
+                          f"on {name}: {first}") from None
 
 
 def check_fp8_capability(capability: tuple[int, int], name: str) -> None:
