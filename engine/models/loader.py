@@ -105,6 +105,7 @@ def _checkpoint_tensors(path: Path, device: torch.device):
 
 
 def _is_fp8_weight(tensor: torch.Tensor) -> bool:
+    """An 8-bit float tensor (e4m3 in every format we load; others are dequantized and requantized)."""
     return tensor.dtype.is_floating_point and tensor.element_size() == 1
 
 
@@ -167,7 +168,7 @@ def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, sou
                        quant: CheckpointQuantization | None = None) -> None:
     """Copy HF-named tensors into their (possibly fused) parameters; every parameter must be covered.
 
-    Parameters keep their own dtype: the model dtype, or fp8 weights with float32 scales in FP8 layers.
+    Parameters keep their own dtype (`dtype` is the model's; FP8 layers hold fp8 weights and float32 scales).
     """
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int | None]] = set()
