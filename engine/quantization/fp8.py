@@ -95,9 +95,9 @@ def check_fp8_device(device: torch.device) -> None:
     check_fp8_capability(capability, name)
     # The card has FP8 tensor cores; make sure this torch build's row-wise scaled matmul runs on it too.
     a = torch.ones(16, 16, dtype=FP8_DTYPE, device=device)
-    ones = torch.ones(16, 1, device=device)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t(), out_dtype=torch.bfloat16)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                         out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"quantization='fp8': torch {torch.__version__} cannot run row-wise scaled FP8 matmuls "
@@ -130,9 +130,13 @@ class Fp8LinearMethod:
         layer.weight_scale = empty_param(out_features, dtype=torch.float32)
 
     def process_weights_after_loading(self, layer) -> None:
-        """Refuse non-finite scales: a broken checkpoint should fail at load, not as NaN logits later."""
+        """Refuse what would fail later: non-finite scales, or shapes torch._scaled_mm cannot take on CUDA."""
+        shape = tuple(layer.weight.shape)
         if not bool(torch.isfinite(layer.weight_scale).all()):
-            raise ConfigError(f"non-finite fp8 weight scales in a layer {tuple(layer.weight.shape)}")
+            raise ConfigError(f"non-finite fp8 weight scales in a {shape[0]}x{shape[1]} layer")
+        if layer.weight.is_cuda and (shape[0] % 16 or shape[1] % 16):
+            raise ConfigError(f"quantization='fp8' needs layer sizes divisible by 16 on CUDA (a layer is "
+                              f"{shape[0]}x{shape[1]})")
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] -> [T, out] in x's dtype."""
