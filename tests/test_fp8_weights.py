@@ -171,6 +171,10 @@ def test_quantization_configs_parse_and_unsupported_ones_fail():
     assert ct.quant_method == "compressed-tensors" and not ct.static_activations
     assert parse_quantization_config(quantization_config("ct-tensor", (1, 1))).static_activations
     assert parse_quantization_config(None) is None
+    ct_block = quantization_config("ct-channel", (1, 1))
+    ct_block["config_groups"]["group_0"]["weights"].update(strategy="block", block_structure=[128, 128])
+    ct_block["config_groups"]["group_0"]["input_activations"] = None  # weight-only: still run W8A8
+    assert parse_quantization_config(ct_block).weight_block_size == (128, 128)
     for raw, match in [({"quant_method": "gptq", "bits": 4}, "'gptq' is not supported"),
                        ({"quant_method": "awq"}, "'awq' is not supported"),
                        ({"quant_method": "fp8", "fmt": "e5m2"}, "e5m2"),
