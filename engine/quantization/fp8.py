@@ -74,7 +74,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if not x.is_cuda and not cpu_has_scaled_mm():
         return fp8_linear_reference(x, weight, weight_scale, bias)
     x_q, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]))  # [T, in] fp8, [T, 1] fp32
-    # Row-wise scaled _scaled_mm on CUDA writes bf16 only; the CPU kernel writes any float dtype.
+    # bf16 is the one output every torch release's row-wise CUDA path takes; the CPU kernel writes any float.
     out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
     # weight.t() is the column-major [in, out] operand _scaled_mm wants; no copy.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
