@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
-# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag)
+# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag fp8)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -37,5 +37,9 @@ for stage in "$@"; do case $stage in
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
          run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
+  fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
+    run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py
+    run fp8_accuracy 300 python3 bench/fp8_accuracy.py --shape llama3-8b --prompts 32 --steps 64 --json "$OUT/fp8_accuracy.json"
+    run llama8b_fp8 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --json "$OUT/llama8b_fp8.json" ;;
   *) echo "unknown stage $stage" ;;
 esac; done

@@ -2,6 +2,7 @@
 
   python bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer
   python bench/throughput.py --model /path/to/hf_dir ...
+  python bench/throughput.py --shape llama3-8b ... --quantization fp8 [--kv-cache-dtype fp8] [--engine-arg KEY=VALUE]
   python bench/throughput.py --shape llama3-8b ... --structured one|distinct   (a JSON schema on every request)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
 """
@@ -30,6 +31,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
               max_model_len=args.max_model_len)
+    kw.update(_extra_engine_kwargs(args))
     t0 = time.perf_counter()
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
@@ -58,12 +60,31 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
     res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks, preemptions=eng.scheduler.num_preemptions,
                steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
-               structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons)
+               structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
+               kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args))
     del llm, eng, outs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+def _extra_engine_kwargs(args) -> dict:
+    """--quantization, --kv-cache-dtype (when given), each --engine-arg KEY=VALUE (VALUE read as JSON if it parses)."""
+    kw = {}
+    if args.quantization is not None:
+        kw["quantization"] = args.quantization
+    if args.kv_cache_dtype is not None:
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-arg wants KEY=VALUE, got {item!r}")
+        try:
+            kw[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            kw[key.replace("-", "_")] = value
+    return kw
 
 
 def _schema(args, i: int):
@@ -134,6 +155,10 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--quantization", choices=["fp8"], help="FP8 weights (dummy weights are quantized at load)")
+    p.add_argument("--kv-cache-dtype", help="passed to the engine as kv_cache_dtype when given")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other EngineConfig field, e.g. --engine-arg block_size=32 (repeatable)")
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")

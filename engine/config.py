@@ -43,6 +43,10 @@ class ModelConfig:
     sliding_window: int | None
     dtype: torch.dtype | None
     eos_token_ids: list[int] = field(default_factory=list)
+    # config.json's quantization_config as written (engine/quantization/checkpoint_formats.py reads it).
+    quantization_config: dict | None = None
+    # The scheme the projections run in ("fp8" or None), decided at load from the above and EngineConfig.
+    quantization: str | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
@@ -94,6 +98,7 @@ class ModelConfig:
             sliding_window=window,
             dtype=DTYPES.get(str(dtype_name)) if dtype_name else None,
             eos_token_ids=eos_ids,
+            quantization_config=cfg.get("quantization_config") or None,
         )
 
     @classmethod
@@ -131,6 +136,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # True disables CUDA graphs
+    quantization: str | None = None  # None | "fp8" (W8A8); an FP8 checkpoint runs in fp8 either way
+
+    def __post_init__(self) -> None:
+        # SPOOL_QUANTIZATION= (empty) or "none" from the environment means no quantization.
+        if isinstance(self.quantization, str) and self.quantization.lower() in ("", "none"):
+            self.quantization = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -179,3 +190,5 @@ class EngineConfig:
             raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"quantization must be fp8 or unset (got {self.quantization!r})")

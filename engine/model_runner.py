@@ -32,7 +32,8 @@ class ModelRunner:
         self.ops = get_ops(config.kernel_backend, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(
-            model_cfg, Path(config.model), self.ops, self.device, self.dtype, config.load_format, config.seed
+            model_cfg, Path(config.model), self.ops, self.device, self.dtype, config.load_format, config.seed,
+            quantization=config.quantization,
         )
         self.cos_sin = cos_sin_cache(model_cfg, max_model_len, self.device)
         self.sampler = Sampler(model_cfg.vocab_size, self.device)

@@ -12,6 +12,7 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.linear import Linear, empty_param
+from engine.quantization import linear_method
 from kernels.ops import Ops
 
 
@@ -26,8 +27,9 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
+                               method=linear_method(cfg))
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias, method=linear_method(cfg))
         self.q_norm = empty_param(self.head_dim) if cfg.qk_norm else None
         self.k_norm = empty_param(self.head_dim) if cfg.qk_norm else None
 
@@ -63,8 +65,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, method=linear_method(cfg))
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, method=linear_method(cfg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))

@@ -1,8 +1,10 @@
 """Build a decoder from a local Hugging Face directory: safetensors (single or sharded) or dummy weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +13,16 @@ from safetensors import safe_open
 from engine.config import ConfigError, ModelConfig
 from engine.models.linear import Linear
 from engine.models.llama import LlamaForCausalLM
+from engine.quantization.checkpoint_formats import (
+    INPUT_SCALE_NAMES,
+    WEIGHT_SCALE_NAMES,
+    CheckpointQuantization,
+    checkpoint_weight_to_rows,
+    dequantize_checkpoint_weight,
+    parse_quantization_config,
+    resolve_quantization,
+)
+from engine.quantization.fp8 import FP8_DTYPE, check_fp8_device, quantize_per_channel
 from kernels.ops import Ops
 
 log = logging.getLogger(__name__)
@@ -38,6 +50,10 @@ _RENAMED = {
     "input_layernorm.weight": "input_layernorm",
     "post_attention_layernorm.weight": "post_attention_layernorm",
 }
+# FP8 layers hold a float32 scale per weight row, fused and sharded exactly like the weight's rows.
+_FUSED.update({k + "_scale": (v + "_scale", shard)
+               for k, (v, shard) in list(_FUSED.items()) if k.endswith("proj.weight")})
+_RENAMED.update({k + "_scale": v + "_scale" for k, v in list(_RENAMED.items()) if k.endswith("proj.weight")})
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -88,11 +104,75 @@ def _checkpoint_tensors(path: Path, device: torch.device):
                 yield name, f.get_tensor(name)
 
 
-def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, source: str = "checkpoint") -> None:
-    """Copy HF-named tensors into their (possibly fused) parameters; every parameter must be covered."""
+def _is_fp8_weight(tensor: torch.Tensor) -> bool:
+    """An 8-bit float tensor (e4m3 in every format we load; others are dequantized and requantized)."""
+    return tensor.dtype.is_floating_point and tensor.element_size() == 1
+
+
+def _fp8_layer_weight(params: dict, name: str) -> bool:
+    """Whether HF tensor `name` is the weight of one of the model's FP8 linear layers."""
+    tgt = _target(name)
+    return tgt is not None and tgt[0] in params and params[tgt[0]].dtype == FP8_DTYPE
+
+
+def _canonical_fp8_tensors(tensors: Iterable, params: dict, quant: CheckpointQuantization | None,
+                           source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pair FP8 weights with their scales and yield what the model holds, under HF names.
+
+    FP8 layers get `<m>.weight` fp8 rows plus `<m>.weight_scale` float32 per row (high-precision weights of FP8
+    layers, from a bf16 checkpoint or a module the checkpoint left unquantized, are quantized here); FP8 tensors
+    of layers that are not FP8 (an lm_head, or the whole model when run unquantized) are dequantized.
+    A weight and its scale may come in any order, even from different shards, so each waits for the other.
+    """
+    block = quant.weight_block_size if quant is not None else None
+    waiting_weights: dict[str, torch.Tensor] = {}
+    waiting_scales: dict[str, torch.Tensor] = {}
+    static_scales = 0
+
+    def convert(module: str, weight: torch.Tensor, scale: torch.Tensor):
+        name = module + ".weight"
+        if _fp8_layer_weight(params, name):
+            rows, row_scale = checkpoint_weight_to_rows(weight, scale, block, name)
+            return [(name, rows), (name + "_scale", row_scale)]
+        return [(name, dequantize_checkpoint_weight(weight, scale, block, name))]
+
+    for name, tensor in tensors:
+        module, _, leaf = name.rpartition(".")
+        if leaf in WEIGHT_SCALE_NAMES:
+            if module in waiting_weights:
+                yield from convert(module, waiting_weights.pop(module), tensor)
+            else:
+                waiting_scales[module] = tensor
+        elif leaf in INPUT_SCALE_NAMES:
+            static_scales += 1  # activations are quantized per token instead
+        elif leaf == "weight" and _is_fp8_weight(tensor):
+            if module in waiting_scales:
+                yield from convert(module, tensor, waiting_scales.pop(module))
+            else:
+                waiting_weights[module] = tensor
+        elif leaf == "weight" and tensor.dim() == 2 and _fp8_layer_weight(params, name):
+            rows, row_scale = quantize_per_channel(tensor)
+            yield name, rows
+            yield name + "_scale", row_scale
+        else:
+            yield name, tensor
+    if waiting_weights or waiting_scales:
+        lone = sorted(waiting_weights)[:3] + sorted(waiting_scales)[:3]
+        raise ConfigError(f"{source}: fp8 weights and scales do not pair up (no partner for {lone})")
+    if static_scales:
+        log.info("%s: %d static activation scales ignored; activations are quantized per token", source,
+                 static_scales)
+
+
+def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, source: str = "checkpoint",
+                       quant: CheckpointQuantization | None = None) -> None:
+    """Copy HF-named tensors into their (possibly fused) parameters; every parameter must be covered.
+
+    Parameters keep their own dtype (`dtype` is the model's; FP8 layers hold fp8 weights and float32 scales).
+    """
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int | None]] = set()
-    for name, tensor in tensors:
+    for name, tensor in _canonical_fp8_tensors(tensors, params, quant, source):
         tgt = _target(name)
         if tgt is None or tgt[0] not in params:
             if tgt is None and "rotary_emb" not in name:
@@ -107,7 +187,7 @@ def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, sou
             dst = param.data[offs[shard] : offs[shard + 1]]
         if dst.shape != tensor.shape:
             raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-        dst.copy_(tensor.to(dtype))
+        dst.copy_(tensor.to(param.dtype))
         loaded.add(tgt)
     expected = set()
     for pname in params:
@@ -122,25 +202,48 @@ def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, sou
         raise ConfigError(f"{source}: lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype,
+                 quant: CheckpointQuantization | None = None) -> None:
     """Load a local safetensors checkpoint (single or sharded) into the model, on the device."""
-    load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path))
+    load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path), quant)
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
-    """Random weights for benchmarks without a checkpoint: small normal values, norms at 1."""
+    """Random weights for benchmarks without a checkpoint: small normal values, norms at 1.
+
+    FP8 layers get the per-row quantization of the very weights an unquantized model draws from the same seed,
+    so fp8 and bf16 dummy models compare like for like.
+    """
     gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 1 and not name.endswith("bias"):
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name.endswith(".weight_scale"):
+            continue  # written with its weight
+        if p.dtype == FP8_DTYPE:
+            full = torch.empty(p.shape, dtype=model.embed_tokens.dtype, device=p.device)
+            full.normal_(0.0, 0.02, generator=gen)  # what an unquantized model draws here
+            rows, row_scale = quantize_per_channel(full)
+            p.data.copy_(rows)
+            params[name + "_scale"].data.copy_(row_scale)
+        elif p.dim() == 1 and not name.endswith("bias"):
             p.data.fill_(1.0)
         else:
             p.data.normal_(0.0, 0.02, generator=gen)
 
 
 def build_model(
-    cfg: ModelConfig, path: Path, ops: Ops, device: torch.device, dtype: torch.dtype, load_format: str, seed: int
+    cfg: ModelConfig, path: Path, ops: Ops, device: torch.device, dtype: torch.dtype, load_format: str, seed: int,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
-    """Allocate the decoder on the device in the target dtype, then fill its weights."""
+    """Allocate the decoder on the device in the target dtype, then fill its weights.
+
+    `quantization` "fp8" runs the projections in FP8 (quantized at load from a bf16/fp32 checkpoint or dummy
+    weights); a checkpoint whose config.json says it is FP8 runs in fp8 either way.
+    """
+    checkpoint_quant = parse_quantization_config(cfg.quantization_config)
+    cfg = dataclasses.replace(cfg, quantization=resolve_quantization(quantization, checkpoint_quant))
+    if cfg.quantization == "fp8":
+        check_fp8_device(device)
     if load_format != "dummy":
         safetensors_files(path)  # fail fast, before allocating, on an incomplete directory
     prev = torch.get_default_dtype()
@@ -153,7 +256,7 @@ def build_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        load_weights(model, path, device, dtype)
+        load_weights(model, path, device, dtype, checkpoint_quant)
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.process_weights_after_loading(module)

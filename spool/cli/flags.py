@@ -26,6 +26,8 @@ _HELP = {
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
     "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
+    "quantization": "fp8: W8A8 FP8 projections (per-channel weight, per-token activation scales; needs compute "
+                    "capability >= 8.9 on CUDA); FP8 checkpoints run in fp8 without it",
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "prefix": "key prefix of the deployment",
@@ -42,7 +44,8 @@ _HELP = {
     "metrics_host": "address the metrics server binds to",
     "log_format": "text | json (one JSON object per line)",
 }
-CHOICES = {"log_format": ("text", "json")}  # checked by argparse, so a typo is a usage error
+# checked by argparse, so a typo is a usage error
+CHOICES = {"log_format": ("text", "json"), "quantization": ("none", "fp8")}
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
