@@ -6,6 +6,7 @@ import io
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from protocol.keys import Keys
 from spool.cli.flags import dataclass_flags, dataclass_from_args
 from spool.cli.main import build_parser, main
 from spool.cli.worker import cuda_index
-from spool_testing.chaos import WorkerProcess, audit, count_results, wait_for
+from spool_testing.chaos import ROOT, WorkerProcess, audit, count_results, wait_for
 from spool_testing.history import History, check, summary
 from worker.placement import placement, supervisor_pid
 from worker.settings import WorkerSettings
@@ -260,6 +261,25 @@ def test_a_stop_that_outlasts_the_timeout_kills():
     sup._on_signal()
     thread.join(10)
     assert not thread.is_alive() and sup.children[0].last_exit == -signal.SIGKILL
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_process_gets_sigterm_when_its_supervisor_dies(tmp_path):
+    marker = tmp_path / "stopped"
+    worker = (f"import signal, sys, time; from worker.placement import follow_supervisor; "
+              f"signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, 'w').close(), sys.exit(0))); "
+              f"follow_supervisor(); print('ready', flush=True); time.sleep(60)")
+    supervisor = ("import os, subprocess, sys, time; "
+                  "env = dict(os.environ, SPOOL_SUPERVISOR=f'h:{os.getpid()}'); "
+                  f"subprocess.Popen([sys.executable, '-c', {worker!r}], env=env); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", supervisor], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"  # the worker process is up and follows its parent
+        proc.kill()
+        wait_for(marker.exists, 10, what="SIGTERM in the orphaned worker process")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_json_log_lines_get_the_worker_name():

@@ -365,8 +365,11 @@ class Supervisor:
         """Copy a worker process's log lines to ours, each tagged with its name (a JSON line gets a field)."""
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace").rstrip("\n")
-            with self._output_lock:
-                print(self._tag(line, name), file=self.output, flush=True)
+            try:
+                with self._output_lock:
+                    print(self._tag(line, name), file=self.output, flush=True)
+            except (OSError, ValueError):  # our stderr is gone: keep draining, or the worker blocks on a full pipe
+                pass
         stream.close()
 
     def _tag(self, line: str, name: str) -> str:
