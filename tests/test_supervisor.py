@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -240,8 +239,9 @@ def test_signals_fan_out_warm_then_cold_then_kill():
     assert not thread.is_alive() and out.getvalue().count("cold") == 2
     assert sup.exit_code() == 0 and {c.last_exit for c in sup.children} == {0}
 
+    out = io.StringIO()
     stubborn = Supervisor([_spec("s", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                                      "print('ready', flush=True); time.sleep(60)")], FAST, output=(out := io.StringIO()))
+                                      "print('ready', flush=True); time.sleep(60)")], FAST, output=out)
     thread = threading.Thread(target=stubborn.run, daemon=True)
     thread.start()
     wait_for(lambda: "ready" in out.getvalue(), 10)
@@ -280,6 +280,12 @@ def test_a_worker_process_gets_sigterm_when_its_supervisor_dies(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_supervisor_modules_do_not_load_torch():
+    code = "import sys, worker.supervisor, worker.placement; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_json_log_lines_get_the_worker_name():
