@@ -355,6 +355,8 @@ def test_two_fake_gpus_serve_survive_a_kill_and_stop_warm(tiny_llama, redis_serv
         assert a.ok and a.statuses == {"completed": len(ids)}, a.summary()
         assert {client.result(i).worker for i in ids} == {"sup-gpu0", "sup-gpu1"}
         assert sup.alive and "was killed by SIGKILL" in sup.log_tail(200)
+        with open(f"/proc/{reborn}/cmdline", "rb") as cmdline:  # the URL (and its password) stays out of `ps`
+            assert redis_server.url.encode() not in cmdline.read()
 
         # SIGTERM with work in flight: every job is either finished or still queued, none held by a dead consumer.
         late = client.enqueue_many([{"id": f"late{i}", "prompt": f"late {i}", "max_tokens": 200, "ignore_eos": True}

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
+from protocol.env import ENV_GPUS, ENV_REDIS_URL, env_text
 from spool.cli.common import EXIT_USAGE, CliError
-from protocol.env import ENV_GPUS, env_text
 from spool.cli.flags import add_dataclass_flags, dataclass_flags, dataclass_from_args
 
 
@@ -98,13 +99,14 @@ def cmd_supervise(args: argparse.Namespace) -> int:
                                           f"drop --device {config.device}")
         gpus = supervisor.select_gpus(args.gpus, found)
         groups = supervisor.group_gpus(gpus, getattr(config, "tensor_parallel_size", 1))
-        # Resolved once here, so the worker processes do not race to start one embedded Redis each.
-        redis_url = resolve_url(settings.redis_url)
+        # Resolved once here, so the worker processes do not race to start one embedded Redis each; passed in
+        # their environment, not on their command line, where `ps` would show its password.
+        env = dict(os.environ, **{ENV_REDIS_URL: resolve_url(settings.redis_url)})
         argv = [sys.executable, "-m", "spool", "worker", *(["-v"] if getattr(args, "verbose", False) else []),
-                f"--redis-url={redis_url}", *dataclass_flags(EngineConfig, args, skip=("device",)),
+                *dataclass_flags(EngineConfig, args, skip=("device",)),
                 *dataclass_flags(WorkerSettings, args, skip=("redis_url", "name", "metrics_port"))]
         specs = supervisor.child_specs(groups, argv, settings.name, fake=found.fake,
-                                       metrics_port=settings.metrics_port)
+                                       metrics_port=settings.metrics_port, env=env)
     except supervisor.GpuSpecError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     # Long enough for each process's grace period, a model still loading, and the last writes to Redis.
