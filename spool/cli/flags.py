@@ -79,3 +79,18 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     kw.update(overrides)
     return cls(**kw)
+
+
+def dataclass_flags(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that give `cls` the same parsed values again (the inverse of dataclass_from_args)."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if f.name in skip or value is None:  # None: unset, so the same default (environment) applies again
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out.append(f"{flag}={value}")  # one token: a value that starts with '-' is not read as a flag
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import select
 import sys
 import time
@@ -39,6 +40,19 @@ def _eta(info, now: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86_400 else f"{left / 3600:.0f}h"
 
 
+def _device(hb: dict[str, Any]) -> str:
+    """'GPU 3' for a `--gpus` worker process on CUDA (its own device is always cuda:0), else the device."""
+    device, gpus = str(hb.get("device", "?")), hb.get("gpus")
+    if gpus is None:
+        return device
+    return f"GPU {gpus}" if device.startswith("cuda") else f"{device} (GPU {gpus})"
+
+
+def _natural(name: str) -> list[Any]:
+    """host-gpu2 before host-gpu10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def render(snap: dict[str, Any], where: str, now: float | None = None):
     """One frame as a rich renderable."""
     from rich.console import Group
@@ -52,8 +66,8 @@ def render(snap: dict[str, Any], where: str, now: float | None = None):
     wt = Table(title="workers", title_justify="left", expand=False)
     for col in ("WORKER", "MODEL", "DEVICE", "RUNNING", "WAITING", "KV", "TOK/S", "DONE", "SEEN"):
         wt.add_column(col, justify="right" if col in ("RUNNING", "WAITING", "KV", "TOK/S", "DONE", "SEEN") else "left")
-    for name, hb in workers.items():
-        wt.add_row(name, Path(str(hb.get("model", "?"))).name, str(hb.get("device", "?")),
+    for name, hb in sorted(workers.items(), key=lambda item: _natural(item[0])):
+        wt.add_row(name, Path(str(hb.get("model", "?"))).name, _device(hb),
                    str(hb.get("running", hb.get("in_flight", "?"))), str(hb.get("waiting", "?")),
                    f"{100 * float(hb.get('kv_usage', 0)):.0f}%", f"{float(hb.get('tokens_per_s', 0)):.0f}",
                    str(hb.get("jobs_done", "?")), f"{max(0.0, now - float(hb.get('last_seen', now))):.0f}s ago")
