@@ -26,6 +26,9 @@ class ModelRunner:
         self.config = config
         self.model_cfg = model_cfg
         self.device = config.resolve_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Triton kernels and CUDA graphs launch on the current device, not the tensors': make them agree.
+            torch.cuda.set_device(self.device)
         self.dtype = config.resolve_dtype(model_cfg, self.device)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
