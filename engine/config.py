@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = e4m3 (torch.float8_e4m3fn), as in vLLM
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # True disables CUDA graphs
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3, per-layer k/v scales: checkpoint or 1.0)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -165,6 +167,14 @@ class EngineConfig:
             return torch.bfloat16
         return model_cfg.dtype
 
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: the model dtype for 'auto', float8_e4m3fn for 'fp8'."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        if self.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+            return torch.float8_e4m3fn
+        raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})")
+
     def validate(self) -> None:
         """Reject settings that cannot work, with a message naming the setting."""
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -179,3 +189,6 @@ class EngineConfig:
             raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
+                              f"(got {self.kv_cache_dtype!r})")

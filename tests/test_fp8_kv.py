@@ -178,7 +178,7 @@ def test_torch_backend_fp8_matches_triton():
     caches = [torch.zeros(3, bs, hk, d, dtype=FP8_DTYPE, device=DEVICE) for _ in range(4)]
     TORCH_OPS.write_kv_cache(k, v, caches[0], caches[1], slots, 0.03, 0.05)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.03, 0.05)
-    assert torch.equal(bytes_of(caches[0]), bytes_of(caches[2])) and torch.equal(bytes_of(caches[1]), bytes_of(caches[3]))
+    assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))
     q = torch.randn(20, 4, d, device=DEVICE)
     bt = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
     args = (q, caches[0], caches[1], bt, torch.tensor([20], dtype=torch.int32, device=DEVICE),
@@ -229,4 +229,4 @@ def test_gpu_fp8_write_kv_real_shapes():
     caches = [torch.zeros(400, 16, hk, d, device="cuda", dtype=FP8_DTYPE) for _ in range(4)]
     reference.write_kv_cache(k, v, caches[0], caches[1], slots, 0.02, 0.04)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.02, 0.04)
-    assert torch.equal(bytes_of(caches[0]), bytes_of(caches[2])) and torch.equal(bytes_of(caches[1]), bytes_of(caches[3]))
+    assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))

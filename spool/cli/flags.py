@@ -26,6 +26,7 @@ _HELP = {
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
     "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
+    "kv_cache_dtype": "auto | fp8 (e4m3: half the bytes, twice the tokens; k/v scales from the checkpoint, else 1.0)",
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "prefix": "key prefix of the deployment",
