@@ -29,7 +29,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype)
     t0 = time.perf_counter()
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
@@ -56,7 +56,9 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
         print(f"finish reasons {reasons}; first error: {next((o.error for o in outs if o.error), None)}")
     eng = llm.engine
     res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
-    res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks, preemptions=eng.scheduler.num_preemptions,
+    res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks,
+               kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, kv_cache_dtype=args.kv_cache_dtype,
+               preemptions=eng.scheduler.num_preemptions,
                steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons)
     del llm, eng, outs
@@ -133,6 +135,7 @@ def main() -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="KV cache element type")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")

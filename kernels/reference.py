@@ -88,6 +88,8 @@ def gather_kv(
     bs = cache.shape[1]
     nblocks = (context_len + bs - 1) // bs
     blocks = block_table[:nblocks].long()
+    if cache.element_size() == 1:  # fp8: gather the bytes (not every device has fp8 index kernels)
+        return cache.view(torch.uint8).index_select(0, blocks).flatten(0, 1)[:context_len].view(cache.dtype)
     return cache.index_select(0, blocks).flatten(0, 1)[:context_len]
 
 
