@@ -29,10 +29,10 @@ class ModelRunner:
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(model_cfg, self.device)
         self.kv_cache_dtype = config.resolve_kv_cache_dtype(self.dtype)
-        self._check_kv_cache_dtype()
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.ops = get_ops(config.kernel_backend, self.device)
+        self._check_kv_cache_dtype()
         torch.manual_seed(config.seed)
         self.model = build_model(
             model_cfg, Path(config.model), self.ops, self.device, self.dtype, config.load_format, config.seed
@@ -63,12 +63,13 @@ class ModelRunner:
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
 
     def _check_kv_cache_dtype(self) -> None:
-        """fp8 caches need Triton's e4m3 type on CUDA: compute capability 8.9+ (Ada, Hopper)."""
-        if self.kv_cache_dtype == torch.float8_e4m3fn and self.device.type == "cuda":
+        """Triton's fp8 kernels need compute capability 8.9+ (Ada, Hopper); the torch backend runs anywhere."""
+        fp8_triton = self.kv_cache_dtype == torch.float8_e4m3fn and self.ops.name == "triton"
+        if fp8_triton and self.device.type == "cuda":
             if torch.cuda.get_device_capability(self.device) < (8, 9):
                 name = torch.cuda.get_device_name(self.device)
                 raise ConfigError(f"kv_cache_dtype fp8 needs a GPU with FP8 (compute capability 8.9+: Ada, Hopper); "
-                                  f"{name} has none: use kv_cache_dtype auto")
+                                  f"{name} has none: use kv_cache_dtype auto (or kernel_backend torch)")
 
     def _set_kv_scales(self) -> None:
         """Give each attention layer its fp8 k/v scales: the checkpoint's, else 1.0 (engine.models.kv_scales)."""
