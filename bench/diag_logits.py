@@ -1,7 +1,8 @@
 """Diagnose bf16 logits agreement with transformers on the llama3-8b shape, by depth.
 
 For each depth: one random model (std 0.02), transformers in bf16 and fp32 (truth) and spool in bf16 on the
-same weights; prints ||a-b||/||b|| for spool-vs-hf16, spool-vs-hf32 and hf16-vs-hf32.
+same weights (Triton and torch backends with a bf16 KV cache, Triton with an fp8 one); prints ||a-b||/||b||
+for spool-vs-hf16, spool-vs-hf32 and hf16-vs-hf32.
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ def hf_reference(path: Path, ids: list[int]):
     return hf, ref16, ref32
 
 
-def spool_logits(path: Path, hf, ids: list[int], backend: str = "auto") -> torch.Tensor:
-    """spool's bf16 last-token logits with the transformers model's weights."""
+def spool_logits(path: Path, hf, ids: list[int], backend: str = "auto", kv_cache_dtype: str = "auto") -> torch.Tensor:
+    """spool's bf16 last-token logits with the transformers model's weights (KV cache in bf16 or fp8, scale 1.0)."""
     llm = LLM(str(path), device="cuda", dtype="bfloat16", load_format="dummy", num_kv_blocks=64,
-              max_model_len=1024, enforce_eager=True, kernel_backend=backend)
+              max_model_len=1024, enforce_eager=True, kernel_backend=backend, kv_cache_dtype=kv_cache_dtype)
     load_named_tensors(llm.engine.runner.model, hf.state_dict().items(), torch.bfloat16, "transformers model")
     r = llm.engine.runner
     meta = r._metadata([ids], [0], [list(range(-(-len(ids) // r.block_size)))], [0])
@@ -65,9 +66,9 @@ def main() -> None:
         path = shape_dir("llama3-8b")
         (path / "config.json").write_text(json.dumps(dict(SHAPES["llama3-8b"], num_hidden_layers=layers)))
         hf, ref16, ref32 = hf_reference(path, ids)
-        for backend in ("triton", "torch"):
-            ours = spool_logits(path, hf, ids, backend)
-            print(f"layers={layers:2d} {backend:6s} spool-vs-hf16={rel(ours, ref16):.4f} "
+        for backend, kv in (("triton", "auto"), ("torch", "auto"), ("triton", "fp8")):
+            ours = spool_logits(path, hf, ids, backend, kv)
+            print(f"layers={layers:2d} {backend:6s} kv={kv:4s} spool-vs-hf16={rel(ours, ref16):.4f} "
                   f"spool-vs-hf32={rel(ours, ref32):.4f} hf16-vs-hf32={rel(ref16, ref32):.4f}", flush=True)
         del hf
         torch.cuda.empty_cache()

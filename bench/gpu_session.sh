@@ -16,10 +16,13 @@ for stage in "$@"; do case $stage in
        python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/summary.txt" ;;
   tests) run gpu_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_engine.py tests/test_sampler.py ;;
   gtests) run gpu_engine_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu_engine.py ;;
-  kbench) run kernels 240 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
-  ksweep) run ksweep 300 python3 bench/kernels.py --sweep ;;
+  fp8tests) run gpu_fp8_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_gpu_fp8_kv.py ;;
+  kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
+  ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
+  psweep) run psweep 480 python3 bench/kernels.py --prefill-sweep --skip decode small --json "$OUT/psweep.json" ;;
   qwen) run qwen3 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --json "$OUT/qwen3.json" ;;
   llama) run llama8b 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b.json" ;;
+  llamafp8kv) run llama8b_fp8kv 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --kv-cache-dtype fp8 --json "$OUT/llama8b_fp8kv.json" ;;
   llama256) run llama8b_256 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --max-num-seqs 256 --json "$OUT/llama8b_256.json" ;;
   peer) run llama8b_peer 420 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer-only --json "$OUT/llama8b_peer.json" ;;
   prefix) run prefix_on 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --json "$OUT/prefix_on.json"

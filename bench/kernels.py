@@ -1,7 +1,11 @@
 """Kernel benchmark: paged-attention decode bandwidth vs device copy and SDPA, prefill, small kernels.
 
 Usage (CUDA only):  python bench/kernels.py [--batch 64 --ctx 4096 --hq 32 --hk 8 --head-dim 128
-                    --dtype bf16 --block-size 16] [--sweep] [--json OUT]
+                    --dtype bf16 --block-size 16] [--sweep] [--prefill-sweep] [--json OUT]
+
+One default run reports (issue 17's targets): decode with a bf16 and an fp8 KV cache vs SDPA on bf16 KV
+(fp8 target: 1.8x), and prefill attention TFLOP/s at --prefill-len 2048 with 0 and 2048 cached tokens,
+bf16 and fp8 KV, each as a percentage of SDPA causal at 2048 tokens (target: 90%).
 
 Decode bandwidth = (K + V bytes of every context + q bytes + out bytes) / median time
 (triton.testing.do_bench). It is compared with a device-to-device copy of a large buffer
@@ -43,13 +47,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16, help="KV cache page size (tokens)")
     p.add_argument("--splits", type=int, default=None, help="force the decode split-KV factor (default: heuristic)")
     p.add_argument("--prefill-len", type=int, default=2048, help="new tokens of the prefill chunk")
-    p.add_argument("--prefill-prefix", type=int, default=0, help="cached tokens before the prefill chunk")
+    p.add_argument("--prefill-prefixes", type=int, nargs="+", default=[0, 2048],
+                   help="cached tokens before the prefill chunk (one measurement each)")
+    p.add_argument("--kv-dtypes", nargs="+", choices=["auto", "fp8"], default=["auto", "fp8"],
+                   help="KV cache types for the attention measurements (auto: --dtype)")
     p.add_argument("--tokens", type=int, default=2048, help="rows for the small kernels")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     p.add_argument("--sweep", action="store_true", help="also sweep decode block_n x warps x stages x splits")
-    p.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "prefill", "small"], help="parts to skip")
+    p.add_argument("--prefill-sweep", action="store_true",
+                   help="also sweep prefill block_m x block_n x warps x stages (2048 tokens, each KV dtype)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "decode", "prefill", "small"],
+                   help="parts to skip")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check this script on CPU: tiny shapes, TRITON_INTERPRET=1, one untimed-quality call each")
@@ -118,6 +128,14 @@ def make_paged(batch, ctx, hq, hk, d, bs, dtype, qlen=1, gen=None, head_major=Fa
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
     qsl = torch.arange(0, batch * qlen + 1, qlen, dtype=torch.int32, device=DEV)
     return q, k_cache, v_cache, bt, seq_lens, qsl
+
+
+def to_kv_dtype(paged, kv: str):
+    """A make_paged batch with its caches converted to the KV type `kv` ('auto' keeps them)."""
+    if kv == "auto":
+        return paged
+    q, kc, vc, *rest = paged
+    return (q, kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn), *rest)
 
 
 def decode_section(a, dtype, rows, results, copy_gbs):
@@ -192,6 +210,26 @@ def decode_section(a, dtype, rows, results, copy_gbs):
             err = float((paged_attention(*sub).float() - ref).norm() / ref.norm())
             rows.append(("  head-major rel err vs reference (4 seqs)", None, None, f"{err:.2e}"))
             del hm_sets
+            if "fp8" in a.kv_dtypes:  # issue 17: fp8 KV decode vs SDPA on bf16 KV (target 1.8x)
+                fp8_sets = [to_kv_dtype(s, "fp8") for s in sets]
+                f8 = rotating([lambda s=s: paged_attention(*s, scale, max_query_len=1, max_seq_len=ctx,
+                                                           num_splits=a.splits) for s in fp8_sets])
+                f8_moved = kv_bytes // esz + 2 * b * hq * d * esz  # one byte per cached element
+                f8_ms = bench(f8, a.rep)
+                rows.append(("paged decode fp8 KV (triton)", f8_ms, f8_moved / f8_ms / 1e6,
+                             f"{100 * f8_moved / f8_ms / 1e6 / copy_gbs:.1f}% of copy"))
+                f8_ms, sdpa_ms = interleaved(f8, best_fn, a.rep, rounds=7)
+                rows.append(("paged fp8 KV vs sdpa bf16 KV, 7 rounds", f8_ms, f8_moved / f8_ms / 1e6,
+                             f"sdpa {sdpa_ms * 1e3:.1f} us: triton x{sdpa_ms / f8_ms:.3f} (target x1.8)"))
+                q, kc, vc, bt, sl, qsl = fp8_sets[0]
+                sub = (q[:4], kc, vc, bt[:4], sl[:4], qsl[:5], scale)
+                ref = reference_paged_attention(*sub).float()
+                err = float((paged_attention(*sub).float() - ref).norm() / ref.norm())
+                rows.append(("  fp8 decode rel err vs reference (4 seqs)", None, None, f"{err:.2e}"))
+                results["decode_fp8_vs_sdpa_bf16"] = {"triton_ms": f8_ms, "sdpa_ms": sdpa_ms,
+                                                      "speedup": sdpa_ms / f8_ms, "GB/s": f8_moved / f8_ms / 1e6,
+                                                      "rel_err_vs_reference": err}
+                del fp8_sets
 
     from kernels import reference  # sanity check on 4 sequences of the first set
 
@@ -205,9 +243,22 @@ def decode_section(a, dtype, rows, results, copy_gbs):
     if a.sweep:
         sweep = []
         base = default_config(True, d, hq // hk, dtype)
+        fp8_sets = [to_kv_dtype(s, "fp8") for s in sets] if "fp8" in a.kv_dtypes else []
+
+        def run_fp8(cfg, splits):
+            return rotating([lambda s=s: paged_attention(*s, scale, max_query_len=1, max_seq_len=ctx,
+                                                         num_splits=splits, config=cfg) for s in fp8_sets])
+
         grid = itertools.product((64, 128), (2, 4), (3, 4, 5), (1, 2))
         for bn, w, st, sp in grid:
             cfg = AttnConfig(block_m=base.block_m, block_n=bn, num_warps=w, num_stages=st)
+            if fp8_sets:  # fp8 KV: only timings here (bytes per tile differ); the leaders print below
+                try:
+                    t8 = bench(run_fp8(cfg, sp), max(50, a.rep // 4))
+                    results.setdefault("decode_sweep_fp8", []).append(
+                        {"block_n": bn, "num_warps": w, "num_stages": st, "splits": sp, "ms": t8})
+                except Exception as e:
+                    print(f"fp8 sweep {cfg} splits={sp}: {type(e).__name__}", file=sys.stderr)
             try:
                 t = bench(run(cfg, sp), max(50, a.rep // 4))
             except Exception as e:  # out of shared memory etc.
@@ -217,6 +268,21 @@ def decode_section(a, dtype, rows, results, copy_gbs):
                           "GB/s": moved / t / 1e6})
         sweep.sort(key=lambda r: r["ms"])
         results["decode_sweep"] = sweep
+        f8_moved = kv_bytes // esz + 2 * b * hq * d * esz
+        fp8_sweep = sorted(results.get("decode_sweep_fp8", []), key=lambda r: r["ms"])
+        for r in fp8_sweep[:5]:
+            gbs = f8_moved / r["ms"] / 1e6
+            rows.append((f"  fp8 sweep bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} sp={r['splits']}",
+                         r["ms"], gbs, f"{100 * gbs / copy_gbs:.1f}% of copy"))
+        if fp8_sweep and "sdpa" not in a.skip and best_fn is not None:
+            r = fp8_sweep[0]
+            cfg = AttnConfig(block_m=base.block_m, block_n=r["block_n"], num_warps=r["num_warps"],
+                             num_stages=r["num_stages"])
+            f8_ms, sdpa_ms = interleaved(run_fp8(cfg, r["splits"]), best_fn, a.rep, rounds=5)
+            r["interleaved"] = {"triton_ms": f8_ms, "sdpa_ms": sdpa_ms, "speedup": sdpa_ms / f8_ms}
+            rows.append((f"  fp8 leader bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} sp={r['splits']} "
+                         "vs sdpa bf16 x5", f8_ms, f8_moved / f8_ms / 1e6,
+                         f"sdpa {sdpa_ms * 1e3:.1f} us: x{sdpa_ms / f8_ms:.3f} (target x1.8)"))
         for r in sweep[:8]:
             rows.append((f"  sweep bn={r['block_n']} w={r['num_warps']} st={r['num_stages']} sp={r['splits']}",
                          r["ms"], r["GB/s"], f"{100 * r['GB/s'] / copy_gbs:.1f}% of copy"))
@@ -231,31 +297,119 @@ def decode_section(a, dtype, rows, results, copy_gbs):
                              f"sdpa {sdpa_ms * 1e3:.1f} us: x{sdpa_ms / tri_ms:.3f}"))
 
 
+def _prefill_batch(a, dtype, n: int, pre: int, kv: str, gen):
+    """One sequence: n new tokens after pre cached ones, paged, KV in `kv`."""
+    q, kc, vc, bt, sl, _ = to_kv_dtype(make_paged(1, n + pre, a.hq, a.hk, a.head_dim, a.block_size, dtype, gen=gen),
+                                       kv)
+    q = torch.randn(n, a.hq, a.head_dim, device=DEV, dtype=dtype, generator=gen)
+    qsl = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    return q, kc, vc, bt, sl, qsl
+
+
+def _causal_flops(hq: int, d: int, n: int, pre: int) -> float:
+    """4 * Hq * D per visible (query, key) pair: n queries after pre cached keys, causal."""
+    return 4 * hq * d * (n * pre + n * (n + 1) / 2)
+
+
 def prefill_section(a, dtype, rows, results):
+    """Paged prefill TFLOP/s for each (prefix, KV dtype) vs SDPA causal on n contiguous tokens."""
     import torch.nn.functional as F
 
+    from kernels import reference
     from kernels.paged_attention import paged_attention
 
-    hq, hk, d, n, pre = a.hq, a.hk, a.head_dim, a.prefill_len, a.prefill_prefix
-    ctx = n + pre
-    gen = torch.Generator(device=DEV).manual_seed(1)
-    q, kc, vc, bt, sl, _ = make_paged(1, ctx, hq, hk, d, a.block_size, dtype, gen=gen)
-    q = torch.randn(n, hq, d, device=DEV, dtype=dtype, generator=gen)
-    qsl = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    hq, hk, d, n = a.hq, a.hk, a.head_dim, a.prefill_len
     scale = d**-0.5
-    ms = bench(lambda: paged_attention(q, kc, vc, bt, sl, qsl, scale, max_query_len=n, max_seq_len=ctx), a.rep)
-    visible = n * pre + n * (n + 1) / 2  # causal (query, key) pairs
-    flops = 4 * hq * d * visible
-    rows.append((f"paged prefill {n} (+{pre} cached)", ms, None, f"{flops / ms / 1e9:.1f} TFLOP/s"))
-    results["prefill"] = {"ms": ms, "TFLOP/s": flops / ms / 1e9, "tokens": n, "prefix": pre}
-    if pre == 0 and "sdpa" not in a.skip:
-        qs = q.transpose(0, 1)[None]  # [1, Hq, n, D]
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    sdpa_tflops = None
+    if "sdpa" not in a.skip:
+        qs = torch.randn(1, hq, n, d, device=DEV, dtype=dtype, generator=gen)
         ks = torch.randn(1, hk, n, d, device=DEV, dtype=dtype, generator=gen)
         vs = torch.randn_like(ks)
         t = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True),
                   a.rep)
-        rows.append(("sdpa prefill causal (contiguous)", t, None, f"{flops / t / 1e9:.1f} TFLOP/s"))
-        results["sdpa_prefill"] = {"ms": t, "TFLOP/s": flops / t / 1e9}
+        sdpa_tflops = _causal_flops(hq, d, n, 0) / t / 1e9
+        rows.append((f"sdpa prefill causal {n} (contiguous)", t, None, f"{sdpa_tflops:.1f} TFLOP/s"))
+        results["sdpa_prefill"] = {"ms": t, "TFLOP/s": sdpa_tflops, "tokens": n}
+        for pre in (p for p in a.prefill_prefixes if p > 0):  # SDPA over a prefix: bottom-right causal mask
+            try:
+                from torch.nn.attention.bias import causal_lower_right
+
+                kp = torch.randn(1, hk, n + pre, d, device=DEV, dtype=dtype, generator=gen)
+                vp = torch.randn_like(kp)
+                mask = causal_lower_right(n, n + pre)
+                t = bench(lambda: F.scaled_dot_product_attention(qs, kp, vp, attn_mask=mask, scale=scale,
+                                                                 enable_gqa=True), a.rep)
+            except (ImportError, RuntimeError, TypeError) as e:  # a backend may refuse GQA with this mask
+                print(f"sdpa prefill +{pre}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            tf = _causal_flops(hq, d, n, pre) / t / 1e9
+            rows.append((f"sdpa prefill {n} (+{pre} cached, lower-right causal)", t, None, f"{tf:.1f} TFLOP/s"))
+            results[f"sdpa_prefill_prefix{pre}"] = {"ms": t, "TFLOP/s": tf}
+            del kp, vp
+    results["prefill"] = {}
+    for pre in a.prefill_prefixes:
+        for kv in a.kv_dtypes:
+            batch = _prefill_batch(a, dtype, n, pre, kv, gen)
+            ctx = n + pre
+            ms = bench(lambda: paged_attention(*batch, scale, max_query_len=n, max_seq_len=ctx), a.rep)
+            tf = _causal_flops(hq, d, n, pre) / ms / 1e9
+            pct = None if sdpa_tflops is None else 100 * tf / sdpa_tflops
+            note = f"{tf:.1f} TFLOP/s" + ("" if pct is None else f", {pct:.0f}% of sdpa causal {n} (target 90%)")
+            ref = reference.paged_attention(*batch, scale).float()
+            err = float((paged_attention(*batch, scale).float() - ref).norm() / ref.norm())
+            name = a.dtype if kv == "auto" else kv
+            rows.append((f"paged prefill {n} (+{pre} cached) {name} KV", ms, None, f"{note}; rel err {err:.1e}"))
+            results["prefill"][f"{name}+{pre}"] = {"ms": ms, "TFLOP/s": tf, "pct_of_sdpa_causal": pct,
+                                                  "tokens": n, "prefix": pre, "kv": name, "rel_err": err}
+            del batch
+    if a.prefill_sweep:
+        prefill_sweep(a, dtype, rows, results, sdpa_tflops, gen)
+
+
+def prefill_sweep(a, dtype, rows, results, sdpa_tflops, gen):
+    """Time prefill tile configs at +0 cached for each KV dtype; re-time the 3 leaders at the largest prefix."""
+    from kernels.paged_attention import AttnConfig, paged_attention
+
+    hq, d, n = a.hq, a.head_dim, a.prefill_len
+    group = hq // a.hk
+    scale = d**-0.5
+    shapes = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+    grid = [AttnConfig(bm, bn, w, st) for bm, bn, w, st in shapes if bm >= max(16, group) and not (bm == 64 and w == 8)]
+    results["prefill_sweep"] = {}
+    for kv in a.kv_dtypes:
+        name = a.dtype if kv == "auto" else kv
+        batch = _prefill_batch(a, dtype, n, 0, kv, gen)
+        timed = []
+        for cfg in grid:
+            try:
+                t = bench(lambda: paged_attention(*batch, scale, max_query_len=n, max_seq_len=n, config=cfg),
+                          max(50, a.rep // 4))
+            except Exception as e:  # out of shared memory / registers
+                print(f"prefill sweep {cfg} {name}: {type(e).__name__}", file=sys.stderr)
+                continue
+            timed.append((t, cfg))
+        timed.sort(key=lambda x: x[0])
+        flops = _causal_flops(hq, d, n, 0)
+        out = results["prefill_sweep"][name] = []
+        for t, cfg in timed:
+            out.append({"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
+                        "num_stages": cfg.num_stages, "ms": t, "TFLOP/s": flops / t / 1e9})
+        for t, cfg in timed[:5]:
+            tf = flops / t / 1e9
+            pct = "" if sdpa_tflops is None else f", {100 * tf / sdpa_tflops:.0f}% of sdpa"
+            rows.append((f"  prefill sweep {name} +0 bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
+                         f"st={cfg.num_stages}", t, None, f"{tf:.1f} TFLOP/s{pct}"))
+        pre = max(a.prefill_prefixes)
+        if pre > 0:
+            batch = _prefill_batch(a, dtype, n, pre, kv, gen)
+            for _, cfg in timed[:3]:
+                t = bench(lambda: paged_attention(*batch, scale, max_query_len=n, max_seq_len=n + pre, config=cfg),
+                          a.rep)
+                tf = _causal_flops(hq, d, n, pre) / t / 1e9
+                rows.append((f"  leader {name} +{pre} bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
+                             f"st={cfg.num_stages}", t, None, f"{tf:.1f} TFLOP/s"))
+        del batch
 
 
 def small_section(a, dtype, rows, results):
@@ -277,6 +431,7 @@ def small_section(a, dtype, rows, results):
     kc = torch.zeros(nblk, a.block_size, hk, d, device=dev, dtype=dtype)
     vc = torch.zeros_like(kc)
     slots = torch.randperm(nblk * a.block_size, device=dev)[:t]
+    kc8, vc8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
     cases = {  # name: (triton fn, torch fn, bytes moved)
         "rms_norm": (lambda: T.rms_norm(x, w, 1e-5), lambda: reference.rms_norm(x, w, 1e-5), 2 * t * h * esz),
         "fused_add_rms_norm": (lambda: T.fused_add_rms_norm(x, r, w, 1e-5),
@@ -286,6 +441,9 @@ def small_section(a, dtype, rows, results):
                    2 * t * (hq + hk) * d * esz),
         "write_kv_cache": (lambda: T.write_kv_cache(k, v, kc, vc, slots),
                            lambda: reference.write_kv_cache(k, v, kc, vc, slots), 4 * t * hk * d * esz),
+        "write_kv_cache fp8": (lambda: T.write_kv_cache(k, v, kc8, vc8, slots, 0.05, 0.05),
+                               lambda: reference.write_kv_cache(k, v, kc8, vc8, slots, 0.05, 0.05),
+                               2 * t * hk * d * (esz + 1)),
     }
     for name, (tri, ref, nbytes) in cases.items():
         mt, mr = bench(tri, a.rep), bench(ref, a.rep)
@@ -300,8 +458,9 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         DEV = "cpu"
         a.batch, a.ctx, a.hq, a.hk, a.head_dim, a.prefill_len = 3, 100, 8, 2, 64, 40
+        a.prefill_prefixes = [0, 24]
         a.tokens, a.hidden, a.intermediate = 8, 256, 512
-        a.sweep = False
+        a.sweep = a.prefill_sweep = False
     elif not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
@@ -314,7 +473,8 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth(a.rep)
     rows.append(("device copy 1 GiB (read+write)", None, copy_gbs, ""))
     results["copy_GB/s"] = copy_gbs
-    decode_section(a, dtype, rows, results, copy_gbs)
+    if "decode" not in a.skip:
+        decode_section(a, dtype, rows, results, copy_gbs)
     if "prefill" not in a.skip:
         prefill_section(a, dtype, rows, results)
     if "small" not in a.skip:

@@ -58,7 +58,9 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
         print(f"finish reasons {reasons}; first error: {next((o.error for o in outs if o.error), None)}")
     eng = llm.engine
     res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
-    res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks, preemptions=eng.scheduler.num_preemptions,
+    res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks,
+               kv_cache_dtype=str(eng.runner.kv_cache_dtype).removeprefix("torch."),
+               preemptions=eng.scheduler.num_preemptions,
                steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args))
@@ -156,7 +158,7 @@ def main() -> int:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--quantization", choices=["fp8"], help="FP8 weights (dummy weights are quantized at load)")
-    p.add_argument("--kv-cache-dtype", help="passed to the engine as kv_cache_dtype when given")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], help="KV cache element type (engine's kv_cache_dtype)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other EngineConfig field, e.g. --engine-arg block_size=32 (repeatable)")
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")

@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = e4m3 (torch.float8_e4m3fn), as in vLLM
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,7 @@ class EngineConfig:
         # SPOOL_QUANTIZATION= (empty) or "none" from the environment means no quantization.
         if isinstance(self.quantization, str) and self.quantization.lower() in ("", "none"):
             self.quantization = None
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3, per-layer k/v scales: checkpoint or 1.0)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -176,6 +178,14 @@ class EngineConfig:
             return torch.bfloat16
         return model_cfg.dtype
 
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: the model dtype for 'auto', float8_e4m3fn for 'fp8'."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        if self.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+            return torch.float8_e4m3fn
+        raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})")
+
     def validate(self) -> None:
         """Reject settings that cannot work, with a message naming the setting."""
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -192,3 +202,6 @@ class EngineConfig:
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
         if self.quantization not in (None, "fp8"):
             raise ConfigError(f"quantization must be fp8 or unset (got {self.quantization!r})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
+                              f"(got {self.kv_cache_dtype!r})")

@@ -10,6 +10,7 @@ import torch
 from engine.attention import AttentionMetadata, pack_block_tables
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
 from engine.models.rope import cos_sin_cache
 from engine.sampler import Sampler, SamplingRow
@@ -30,24 +31,28 @@ class ModelRunner:
             # Triton kernels and CUDA graphs launch on the current device, not the tensors': make them agree.
             torch.cuda.set_device(self.device)
         self.dtype = config.resolve_dtype(model_cfg, self.device)
+        self.kv_cache_dtype = config.resolve_kv_cache_dtype(self.dtype)
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.ops = get_ops(config.kernel_backend, self.device)
+        self._check_kv_cache_dtype()
         torch.manual_seed(config.seed)
         self.model = build_model(
             model_cfg, Path(config.model), self.ops, self.device, self.dtype, config.load_format, config.seed,
             quantization=config.quantization,
         )
+        self._set_kv_scales()
         self.cos_sin = cos_sin_cache(model_cfg, max_model_len, self.device)
         self.sampler = Sampler(model_cfg.vocab_size, self.device)
         self.num_blocks = self._decide_num_blocks()
         shape = (self.num_blocks, self.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        kv_dtype = self.kv_cache_dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=kv_dtype, device=self.device), torch.zeros(shape, dtype=kv_dtype, device=self.device))
             for _ in range(model_cfg.num_layers)
         ]
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                 self.num_blocks * self.bytes_per_block / 2**20)
+        log.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", self.num_blocks, self.block_size,
+                 str(kv_dtype).removeprefix("torch."), self.num_blocks * self.bytes_per_block / 2**20)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, min(config.max_num_seqs, 512),
@@ -56,10 +61,31 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        """KV bytes one block takes across all layers (K and V)."""
+        """KV bytes one block takes across all layers (K and V): fp8 caches hold twice the tokens of bf16."""
         c = self.model_cfg
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
+
+    def _check_kv_cache_dtype(self) -> None:
+        """Triton's fp8 kernels need compute capability 8.9+ (Ada, Hopper); the torch backend runs anywhere."""
+        fp8_triton = self.kv_cache_dtype == torch.float8_e4m3fn and self.ops.name == "triton"
+        if fp8_triton and self.device.type == "cuda":
+            if torch.cuda.get_device_capability(self.device) < (8, 9):
+                name = torch.cuda.get_device_name(self.device)
+                raise ConfigError(f"kv_cache_dtype fp8 needs a GPU with FP8 (compute capability 8.9+: Ada, Hopper); "
+                                  f"{name} has none: use kv_cache_dtype auto (or kernel_backend torch)")
+
+    def _set_kv_scales(self) -> None:
+        """Give each attention layer its fp8 k/v scales: the checkpoint's, else 1.0 (engine.models.kv_scales)."""
+        if self.kv_cache_dtype != torch.float8_e4m3fn:
+            return
+        num_layers = self.model_cfg.num_layers
+        if self.config.load_format == "dummy":
+            scales = [(1.0, 1.0)] * num_layers
+        else:
+            scales = read_kv_scales(Path(self.config.model), num_layers)
+        for layer, (k_scale, v_scale) in zip(self.model.layers, scales):
+            layer.self_attn.k_scale, layer.self_attn.v_scale = k_scale, v_scale
 
     def _decide_num_blocks(self) -> int:
         cfg = self.config
@@ -86,7 +112,8 @@ class ModelRunner:
         num_seqs = -(-n // seq_len)
         nblk = -(-seq_len // self.block_size)
         shape = (num_seqs * nblk, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
-        kv = [(torch.empty(shape, dtype=self.dtype, device=self.device),) * 2 for _ in range(self.model_cfg.num_layers)]
+        kv = [(torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device),) * 2
+              for _ in range(self.model_cfg.num_layers)]
         lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
         meta = self._metadata(
             [[0] * ln for ln in lens], [0] * len(lens),

@@ -6,7 +6,8 @@ from the paged caches through block_tables[s]. Softmax is online, in float32, ba
 
 Layouts (any strides unless noted; the head_dim stride is normally 1):
   q            [T, Hq, D]                          may be a view into a fused qkv tensor
-  k/v_cache    [num_blocks, block_size, Hk, D]     token t of seq s: block block_tables[s, t // bs], row t % bs
+  k/v_cache    [num_blocks, block_size, Hk, D]     token t of seq s: block block_tables[s, t // bs], row t % bs;
+                                                   q's dtype, or float8_e4m3fn (stored x / k_scale, x / v_scale)
   block_tables [S, max_blocks] int32               row stride passed, column stride must be 1
   seq_lens [S], query_start_loc [S + 1]            int32 (int64 accepted)
   out          [T, Hq, D]                          q's dtype; contiguous unless `out=` is given
@@ -30,6 +31,11 @@ cut into num_splits ranges of whole KV tiles, sized on the device from that tile
 a second small kernel merges the partial (acc, max, sum) triples. See default_config and
 choose_num_splits for the numbers.
 
+FP8 caches: K and V tiles load as e4m3 (half the bytes) and widen to q's dtype in registers, which is
+exact (every e4m3 value is a bf16/fp16 value). The dequantization x * scale is folded in where it costs
+nothing: k_scale into the softmax scale (q . (k8 * ks) = (q . k8) * ks) and v_scale into the final
+normalization (sum p (v8 * vs) = vs * sum p v8).
+
 Numerics: fp16/bf16 dots on tensor cores with P rounded to the V dtype before P @ V (as in
 FlashAttention); fp32 dots use tf32x3 (~fp32 accuracy, not plain tf32). Under TRITON_INTERPRET
 bf16 dots run in fp32 because the interpreter mis-multiplies bf16.
@@ -42,6 +48,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from kernels.fp8 import FP8_DTYPE, is_fp8
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +72,15 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b (+ acc, accumulated in place by the MMA: no second fp32 tile live in registers)."""
     # UPCAST: the CPU interpreter mis-multiplies bf16 (numpy sees raw uint16), so go through fp32.
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif IEEE:  # fp32 inputs: ~fp32 accuracy on tensor cores (3 tf32 MMAs), not plain tf32
-        return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -115,20 +124,22 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
         else:
             k = tl.load(k_base + k_off)
             v = tl.load(v_base + v_off)
-        s = _mm(q, k, IEEE, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        k = k.to(q.dtype)  # fp8 caches widen here, exactly; a no-op otherwise
+        v = v.to(q.dtype)
+        s = _mm(q, k, None, IEEE, UPCAST)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             s = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units (qk_scale > 0 keeps -inf, max order)
         # A row may see no key yet (split range past its causal limit): exponentiate against 0
         # then, so exp2 gives 0 instead of NaN, while m_i stays -inf.
         if MASKED:
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_ref = m_new
-        p = tl.math.exp2(s - m_ref[:, None])
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])  # one FMA per score
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -137,7 +148,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, num_seqs, num_splits,
+    bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale, num_seqs, num_splits,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -203,7 +214,7 @@ def _paged_attn_kernel(
                                 BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
 
     if not SPLIT:
-        out = acc / l_i[:, None]
+        out = acc * (v_scale / l_i)[:, None]
         o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -211,7 +222,7 @@ def _paged_attn_kernel(
         part = (tok.to(tl.int64) * (GROUP * tl.num_programs(1)) + head) * num_splits + split
         tl.store(part_m_ptr + part, m_i, mask=row_ok)
         tl.store(part_l_ptr + part, l_i, mask=row_ok)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc * v_scale, mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -234,7 +245,11 @@ def _merge_splits_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_o
 
 
 def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype) -> AttnConfig:
-    """Tile sizes: decode streams ~16 KB K/V tiles; prefill uses 128-row tiles (64 for fp32)."""
+    """Tile sizes for q's dtype: decode streams ~16 KB K/V tiles; prefill uses 128-row tiles (64 for fp32).
+
+    fp8 caches use the same token counts per tile (K/V widen to q's dtype in registers, so register
+    use follows the token count, not the bytes loaded).
+    """
     wide = dtype == torch.float32  # fp32 tiles take twice the shared memory
     group_rows = max(16, triton.next_power_of_2(group))
     if decode:
@@ -274,9 +289,10 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None
         raise ValueError(f"paged_attention: head_dim {d} vs cache {dk}, or Hq={hq} not a multiple of Hk={hk}")
     if d < 16 or d & (d - 1) or bs & (bs - 1):
         raise ValueError(f"paged_attention: head_dim ({d}, >= 16) and block_size ({bs}) must be powers of 2")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or {k_cache.dtype, v_cache.dtype} != {q.dtype}:
-        raise TypeError(f"paged_attention: q/k/v dtypes must match and be fp16/bf16/fp32; "
-                        f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if (q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != v_cache.dtype
+            or k_cache.dtype not in (q.dtype, FP8_DTYPE)):
+        raise TypeError(f"paged_attention: q must be fp16/bf16/fp32 and the k/v caches q's dtype or float8_e4m3fn; "
+                        f"got dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"paged_attention: {name} must be int32 or int64, got {t.dtype}")
@@ -304,14 +320,21 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: AttnConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton paged attention with kernels.reference.paged_attention's semantics; returns [T, Hq, D].
 
     Pass max_query_len / max_seq_len (host ints) to avoid device syncs: without them
     max_query_len is read back from query_start_loc, and max_seq_len from seq_lens when split-KV
-    is considered. num_splits / config override the heuristics (benchmarks, tuning).
+    is considered. num_splits / config override the heuristics (benchmarks, tuning). fp8 caches are
+    read as stored * k_scale / v_scale; other caches ignore the scales.
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    if not is_fp8(k_cache.dtype):
+        k_scale = v_scale = 1.0
+    elif not (k_scale > 0 and v_scale > 0):
+        raise ValueError(f"paged_attention: fp8 scales must be > 0, got k {k_scale}, v {v_scale}")
     t, hq, d = q.shape
     _, page, hk, _ = k_cache.shape
     group = hq // hk
@@ -350,7 +373,8 @@ def paged_attention(
     interp = _interpreting()
     _paged_attn_kernel[(tiles, hk, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        block_tables, seq_lens, query_start_loc, scale * 1.4426950408889634, s, num_splits,
+        block_tables, seq_lens, query_start_loc, scale * float(k_scale) * 1.4426950408889634, float(v_scale),
+        s, num_splits,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=page, HEAD_DIM=d,
         SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query_per_seq,

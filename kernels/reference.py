@@ -2,11 +2,14 @@
 
 KV cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
 Token t of a sequence lives in block block_table[t // block_size], row t % block_size; the flat
-slot index is block_id * block_size + row.
+slot index is block_id * block_size + row. An fp8 (e4m3) cache holds x / scale with one scale per
+layer for K and one for V (kernels.fp8); other caches ignore the scales.
 """
 from __future__ import annotations
 
 import torch
+
+from kernels.fp8 import is_fp8, quantize
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,25 +58,45 @@ def rotary_embedding(
 
 
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    """Scatter k, v [T, Hk, D] into the paged caches at slot_mapping [T]; slots < 0 are skipped (padding)."""
+    """Scatter k, v [T, Hk, D] into the paged caches at slot_mapping [T]; slots < 0 are skipped (padding).
+
+    An fp8 cache stores k / k_scale and v / v_scale, saturated to the e4m3 range.
+    """
     nb, bs, hk, d = k_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    k_cache.view(nb * bs, hk, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, hk, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if is_fp8(k_cache.dtype):
+        k, v = quantize(k, k_scale), quantize(v, v_scale)
+    # index_copy_ has no fp8 kernel on the CPU: copy the bytes through a uint8 view when the cache is fp8
+    as_bytes = k_cache.element_size() == 1
+    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if as_bytes else (k_cache, v_cache)
+    kr, vr = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if as_bytes:
+        kr, vr = kr.view(torch.uint8), vr.view(torch.uint8)
+    kc.view(nb * bs, hk, d).index_copy_(0, slot_mapping, kr)
+    vc.view(nb * bs, hk, d).index_copy_(0, slot_mapping, vr)
 
 
 def gather_kv(
     cache: torch.Tensor, block_table: torch.Tensor, context_len: int
 ) -> torch.Tensor:
-    """One sequence's first context_len rows of a paged cache: [context_len, Hk, D]."""
+    """One sequence's first context_len rows of a paged cache: [context_len, Hk, D], in the cache's dtype."""
     bs = cache.shape[1]
     nblocks = (context_len + bs - 1) // bs
     blocks = block_table[:nblocks].long()
+    if cache.element_size() == 1:  # fp8: gather the bytes (not every device has fp8 index kernels)
+        return cache.view(torch.uint8).index_select(0, blocks).flatten(0, 1)[:context_len].view(cache.dtype)
     return cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+
+
+def dequantized_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+    """gather_kv in float32, times scale when the cache is fp8: [context_len, Hk, D]."""
+    rows = gather_kv(cache, block_table, context_len).float()
+    return rows * scale if is_fp8(cache.dtype) else rows
 
 
 def paged_attention(
@@ -86,6 +109,8 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole paged context.
 
@@ -93,7 +118,8 @@ def paged_attention(
     query_start_loc [S+1]. Query i of a sequence with L new tokens and context C sits at position
     C - L + i and sees keys 0 .. C - L + i. GQA: query head h reads KV head h // (Hq // Hk).
     Computed in float32; returns [T, Hq, D] in q's dtype. max_query_len / max_seq_len are hints
-    that kernels use for launch sizing; the reference ignores them.
+    that kernels use for launch sizing; the reference ignores them. fp8 caches are read as
+    stored * k_scale (K) and stored * v_scale (V).
     """
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
@@ -107,8 +133,8 @@ def paged_attention(
         if qlen == 0:
             continue
         qs = q[start:end].float().transpose(0, 1)  # [Hq, L, D]
-        ks = gather_kv(k_cache, block_tables[s], ctx).float().transpose(0, 1)  # [Hk, C, D]
-        vs = gather_kv(v_cache, block_tables[s], ctx).float().transpose(0, 1)
+        ks = dequantized_kv(k_cache, block_tables[s], ctx, k_scale).transpose(0, 1)  # [Hk, C, D]
+        vs = dequantized_kv(v_cache, block_tables[s], ctx, v_scale).transpose(0, 1)
         if group > 1:
             ks = ks.repeat_interleave(group, dim=0)
             vs = vs.repeat_interleave(group, dim=0)

@@ -26,6 +26,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        # fp8 KV cache: the cache holds k / k_scale and v / v_scale (set by the ModelRunner; ignored otherwise)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.eps = cfg.rms_norm_eps
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
                                method=linear_method(cfg))
@@ -51,10 +54,10 @@ class Attention(nn.Module):
             k = self.ops.rms_norm(k, self.k_norm, self.eps)
         q, k = self.ops.rotary_embedding(meta.positions, q, k, cos_sin)
         k_cache, v_cache = kv
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         o = self.ops.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
-            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
         )  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 

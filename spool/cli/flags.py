@@ -28,6 +28,7 @@ _HELP = {
     "enforce_eager": "disable CUDA graphs",
     "quantization": "fp8: W8A8 FP8 projections (per-channel weight, per-token activation scales; needs compute "
                     "capability >= 8.9 on CUDA); FP8 checkpoints run in fp8 without it",
+    "kv_cache_dtype": "auto | fp8 (e4m3: half the bytes, twice the tokens; k/v scales from the checkpoint, else 1.0)",
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "prefix": "key prefix of the deployment",

@@ -1,0 +1,232 @@
+"""FP8 (e4m3) KV cache: the KV-write kernel and paged attention over fp8 caches vs kernels.reference.
+
+CPU under TRITON_INTERPRET=1 on odd shapes; real shapes (llama3-8b: 32 q / 8 kv heads, d128) with -m gpu.
+Two kinds of bound:
+- kernel vs reference on the same fp8 cache: both read identical e4m3 values, so only the compute
+  rounding differs and q's dtype bound from tests/test_kernels.py applies (bf16 1e-2, fp16 2e-3, fp32 1e-5);
+- fp8 vs the unquantized cache: e4m3 keeps 3 mantissa bits (relative rounding error <= 2**-4, ~2.4% RMS
+  for uniformly spread mantissas); attention averages it over keys, so outputs stay within 5% (measured
+  up to 4% on these random inputs, logits std 1.5).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.test_kernels import DEVICE, TOL, assert_close, gpu, needs_cuda, poison, rel_err  # noqa: F401
+
+import pytest  # noqa: E402
+
+from kernels import reference  # noqa: E402
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize  # noqa: E402
+from kernels.paged_attention import AttnConfig  # noqa: E402
+from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+
+FP8_VS_UNQUANTIZED = 0.05
+
+
+def bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+# ---------------------------------------------------------------- KV write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hk,d,bs", [(1, 64, 16), (8, 128, 16), (3, 64, 32)])
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.05, 0.3)])
+def test_write_kv_cache_fp8_matches_reference(hk, d, bs, dtype, k_scale, v_scale):
+    """Bit-exact e4m3 codes vs the torch reference, with saturation past +-448 * scale and padding slots."""
+    t, num_blocks = 11, 5
+    kv = (torch.randn(t, 2 * hk + 1, d) * 3).to(dtype).to(DEVICE)
+    kv[0, 0, :4] = torch.tensor([1e4, -1e4, 7.97 * k_scale, 1e-5])  # saturate both ways, round up a binade, subnormal
+    k, v = kv[:, :hk], kv[:, hk : 2 * hk]  # strided views, like the fused qkv
+    slots = torch.randperm(num_blocks * bs)[:t]
+    slots[[2, 7]] = -1
+    slots = slots.to(DEVICE)
+    kc = torch.zeros((num_blocks, bs, hk, d), dtype=FP8_DTYPE, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    bytes_of(kc).fill_(0x7F)  # NaN codes: rows the kernel must not touch stay NaN
+    bytes_of(vc).fill_(0x7F)
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    reference.write_kv_cache(k, v, ref_kc, ref_vc, slots, k_scale, v_scale)
+    T.write_kv_cache(k, v, kc, vc, slots, k_scale, v_scale)
+    assert torch.equal(bytes_of(kc), bytes_of(ref_kc)) and torch.equal(bytes_of(vc), bytes_of(ref_vc))
+    written = bytes_of(ref_kc).view(-1, hk, d)[slots[slots >= 0]]
+    assert (written != 0x7F).all() and (written != 0xFF).all()  # no NaN written; saturation, not overflow
+    first = ref_kc.view(-1, hk, d)[slots[0]].float() if slots[0] >= 0 else None
+    if first is not None:
+        assert first[0, 0] == FP8_MAX and first[0, 1] == -FP8_MAX and first[0, 2] == 8.0
+
+
+def test_reference_quantize_roundtrip_error():
+    """Dequantized values are within half an e4m3 ulp (2**-4 relative) of the input inside the normal range."""
+    x = torch.randn(4096) * 10
+    scale = 0.07
+    back = quantize(x, scale).float() * scale
+    normal = ((x / scale).abs() >= 2**-6) & ((x / scale).abs() <= FP8_MAX)  # below: subnormal; above: saturated
+    rel = ((back - x).abs() / x.abs())[normal]
+    assert float(rel.max()) <= 2**-4 + 1e-6
+
+
+def test_write_kv_cache_rejects_bad_scale():
+    k = torch.randn(2, 1, 64, device=DEVICE)
+    kc = torch.zeros(1, 16, 1, 64, dtype=FP8_DTYPE, device=DEVICE)
+    with pytest.raises(ValueError, match="scales"):
+        T.write_kv_cache(k, k, kc, kc.clone(), torch.tensor([0, 1], device=DEVICE), 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- paged attention over fp8 caches
+
+
+def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, seed=0):
+    """seqs: [(query_len, context_len)]. Returns q (a view into a fused qkv), the fp8 caches, metadata, and
+    the unquantized caches (q's dtype) holding the same K/V. Unused cache rows hold NaN codes."""
+    torch.manual_seed(seed)
+    nblocks = [math.ceil(c / bs) for _, c in seqs]
+    num_blocks = sum(nblocks) + 3  # block 0 and two more stay unused (NaN)
+    ids = (torch.randperm(num_blocks - 1) + 1)[: sum(nblocks)]
+    bt = torch.zeros(len(seqs), max(nblocks) + 2, dtype=torch.int32)
+    slots = []
+    for s, (_, ctx) in enumerate(seqs):
+        bt[s, : nblocks[s]] = ids[sum(nblocks[:s]) : sum(nblocks[: s + 1])]
+        slots.append((bt[s, : nblocks[s]].long()[:, None] * bs + torch.arange(bs)).flatten()[:ctx])
+    slots = torch.cat(slots).to(device)
+    k_hi = torch.full((num_blocks, bs, hk, d), float("nan"), dtype=dtype, device=device)
+    v_hi = torch.full_like(k_hi, float("nan"))
+    # magnitudes near the scales' useful range: |x / scale| up to ~60, far from saturation
+    k_hi.view(-1, hk, d)[slots] = (torch.randn(len(slots), hk, d, device=device) * 15 * k_scale).to(dtype)
+    v_hi.view(-1, hk, d)[slots] = (torch.randn(len(slots), hk, d, device=device) * 15 * v_scale).to(dtype)
+    k8 = torch.zeros(k_hi.shape, dtype=FP8_DTYPE, device=device)
+    v8 = torch.zeros_like(k8)
+    bytes_of(k8).fill_(0x7F)
+    bytes_of(v8).fill_(0x7F)
+    bytes_of(k8).view(-1, hk, d)[slots] = bytes_of(quantize(k_hi.view(-1, hk, d)[slots], k_scale))
+    bytes_of(v8).view(-1, hk, d)[slots] = bytes_of(quantize(v_hi.view(-1, hk, d)[slots], v_scale))
+    qlens = [ql for ql, _ in seqs]
+    qkv = (torch.randn(sum(qlens), hq + 2 * hk, d, device=device) * 1.5 / (15 * k_scale)).to(dtype)  # logits std 1.5
+    q = qkv[:, :hq]
+    qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
+    return q, k8, v8, bt.to(device), seq_lens.to(device), qsl.to(device), k_hi, v_hi
+
+
+def check_fp8_attention(seqs, hq, hk, d, bs, dtype, k_scale=0.02, v_scale=0.1, device=DEVICE, **kw):
+    q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device)
+    scale = d**-0.5
+    what = f"fp8 paged_attention {seqs} hq={hq} hk={hk} d={d} bs={bs} {dtype} {kw}"
+    ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, scale, k_scale=k_scale, v_scale=v_scale)
+    out = T.paged_attention(q, k8, v8, bt, sl, qsl, scale, k_scale=k_scale, v_scale=v_scale, **kw)
+    assert_close(out, ref, dtype, what)
+    exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, scale)  # what a bf16/fp32 cache would give
+    err = rel_err(out, exact)
+    assert err <= FP8_VS_UNQUANTIZED, f"{what}: fp8 vs unquantized rel err {err:.3e}"
+    return err
+
+
+DECODE = [(1, 1), (1, 17), (0, 9), (1, 150), (1, 64)]  # context 1, partial block, idle, several tiles, exact tiles
+MIXED = [(1, 37), (20, 20), (13, 50), (0, 9), (45, 100)]  # decode, prefill, chunks over a cached prefix, idle
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp8_decode(dtype, group, d):
+    check_fp8_attention(DECODE, 2 * group, 2, d, 16, dtype, max_query_len=1, max_seq_len=150)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fp8_prefill_and_cached_prefix(dtype, group, d):
+    check_fp8_attention(MIXED, 2 * group, 2, d, 16 if d == 64 else 32, dtype)
+
+
+def test_fp8_small_tiles_splits_and_unit_scales():
+    """Many KV tiles, several query tiles per sequence, forced split-KV (v_scale goes through the merge)."""
+    cfg = AttnConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+    check_fp8_attention(MIXED, 8, 2, 64, 16, torch.float32, config=cfg, num_splits=3)
+    check_fp8_attention(DECODE, 8, 2, 64, 16, torch.float16, config=cfg, num_splits=2)
+    check_fp8_attention(MIXED, 8, 2, 64, 16, torch.float16, k_scale=1.0, v_scale=1.0)
+
+
+def test_fp8_cache_with_scales_differs_from_ignoring_them():
+    """The scales are applied: reading the same fp8 cache with scale 1.0 gives a different answer."""
+    q, k8, v8, bt, sl, qsl, _, _ = make_fp8_batch(MIXED, 4, 2, 64, 16, torch.float32, 0.02, 0.1)
+    a = T.paged_attention(q, k8, v8, bt, sl, qsl, 0.125, k_scale=0.02, v_scale=0.1)
+    b = T.paged_attention(q, k8, v8, bt, sl, qsl, 0.125)
+    assert rel_err(b, a) > 0.5
+
+
+def test_fp8_bad_inputs():
+    q, k8, v8, bt, sl, qsl, _, _ = make_fp8_batch([(1, 5)], 4, 2, 64, 16, torch.float16, 0.1, 0.1)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        T.paged_attention(q, k8, v8.half(), bt, sl, qsl, 0.1)
+    with pytest.raises(ValueError, match="scales"):
+        T.paged_attention(q, k8, v8, bt, sl, qsl, 0.1, k_scale=-1.0)
+
+
+def test_torch_backend_fp8_matches_triton():
+    """The torch backend (kernels.ops.TORCH_OPS) writes and reads fp8 caches like the Triton ops."""
+    from kernels.ops import TORCH_OPS
+
+    hk, d, bs = 2, 64, 16
+    k = torch.randn(20, hk, d, device=DEVICE)
+    v = torch.randn(20, hk, d, device=DEVICE)
+    slots = torch.arange(20, device=DEVICE)
+    caches = [torch.zeros(3, bs, hk, d, dtype=FP8_DTYPE, device=DEVICE) for _ in range(4)]
+    TORCH_OPS.write_kv_cache(k, v, caches[0], caches[1], slots, 0.03, 0.05)
+    T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.03, 0.05)
+    assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))
+    q = torch.randn(20, 4, d, device=DEVICE)
+    bt = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
+    args = (q, caches[0], caches[1], bt, torch.tensor([20], dtype=torch.int32, device=DEVICE),
+            torch.tensor([0, 20], dtype=torch.int32, device=DEVICE), 0.125)
+    assert_close(T.paged_attention(*args, k_scale=0.03, v_scale=0.05),
+                 TORCH_OPS.paged_attention(*args, k_scale=0.03, v_scale=0.05), torch.float32, "torch vs triton fp8")
+
+
+# ---------------------------------------------------------------- real shapes (GPU tier)
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp8_decode_batch64_ctx4096():
+    seqs = [(1, 4096 - 37 * (i % 5)) for i in range(64)]  # ragged ends: partial last blocks
+    check_fp8_attention(seqs, 32, 8, 128, 16, torch.bfloat16, device="cuda", max_query_len=1, max_seq_len=4096)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("batch,ctx", [(1, 32768), (4, 8192)])
+def test_gpu_fp8_decode_split_kv(batch, ctx):
+    check_fp8_attention([(1, ctx)] * batch, 32, 8, 128, 16, torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("prefix", [0, 2048])
+@pytest.mark.parametrize("d,bs", [(128, 16), (64, 32)])
+def test_gpu_fp8_prefill_2048(prefix, d, bs):
+    check_fp8_attention([(2048, 2048 + prefix)], 32, 8, d, bs, torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp8_mixed_chunked_prefill():
+    seqs = [(512, 3000), (2048, 2048), (1, 777)] + [(1, 4096)] * 30 + [(17, 4113), (0, 5)]
+    check_fp8_attention(seqs, 32, 8, 128, 16, torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp8_write_kv_real_shapes():
+    t, hk, d = 2048, 8, 128
+    kv = torch.randn(t, 2 * hk, d, device="cuda", dtype=torch.bfloat16) * 4
+    k, v = kv[:, :hk], kv[:, hk:]
+    slots = torch.randperm(400 * 16, device="cuda")[:t]
+    caches = [torch.zeros(400, 16, hk, d, device="cuda", dtype=FP8_DTYPE) for _ in range(4)]
+    reference.write_kv_cache(k, v, caches[0], caches[1], slots, 0.02, 0.04)
+    T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.02, 0.04)
+    assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))
