@@ -22,6 +22,7 @@ for stage in "$@"; do case $stage in
   psweep) run psweep 480 python3 bench/kernels.py --prefill-sweep --skip decode small --json "$OUT/psweep.json" ;;
   qwen) run qwen3 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --json "$OUT/qwen3.json" ;;
   llama) run llama8b 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b.json" ;;
+  llamafp8all) run llama8b_fp8all 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/llama8b_fp8all.json" ;;
   llamafp8kv) run llama8b_fp8kv 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --kv-cache-dtype fp8 --json "$OUT/llama8b_fp8kv.json" ;;
   llama256) run llama8b_256 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --max-num-seqs 256 --json "$OUT/llama8b_256.json" ;;
   peer) run llama8b_peer 420 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer-only --json "$OUT/llama8b_peer.json" ;;
