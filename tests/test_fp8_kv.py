@@ -23,7 +23,9 @@ from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize  # noqa: E402
 from kernels.paged_attention import AttnConfig  # noqa: E402
 from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
 
-FP8_VS_UNQUANTIZED = 0.05
+# e4m3 keeps 3 mantissa bits (a relative step of 1/8 near each power of two): measured 4% on the CPU shapes and
+# 5.2% at the H200's b64 x 4k decode shape (2026-12-02); the exactness against the fp8 reference is checked apart.
+FP8_VS_UNQUANTIZED = 0.07
 
 
 def bytes_of(t: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,10 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
 @functools.cache
 def cpu_has_scaled_mm() -> bool:
     """Whether this torch build runs row-wise scaled torch._scaled_mm on the CPU."""
-    a = torch.ones(1, 16, dtype=FP8_DTYPE)
+    # Row-wise scales (one per row of a, one per column of b): some CPU builds take only per-tensor scales.
+    a = torch.ones(2, 16, dtype=FP8_DTYPE)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(1, 1), scale_b=torch.ones(1, 1), out_dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError):
         return False
     return True
