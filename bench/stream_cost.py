@@ -96,8 +96,10 @@ def one_pass(args: argparse.Namespace, interval_ms: int | None) -> dict:
         ids = client.enqueue_many(jobs)
         client.close()
         engine = StubEngine(max_num_seqs=args.seqs, step_s=args.step_ms / 1000, record_times=True)
+        # A tree from before coalescing (to measure "before" with this script) has no stream interval.
+        coalescing = "stream_interval_ms" in WorkerSettings.__dataclass_fields__
         settings = WorkerSettings(redis_url=server.url, name="bench", block_ms=50, max_jobs=args.jobs,
-                                  stream_interval_ms=interval_ms or 0)
+                                  **({"stream_interval_ms": interval_ms or 0} if coalescing else {}))
         worker = Worker(engine, connect(server.url), settings)
         r.config_resetstat()
         cpu0, wall0, proc0 = _redis_cpu(r), time.perf_counter(), time.process_time()
@@ -111,7 +113,7 @@ def one_pass(args: argparse.Namespace, interval_ms: int | None) -> dict:
         calls = {name: c for name, (c, _) in stats.items() if name not in ("config", "info")}
         busy_steps = [n for n in engine.step_sizes if n]
         return {
-            "interval_ms": "none" if interval_ms is None else interval_ms,
+            "interval_ms": "none" if interval_ms is None else interval_ms if coalescing else "before",
             "jobs": args.jobs, "tokens": tokens, "wall_s": round(wall, 2),
             "steps_per_s": round(engine.stats.num_steps / wall, 1),
             "mean_batch": round(statistics.fmean(busy_steps), 1) if busy_steps else 0,
@@ -120,7 +122,7 @@ def one_pass(args: argparse.Namespace, interval_ms: int | None) -> dict:
             "redis_cpu_s_per_m_tokens": round(redis_cpu * per_m, 2),
             "redis_cpu_share": round(redis_cpu / wall, 3),  # of one core, while this worker ran
             "worker_cpu_s_per_m_tokens": round(proc * per_m, 2),
-            "append_calls_per_m_tokens": round(worker.tokens.writes * per_m),
+            "append_calls_per_m_tokens": round(worker.tokens.writes * per_m) if coalescing else None,
             "stream_entries_per_m_tokens": round(entries * per_m),
             "token_latency_ms_p50": _pct(every, 0.5), "token_latency_ms_p99": _pct(every, 0.99),
             "token_latency_ms_max": round(max(every), 1) if every else None,
