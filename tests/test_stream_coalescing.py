@@ -214,3 +214,20 @@ def test_restart_and_replays_still_equal_the_result_with_coalescing(redis_server
     history.tailed(rid, events)
     assert any(e.type == "restart" for e in events)
     assert check(history, r, KEYS) == []
+
+
+def test_token_event_fields_round_trip_and_strict_decoding():
+    fields = TokenEvent.delta_fields(1, " upon a", [2, 3], finish_reason="length")
+    assert fields == TokenEvent.delta(1, " upon a", [2, 3], finish_reason="length").to_fields()  # same bytes
+    ev = TokenEvent.from_fields({k.encode(): v for k, v in fields.items()}, b"5-0")
+    assert (ev.index, ev.text, ev.token_ids, ev.finish_reason, ev.entry_id) == (1, " upon a", [2, 3], "length", "5-0")
+    # Only the keys of the entry's own type count; a restart without a reason gets "".
+    done = TokenEvent.from_fields({"type": "done", "data": '{"status": "completed", "text": "stray"}'})
+    assert done.status == "completed" and done.text == ""
+    assert TokenEvent.from_fields({"type": "restart", "data": "{}"}).reason == ""
+    for bad in ('{"index": "0", "text": "a"}', '{"text": 5}', '{"token_ids": [1.5]}', '[1]',
+                '{"finish_reason": "bogus"}'):
+        with pytest.raises(ValueError):
+            TokenEvent.from_fields({"type": "delta", "data": bad})
+    with pytest.raises(ValueError):
+        TokenEvent.from_fields({"type": "done", "data": "{}"})  # a done needs its status
