@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
-# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured serve serveinterval diag)
+# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured serve serveinterval streamcost diag)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -34,9 +34,10 @@ for stage in "$@"; do case $stage in
     done ;;
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
          run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
-  serveinterval) n=0; for iv in 0 50 0 50; do  # issue 15: streamed through spool serve, stream interval 0 (every step) vs 50 ms, alternated
+  serveinterval) n=0; for iv in 0 100; do  # issue 15: streamed through spool serve, stream interval 0 (every step) vs 100 ms (the default)
       run serve_stream_iv${iv}_$((++n)) 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --stream-interval-ms $iv --json "$OUT/serve_stream_iv${iv}_$n.json"
     done ;;
+  streamcost) run stream_cost 420 python3 bench/stream_cost.py --json "$OUT/stream_cost.json" ;;  # CPU only: on the device host's idle cores
   diag) run diag 300 python3 bench/diag_logits.py ;;
   *) echo "unknown stage $stage" ;;
 esac; done
