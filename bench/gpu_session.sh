@@ -46,6 +46,10 @@ for stage in "$@"; do case $stage in
            run cli_gpus0_$i 420 python3 bench/worker_cli.py $W --worker-args "--gpus 0" --json "$OUT/cli_gpus0_$i.json"
          done
          run cli_cuda0 420 python3 bench/worker_cli.py $W --device cuda:0 --json "$OUT/cli_cuda0.json" ;;
+  serveinterval) n=0; for iv in 0 100; do  # issue 15: streamed through spool serve, stream interval 0 (every step) vs 100 ms (the default)
+      run serve_stream_iv${iv}_$((++n)) 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --stream-interval-ms $iv --json "$OUT/serve_stream_iv${iv}_$n.json"
+    done ;;
+  streamcost) run stream_cost 420 python3 bench/stream_cost.py --json "$OUT/stream_cost.json" ;;  # CPU only: on the device host's idle cores
   diag) run diag 300 python3 bench/diag_logits.py ;;
   fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py

@@ -39,9 +39,9 @@ STUB_MODEL = "stub-model"
 
 
 # -- the stub worker --------------------------------------------------------------------------------
-def serve_stub(url: str, tokens: int = 1) -> None:
-    """Answer every job at once, written as a worker writes it (`tokens` one-token deltas first for a streamed
-    job, in one round trip); heartbeat."""
+def serve_stub(url: str, tokens: int = 1, per_entry: int = 1) -> None:
+    """Answer every job at once, written as a worker writes it (`tokens` tokens as deltas of `per_entry`
+    tokens each first for a streamed job, as a coalescing worker writes them, in one round trip); heartbeat."""
     import orjson
     import redis
 
@@ -74,8 +74,9 @@ def serve_stub(url: str, tokens: int = 1) -> None:
                                                                           finish_reason="length")],
                              usage=Usage(prompt_tokens=4, completion_tokens=tokens))
                 res.timings.enqueued = res.timings.started = res.timings.first_token = res.timings.finished = now
-                for _ in range(tokens if job.get("stream") else 0):
-                    pipe.xadd(k.tokens(rid), TokenEvent.delta(0, " x", [7]).to_fields())
+                for first in range(0, tokens if job.get("stream") else 0, per_entry):
+                    n = min(per_entry, tokens - first)
+                    pipe.xadd(k.tokens(rid), TokenEvent.delta_fields(0, " x" * n, [7] * n))
                 pipe.set(k.result(rid), res.to_json(), ex=3600)
                 pipe.xadd(k.tokens(rid), TokenEvent.done("completed", "length").to_fields())
                 pipe.expire(k.tokens(rid), 60)
@@ -169,7 +170,7 @@ def run_stub(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="spool-serve-load-"))
     redis_server = RedisServer(tmp / "redis").start()
     stub = subprocess.Popen([sys.executable, __file__, "--serve-stub", redis_server.url, "--stub-tokens",
-                             str(args.stub_tokens)], cwd=ROOT)
+                             str(args.stub_tokens), "--stub-entry-tokens", str(args.stub_entry_tokens)], cwd=ROOT)
     gateway = GatewayProcess(redis_server.url, tmp, "--workers", str(args.gateway_workers), api_key=None).start()
     rows = []
     try:
@@ -196,7 +197,7 @@ def run_stub(args: argparse.Namespace) -> dict:
         stub.wait()
         redis_server.stop()
     return {"mode": "stub", "cpus": os.cpu_count(), "gateway_workers": args.gateway_workers,
-            "stub_tokens": args.stub_tokens, "rows": rows}
+            "stub_tokens": args.stub_tokens, "stub_entry_tokens": args.stub_entry_tokens, "rows": rows}
 
 
 # -- the GPU run ------------------------------------------------------------------------------------
@@ -297,8 +298,9 @@ def run_gpu(args: argparse.Namespace) -> dict:
             "output_lens": wl.output_lens}
     spec_path, result_path = tmp / "spec.json", tmp / "client.json"
     spec_path.write_text(json.dumps(spec))
+    interval = {} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}
     worker = Worker(eng, connect(redis_server.url), WorkerSettings(redis_url=redis_server.url, name="bench",
-                                                                   block_ms=50))
+                                                                   block_ms=50, **interval))
     client_rc: list[int] = []
 
     def client_then_stop() -> None:
@@ -323,7 +325,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     return {
         "mode": "gpu", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": str(args.model or args.shape), "api": args.api, "stream": args.stream,
-        "gateway_workers": args.gateway_workers, "requests": len(wl.prompts), "failures": res["failures"][:5],
+        "gateway_workers": args.gateway_workers, "stream_interval_ms": worker.settings.stream_interval_ms,
+        "requests": len(wl.prompts), "failures": res["failures"][:5],
         "output_tokens": out_tokens, "http_output_tokens": res["output_tokens"],
         "offline_output_tok_per_s": round(out_tokens / offline_s, 1),
         "http_output_tok_per_s": round(res["output_tokens"] / res["wall_s"], 1),
@@ -343,12 +346,16 @@ def main() -> int:
     mode.add_argument("--client", nargs=3, metavar=("BASE_URL", "SPEC", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--requests", type=int, default=2000, help="--stub: requests per pass")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="--stub: in flight")
-    p.add_argument("--stub-tokens", type=int, default=1, help="--stub: deltas per streamed job (chunks per stream)")
+    p.add_argument("--stub-tokens", type=int, default=1, help="--stub: tokens per streamed job")
+    p.add_argument("--stub-entry-tokens", type=int, default=1,
+                   help="--stub: tokens per stream entry (chunk), as a worker coalescing its stream writes")
     p.add_argument("--gateway-workers", type=int, default=0,
                    help="spool serve --workers (default: 1 with --stub, to measure one process; 4 on the GPU)")
     p.add_argument("--api", choices=("completions", "chat"), default="completions")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="GPU: streamed requests (TTFT as clients see it); default on")
+    p.add_argument("--stream-interval-ms", type=int, default=None,
+                   help="GPU: the worker's stream interval (default: the worker's default)")
     p.add_argument("--json", type=Path)
     if "--stub" not in sys.argv and "--serve-stub" not in sys.argv and "--client" not in sys.argv:
         from bench.workload import add_engine_flags, add_workload_flags
@@ -358,7 +365,7 @@ def main() -> int:
     args = p.parse_args()
     args.gateway_workers = args.gateway_workers or (1 if args.stub else 4)
     if args.serve_stub:
-        serve_stub(args.serve_stub, args.stub_tokens)
+        serve_stub(args.serve_stub, args.stub_tokens, args.stub_entry_tokens)
         return 0
     if args.client:
         base_url, spec, out = args.client

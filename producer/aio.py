@@ -32,6 +32,13 @@ class AsyncClient(ops.ClientBase):
         async for event in self._drive(ops.stream_steps(self.ctx, id, timeout, last_id), []):
             yield event
 
+    async def stream_batches(self, id: str, timeout: float | None = None,
+                             last_id: str = "0-0") -> AsyncIterator[list[TokenEvent]]:
+        """stream(), one list per Redis read (the done event ends the last one); an empty list after each
+        `block_ms` of silence."""
+        async for events in self._drive(ops.stream_steps(self.ctx, id, timeout, last_id, batches=True), []):
+            yield events  # type: ignore[misc]
+
     async def cancel(self, id: str) -> None:
         """Ask workers to stop `id` (queued or running); its result will say 'cancelled'."""
         await self._run(ops.cancel_steps(self.ctx, id))

@@ -203,8 +203,12 @@ def result_steps(ctx: Context, id: str, timeout: float | None) -> Steps:
     return Result.from_json(raw)
 
 
-def stream_steps(ctx: Context, id: str, timeout: float | None, last_id: str | bytes) -> Steps:
-    """Yield the TokenEvents of `id` after `last_id` until the done event (restart events included)."""
+def stream_steps(ctx: Context, id: str, timeout: float | None, last_id: str | bytes, batches: bool = False) -> Steps:
+    """Yield the TokenEvents of `id` after `last_id` until the done event (restart events included).
+
+    batches: yield each read's events as one list instead, and an empty list after a read that found nothing
+    (every `block_ms` of silence), so a caller can write them at once and knows when the stream is quiet.
+    """
     deadline = _deadline(timeout)
     rkey, tkey = ctx.keys.result(id), ctx.keys.tokens(id)
     last = last_id.decode() if isinstance(last_id, bytes) else str(last_id)
@@ -219,14 +223,23 @@ def stream_steps(ctx: Context, id: str, timeout: float | None, last_id: str | by
                                            transaction=True)
             if not entries and raw is not None:
                 res = Result.from_json(raw)
-                yield TokenEvent.done(res.status, res.finish_reason)
+                done = TokenEvent.done(res.status, res.finish_reason)
+                yield [done] if batches else done
                 return
+        events = []
         for entry_id, fields in entries:
             event = TokenEvent.from_fields(fields, entry_id)
             last = event.entry_id  # type: ignore[assignment]
-            yield event
+            events.append(event)
             if event.finished:
-                return
+                break
+        if batches:
+            yield events
+        else:
+            for event in events:
+                yield event
+        if events and events[-1].finished:
+            return
 
 
 def cancel_steps(ctx: Context, id: str) -> Steps:

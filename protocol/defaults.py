@@ -23,10 +23,10 @@ class Defaults:
     """TTLs, stream caps and client timings shared by producers and workers."""
 
     result_ttl_s: int = 86_400  # a day: long enough for nightly batches to be collected the next morning
-    tokens_ttl_s: int = 3_600  # a live stream's TTL while its job runs (refreshed by every event)
+    tokens_ttl_s: int = 3_600  # a live stream's TTL while its job runs (refreshed every min(10 s, TTL/4))
     stream_done_ttl_s: int = 300  # a streamed job's token stream after `done`: late tailers, then gone
     done_marker_ttl_s: int = 10  # a non-streamed job's stream holds only `done`: it wakes waiters, no more
-    tokens_maxlen: int = 10_000  # approximate MAXLEN of a token stream (deltas are coalesced per step)
+    tokens_maxlen: int = 10_000  # approximate MAXLEN of a token stream (deltas are coalesced per stream interval)
     status_ttl_s: int = 86_400  # a queued job may wait behind a whole bulk batch
     cancel_ttl_s: int = 86_400  # must outlive the wait in the queue, or a queued job escapes its cancel
     cancels_maxlen: int = 10_000  # the cancels stream is a wake-up signal; the key is the source of truth

@@ -206,18 +206,38 @@ class TokenEvent(_Output):
 
     def to_fields(self) -> dict[str, bytes]:
         """Stream entry fields: {'type': ..., 'data': JSON} (null values left out)."""
-        # Built by hand, not via the data models: the worker calls this for every delta of every step.
         data = {k: v for k in _EVENT_KEYS[self.type] if (v := getattr(self, k)) is not None}
         return {"type": self.type.encode(), "data": orjson.dumps(data, default=_dump_model)}
 
+    @staticmethod
+    def delta_fields(index: int, text: str, token_ids: list[int], logprobs: list[PositionLogprobs] | None = None,
+                     finish_reason: FinishReason | None = None) -> dict[str, bytes]:
+        """The fields of a delta entry, as `TokenEvent.delta(...).to_fields()` writes them, built without a model.
+
+        The worker writes one per request per stream interval from values it made itself: no validation needed.
+        """
+        data: dict[str, Any] = {"index": index, "text": text, "token_ids": token_ids}
+        if finish_reason is not None:
+            data["finish_reason"] = finish_reason
+        if logprobs is not None:
+            data["logprobs"] = logprobs
+        return {"type": b"delta", "data": orjson.dumps(data, default=_dump_model)}
+
     @classmethod
     def from_fields(cls, fields: Mapping[Any, Any], entry_id: str | bytes | None = None) -> TokenEvent:
-        """Decode stream entry fields (bytes or str keys)."""
+        """Decode stream entry fields (bytes or str keys); one validation, against this model."""
         kind = entry_field(fields, "type")
         kind = kind.decode() if isinstance(kind, bytes) else kind
-        if kind not in EVENT_DATA:
+        keys = _EVENT_KEYS.get(kind)  # type: ignore[arg-type]
+        if keys is None:
             raise ValueError(f"unknown token event type {kind!r}")
         raw = entry_field(fields, "data")
-        data = EVENT_DATA[kind].model_validate(orjson.loads(raw) if raw is not None else {})
+        data = orjson.loads(raw) if raw is not None else {}
+        if not isinstance(data, dict):
+            raise ValueError(f"token event data must be a JSON object, got {type(data).__name__}")
+        # Only the keys of this type's data model (a newer worker's extra keys are ignored, as the models do).
+        values = {k: data[k] for k in keys if k in data}
+        if kind == "restart" and values.get("reason") is None:
+            values["reason"] = ""  # RestartData's default
         eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        return cls(type=kind, entry_id=eid, **data.model_dump())
+        return cls.model_validate({"type": kind, "entry_id": eid, **values})

@@ -8,10 +8,12 @@ one atomic step, whether its write is new:
   nothing (a resend is idempotent); another document under a live or finished id is `duplicate_id`.
 - ADMIT: the worker's check before it runs an entry: the same digest rule for raw XADD producers (the first
   run claims the id), plus whether the job is final or cancelled, and its quarantine record.
-- APPEND: a token event carries its run and its position (seq) in that run. An event at or below the
-  stream's last position of the same run was applied already; an event of another run than the one that
-  owns the stream is dropped (only a `restart`, which takes the stream over, may change owner); nothing is
-  appended once a final result exists, so nothing ever follows `done`.
+- APPEND: one write of a run's token events (a request's coalesced deltas: one entry per choice), each
+  carrying its run and its position (seq) in that run. Events at or below the stream's last position of the
+  same run were applied already; events of another run than the one that owns the stream are dropped
+  (only a `restart`, which takes the stream over, may change owner); nothing is appended once a final
+  result exists, so nothing ever follows `done`. The stream's TTL is set when the worker asks (a few times
+  a minute, not per write) and whenever a write creates the stream.
 - FINALIZE: the first final result wins (SET NX); only the winner appends `done`, clears the status and
   the quarantine record and keeps the id's digest as long as the result. If the token stream does not end
   with the winner's own last event (another run owned it, or deltas were shed while Redis was away), the
@@ -105,9 +107,12 @@ local q = redis.call('HMGET', KEYS[4], 'runner', 'deaths', 'died_on')
 return {same, has_result, redis.call('EXISTS', KEYS[3]), q[1], tonumber(q[2]) or 0, q[3]}
 """)
 
-# KEYS: result, tokens. ARGV: run, seq, tokens MAXLEN, tokens TTL, takeover (1 for a restart), fields...
-# Returns 1 when appended, 0 when the event was applied already, belongs to a run that lost the stream,
-# or the request is final.
+# KEYS: result, tokens. ARGV: run, seq of the first event, tokens MAXLEN, tokens TTL, takeover (1 for a
+# restart), refresh (1: set the TTL now), then each event as its type and data JSON.
+# Returns 1 when appended, 0 when the events were applied already, belong to a run that lost the stream, or
+# the request is final. The TTL is set by a write that asks for it (the worker does, on a run's first write
+# and then every few seconds, never per write) and by every write that creates the stream, so the key
+# expires even if its worker dies mid-stream or the stream expired and is written again.
 APPEND = Script("append", 2, _LAST_EVENT + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local run, seq = last_event(KEYS[2])
@@ -116,8 +121,14 @@ if run == ARGV[1] then
 elseif run ~= nil and ARGV[5] ~= '1' then
   return 0
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[1], 'seq', ARGV[2], unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+local fresh = run == nil  -- no entry of any run: the stream is new (or holds no run's entry): set its TTL
+seq = tonumber(ARGV[2])
+for i = 7, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[1], 'seq', seq, 'type', ARGV[i],
+             'data', ARGV[i + 1])
+  seq = seq + 1
+end
+if ARGV[6] == '1' or fresh then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 return 1
 """)
 

@@ -12,7 +12,7 @@ from worker.settings import WorkerSettings
 @contextmanager
 def running_worker(engine, url: str, **settings):
     """Start a worker thread on `engine`; on exit stop it gracefully and join it."""
-    s = WorkerSettings(redis_url=url, block_ms=100, heartbeat_s=0.5, **settings)
+    s = WorkerSettings(**{"redis_url": url, "block_ms": 100, "heartbeat_s": 0.5, **settings})
     w = Worker(engine, connect(url, fail_fast=True), s)
     t = threading.Thread(target=w.run, name=f"worker-{s.name}", daemon=True)
     t.start()

@@ -52,17 +52,12 @@ class InFlight:
     tool_mode: str | None = None  # worker.chat: how the output becomes tool calls (None: it does not)
     tool_parser: str | None = None  # worker.tool_calls parser for tool_mode "auto"
     run: str = field(default_factory=new_run)  # names this run's token events (protocol.scripts.APPEND)
-    seq: int = -1  # position of the last token event this run wrote
+    seq: int = -1  # position of the last token event this run wrote (worker.tokens advances it)
     stream_gap: bool = False  # some of its deltas were shed while Redis was away: the final write replays
 
     def mark_stream_gap(self) -> None:
         """One of this run's deltas was dropped: its stream no longer equals its output."""
         self.stream_gap = True
-
-    def next_seq(self) -> int:
-        """Position of this run's next token event."""
-        self.seq += 1
-        return self.seq
 
     def __post_init__(self) -> None:
         if not self.choices:

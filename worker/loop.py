@@ -20,7 +20,7 @@ import orjson
 import redis
 
 from engine import LLMEngine
-from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, validate_id
+from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, validate_id
 from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
@@ -57,7 +57,7 @@ class Worker:
         self.outbox = Outbox(redis_client, backoff=CountingBackoff(cap_s=min(5.0, lease_s)))
         self.finisher = ObservedFinisher(self.outbox, self.keys, self.defaults, settings.name,
                                          self.limits.max_job_bytes)
-        self.tokens = TokenStreamWriter(self.outbox, self.keys, self.defaults)
+        self.tokens = TokenStreamWriter(self.outbox, self.keys, self.defaults, settings.stream_interval_ms)
         self.gate = CountingBackoff(cap_s=min(2.0, lease_s))  # reads: paused together while Redis does not answer
         self.inflight = InFlightTable(engine.abort)
         self.leases = Leases(redis_client, self.keys, settings, self.inflight, self.gate, self.capacity, self.outbox)
@@ -360,11 +360,15 @@ class Worker:
             inf.apply(delta)
             if inf.job.stream and not inf.superseded and (delta.new_text or delta.new_token_ids):
                 lps = wire_logprobs(delta.new_logprobs) if delta.new_logprobs and inf.job.logprobs is not None else None
-                self.tokens.delta(inf, TokenEvent.delta(delta.index, delta.new_text, delta.new_token_ids, logprobs=lps))
+                self.tokens.delta(inf, delta.index, delta.new_text, delta.new_token_ids, lps)
             if delta.finished and inf.finished:  # only a finishing delta can complete the request
                 self.inflight.remove(inf.id)
-                if not inf.superseded:
+                if inf.superseded:
+                    self.tokens.forget(inf.id)
+                else:
+                    self.tokens.finish(inf)  # its last deltas go ahead of the result, in the same transaction
                     self.finisher.complete(inf)
+        self.tokens.flush()  # coalesced deltas whose stream interval has passed (the first ones at once)
 
     # -- control ----------------------------------------------------------------------------------
     def _init_cancels_cursor(self) -> None:

@@ -28,6 +28,7 @@ class WorkerSettings:
     max_quarantine_deaths: int = 2  # deaths of workers while a suspect ran alone that make it a poison job
     tool_call_parser: str = "auto"  # auto (from the chat template) | hermes | llama3_json
     heartbeat_s: float = 2.0
+    stream_interval_ms: int = 100  # a streamed job's deltas are written at most this often (0: every step)
     block_ms: int = 1_000  # longest blocking read while idle
     max_jobs: int | None = None  # exit after this many finished jobs (tests, one-shot runs)
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0: any free one); None: off

@@ -39,6 +39,8 @@ _HELP = {
     "tool_call_parser": "how tool calls are read from output: auto (from the chat template) | hermes | llama3_json",
     "max_quarantine_deaths": "dead-letter a job as poison after workers died this often while it ran alone",
     "heartbeat_s": "seconds between heartbeats (what `spool status` and `spool top` show)",
+    "stream_interval_ms": "write a streamed job's tokens at most this often, coalesced (0: every engine step; "
+                          "the first token is written at once)",
     "block_ms": "longest blocking Redis read while idle, in milliseconds",
     "max_jobs": "exit after this many finished jobs",
     "metrics_port": "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: off)",

@@ -49,6 +49,9 @@ def add_commands(sub) -> None:
     m.add_argument("--request-timeout", type=seconds, default=env_text("SPOOL_REQUEST_TIMEOUT_S", "600"),
                    metavar="SECONDS", help="cancel a job not final by then and answer 504 "
                                            "[SPOOL_REQUEST_TIMEOUT_S; default: 600]")
+    m.add_argument("--keepalive", type=float, default=env_text("SPOOL_SSE_KEEPALIVE_S", "15"), metavar="SECONDS",
+                   help="send a streamed response an SSE comment (': ping') after this much silence, so proxies "
+                        "keep it open; 0: never [SPOOL_SSE_KEEPALIVE_S; default: 15]")
     f = p.add_argument_group("files and batches")
     f.add_argument("--files-dir", default=env_text("SPOOL_FILES_DIR"), metavar="DIR",
                    help="where uploaded files and batch outputs live; share it between gateways "
@@ -82,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("port", "workers", "max_file_bytes", "batch_max_in_flight", "retry_after"):
         if getattr(args, name) < (0 if name == "retry_after" else 1):
             raise CliError(f"--{name.replace('_', '-')} must be positive", EXIT_USAGE)
+    if not args.keepalive >= 0:  # NaN too
+        raise CliError("--keepalive must be 0 (never) or more", EXIT_USAGE)
     if args.max_backlog < 0:
         raise CliError("--max-backlog must be 0 (no limit) or more", EXIT_USAGE)
     keys = _keys(args)
@@ -93,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_names=names, files_dir=args.files_dir or "", max_file_bytes=args.max_file_bytes,
         max_backlog=args.max_backlog, retry_after_s=args.retry_after, no_worker_timeout_s=args.no_worker_timeout,
         request_timeout_s=min(args.request_timeout, 1e9),  # inf: JSON has no infinity; 1e9 s is as good
-        batch_max_in_flight=args.batch_max_in_flight, workers=args.workers,
+        keepalive_s=min(args.keepalive, 1e9), batch_max_in_flight=args.batch_max_in_flight, workers=args.workers,
         log_level=args.log_level)
     if not keys:
         say(f"no API key configured: anyone who can reach {args.host}:{args.port} can use the API "
