@@ -37,6 +37,10 @@ _HELP = {
     "max_quarantine_deaths": "dead-letter a job as poison after workers died this often while it ran alone",
     "heartbeat_s": "seconds between heartbeats (what `spool status` and `spool top` show)",
     "block_ms": "longest blocking Redis read while idle, in milliseconds",
+    "redis_timeout_s": "seconds to wait for a Redis reply (beyond --block-ms) before the connection counts as "
+                       "dead and is replaced; keep it well under --claim-idle-ms",
+    "step_timeout_s": "an engine step running longer than this means a hung device: the worker exits (code 8) "
+                      "and its jobs are reclaimed elsewhere; 0 turns the watchdog off",
     "max_jobs": "exit after this many finished jobs",
     "metrics_port": "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: off)",
     "metrics_host": "address the metrics server binds to",
