@@ -30,7 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
-import statistics
+import signal
 import sys
 import tempfile
 import threading
@@ -326,6 +326,7 @@ def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bo
     """One point: K simulated workers, every job streaming or none; warm-up, then a measured window."""
     from producer import Client
     from protocol import Keys
+    from spool_testing.chaos import count_results
 
     keys = Keys()
     nodes = redis_nodes(url)
@@ -342,7 +343,8 @@ def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bo
             threads.append(threading.Thread(target=w.run, daemon=True))
             threads[-1].start()
         else:
-            p = ctx.Process(target=_serve, args=(url, name, args.seqs, args.steps_per_s, args.stream_interval_ms))
+            p = ctx.Process(target=_serve, args=(url, name, args.seqs, args.steps_per_s, args.stream_interval_ms),
+                            daemon=True)
             p.start()
             procs.append(p)
     producer = ClosedLoopProducer(client, k * args.seqs, stream, args.output_tokens)
@@ -357,8 +359,11 @@ def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bo
         time.sleep(args.window_s)
         cpu1, cmd1, hb1, t1 = _cpu(nodes), _command_calls(nodes), _heartbeats(client.redis, keys), time.monotonic()
         window_ids = producer.sent[first_id:]
-        # The window's jobs need a job's length to finish: keep the load on until most have their results.
-        time.sleep(args.output_tokens / args.steps_per_s + 2.0)
+        # The window's jobs need a job's length to finish: keep the load on until most have their results
+        # (workers slower than their target, on a small machine, take longer).
+        give_up = time.monotonic() + max(60.0, 3 * args.output_tokens / args.steps_per_s)
+        while time.monotonic() < give_up and count_results(client.redis, keys, window_ids) < 0.9 * len(window_ids):
+            time.sleep(0.5)
     finally:
         producer.stop.set()
         producer.thread.join(5)
@@ -420,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop raising K once the Redis core is this busy (default 0.9)")
     p.add_argument("--json", default=None, help="write all points here")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the workers and the private Redis too
     server = None
     url = args.cluster_url or args.redis_url
     if url is None:
