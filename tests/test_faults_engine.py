@@ -109,3 +109,37 @@ def test_device_errors_are_told_from_step_errors():
     assert is_device_fatal(RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error"))
     assert not is_device_fatal(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_device_fatal(ValueError("token id 99999 is outside the vocabulary"))
+
+
+def test_a_collect_that_fails_half_way_loses_no_job_and_no_kv_block(tiny_llama, redis_server):
+    """In-process (the real worker loop, tests/worker_harness.py): the detokenizing part of collect() raises
+    for one request after other sequences of the step got their tokens; every job still ends exactly once, the
+    engine frees every block, and the worker serves on."""
+    from engine import LLMEngine
+    from tests.worker_harness import running_worker
+
+    client, history = Client(redis_server.url), History()
+    engine = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=8)
+    on_token = engine._on_token
+    failures = []
+
+    def on_token_or_fail(seq, logprobs, ranks):
+        if seq.request_id == "half0" and seq.num_output_tokens >= 5 and not failures:
+            failures.append(seq.request_id)
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected: a detokenizer that chokes")
+        return on_token(seq, logprobs, ranks)
+
+    engine._on_token = on_token_or_fail  # the engine calls self._on_token: this instance's fault only
+    with running_worker(engine, redis_server.url, name="half") as w:
+        ids = _enqueue(client, history, "half", 6)
+        wait_for(lambda: count_results(client.redis, KEYS, ids) == len(ids), 60, what="all results")
+        codes = _codes(client, ids)
+        assert codes["half0"] == "engine_error" and set(codes.values()) <= {"completed", "engine_error"}, codes
+        later = _enqueue(client, history, "next", 4)
+        wait_for(lambda: count_results(client.redis, KEYS, later) == len(later), 60, what="later results")
+        assert set(_codes(client, later).values()) == {"completed"}
+        wait_for(lambda: not w.inflight and not engine.has_unfinished_requests(), 10, what="idle")
+    assert failures == ["half0"]
+    assert engine.block_manager.num_used_blocks == 0  # the failed step's sequences gave their KV back
+    problems = check(history, client.redis, KEYS)
+    assert not problems, summary(problems)

@@ -63,7 +63,7 @@ class StepFailure:
 
     fatal: bool  # a device error: leave now, jobs stay pending
     deltas: list  # final deltas the recovery collected (publish them as usual)
-    finished: list[InFlight]  # jobs whose final delta the failed step lost: complete them directly
+    finished: list[InFlight]  # jobs the failed step ended: write their results now (unless superseded)
 
 
 def recover(engine: LLMEngine, inflight: InFlightTable, error: BaseException,
@@ -81,25 +81,34 @@ def recover(engine: LLMEngine, inflight: InFlightTable, error: BaseException,
     else:  # launch() raised after schedule(): every running sequence may have been scheduled (and advanced)
         touched = {seq.request_id for seq in engine.scheduler.running}
     message = f"the engine step computing this job failed: {describe(error)}"
-    for rid in touched:
-        # Aborting frees the blocks whose KV the failed step never wrote; the final delta follows.
-        inflight.end_early(rid, "failed", ENGINE_ERROR, message)
-        if rid not in inflight:
-            engine.abort(rid)  # not a job of ours (superseded and gone, or never tracked): still free it
-    deltas = engine.collect(StepInFlight(SchedulerOutput(), PendingStep([], None))) if step is None else []
-    # A collect() that raised may have lost final deltas (aborts queued during the step, or sequences it had
-    # already finished): their jobs would wait for ever. The engine no longer holds them as running.
     finished = []
+    for rid in touched:
+        inf = inflight.get(rid)
+        if inf is None:
+            engine.abort(rid)  # not a job of ours (superseded and gone): still free its blocks
+            continue
+        # Aborting frees the blocks whose KV the failed step never wrote. The job ends here, not when its
+        # abort delta comes: a collect() that raised half-way may have finished a sequence without its delta.
+        inflight.end_early(rid, "failed", ENGINE_ERROR, message)
+        finished.append(_close(inflight, inf))
+    deltas = engine.collect(StepInFlight(SchedulerOutput(), PendingStep([], None))) if step is None else []
+    # A collect() that raised took the final deltas queued during the step with it (cancels, requests failed
+    # before they ran): their jobs would wait for ever. The engine no longer holds them as running.
     for inf in inflight.values():
         output = engine.get_request_output(inf.id)
         if output is not None and not output.finished:
             continue
-        if inf.finished or any(d.request_id == inf.id and d.finished for d in deltas):
+        if any(d.request_id == inf.id and d.finished for d in deltas):
             continue
         inflight.end_early(inf.id, "failed", ENGINE_ERROR, message)
-        for choice in inf.choices:
-            if choice.finish_reason is None:
-                choice.finish_reason = "error"
-        inflight.remove(inf.id)
-        finished.append(inf)
+        finished.append(_close(inflight, inf))
     return StepFailure(False, deltas, finished)
+
+
+def _close(inflight: InFlightTable, inf: InFlight) -> InFlight:
+    """Take a job the failed step ended out of the table, every choice finished (its result is written now)."""
+    for choice in inf.choices:
+        if choice.finish_reason is None:
+            choice.finish_reason = "error"
+    inflight.remove(inf.id)
+    return inf
