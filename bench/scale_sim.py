@@ -290,9 +290,9 @@ class ClosedLoopProducer:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        jobs_key = self.client.keys.jobs()
+        streams = self.client.keys.all_jobs  # every priority (and every shard, where streams are sharded)
         while not self.stop.is_set():
-            missing = self.outstanding - self.client.redis.xlen(jobs_key)
+            missing = self.outstanding - sum(self.client.redis.xlen(s) for s in streams)
             if missing > 0:
                 batch = [{"id": f"sim-{self._n + i}", "prompt": "simulated prompt of a few words",
                           "max_tokens": self.max_tokens, "ignore_eos": True, "stream": self.stream}
