@@ -227,6 +227,43 @@ def _serve(url: str, name: str, seqs: int, steps_per_s: float, stream_interval_m
     sys.exit(w.run())
 
 
+# -- tailers: clients reading every streamed job's token stream -----------------------------------
+def _tail(url: str, ids, events) -> None:
+    """Read the token stream of every id that arrives on `ids` to its done event (AsyncClient.stream, one task
+    per job, as a gateway streaming SSE does); adds the events read to `events`."""
+    import asyncio
+    import queue
+
+    from producer import AsyncClient
+
+    async def one(client, rid: str) -> None:
+        n = 0
+        try:
+            async for _ in client.stream(rid, timeout=300):
+                n += 1
+        except Exception:  # noqa: BLE001 - the run is being torn down
+            return
+        with events.get_lock():
+            events.value += n
+
+    async def run() -> None:
+        client = AsyncClient(url)
+        tasks = set()
+        while True:
+            try:
+                rid = ids.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(0.01)
+                continue
+            if rid is None:
+                break
+            task = asyncio.ensure_future(one(client, rid))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    asyncio.run(run())
+
+
 # -- the driver ----------------------------------------------------------------------------------
 def redis_nodes(url: str) -> list[redis.Redis]:
     """Clients of every master behind `url`: itself, or each primary of a Redis Cluster."""
@@ -282,8 +319,9 @@ def _command_calls(nodes: list[redis.Redis]) -> dict[str, int]:
 class ClosedLoopProducer:
     """Keeps `outstanding` jobs in the jobs stream (backlog plus in flight): one enqueued per one finished."""
 
-    def __init__(self, client, outstanding: int, stream: bool, max_tokens: int):
+    def __init__(self, client, outstanding: int, stream: bool, max_tokens: int, tail_queues: list | None = None):
         self.client, self.outstanding, self.stream, self.max_tokens = client, outstanding, stream, max_tokens
+        self.tail_queues = tail_queues or []  # each new id goes to one tailer process, round robin
         self.sent: list[str] = []
         self.stop = threading.Event()
         self._n = 0
@@ -297,8 +335,12 @@ class ClosedLoopProducer:
                 batch = [{"id": f"sim-{self._n + i}", "prompt": "simulated prompt of a few words",
                           "max_tokens": self.max_tokens, "ignore_eos": True, "stream": self.stream}
                          for i in range(missing)]
+                ids = self.client.enqueue_many(batch)
+                for n, rid in enumerate(ids):
+                    if self.tail_queues:
+                        self.tail_queues[(self._n + n) % len(self.tail_queues)].put(rid)
                 self._n += missing
-                self.sent.extend(self.client.enqueue_many(batch))
+                self.sent.extend(ids)
             time.sleep(0.02)
 
 
@@ -347,7 +389,14 @@ def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bo
                             daemon=True)
             p.start()
             procs.append(p)
-    producer = ClosedLoopProducer(client, k * args.seqs, stream, args.output_tokens)
+    tailers, tail_queues, tail_events = [], [], ctx.Value("q", 0)
+    if stream and getattr(args, "tail", False):
+        for _ in range(k):  # one tailer process per worker's worth of streams
+            q = ctx.Queue()
+            tail_queues.append(q)
+            tailers.append(ctx.Process(target=_tail, args=(url, q, tail_events), daemon=True))
+            tailers[-1].start()
+    producer = ClosedLoopProducer(client, k * args.seqs, stream, args.output_tokens, tail_queues)
     producer.thread.start()
     try:
         end = time.monotonic() + 60
@@ -367,12 +416,12 @@ def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bo
     finally:
         producer.stop.set()
         producer.thread.join(5)
-        for p in procs:
+        for p in procs + tailers:
             p.terminate()
         for w in inline_workers:
             w.request_stop()
             w.request_stop()
-        for p in procs:
+        for p in procs + tailers:
             p.join(10)
         for t in threads:
             t.join(10)
@@ -386,7 +435,7 @@ def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bo
     per_token = cpu / tokens if tokens else None
     one_worker_tok_s = args.seqs * args.steps_per_s
     return {
-        "workers": k, "streaming": stream, "window_s": round(wall, 2), "tokens": tokens,
+        "workers": k, "streaming": stream, "tailed": bool(tailers), "window_s": round(wall, 2), "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1), "target_tokens_per_s": round(target, 1),
         "reached": round(tokens / wall / target, 3),
         "redis_cpu_s": round(cpu, 3), "redis_core_utilization": round(cpu / wall, 3),
@@ -415,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="tokens per job (default 256)")
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--window-s", type=float, default=20.0, help="measured seconds per point (default 20)")
+    p.add_argument("--tail", action="store_true",
+                   help="streaming runs: also read every job's token stream to its end (one tailer process per "
+                        "worker, AsyncClient.stream), so the Redis cost includes the readers")
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="the workers' stream_interval_ms (only once the worker has that setting)")
     p.add_argument("--redis-url", default=None, help="an existing single Redis (FLUSHALLed); default: a private one")
@@ -447,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
            "redis": "cluster" if args.cluster_url else "single", "seqs": args.seqs, "steps_per_s": args.steps_per_s,
-           "stream_interval_ms": args.stream_interval_ms, "points": points}
+           "stream_interval_ms": args.stream_interval_ms, "tail": args.tail, "points": points}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
