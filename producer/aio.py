@@ -61,7 +61,10 @@ class AsyncClient(ops.ClientBase):
                 try:
                     reply = await execute_async(self.redis, item.cmds, item.transaction)
                 except redis.exceptions.OutOfMemoryError as e:
-                    raise RedisFullError.from_error(e) from e
+                    full = RedisFullError.from_error(e)
+                    full.__cause__ = e
+                    steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
+                    raise full from e
             else:
                 reply = None
                 yield item

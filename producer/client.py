@@ -63,7 +63,10 @@ class Client(ops.ClientBase):
                 try:
                     reply = execute(self.redis, item.cmds, item.transaction)
                 except redis.exceptions.OutOfMemoryError as e:
-                    raise RedisFullError.from_error(e) from e
+                    full = RedisFullError.from_error(e)
+                    full.__cause__ = e
+                    steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
+                    raise full from e
             else:
                 reply = yield item  # None: a plain iteration sends nothing back
             item = ops.advance(steps, reply)

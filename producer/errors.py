@@ -10,7 +10,10 @@ class RedisFullError(redis.exceptions.OutOfMemoryError):
     Nothing of the refused command was written, and enqueues are idempotent by id: once memory is freed
     (results collected or expired, a larger maxmemory), sending the same jobs again is safe. A subclass of
     redis-py's OutOfMemoryError, so code that already catches that (or ResponseError) keeps working.
+    `enqueued`: from enqueue_many, the ids of the chunks Redis took before it refused one.
     """
+
+    enqueued: list[str] = []
 
     @classmethod
     def from_error(cls, error: redis.exceptions.OutOfMemoryError) -> RedisFullError:

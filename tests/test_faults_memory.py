@@ -35,6 +35,9 @@ def test_full_redis_refuses_enqueues_and_the_worker_holds_its_results_until_memo
             with pytest.raises(RedisFullError, match="out of memory") as refused:
                 client.enqueue("no room", id="refused-1", max_tokens=3)
             assert "\n" not in str(refused.value)
+            with pytest.raises(RedisFullError) as refused_many:
+                client.enqueue_many([{"prompt": "no room either", "max_tokens": 3} for _ in range(3)])
+            assert refused_many.value.enqueued == []  # no chunk went in before the refused one
             cli = subprocess.run([sys.executable, "-m", "spool", "enqueue", "--redis-url", redis_server.url, "no room"],
                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert cli.returncode == 4, cli
