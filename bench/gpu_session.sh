@@ -55,5 +55,6 @@ for stage in "$@"; do case $stage in
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py
     run fp8_accuracy 300 python3 bench/fp8_accuracy.py --shape llama3-8b --prompts 32 --steps 64 --json "$OUT/fp8_accuracy.json"
     run llama8b_fp8 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --json "$OUT/llama8b_fp8.json" ;;
+  scalesim) run scale_sim 580 python3 bench/scale_sim.py --workers 1 2 4 8 12 --window-s 15 --json "$OUT/scale_sim.json" ;;  # CPU only (issue 15): the host's 16 cores let Redis saturate
   *) echo "unknown stage $stage" ;;
 esac; done

@@ -4,7 +4,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
+import redis
+
 from producer import ops
+from producer.errors import RedisFullError
 from protocol import Result, TokenEvent
 from protocol.commands import execute_async
 from protocol.connection import connect_async
@@ -62,7 +65,13 @@ class AsyncClient(ops.ClientBase):
         item = ops.advance(steps, None)
         while not isinstance(item, ops.Finished):
             if isinstance(item, ops.RoundTrip):
-                reply = await execute_async(self.redis, item.cmds, item.transaction)
+                try:
+                    reply = await execute_async(self.redis, item.cmds, item.transaction)
+                except redis.exceptions.OutOfMemoryError as e:
+                    full = RedisFullError.from_error(e)
+                    full.__cause__ = e
+                    steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
+                    raise full from e
             else:
                 reply = None
                 yield item

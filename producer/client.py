@@ -4,7 +4,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import redis
+
 from producer import ops
+from producer.errors import RedisFullError
 from protocol import Result, TokenEvent
 from protocol.commands import execute
 from protocol.connection import connect
@@ -57,7 +60,13 @@ class Client(ops.ClientBase):
         item = ops.advance(steps, None)
         while not isinstance(item, ops.Finished):
             if isinstance(item, ops.RoundTrip):
-                reply = execute(self.redis, item.cmds, item.transaction)
+                try:
+                    reply = execute(self.redis, item.cmds, item.transaction)
+                except redis.exceptions.OutOfMemoryError as e:
+                    full = RedisFullError.from_error(e)
+                    full.__cause__ = e
+                    steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
+                    raise full from e
             else:
                 reply = yield item  # None: a plain iteration sends nothing back
             item = ops.advance(steps, reply)

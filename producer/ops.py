@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from producer.errors import RedisFullError
 from protocol import PROTOCOL_VERSION, JobError, Limits, Result, TokenEvent, parse_job
 from protocol.commands import (
     DUPLICATE_ID, XREAD_COUNT, Cmd, cancel_cmds, cmd, duplicate_id_message, enqueue_cmd, xread_entries,
@@ -130,8 +131,17 @@ def enqueue_many_steps(ctx: Context, jobs: Iterable[Mapping[str, Any]]) -> Steps
 
     On an invalid job, the jobs before it are sent, then JobError is raised with their ids in `.enqueued`.
     On a duplicate_id, the rest of its chunk is sent too and `.enqueued` names every id that was accepted.
+    When Redis is full (RedisFullError, thrown in by the client), `.enqueued` names the chunks sent before.
     """
     sent: list[str] = []
+    try:
+        return (yield from _enqueue_many(ctx, jobs, sent))
+    except RedisFullError as e:
+        e.enqueued = list(sent)
+        raise
+
+
+def _enqueue_many(ctx: Context, jobs: Iterable[Mapping[str, Any]], sent: list[str]) -> Steps:
     pending: list[str] = []
     cmds: list[Cmd] = []
     error: JobError | None = None

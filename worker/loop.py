@@ -34,7 +34,9 @@ from worker.outbox import Outbox
 from worker.placement import placement
 from worker.quarantine import HAND_OVER, POISON, Quarantine
 from worker.settings import WorkerSettings
+from worker.step_errors import EXIT_DEVICE_ERROR, recover
 from worker.tokens import TokenStreamWriter
+from worker.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class Worker:
         self.quarantine = Quarantine(redis_client, self.outbox, self.keys, self.defaults, settings)
         self.stopping = False  # warm stop: read nothing new, finish what runs within the grace period
         self.stop_now = False  # cold stop: leave at once; unfinished jobs stay pending for another worker
+        self.exit_code = 0  # EXIT_DEVICE_ERROR after a device error (worker.step_errors)
+        self.watchdog = StepWatchdog(settings.step_timeout_s)  # a hung step ends the process (worker.watchdog)
         self._ready: list = []  # the last collected step's deltas, published during the next step
         self.started = time.time()
         self._next_heartbeat = 0.0
@@ -126,6 +130,7 @@ class Worker:
             self._close_metrics()
             return 0
         log.info("worker %s serving %s", self.settings.name, ", ".join(self.keys.all_jobs))
+        self.watchdog.start()
         stop_deadline = None
         while not self.stop_now:
             if self.stopping and stop_deadline is None:
@@ -136,7 +141,7 @@ class Worker:
                 break
             self.tick()
         self._leave()
-        return 0
+        return self.exit_code
 
     def tick(self) -> None:
         """One iteration: launch an engine step, talk to Redis while the device computes it, then collect it.
@@ -156,7 +161,7 @@ class Worker:
         if busy:
             # A quarantined job about to be computed alone: on record first, so a crash in it is evidence.
             self.quarantine.mark_running(self.engine.isolated_request())
-        step = self.engine.launch() if busy else None
+        step = self._launch() if busy else None
         self._publish(self._ready)
         self._ready = []
         now = time.monotonic()
@@ -171,23 +176,56 @@ class Worker:
         self._expire_deadlines()
         self.outbox.flush()
         if step is not None:
-            self._ready = self.engine.collect(step)
+            self._ready = self._collect(step)
             if self.metrics is not None:
                 self.metrics.observe_step(time.perf_counter() - began)
         elif self.gate.failing or not self.outbox.healthy:
             time.sleep(0.05)  # Redis is away and there is nothing to compute: don't spin
 
+    # -- engine steps --------------------------------------------------------------------------------
+    def _launch(self):
+        try:
+            with self.watchdog.guard("launch"):
+                return self.engine.launch()
+        except Exception as error:  # noqa: BLE001 - a step's failure must not take the worker down
+            self._ready.extend(self._step_failed(error, None))
+            return None
+
+    def _collect(self, step) -> list:
+        try:
+            with self.watchdog.guard("collect"):
+                return self.engine.collect(step)
+        except Exception as error:  # noqa: BLE001 - as in _launch
+            return self._step_failed(error, step)
+
+    def _step_failed(self, error: Exception, step) -> list:
+        """A step raised: its jobs fail with engine_error, a device error ends the worker (worker.step_errors);
+        returns final deltas to publish."""
+        failure = recover(self.engine, self.inflight, error, step)
+        if failure.fatal:
+            self.exit_code, self.stopping, self.stop_now = EXIT_DEVICE_ERROR, True, True
+            return []
+        for inf in failure.finished:
+            if not inf.superseded:
+                self.finisher.complete(inf)
+        return failure.deltas
+
     def _leave(self) -> None:
+        device_lost = self.exit_code == EXIT_DEVICE_ERROR
         # Unfinished now (end of the grace period, or a cold stop): handed back for another worker at once,
-        # their delivery counts unchanged (an operator stop is no evidence against a job).
+        # their delivery counts unchanged (an operator stop is no evidence against a job). After a device
+        # error they stay pending as after a crash: it may be a job's doing, so it counts as a delivery.
         for inf in self.inflight.abandon_all():
+            if device_lost:
+                continue
             self.leases.release(inf.stream, inf.entry_id, inf.deliveries)
             if inf.quarantined:
                 self.quarantine.unmark(inf.id)
         self._publish(self._ready)
         self._ready = []
-        while self.engine.has_unfinished_requests():
-            self._publish(self.engine.step())
+        while self.engine.has_unfinished_requests() and not device_lost:  # a lost device computes nothing more
+            with self.watchdog.guard("final steps"):
+                self._publish(self.engine.step())
         self.outbox.add("SREM", self.keys.workers, self.settings.name)
         self.outbox.add("DEL", self.keys.worker(self.settings.name))
         # Results finished during an outage are still in the outbox: give Redis a little time to come back.

@@ -110,8 +110,15 @@ class Outbox:
             return False
         except redis.ResponseError as e:
             # EXECABORT (OOM under maxmemory, NOPERM, READONLY replica): Redis refused the whole transaction.
-            # Keep everything: an operator can fix it, and results must not be lost meanwhile.
-            self._failed(f"redis refused the transaction ({e})", logging.ERROR)
+            # Keep everything: an operator can fix it, and results must not be lost meanwhile. What is kept is
+            # bounded: while writes fail the worker reads no new job, so it holds at most the results of the
+            # jobs its engine held (plus droppable deltas, capped by max_droppable).
+            if isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM" in str(e):
+                self._failed("redis refused the transaction: it is out of memory (maxmemory reached, policy "
+                             "noeviction); results are kept and sent once it frees memory, no new job is read "
+                             f"meanwhile [{str(e).splitlines()[0][:200]}]", logging.ERROR)
+            else:
+                self._failed(f"redis refused the transaction ({e})", logging.ERROR)
             return False
         finally:
             pipe.reset()

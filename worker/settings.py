@@ -30,6 +30,8 @@ class WorkerSettings:
     heartbeat_s: float = 2.0
     stream_interval_ms: int = 100  # a streamed job's deltas are written at most this often (0: every step)
     block_ms: int = 1_000  # longest blocking read while idle
+    redis_timeout_s: float = 10.0  # a Redis reply later than this (beyond block_ms): the connection is dead
+    step_timeout_s: float = 300.0  # an engine step running longer ends the process (worker.watchdog); 0: off
     max_jobs: int | None = None  # exit after this many finished jobs (tests, one-shot runs)
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0: any free one); None: off
     metrics_host: str = "0.0.0.0"  # address the metrics server binds to

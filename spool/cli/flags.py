@@ -42,6 +42,10 @@ _HELP = {
     "stream_interval_ms": "write a streamed job's tokens at most this often, coalesced (0: every engine step; "
                           "the first token is written at once)",
     "block_ms": "longest blocking Redis read while idle, in milliseconds",
+    "redis_timeout_s": "seconds to wait for a Redis reply (beyond --block-ms) before the connection counts as "
+                       "dead and is replaced; keep it well under --claim-idle-ms",
+    "step_timeout_s": "an engine step running longer than this means a hung device: the worker exits (code 8) "
+                      "and its jobs are reclaimed elsewhere; 0 turns the watchdog off",
     "max_jobs": "exit after this many finished jobs",
     "metrics_port": "serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: off)",
     "metrics_host": "address the metrics server binds to",

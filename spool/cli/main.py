@@ -73,6 +73,8 @@ def _classify(error: BaseException, args: argparse.Namespace) -> tuple[int, str]
         return EXIT_REDIS, f"Redis at {describe_redis(args)} refused our credentials: {error}"
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
         return EXIT_REDIS, f"lost Redis at {describe_redis(args)} (gave up after retrying): {error}"
+    if isinstance(error, redis.exceptions.OutOfMemoryError):  # producer.RedisFullError: maxmemory, noeviction
+        return EXIT_REDIS, f"Redis at {describe_redis(args)}: {_full_message(error)}"
     if isinstance(error, redis.ResponseError):
         return EXIT_FAILED, f"Redis at {describe_redis(args)} refused a command: {error}"
     if isinstance(error, TimeoutError):
@@ -80,6 +82,12 @@ def _classify(error: BaseException, args: argparse.Namespace) -> tuple[int, str]
     if isinstance(error, OSError) and error.filename is not None:  # a file the user named
         return EXIT_USAGE, f"{error.filename}: {error.strerror or error}"
     return None
+
+
+def _full_message(error: BaseException) -> str:
+    from producer.errors import RedisFullError
+
+    return str(error if isinstance(error, RedisFullError) else RedisFullError.from_error(error))
 
 
 def _quiet_broken_pipe() -> int:

@@ -67,7 +67,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Fail fast: the worker's own loop backs off (logging each retry), so the engine keeps stepping while
         # Redis is away.
         client = connect(settings.redis_url, fail_fast=True, client_name=f"spool-worker-{settings.name}",
-                         socket_timeout=settings.block_ms / 1000 + 10.0)  # longer than its blocking reads
+                         socket_timeout=settings.block_ms / 1000 + settings.redis_timeout_s)  # past its blocking reads
         worker = Worker(engine, client, settings)
     except ValueError as e:  # a Redis URL with an unknown scheme, a worker name outside the id charset
         raise CliError(str(e), EXIT_USAGE) from e
