@@ -9,12 +9,14 @@ import logging
 import re
 
 import orjson
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from producer.batch.format import LineError
+from producer.errors import RedisFullError
 from protocol import Result
 
 log = logging.getLogger("spool.gateway")
@@ -98,6 +100,13 @@ def install(app: FastAPI) -> None:
         param = ".".join(loc) or None
         return ApiError(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param,
                         code="invalid_request").response()
+
+    @app.exception_handler(redis.exceptions.OutOfMemoryError)
+    async def _redis_full(request: Request, exc: redis.exceptions.OutOfMemoryError) -> Response:
+        # Redis at maxmemory (noeviction) refuses writes until results are collected or memory is added.
+        full = exc if isinstance(exc, RedisFullError) else RedisFullError.from_error(exc)
+        return ApiError(503, str(full), type="server_error", code="queue_full",
+                        headers={"retry-after": "5"}).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:

@@ -56,5 +56,17 @@ def test_no_worker_503_then_backlog_429_priority_and_timeout(redis_server, tmp_p
         assert e.value.status_code == 504 and e.value.code == "timeout"
         rid = e.value.response.headers["x-request-id"]
         assert r.xlen("spool:jobs:bulk") == 1 and r.exists(f"spool:cancel:{rid}")
+
+        # Redis at maxmemory (noeviction): the enqueue is refused, and the client gets a 503 it can retry.
+        admin = redis_server.client()
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(openai.InternalServerError) as e:
+                sdk.chat.completions.create(model="fake-7b", messages=HI, max_tokens=2, extra_body={"priority": "bulk"})
+            assert e.value.status_code == 503 and e.value.code == "queue_full"
+            assert "out of memory" in e.value.message and e.value.response.headers["retry-after"] == "5"
+        finally:
+            admin.config_set("maxmemory", 0)
     finally:
         gateway.stop()

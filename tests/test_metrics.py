@@ -222,13 +222,16 @@ def test_dashboard_queries_only_exported_metrics(finished_run):
 
 def test_prometheus_scrapes_the_workers_metrics_port():
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    (job,) = prom["scrape_configs"]
-    (sd,) = job["dns_sd_configs"]  # every replica of the compose service `worker`
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    (sd,) = jobs["spool-worker"]["dns_sd_configs"]  # every replica of the compose service `worker`
     assert sd["names"] == ["worker"] and sd["port"] == 9400
+    (sd,) = jobs["spool-gateway"]["dns_sd_configs"]  # every `spool serve` replica, /metrics on its API port
+    assert sd["names"] == ["gateway"] and sd["port"] == 8000
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
     assert services["prometheus"]["profiles"] == ["monitoring"] and services["grafana"]["profiles"] == ["monitoring"]
     assert services["worker"]["environment"]["SPOOL_METRICS_PORT"] in ("9400", 9400)
+    assert "8000" in services["gateway"]["command"]
     for svc in ("prometheus", "grafana"):
         for volume in services[svc].get("volumes", []):
             source = volume.split(":")[0]
