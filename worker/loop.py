@@ -206,7 +206,10 @@ class Worker:
             self.exit_code, self.stopping, self.stop_now = EXIT_DEVICE_ERROR, True, True
             return []
         for inf in failure.finished:
-            if not inf.superseded:
+            if inf.superseded:
+                self.tokens.forget(inf.id)
+            else:
+                self.tokens.finish(inf)  # coalesced deltas not yet written go ahead of the result, as in _publish
                 self.finisher.complete(inf)
         return failure.deltas
 
