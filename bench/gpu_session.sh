@@ -19,6 +19,7 @@ for stage in "$@"; do case $stage in
   fp8tests) run gpu_fp8_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_gpu_fp8_kv.py ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
+  ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
   psweep) run psweep 480 python3 bench/kernels.py --prefill-sweep --skip decode small --json "$OUT/psweep.json" ;;
   qwen) run qwen3 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --json "$OUT/qwen3.json" ;;
   llama) run llama8b 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b.json" ;;
