@@ -131,6 +131,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # True disables CUDA graphs
+    # Schedule step N+1 while step N runs (engine/async_step.py). None: on for CUDA; off on the CPU, where the
+    # device work runs inside launch() and there is nothing to overlap (results would only come a step later).
+    async_scheduling: bool | None = None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -151,6 +154,10 @@ class EngineConfig:
         if dev.type not in ("cpu", "cuda"):
             raise ConfigError(f"unsupported device {self.device!r}; use 'cpu' or 'cuda'")
         return dev
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        """Explicit setting wins; None (auto) is on for CUDA devices."""
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
         """Explicit dtype wins; 'auto' is the checkpoint's dtype on CUDA (fp32 checkpoints run bf16) and fp32 on CPU."""

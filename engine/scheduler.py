@@ -42,6 +42,7 @@ class Scheduler:
         self._finished_since_step: list[str] = []
         self.num_preemptions = 0
         self.isolated: list[Sequence] = []  # unfinished isolated sequences, oldest first
+        self.num_running_history = 0  # running sequences whose sampling reads their outputs on the host
 
     # -- queue management -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -55,8 +56,10 @@ class Scheduler:
         """End a sequence (stop, length, abort): free its blocks and drop it from the queues."""
         if seq.status is SeqStatus.FINISHED:
             return
-        queue = self.running if seq.status is SeqStatus.RUNNING else self.waiting
-        queue.remove(seq)
+        if seq.status is SeqStatus.RUNNING:
+            self._stop_running(seq)
+        else:
+            self.waiting.remove(seq)
         self.block_manager.free(seq.seq_id)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -65,6 +68,24 @@ class Scheduler:
         self._finished_since_step.append(seq.seq_id)
         if seq.isolated:
             self.isolated.remove(seq)
+
+    def needs_sync(self) -> bool:
+        """True when the next step must see every sampled token on the host first (async scheduling falls back
+        to synchronous steps): a running sequence samples from its output history (grammar, penalties,
+        min_tokens), or an isolated request is about to run alone (a crash in its step must be its own)."""
+        return self.num_running_history > 0 or bool(self.isolated)
+
+    def _start_running(self, seq: Sequence, num_cached: int) -> None:
+        seq.status = SeqStatus.RUNNING
+        seq.num_computed_tokens = num_cached
+        if seq.num_cached_tokens < 0:  # usage.cached_tokens reports the first admission's hit
+            seq.num_cached_tokens = num_cached
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+        self.num_running_history += seq.needs_host_history
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.num_running_history -= seq.needs_host_history
 
     def has_unfinished(self) -> bool:
         """True while any sequence is waiting or running."""
@@ -95,10 +116,11 @@ class Scheduler:
         return slots if waiting_blocks < free else 0
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._stop_running(seq)
         self.block_manager.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         seq.num_computed_tokens = 0
+        seq.generation += 1  # chunks of steps still in flight no longer describe its (freed) KV
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
@@ -111,7 +133,7 @@ class Scheduler:
         """Preempt lower-priority running sequences while a better-priority waiting one cannot start."""
         while self.waiting and self.running:
             head, tail = self.waiting[0], self.running[-1]
-            if head.priority >= tail.priority:
+            if head.priority >= tail.priority or head.num_pending_tokens:
                 return
             blocks, cached, new = self._first_chunk(head, self.max_num_batched_tokens)
             full = len(self.running) >= self.max_num_seqs
@@ -146,7 +168,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
+            if seq.num_pending_tokens and self._pending_token_ends(seq):
+                i += 1  # its token still on the device reaches max_tokens / max_model_len: nothing follows it
+                continue
             if num_new > 1 and held_back is not None and seq.priority > held_back:
                 i += 1  # a worse-priority prompt chunk sits this step out; decode tokens never do
                 continue
@@ -166,15 +191,13 @@ class Scheduler:
             seq = self.waiting[0]
             if held_back is not None and seq.priority > held_back:
                 break
+            if seq.num_pending_tokens:
+                break  # preempted while its last token was on the device: it restarts once that token is in
             blocks, num_cached, num_new = self._first_chunk(seq, budget)
             if not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks):
                 break
             self.waiting.pop(0)
-            seq.status = SeqStatus.RUNNING
-            seq.num_computed_tokens = num_cached
-            if seq.num_cached_tokens < 0:  # usage.cached_tokens reports the first admission's hit
-                seq.num_cached_tokens = num_cached
-            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+            self._start_running(seq, num_cached)
             self._emit(out, seq, num_new)
             budget -= num_new
         out.num_batched_tokens = self.max_num_batched_tokens - budget
@@ -205,15 +228,11 @@ class Scheduler:
                     blocks, num_cached, num_new = self._first_chunk(seq, budget)  # preemption may free hits
                 else:
                     self.waiting.remove(seq)
-                    seq.status = SeqStatus.RUNNING
-                    seq.num_computed_tokens = num_cached
-                    if seq.num_cached_tokens < 0:
-                        seq.num_cached_tokens = num_cached
-                    bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+                    self._start_running(seq, num_cached)
                     self._emit(out, seq, num_new)
                     budget -= num_new
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 if not self._preempt_other(group, later):
                     break
@@ -239,32 +258,55 @@ class Scheduler:
         """Schedule seq's next num_new tokens: a chunk in `out`, and seq's progress moved past them."""
         start = seq.num_computed_tokens
         end = seq.num_computed_tokens = start + num_new
+        tokens = seq.token_ids[start:end]
+        if len(tokens) < num_new:
+            # Async scheduling: the last token was sampled by the step still in flight. A placeholder holds its
+            # place; the runner copies the real id from that step's sampled-token tensor on the device.
+            tokens.append(0)
+            out.device_input_rows.append(len(out.chunks))
+        sample = end == seq.num_scheduled_tokens
         # Fields in declaration order: keyword arguments would cost ~0.2 µs more per sequence and step.
         out.chunks.append(ScheduledChunk(
-            seq.seq_id, seq.token_ids[start:end], start, self.block_manager.block_table_array(seq.seq_id),
-            end == seq.num_tokens, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed, seq.grammar,
+            seq.seq_id, tokens, start, self.block_manager.block_table_array(seq.seq_id),
+            sample, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed, seq.grammar,
         ))
+        out.seqs.append(seq)
+        out.generations.append(seq.generation)
+        seq.num_pending_tokens += sample  # back to 0 when update_from_output applies this step
+
+    def _pending_token_ends(self, seq: Sequence) -> bool:
+        """Whether the token still on the device will end seq by length, so scheduling past it would be waste."""
+        return (seq.num_output_tokens + seq.num_pending_tokens >= seq.params.max_tokens
+                or seq.num_scheduled_tokens >= self.max_model_len)
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
         """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""
         updated: list[Sequence] = []
         sampled = result.sampled
         bs = self.block_manager.block_size
-        for chunk in sched.chunks:
-            seq = self.seqs.get(chunk.seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
-            token = sampled.get(chunk.seq_id)
+        for chunk, seq, generation in zip(sched.chunks, sched.seqs, sched.generations):
+            token = None
+            if chunk.sample:
+                seq.num_pending_tokens -= 1
+                token = sampled.get(chunk.seq_id)
+            if seq.status is SeqStatus.FINISHED:
+                # Aborted or stopped while the step ran (async scheduling: stopped by the step before it). Its
+                # token is dropped; the KV slot it wrote belonged to blocks already freed, never hashed.
+                continue
             if token is not None:
+                # Also for a sequence preempted since this step was launched (async scheduling): the token is
+                # real, and the recompute covers it as it covers the rest of the sequence.
                 seq.token_ids.append(token)
                 updated.append(seq)
-            # Blocks that just became full of computed tokens can now serve later prompts. Earlier blocks
-            # were registered when they filled, so a chunk that fills none has nothing to register.
-            if seq.num_computed_tokens // bs > chunk.start_pos // bs:
-                self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            # Blocks that just became full of tokens this step computed can now serve later prompts (only while
+            # the sequence still holds the blocks this step wrote). Earlier blocks were registered when they
+            # filled, so a chunk that fills none has nothing to register.
+            end = chunk.start_pos + len(chunk.token_ids)
+            if end // bs > chunk.start_pos // bs and generation == seq.generation and seq.status is SeqStatus.RUNNING:
+                self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, end)
             if token is not None:
                 self._check_token_stop(seq, token)
-                if seq.grammar is not None and seq.status is SeqStatus.RUNNING:
+                if seq.grammar is not None and seq.status is not SeqStatus.FINISHED:
                     self._advance_grammar(seq, token)
         return updated
 
