@@ -310,9 +310,9 @@ class LLMEngine:
             self._pending.extend(self._apply(previous))
             previous = None
         sched = self.scheduler.schedule()
+        self._in_flight = True  # until collect(), even when nothing runs: the pairing is the contract
         if not (sched.chunks or sched.finished_seq_ids):
             return StepInFlight(sched, None)
-        self._in_flight = True
         return StepInFlight(sched, self.runner.launch(sched, previous.pending if previous is not None else None))
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:

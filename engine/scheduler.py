@@ -48,6 +48,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
         self.seqs[seq.seq_id] = seq
+        seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         if seq.isolated:
             self.isolated.append(seq)
@@ -168,10 +169,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
-            if seq.num_pending_tokens and self._pending_token_ends(seq):
+            scheduled_tokens = len(seq.token_ids) + seq.num_pending_tokens
+            if seq.num_pending_tokens and scheduled_tokens >= seq.max_num_tokens:
                 i += 1  # its token still on the device reaches max_tokens / max_model_len: nothing follows it
                 continue
+            num_new = min(scheduled_tokens - seq.num_computed_tokens, budget)
             if num_new > 1 and held_back is not None and seq.priority > held_back:
                 i += 1  # a worse-priority prompt chunk sits this step out; decode tokens never do
                 continue
@@ -264,7 +266,7 @@ class Scheduler:
             # place; the runner copies the real id from that step's sampled-token tensor on the device.
             tokens.append(0)
             out.device_input_rows.append(len(out.chunks))
-        sample = end == seq.num_scheduled_tokens
+        sample = end == len(seq.token_ids) + seq.num_pending_tokens
         # Fields in declaration order: keyword arguments would cost ~0.2 µs more per sequence and step.
         out.chunks.append(ScheduledChunk(
             seq.seq_id, tokens, start, self.block_manager.block_table_array(seq.seq_id),
@@ -273,11 +275,6 @@ class Scheduler:
         out.seqs.append(seq)
         out.generations.append(seq.generation)
         seq.num_pending_tokens += sample  # back to 0 when update_from_output applies this step
-
-    def _pending_token_ends(self, seq: Sequence) -> bool:
-        """Whether the token still on the device will end seq by length, so scheduling past it would be waste."""
-        return (seq.num_output_tokens + seq.num_pending_tokens >= seq.params.max_tokens
-                or seq.num_scheduled_tokens >= self.max_model_len)
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
         """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""

@@ -43,6 +43,7 @@ class Sequence:
     # is on the device only; the next step reads it there (see engine/async_step.py).
     num_pending_tokens: int = 0
     generation: int = 0  # bumped at each preemption: results of steps launched before it carry no KV for it
+    max_num_tokens: int = 0  # prompt + max_tokens, capped at max_model_len (set by Scheduler.add)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
