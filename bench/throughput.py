@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from bench.workload import Workload, add_engine_flags, add_workload_flags, make_workload  # noqa: E402
+from bench.workload import Workload, add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -29,7 +29,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, async_scheduling=async_scheduling(args))
     t0 = time.perf_counter()
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
