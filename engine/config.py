@@ -134,6 +134,9 @@ class EngineConfig:
     # Schedule step N+1 while step N runs (engine/async_step.py). None: on for CUDA; off on the CPU, where the
     # device work runs inside launch() and there is nothing to overlap (results would only come a step later).
     async_scheduling: bool | None = None
+    # Fraction of KV blocks and of max_num_seqs that admitting work of priority > 0 (the worker's bulk jobs) must
+    # leave free, so priority-0 (interactive) work rarely has to preempt anything to start.
+    priority_reserve: float = 0.05
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -184,5 +187,7 @@ class EngineConfig:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
+        if not 0.0 <= self.priority_reserve < 1.0:
+            raise ConfigError(f"priority_reserve must be in [0, 1) (got {self.priority_reserve})")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")

@@ -95,7 +95,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
             eos.append(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos,
+            config.priority_reserve,
         )
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)

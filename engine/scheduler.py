@@ -4,7 +4,9 @@ Decode, chunked prefill and prefix-cache hits all fall out of that one rule. Run
 (oldest/highest priority first); when KV blocks run out, the lowest-priority newest running sequence is
 preempted (its blocks freed, its progress reset, recomputed later). Waiting sequences are admitted while
 the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
-requests of a priority to hand over.
+requests of a priority to hand over. Admitting work of priority > 0 leaves a reserve of blocks and sequence
+slots (EngineConfig.priority_reserve) free for priority-0 work, so an interactive request beside a bulk batch
+rarely needs a preemption to start.
 """
 from __future__ import annotations
 
@@ -30,8 +32,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: list[int],
+        priority_reserve: float = 0.0,
     ):
         self.block_manager = block_manager
+        # What admitting work of priority > 0 must leave free for priority-0 work: blocks and sequence slots.
+        self.reserved_blocks = int(block_manager.num_blocks * priority_reserve)
+        self.reserved_seqs = int(max_num_seqs * priority_reserve)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -105,13 +111,14 @@ class Scheduler:
         better_running = bisect.bisect_right(self.running, priority, key=_priority_of)
         yielding = len(self.running) - better_running
         ahead = self.waiting[: bisect.bisect_right(self.waiting, priority, key=_priority_of)]
-        slots = self.max_num_seqs - better_running - len(ahead)
+        reserved = priority > 0
+        slots = self.max_num_seqs - better_running - len(ahead) - (self.reserved_seqs if reserved else 0)
         if slots <= 0:
             return 0
         bm = self.block_manager
         bs = bm.block_size
         waiting_blocks = sum(-(-s.num_tokens // bs) for s in ahead)
-        free = bm.num_free_blocks
+        free = bm.num_free_blocks - (self.reserved_blocks if reserved else 0)
         if waiting_blocks >= free and yielding:  # count the yielding sequences' blocks only when they matter
             free += sum(bm.num_blocks_held(s.seq_id) for s in self.running[better_running:])
         return slots if waiting_blocks < free else 0
@@ -125,6 +132,14 @@ class Scheduler:
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
+    def _seq_limit(self, seq: Sequence) -> int:
+        """Running sequences beside which seq may be admitted: work of priority > 0 leaves the reserved slots."""
+        return self.max_num_seqs - self.reserved_seqs if seq.priority > 0 else self.max_num_seqs
+
+    def _reserve(self, seq: Sequence) -> int:
+        """Blocks that admitting seq must leave free (running sequences still grow into them)."""
+        return self.reserved_blocks if seq.priority > 0 else 0
+
     def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
         """Prefix-cache hit and first chunk size for a waiting sequence: (cached blocks, cached tokens, new tokens)."""
         blocks, num_cached = self.block_manager.get_computed_blocks(seq.token_ids)
@@ -137,8 +152,8 @@ class Scheduler:
             if head.priority >= tail.priority or head.num_pending_tokens:
                 return
             blocks, cached, new = self._first_chunk(head, self.max_num_batched_tokens)
-            full = len(self.running) >= self.max_num_seqs
-            if not full and self.block_manager.can_allocate(head.seq_id, cached + new, blocks):
+            full = len(self.running) >= self._seq_limit(head)
+            if not full and self.block_manager.can_allocate(head.seq_id, cached + new, blocks, self._reserve(head)):
                 return
             self._preempt(tail)
 
@@ -195,8 +210,11 @@ class Scheduler:
                 break
             if seq.num_pending_tokens:
                 break  # preempted while its last token was on the device: it restarts once that token is in
+            if len(self.running) >= self._seq_limit(seq):
+                break  # the remaining slots are the priority-0 reserve
             blocks, num_cached, num_new = self._first_chunk(seq, budget)
-            if not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks):
+            if not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks,
+                                               self._reserve(seq)):
                 break
             self.waiting.pop(0)
             self._start_running(seq, num_cached)

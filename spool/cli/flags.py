@@ -26,6 +26,7 @@ _HELP = {
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
     "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
+    "priority_reserve": "fraction of KV blocks and sequence slots that bulk admission leaves to interactive jobs",
     "async_scheduling": "schedule the next step while the GPU computes this one (default: on for CUDA)",
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
