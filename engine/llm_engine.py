@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
 from engine.step_types import StepInFlight
+from engine.swap import SwapSpace
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos,
             config.priority_reserve,
         )
+        swap_bytes = config.resolve_swap_space_bytes(self.runner.device)
+        self.swap_space = SwapSpace(self.runner.kv_caches) if swap_bytes >= self.runner.bytes_per_block else None
+        if self.swap_space is not None:
+            self.scheduler.enable_swap(swap_bytes // self.runner.bytes_per_block, config.swap_min_tokens)
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)
         self._grammars = GrammarGate(self.tokenizer, self.model_cfg.vocab_size, eos)  # structured outputs
@@ -311,6 +316,8 @@ class LLMEngine:
             self._pending.extend(self._apply(previous))
             previous = None
         sched = self.scheduler.schedule()
+        if self.swap_space is not None:
+            self.swap_space.apply(sched)  # queued before the step's forward pass, which reuses or reads the blocks
         self._in_flight = True  # until collect(), even when nothing runs: the pairing is the contract
         if not (sched.chunks or sched.finished_seq_ids):
             return StepInFlight(sched, None)

@@ -49,6 +49,18 @@ class Scheduler:
         self.num_preemptions = 0
         self.isolated: list[Sequence] = []  # unfinished isolated sequences, oldest first
         self.num_running_history = 0  # running sequences whose sampling reads their outputs on the host
+        # Swap (engine/swap.py): host capacity in KV blocks, what is free of it, and this step's copy lists.
+        self.host_blocks = self.host_blocks_free = 0
+        self.swap_min_tokens = 0
+        self.num_swapped_out = 0
+        self._host_blocks_to_release = 0  # swapped in by the last step: their host copies are read by then
+        self._swap_out: list[tuple[str, list[int]]] = []
+        self._swap_in: list[tuple[str, list[int]]] = []
+
+    def enable_swap(self, host_blocks: int, min_tokens: int) -> None:
+        """Preempt sequences with >= min_tokens computed tokens by swapping their KV to host_blocks of host memory."""
+        self.host_blocks = self.host_blocks_free = host_blocks
+        self.swap_min_tokens = min_tokens
 
     # -- queue management -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -68,6 +80,8 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq.seq_id)
+        self.host_blocks_free += seq.swapped_blocks  # its host copy is dropped at the next launch
+        seq.swapped_tokens = seq.swapped_blocks = 0
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -89,6 +103,10 @@ class Scheduler:
             seq.num_cached_tokens = num_cached
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
         self.num_running_history += seq.needs_host_history
+        if seq.swapped_blocks:  # its KV comes back from host memory into the head of its new table
+            self._swap_in.append((seq.seq_id, self.block_manager.block_table(seq.seq_id)[: seq.swapped_blocks]))
+            self._host_blocks_to_release += seq.swapped_blocks
+            seq.swapped_tokens = seq.swapped_blocks = 0
 
     def _stop_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -125,6 +143,14 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._stop_running(seq)
+        computed = seq.num_computed_tokens
+        blocks = -(-computed // self.block_manager.block_size)
+        if self.host_blocks and computed >= self.swap_min_tokens and blocks <= self.host_blocks_free:
+            # Swap rather than recompute: the copy-out runs before this step reuses the freed blocks.
+            self._swap_out.append((seq.seq_id, self.block_manager.block_table(seq.seq_id)[:blocks]))
+            self.host_blocks_free -= blocks
+            seq.swapped_tokens, seq.swapped_blocks = computed, blocks
+            self.num_swapped_out += 1
         self.block_manager.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         seq.num_computed_tokens = 0
@@ -141,7 +167,12 @@ class Scheduler:
         return self.reserved_blocks if seq.priority > 0 else 0
 
     def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
-        """Prefix-cache hit and first chunk size for a waiting sequence: (cached blocks, cached tokens, new tokens)."""
+        """Prefix-cache hit and first chunk size for a waiting sequence: (cached blocks, cached tokens, new tokens).
+
+        A swapped-out sequence's KV comes back from host memory instead: it resumes after its computed tokens.
+        """
+        if seq.swapped_blocks:
+            return [], seq.swapped_tokens, min(seq.num_tokens - seq.swapped_tokens, budget)
         blocks, num_cached = self.block_manager.get_computed_blocks(seq.token_ids)
         return blocks, num_cached, min(seq.num_tokens - num_cached, budget)
 
@@ -176,6 +207,9 @@ class Scheduler:
         """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
         out = SchedulerOutput(finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
+        self.host_blocks_free += self._host_blocks_to_release
+        self._host_blocks_to_release = 0
+        out.swap_out, out.swap_in = self._swap_out, self._swap_in = [], []
         if self.isolated:
             return self._schedule_isolated(out)
         self._make_room_for_priority()

@@ -44,6 +44,8 @@ class Sequence:
     num_pending_tokens: int = 0
     generation: int = 0  # bumped at each preemption: results of steps launched before it carry no KV for it
     max_num_tokens: int = 0  # prompt + max_tokens, capped at max_model_len (set by Scheduler.add)
+    swapped_tokens: int = 0  # preempted by swap: computed tokens whose KV waits in host memory (engine/swap.py)
+    swapped_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

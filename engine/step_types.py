@@ -50,6 +50,10 @@ class SchedulerOutput:
     # Async scheduling: indices of chunks whose last token was sampled by the previous (still unapplied) step;
     # their token_ids hold a placeholder there, and the runner reads the real id from that step's device tensor.
     device_input_rows: list[int] = field(default_factory=list)
+    # Swap (engine/swap.py): (sequence id, device blocks) to copy to host memory before this step runs, and
+    # (sequence id, its new device blocks) to copy back into.
+    swap_out: list[tuple[str, list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[str, list[int]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,8 @@ _HELP = {
     "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
     "priority_reserve": "fraction of KV blocks and sequence slots that bulk admission leaves to interactive jobs",
+    "swap_space_bytes": "host memory for preempted sequences' KV, in bytes (default: 4 GiB on CUDA, 0 on CPU)",
+    "swap_min_tokens": "preempted sequences with fewer computed tokens are recomputed instead of swapped",
     "async_scheduling": "schedule the next step while the GPU computes this one (default: on for CUDA)",
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
