@@ -127,6 +127,8 @@ def main() -> int:
                    help="write the worker's INFO log (one line per finished job) here; default: no job log")
     p.add_argument("--priority-reserve", type=float, default=None,
                    help="EngineConfig.priority_reserve: KV/slot fraction bulk admission leaves to interactive jobs")
+    p.add_argument("--swap-space-bytes", type=int, default=None,
+                   help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.worker_log is not None:
@@ -141,7 +143,8 @@ def main() -> int:
     path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
-    extra = {} if args.priority_reserve is None else {"priority_reserve": args.priority_reserve}
+    extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes))
+             if v is not None}
     llm = LLM(str(path), device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               async_scheduling=async_scheduling(args), **extra)
@@ -180,6 +183,7 @@ def main() -> int:
         "redis_with_probes_output_tok_per_s": round(out_tokens / probed_s, 1),
         "interactive_probes": len(ttft),
         "probed_run_preemptions": eng.scheduler.num_preemptions - preemptions_before,
+        "swapped_out_total": eng.scheduler.num_swapped_out,
         "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
         "probed_over_plain": None if args.probes_only else round(redis_s / probed_s, 3),
         "ttft_ms_p50": round(pct(0.5), 1), "ttft_ms_p90": round(pct(0.9), 1), "ttft_ms_p99": round(pct(0.99), 1),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
-# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag)
+# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag async interactive)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -35,5 +35,12 @@ for stage in "$@"; do case $stage in
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
          run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
+  async) for m in off on; do  # issue 17 item 4: async scheduling off / on, same session
+      run llama8b_async_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --async-scheduling $m --json "$OUT/llama8b_async_$m.json"
+      run qwen3_async_$m 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --async-scheduling $m --json "$OUT/qwen3_async_$m.json"
+    done ;;
+  interactive) # issue 17 item 6: bulk + one interactive probe every 500 ms; before (no reserve, no swap) / after
+      run e2e_probes_before 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --priority-reserve 0 --swap-space-bytes 0 --json "$OUT/e2e_probes_before.json"
+      run e2e_probes_after 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_probes_after.json" ;;
   *) echo "unknown stage $stage" ;;
 esac; done
