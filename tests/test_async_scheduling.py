@@ -184,3 +184,28 @@ def test_speculative_step_after_a_stop_leaks_into_no_prefix_cache(tiny_llama):
                 got += d.new_token_ids
         assert got == hf_greedy(tiny_llama, probe, 6)
     assert eng.block_manager.stats.hits > 0 and eng.block_manager.num_used_blocks == 0
+
+
+def test_random_load_with_swap_reserve_priorities_and_aborts_equals_sync(tiny_llama):
+    """Async scheduling + swap + a tight cache + priorities + aborts and adds mid-run: the outputs of a roomy
+    synchronous engine, block invariants after every step, nothing left in the KV cache or host swap space."""
+    rng = random.Random(7)
+    reqs, plan = [], {}
+    for i in range(14):
+        prompt = _ids(rng.randrange(3, 45), 100 + i)
+        params = SamplingParams(temperature=0, max_tokens=rng.randrange(2, 18), ignore_eos=rng.random() < 0.7,
+                                n=rng.choice([1, 1, 2]))
+        reqs.append((f"q{i}", prompt, params, rng.choice([0, 1, 1])))
+        if params.n == 1 and rng.random() < 0.3:  # (a sibling's progress at the abort would depend on timing)
+            plan[f"q{i}"] = rng.randrange(1, 4)  # aborted after this many tokens
+
+    def on_delta(eng, d, rec):
+        if d.index == 0 and plan.get(d.request_id) == len(rec["tokens"]) and not d.finished:
+            eng.abort(d.request_id)
+
+    roomy, _ = drive(tiny_llama, False, reqs, on_delta, num_kv_blocks=300, max_num_seqs=6, priority_reserve=0.0)
+    tight, eng = drive(tiny_llama, True, reqs, on_delta, num_kv_blocks=16, max_num_seqs=6,
+                       swap_space_bytes=1 << 24, swap_min_tokens=12, max_num_batched_tokens=40)
+    assert eng.scheduler.num_swapped_out > 0
+    assert eng.scheduler.host_blocks_free == eng.scheduler.host_blocks and not eng.swap_space.host
+    _same(tight, roomy)
