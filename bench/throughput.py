@@ -29,8 +29,9 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len, async_scheduling=async_scheduling(args))
+              max_model_len=args.max_model_len)
     t0 = time.perf_counter()
+    kw["async_scheduling"] = async_scheduling(args)
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=_schema(args, i))

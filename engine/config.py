@@ -129,8 +129,6 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "safetensors" | "dummy"
     seed: int = 0
     enable_prefix_caching: bool = True
-    kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
-    enforce_eager: bool = False  # True disables CUDA graphs
     # Schedule step N+1 while step N runs (engine/async_step.py). None: on for CUDA; off on the CPU, where the
     # device work runs inside launch() and there is nothing to overlap (results would only come a step later).
     async_scheduling: bool | None = None
@@ -140,6 +138,8 @@ class EngineConfig:
     # Host memory for the KV of preempted sequences (engine/swap.py). None: 4 GiB on CUDA, none on the CPU.
     swap_space_bytes: int | None = None
     swap_min_tokens: int = 128  # preempted sequences with fewer computed tokens are recomputed, not swapped
+    kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
+    enforce_eager: bool = False  # True disables CUDA graphs
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

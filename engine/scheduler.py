@@ -331,6 +331,7 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
         """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""
         updated: list[Sequence] = []
+        advancing: list[tuple[Sequence, int]] = []  # structured-output sequences and their new token
         sampled = result.sampled
         bs = self.block_manager.block_size
         for chunk, seq, generation in zip(sched.chunks, sched.seqs, sched.generations):
@@ -355,22 +356,32 @@ class Scheduler:
                 self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, end)
             if token is not None:
                 self._check_token_stop(seq, token)
-                if seq.grammar is not None and seq.status is not SeqStatus.FINISHED:
-                    self._advance_grammar(seq, token)
+                if seq.grammar is not None and seq.status is SeqStatus.RUNNING:
+                    advancing.append((seq, token))
+        if advancing:
+            self._advance_grammars(advancing)
         return updated
 
-    def _advance_grammar(self, seq: Sequence, token: int) -> None:
-        """Feed a structured-output sequence's new token to its matcher; a terminated grammar ends it.
+    def _advance_grammars(self, advancing: list[tuple[Sequence, int]]) -> None:
+        """Feed structured-output sequences their new tokens (one batched call); a terminated grammar ends one.
 
         Only sequences still running get here: once stopped (EOS, stop id, length) the matcher is never
         asked for a mask again. The grammar terminates only by accepting an EOS that did not stop the
         sequence (ignore_eos, or an EOS allowed before min_tokens because the grammar allowed nothing else):
         then nothing may follow, so the sequence stops.
         """
-        if not seq.grammar.accept(token):
-            self.finish(seq, "error")  # the mask allowed it, so this is a bug: end it rather than emit junk
-        elif seq.grammar.terminated:
-            self.finish(seq, "stop")
+        grammars = [seq.grammar for seq, _ in advancing]
+        kind = type(grammars[0])
+        accept_many = getattr(kind, "accept_many", None)
+        if accept_many is not None and all(type(g) is kind for g in grammars):
+            accepted = accept_many(grammars, [token for _, token in advancing])
+        else:
+            accepted = [g.accept(token) for g, (_, token) in zip(grammars, advancing)]
+        for (seq, _), ok in zip(advancing, accepted):
+            if not ok:
+                self.finish(seq, "error")  # the mask allowed it, so this is a bug: end it rather than emit junk
+            elif seq.grammar.terminated:
+                self.finish(seq, "stop")
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
