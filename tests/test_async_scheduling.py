@@ -209,3 +209,32 @@ def test_random_load_with_swap_reserve_priorities_and_aborts_equals_sync(tiny_ll
     assert eng.scheduler.num_swapped_out > 0
     assert eng.scheduler.host_blocks_free == eng.scheduler.host_blocks and not eng.swap_space.host
     _same(tight, roomy)
+
+
+def test_worker_with_async_scheduling_serves_jobs_like_sync(tiny_llama, redis_url):
+    """The worker's launch / Redis I/O / collect tick on an async-scheduling engine: same results as sync."""
+    from producer import Client
+    from protocol.connection import connect
+    from worker.loop import Worker
+    from worker.settings import WorkerSettings
+
+    client = Client(redis_url)
+    jobs = [{"prompt_token_ids": _ids(6 + 3 * i, i), "max_tokens": 6 + i, "ignore_eos": i % 2 == 0,
+             "temperature": 0, "stream": i % 3 == 0, "priority": ("interactive", "bulk")[i % 2]} for i in range(8)]
+    results = {}
+    for mode in (False, True):
+        ids = client.enqueue_many([dict(j, id=f"{mode}-{k}") for k, j in enumerate(jobs)])
+        eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=4,
+                                    async_scheduling=mode)
+        w = Worker(eng, connect(redis_url, fail_fast=True),
+                   WorkerSettings(redis_url=redis_url, name=f"w-{mode}", block_ms=20))
+        assert w.start()
+        for _ in range(500):
+            w.tick()
+            if w.jobs_done == len(jobs) and not w.inflight:
+                break
+        w._leave()
+        results[mode] = [(r.status, r.token_ids, r.finish_reason) for r in (client.result(i, timeout=5) for i in ids)]
+        assert eng.block_manager.num_used_blocks == 0
+    assert results[True] == results[False]
+    assert all(status == "completed" for status, _, _ in results[True])
