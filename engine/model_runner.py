@@ -138,7 +138,9 @@ class ModelRunner:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _feed_tensors(self, rows: list[int], src: list[int], previous: PendingStep) -> tuple[torch.Tensor, torch.Tensor]:
+    def _feed_tensors(
+        self, rows: list[int], src: list[int], previous: PendingStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """([2, K] int64 device: destination input rows, source rows) and the previous step's sampled ids."""
         idx = self._to_device(torch.tensor([rows, src], dtype=torch.int64))  # [2, K]
         return idx, previous.device_tokens

@@ -3,8 +3,8 @@
 Decode, chunked prefill and prefix-cache hits all fall out of that one rule. Running sequences go first
 (oldest/highest priority first); when KV blocks run out, the lowest-priority newest running sequence is
 preempted (its blocks freed, its progress reset, recomputed later; or, with at least swap_min_tokens
-computed, its KV copied to host memory and back when it resumes: engine/swap.py). Waiting sequences are admitted while
-the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
+computed, its KV copied to host memory and back when it resumes: engine/swap.py). Waiting sequences are
+admitted while the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
 requests of a priority to hand over. Admitting work of priority > 0 leaves a reserve of blocks and sequence
 slots (EngineConfig.priority_reserve) free for priority-0 work, so an interactive request beside a bulk batch
 rarely needs a preemption to start.

@@ -132,8 +132,8 @@ def test_swap_with_bulk_and_interactive_priorities_and_aborts(tiny_llama):
     for _ in range(4):
         eng.step()
     for j in range(2):
-        eng.add_request(f"inter{j}", {"prompt_token_ids": _ids(30, 60 + j)}, SamplingParams(temperature=0, max_tokens=4),
-                        priority=INTERACTIVE)
+        eng.add_request(f"inter{j}", {"prompt_token_ids": _ids(30, 60 + j)},
+                        SamplingParams(temperature=0, max_tokens=4), priority=INTERACTIVE)
     eng.step()
     swapped = [s for s in eng.scheduler.waiting if s.swapped_blocks]
     assert swapped, "no bulk sequence was swapped out for the interactive ones"
