@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from bench.workload import add_engine_flags, add_workload_flags, make_workload  # noqa: E402
+from bench.workload import add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
 
 
 def _sync() -> None:
@@ -125,6 +125,10 @@ def main() -> int:
     p.add_argument("--scrape-every-s", type=float, default=5.0, help="with --metrics-port: GET /metrics this often")
     p.add_argument("--worker-log", type=Path, default=None,
                    help="write the worker's INFO log (one line per finished job) here; default: no job log")
+    p.add_argument("--priority-reserve", type=float, default=None,
+                   help="EngineConfig.priority_reserve: KV/slot fraction bulk admission leaves to interactive jobs")
+    p.add_argument("--swap-space-bytes", type=int, default=None,
+                   help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.worker_log is not None:
@@ -139,8 +143,11 @@ def main() -> int:
     path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
+    extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes))
+             if v is not None}
     llm = LLM(str(path), device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              async_scheduling=async_scheduling(args), **extra)
     eng = llm.engine
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
     llm.generate([{"prompt_token_ids": q[:64]} for q in wl.prompts[:8]], params[:8])  # warm-up
@@ -159,6 +166,7 @@ def main() -> int:
         redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab,
                                        metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
         eng.block_manager.reset_prefix_cache()
+    preemptions_before = eng.scheduler.num_preemptions
     probed_s, ttft = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab,
                                        metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
     stop_local_redis(state)
@@ -174,6 +182,10 @@ def main() -> int:
         "redis_over_offline": None if args.probes_only else round(offline_s / redis_s, 3),
         "redis_with_probes_output_tok_per_s": round(out_tokens / probed_s, 1),
         "interactive_probes": len(ttft),
+        "probed_run_preemptions": eng.scheduler.num_preemptions - preemptions_before,
+        "swapped_out_total": eng.scheduler.num_swapped_out,
+        "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
+        "probed_over_plain": None if args.probes_only else round(redis_s / probed_s, 3),
         "ttft_ms_p50": round(pct(0.5), 1), "ttft_ms_p90": round(pct(0.9), 1), "ttft_ms_p99": round(pct(0.99), 1),
         "ttft_ms_mean": round(statistics.fmean(ttft), 1) if ttft else None,
     }

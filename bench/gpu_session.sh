@@ -30,6 +30,13 @@ for stage in "$@"; do case $stage in
   prefix) run prefix_on 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --json "$OUT/prefix_on.json"
           run prefix_off 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --no-prefix-caching --json "$OUT/prefix_off.json" ;;
   e2e) run e2e 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e.json" ;;
+  async) for m in off on; do  # issue 17 item 4: async scheduling off / on, same session
+      run llama8b_async_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --async-scheduling $m --json "$OUT/llama8b_async_$m.json"
+      run qwen3_async_$m 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --async-scheduling $m --json "$OUT/qwen3_async_$m.json"
+    done ;;
+  interactive) # issue 17 item 6: bulk + one interactive probe every 500 ms; before (no reserve, no swap) / after
+      run e2e_probes_before 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --priority-reserve 0 --swap-space-bytes 0 --json "$OUT/e2e_probes_before.json"
+      run e2e_probes_after 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_probes_after.json" ;;
   e2emetrics) for i in 1 2; do  # issue 13: the Redis path with metrics + job log off / on, alternated
       run e2e_off_$i 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_off_$i.json"
       run e2e_on_$i 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --metrics-port 0 --scrape-every-s 5 --worker-log "$OUT/joblog_$i.log" --json "$OUT/e2e_on_$i.json"

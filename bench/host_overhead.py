@@ -3,6 +3,7 @@
   .venv/bin/python bench/host_overhead.py                      # 256 and 512 running sequences
   .venv/bin/python bench/host_overhead.py --num-seqs 512 --steps 300 --profile 30
   .venv/bin/python bench/host_overhead.py --gc off               # or freeze: see --help
+  .venv/bin/python bench/host_overhead.py --async-scheduling both --device-ms 15   # sync vs async, simulated GPU
 
 A real LLMEngine on a tiny random Llama runs greedy, ignore_eos requests whose prompts are 200-600 tokens.
 Only the device work is faked:
@@ -23,6 +24,13 @@ Phases (mean microseconds per step, decode-only steps with every sequence runnin
   gc          time inside Python's garbage collector (already counted in the phase it interrupted)
   argmax      the sampler's argmax over [S, 512] logits alone: part of `runner` here, but device work
               (queued asynchronously) on the GPU
+  wait        time blocked on the simulated device (--device-ms), excluded from every phase above
+  gpu_idle    with --device-ms T: per step, how long the simulated device sat idle waiting for the host to
+              queue the next step (each step occupies it T ms from max(its launch, the previous step's end))
+
+--async-scheduling on|off|both: the engine's async scheduling (engine/async_step.py). Off, every phase is on
+the critical path (the device idles from a step's end until the next launch); on, the next step is queued
+before the previous step's outputs are processed, so only host time beyond the device's step time idles it.
 Full collections are rare (about one per 200-300 steps at 512 sequences) but scan the whole heap, so
 `gc` is noisy over short runs; `p50 total` and `--gc off` leave it out.
 """
@@ -54,7 +62,7 @@ from spool_testing.tiny_model import _corpus, build_tiny_model  # noqa: E402
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
 PROMPT_LENS = (200, 600)
-PHASES = ("schedule", "runner", "graph_in", "update", "on_token", "total", "gc", "argmax")
+PHASES = ("schedule", "runner", "graph_in", "update", "on_token", "total", "gc", "argmax", "wait", "gpu_idle")
 
 
 class _FakeModel:
@@ -108,6 +116,33 @@ def _fake_device(engine: LLMEngine, token_stream: list[int]) -> None:
     runner.graphs = graphs
 
 
+class _SimulatedDevice:
+    """A clock for the device work: each launched step occupies it device_s from max(launch, previous end)."""
+
+    def __init__(self, device_s: float):
+        self.device_s = device_s
+        self.free_at = 0.0
+        self.idle = 0.0  # seconds the device waited for a launch (after its first step)
+        self.waited = 0.0  # seconds the host blocked in result()
+        self._started = False
+
+    def queue(self) -> float:
+        """A step was queued now: returns when its results are ready."""
+        now = time.perf_counter()
+        if self._started and now > self.free_at:
+            self.idle += now - self.free_at
+        self._started = True
+        self.free_at = max(now, self.free_at) + self.device_s
+        return self.free_at
+
+    def wait_until(self, ready_at: float) -> None:
+        """Block like a host sync on the device until ready_at."""
+        now = time.perf_counter()
+        if ready_at > now:
+            time.sleep(ready_at - now)
+            self.waited += time.perf_counter() - now
+
+
 class _GcTimer:
     """Seconds spent in garbage collections and how many were full (generation 2), via gc.callbacks."""
 
@@ -131,8 +166,9 @@ class _GcTimer:
 class _PhaseTimer:
     """Wraps engine methods with perf_counter accumulators; `laps` holds one dict of seconds per step."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, device: _SimulatedDevice):
         self.engine = engine
+        self.device = device
         self.acc = dict.fromkeys(("schedule", "launch", "result", "graph_in", "update"), 0.0)
         self.laps: list[dict[str, float]] = []
         self.gc = _GcTimer()
@@ -155,24 +191,31 @@ class _PhaseTimer:
         setattr(obj, name, timed)
 
     def _wrap_launch(self) -> None:
-        runner, acc = self.engine.runner, self.acc
+        runner, acc, device = self.engine.runner, self.acc, self.device
         launch = runner.launch
 
         class TimedPending:
-            def __init__(self, pending):
+            def __init__(self, pending, ready_at: float):
                 self.pending = pending
+                self.ready_at = ready_at
+
+            def __getattr__(self, name):  # seq_ids, device_tokens: what the next launch reads
+                return getattr(self.pending, name)
 
             def result(self):
                 t0 = time.perf_counter()
+                waited = device.waited
+                device.wait_until(self.ready_at)
                 try:
                     return self.pending.result()
                 finally:
-                    acc["result"] += time.perf_counter() - t0
+                    acc["result"] += time.perf_counter() - t0 - (device.waited - waited)
 
-        def timed_launch(sched):
+        def timed_launch(sched, previous=None):
             t0 = time.perf_counter()
             try:
-                return TimedPending(launch(sched))
+                pending = launch(sched, previous.pending if previous is not None else None)
+                return TimedPending(pending, device.queue())
             finally:
                 acc["launch"] += time.perf_counter() - t0
 
@@ -183,20 +226,25 @@ class _PhaseTimer:
         for k in self.acc:
             self.acc[k] = 0.0
         gc_before = self.gc.seconds
+        waited, idle = self.device.waited, self.device.idle
         t0 = time.perf_counter()
         inflight = self.engine.launch()
         t1 = time.perf_counter()
         deltas = self.engine.collect(inflight)
         t2 = time.perf_counter()
         a = self.acc
+        wait = self.device.waited - waited
+        # launch() may apply the previous step itself (synchronous fallback): count its update there too.
         self.laps.append({
             "schedule": a["schedule"],
             "runner": a["launch"] + a["result"],
             "graph_in": a["graph_in"],
             "update": a["update"],
-            "on_token": (t2 - t1) - a["result"] - a["update"],
-            "total": t2 - t0,
+            "on_token": (t2 - t0) - wait - a["schedule"] - a["launch"] - a["result"] - a["update"],
+            "total": t2 - t0 - wait,
             "gc": self.gc.seconds - gc_before,
+            "wait": wait,
+            "gpu_idle": self.device.idle - idle,
         })
         return deltas
 
@@ -211,21 +259,23 @@ def make_model_dir(root: Path) -> Path:
     return path
 
 
-def build_engine(model_dir: Path, num_seqs: int, max_output: int) -> LLMEngine:
+def build_engine(model_dir: Path, num_seqs: int, max_output: int, async_scheduling: bool) -> LLMEngine:
     """A CPU engine with room for num_seqs sequences of the longest prompt plus max_output tokens."""
     blocks_per_seq = -(-(PROMPT_LENS[1] + max_output) // BLOCK_SIZE)
     config = EngineConfig(
         model=str(model_dir), device="cpu", max_num_seqs=num_seqs, block_size=BLOCK_SIZE,
         num_kv_blocks=num_seqs * blocks_per_seq + 64, max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8192,
+        async_scheduling=async_scheduling,
     )
     return LLMEngine(config)
 
 
-def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: int, gc_mode: str) -> dict[str, float]:
+def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: int, gc_mode: str,
+        async_scheduling: bool = False, device_ms: float = 0.0) -> dict[str, float]:
     """Fill the batch, run `warmup` decode steps, then time `steps` decode steps; returns mean µs per phase."""
     # Prefill takes about num_seqs * 400 / 8192 steps; the output budget covers it with room to spare.
     max_output = MAX_MODEL_LEN - PROMPT_LENS[1]
-    engine = build_engine(model_dir, num_seqs, max_output)
+    engine = build_engine(model_dir, num_seqs, max_output, async_scheduling)
     tok = engine.tokenizer
     stream = [t for line in _corpus() for t in tok.encode(line, add_special_tokens=False)]
     _fake_device(engine, stream)
@@ -235,7 +285,7 @@ def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: in
         n = rng.randint(*PROMPT_LENS)
         start = rng.randrange(len(stream) - n)
         engine.add_request(f"r{i}", {"prompt_token_ids": stream[start:start + n]}, params)
-    timer = _PhaseTimer(engine)
+    timer = _PhaseTimer(engine, _SimulatedDevice(device_ms / 1000))
     prefill_steps = 0
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
         timer.step()
@@ -285,16 +335,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
                     help="Python's collector during the timed steps: as is, after gc.freeze(), or disabled")
+    ap.add_argument("--async-scheduling", choices=("on", "off", "both"), default="both",
+                    help="the engine's async scheduling (engine/async_step.py): on, off, or each in turn")
+    ap.add_argument("--device-ms", type=float, default=0.0,
+                    help="simulate a device that takes this long per step (0: results are ready at once)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the means here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(Path(tmp))
-        results = {n: run(model_dir, n, args.steps, args.warmup, args.profile, args.gc) for n in args.num_seqs}
-    print(f"\nhost µs per decode step (mean over {args.steps} steps, gc {args.gc}; graph_in is part of runner)")
-    print(f"{'seqs':>6} " + " ".join(f"{k:>9}" for k in PHASES) + f" {'p50 total':>10} {'µs/seq':>7} {'full gcs':>8}")
-    for n, m in results.items():
-        print(f"{n:>6} " + " ".join(f"{m[k]:>9.0f}" for k in PHASES)
+        results = {(n, a): run(model_dir, n, args.steps, args.warmup, args.profile, args.gc, a, args.device_ms)
+                   for n in args.num_seqs for a in modes}
+    print(f"\nhost µs per decode step (mean over {args.steps} steps, gc {args.gc}, simulated device "
+          f"{args.device_ms} ms/step; graph_in is part of runner)")
+    print(f"{'seqs':>6} {'async':>5} " + " ".join(f"{k:>9}" for k in PHASES)
+          + f" {'p50 total':>10} {'µs/seq':>7} {'full gcs':>8}")
+    for (n, a), m in results.items():
+        print(f"{n:>6} {'on' if a else 'off':>5} " + " ".join(f"{m[k]:>9.0f}" for k in PHASES)
               + f" {m['p50_total']:>10.0f} {m['total'] / n:>7.2f} {m['full_gcs']:>8}")
+    if args.json is not None:
+        args.json.write_text(json.dumps([{"num_seqs": n, "async_scheduling": a, "device_ms": args.device_ms,
+                                          **{k: round(v, 1) for k, v in m.items()}}
+                                         for (n, a), m in results.items()], indent=2))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from bench.workload import Workload, add_engine_flags, add_workload_flags, make_workload  # noqa: E402
+from bench.workload import Workload, add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -33,6 +33,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
               max_model_len=args.max_model_len)
     kw.update(_extra_engine_kwargs(args))
     t0 = time.perf_counter()
+    kw["async_scheduling"] = async_scheduling(args)
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=_schema(args, i))

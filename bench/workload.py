@@ -39,6 +39,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=default["max_num_seqs"])
     p.add_argument("--max-num-batched-tokens", type=int, default=default["max_num_batched_tokens"])
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="the engine's async scheduling (auto: on for CUDA)")
+
+
+def async_scheduling(args: argparse.Namespace) -> bool | None:
+    """EngineConfig.async_scheduling from --async-scheduling."""
+    return {"auto": None, "on": True, "off": False}[args.async_scheduling]
 
 
 def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:

@@ -127,15 +127,19 @@ class BlockManager:
             hit.append(block_id)
         return hit, len(hit) * bs
 
-    def can_allocate(self, seq_id: str, num_tokens: int, computed_blocks: list[int] | None = None) -> bool:
+    def can_allocate(self, seq_id: str, num_tokens: int, computed_blocks: list[int] | None = None,
+                     reserve: int = 0) -> bool:
         """Whether allocate() with the same arguments would succeed; mutates nothing."""
         seq = self._seqs.get(seq_id)
         computed = (computed_blocks or []) if seq is None else []
-        return self._num_new_blocks(seq, num_tokens, computed) <= self._num_available(computed)
+        return self._num_new_blocks(seq, num_tokens, computed) <= self._num_available(computed) - reserve
 
     def allocate(self, seq_id: str, num_tokens: int, token_ids: Sequence[int],
-                 computed_blocks: list[int] | None = None) -> bool:
-        """Grow seq_id's table to cover num_tokens tokens; False (and no change) if blocks run out."""
+                 computed_blocks: list[int] | None = None, reserve: int = 0) -> bool:
+        """Grow seq_id's table to cover num_tokens tokens; False (and no change) if blocks run out.
+
+        reserve: blocks that must stay allocatable afterwards (the scheduler's reserve for priority-0 work).
+        """
         seq = self._seqs.get(seq_id)
         if seq is not None and len(seq.blocks) * self.block_size >= num_tokens:
             return True  # the common decode step: the last block still has room
@@ -143,7 +147,7 @@ class BlockManager:
         computed = (computed_blocks or []) if seq is None else []
         hashes = self._verify_computed(computed, token_ids) if computed else []
         need = self._num_new_blocks(seq, num_tokens, computed)
-        if need > self._num_available(computed):
+        if need > self._num_available(computed) - reserve:
             return False
         # Everything below succeeds: all checks are done, so no half-done mutation is possible.
         if seq is None:

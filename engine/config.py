@@ -135,6 +135,15 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "safetensors" | "dummy"
     seed: int = 0
     enable_prefix_caching: bool = True
+    # Schedule step N+1 while step N runs (engine/async_step.py). None: on for CUDA; off on the CPU, where the
+    # device work runs inside launch() and there is nothing to overlap (results would only come a step later).
+    async_scheduling: bool | None = None
+    # Fraction of KV blocks and of max_num_seqs that admitting work of priority > 0 (the worker's bulk jobs) must
+    # leave free, so priority-0 (interactive) work rarely has to preempt anything to start.
+    priority_reserve: float = 0.05
+    # Host memory for the KV of preempted sequences (engine/swap.py). None: 4 GiB on CUDA, none on the CPU.
+    swap_space_bytes: int | None = None
+    swap_min_tokens: int = 128  # preempted sequences with fewer computed tokens are recomputed, not swapped
     kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # True disables CUDA graphs
     quantization: str | None = None  # None | "fp8" (W8A8); an FP8 checkpoint runs in fp8 either way
@@ -164,6 +173,16 @@ class EngineConfig:
         if dev.type not in ("cpu", "cuda"):
             raise ConfigError(f"unsupported device {self.device!r}; use 'cpu' or 'cuda'")
         return dev
+
+    def resolve_async_scheduling(self, device: torch.device) -> bool:
+        """Explicit setting wins; None (auto) is on for CUDA devices."""
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    def resolve_swap_space_bytes(self, device: torch.device) -> int:
+        """Explicit setting wins; None is 4 GiB on CUDA and 0 (recompute only) on the CPU."""
+        if self.swap_space_bytes is not None:
+            return self.swap_space_bytes
+        return 4 << 30 if device.type == "cuda" else 0
 
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
         """Explicit dtype wins; 'auto' is the checkpoint's dtype on CUDA (fp32 checkpoints run bf16) and fp32 on CPU."""
@@ -198,6 +217,10 @@ class EngineConfig:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
+        if (self.swap_space_bytes is not None and self.swap_space_bytes < 0) or self.swap_min_tokens < 1:
+            raise ConfigError("swap_space_bytes must be >= 0 and swap_min_tokens >= 1")
+        if not 0.0 <= self.priority_reserve < 1.0:
+            raise ConfigError(f"priority_reserve must be in [0, 1) (got {self.priority_reserve})")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
         if self.quantization not in (None, "fp8"):

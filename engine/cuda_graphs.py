@@ -46,10 +46,17 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         # Host staging in pinned memory: one [3, G] int64 block and one block table, filled then copied async.
         # (Pageable off CUDA, where nothing can be pinned: only bench/host_overhead.py builds them there.)
-        pin = torch.device(device).type == "cuda"
-        self.h_vec = torch.zeros(3, g, dtype=i64, pin_memory=pin)
-        self.h_tables = torch.zeros(g, self.width, dtype=i32, pin_memory=pin)
-        self.h_lens = torch.ones(g, dtype=i32, pin_memory=pin)
+        # Two sets, alternated: with async scheduling a step's inputs are staged while the previous step's copies
+        # may still wait in the stream; each set's last copies are fenced by an event before it is refilled.
+        self._on_cuda = torch.device(device).type == "cuda"
+        pin = self._on_cuda
+        self._staging = [
+            (torch.zeros(3, g, dtype=i64, pin_memory=pin), torch.zeros(g, self.width, dtype=i32, pin_memory=pin),
+             torch.ones(g, dtype=i32, pin_memory=pin))
+            for _ in range(2)
+        ]
+        self._staged: list[torch.cuda.Event | None] = [None, None]
+        self._next = 0
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -81,12 +88,21 @@ class DecodeGraphs:
         return bool(self.graphs) and num_seqs <= self.max_bs and max_blocks <= self.width
 
     def run(
-        self, tokens: list[int], positions: list[int], tables: Sequence[Sequence[int]], block_size: int
+        self, tokens: list[int], positions: list[int], tables: Sequence[Sequence[int]], block_size: int,
+        feed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the smallest fitting graph for one token per sequence; returns hidden states [B, hidden]."""
+        """Replay the smallest fitting graph for one token per sequence; returns hidden states [B, hidden].
+
+        feed = (rows [2, K] int64: input rows, source rows; sampled ids [R] int64), both on the device: input
+        ids that only the device knows yet (async scheduling), copied in after the staged ones.
+        """
         b = len(tokens)
         bs = next(s for s in self.sizes if s >= b)
-        vec, tab = self.h_vec, self.h_tables
+        k = self._next
+        self._next ^= 1
+        if self._staged[k] is not None:
+            self._staged[k].synchronize()  # that set's copies (two steps ago) have left: in practice no wait
+        vec, tab, lens = self._staging[k]
         vec[0, :b] = torch.tensor(tokens, dtype=torch.int64)
         pos = torch.tensor(positions, dtype=torch.int64)
         vec[1, :b] = pos
@@ -97,16 +113,22 @@ class DecodeGraphs:
         tab[:b, :maxb] = packed
         rows = tab[:b].gather(1, (pos // block_size).view(b, 1).to(torch.int64)).view(b).to(torch.int64)
         vec[2, :b] = rows * block_size + pos % block_size
-        self.h_lens[:b] = (pos + 1).to(torch.int32)
+        lens[:b] = (pos + 1).to(torch.int32)
         if bs > b:  # padding rows: write no KV, attend to one (ignored) slot
             vec[:, b:bs] = 0
             vec[2, b:bs] = -1
-            self.h_lens[b:bs] = 1
+            lens[b:bs] = 1
             tab[b:bs, :maxb] = 0
         self.input_ids[:bs].copy_(vec[0, :bs], non_blocking=True)
         self.positions[:bs].copy_(vec[1, :bs], non_blocking=True)
         self.slot_mapping[:bs].copy_(vec[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self.h_lens[:bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(lens[:bs], non_blocking=True)
         self.block_tables[:bs, :maxb].copy_(tab[:bs, :maxb], non_blocking=True)
+        if self._on_cuda:
+            self._staged[k] = torch.cuda.Event()
+            self._staged[k].record()
+        if feed is not None:
+            rows, sampled = feed
+            self.input_ids.index_copy_(0, rows[0], sampled.index_select(0, rows[1]))
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

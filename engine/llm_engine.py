@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
 from engine.step_types import StepInFlight
+from engine.swap import SwapSpace
 from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,22 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
             eos.append(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos,
+            config.priority_reserve,
         )
+        swap_bytes = config.resolve_swap_space_bytes(self.runner.device)
+        self.swap_space = SwapSpace(self.runner.kv_caches) if swap_bytes >= self.runner.bytes_per_block else None
+        if self.swap_space is not None:
+            self.scheduler.enable_swap(swap_bytes // self.runner.bytes_per_block, config.swap_min_tokens)
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)
         self._grammars = GrammarGate(self.tokenizer, self.model_cfg.vocab_size, eos)  # structured outputs
         self._arrival = itertools.count()
         self._in_flight = False
+        self.async_scheduling = config.resolve_async_scheduling(self.runner.device)
+        # Async scheduling: the last launched step, collected but not applied yet (its tokens may still be on
+        # the device); the next launch() schedules around it and collect() applies it (engine/async_step.py).
+        self._unapplied: StepInFlight | None = None
         self.stats = EngineStats()
         self._vocab_bytes: list[bytes] | None = None  # token id -> exact bytes, built when logprobs need it
         _freeze_startup_heap()
@@ -260,7 +270,8 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         """True while a request is compiling its grammar, queued, running, or has deltas still to deliver."""
-        return bool(self._pending) or self.scheduler.has_unfinished() or bool(self._grammars)
+        return (bool(self._pending) or self.scheduler.has_unfinished() or bool(self._grammars)
+                or self._unapplied is not None)
 
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks held by sequences (0..1)."""
@@ -287,6 +298,9 @@ class LLMEngine:
 
         Between launch() and collect() the caller may add_request(), abort() and read engine state (the
         worker talks to Redis there while the GPU computes), but must not launch another step.
+
+        With async scheduling this runs while the step before it may still compute: its sampled tokens feed
+        this step on the device, and collect() returns that earlier step's deltas (engine/async_step.py).
         """
         if self._in_flight:
             raise RuntimeError("a step is already in flight: collect() it first")
@@ -295,25 +309,43 @@ class LLMEngine:
                 self._grammars.wait(_IDLE_GRAMMAR_WAIT_S)  # nothing else to run: do not spin on the compile
             for compiled in self._grammars.poll():
                 self._start_compiled(compiled)
+        previous = self._unapplied
+        if previous is not None and self.scheduler.needs_sync():
+            # The next step's sampling reads host-side history: apply the previous step before scheduling.
+            self._unapplied = None
+            self._pending.extend(self._apply(previous))
+            previous = None
         sched = self.scheduler.schedule()
+        if self.swap_space is not None:
+            self.swap_space.apply(sched)  # queued before the step's forward pass, which reuses or reads the blocks
+        self._in_flight = True  # until collect(), even when nothing runs: the pairing is the contract
         if not (sched.chunks or sched.finished_seq_ids):
             return StepInFlight(sched, None)
-        self._in_flight = True
-        return StepInFlight(sched, self.runner.launch(sched))
+        return StepInFlight(sched, self.runner.launch(sched, previous.pending if previous is not None else None))
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:
-        """Second half of step(): wait for the device, append the sampled tokens, detokenize, report."""
+        """Second half of step(): wait for the device, append the sampled tokens, detokenize, report.
+
+        With async scheduling the step just launched stays on the device: this applies the one before it
+        (and the launched one too when it ran nothing, so the last results always come out).
+        """
         deltas, self._pending = self._pending, []  # includes aborts made while the step was in flight
-        if step.pending is None:
+        self._in_flight = False
+        if not self.async_scheduling:
+            if step.pending is not None:
+                deltas.extend(self._apply(step))
             return self._collect(deltas)
-        try:
-            result = step.pending.result()
-        finally:
-            self._in_flight = False
-        self.stats.num_steps += 1
-        for seq in self.scheduler.update_from_output(step.sched, result):
-            deltas.append(self._on_token(seq, result.logprobs.get(seq.seq_id), result.ranks.get(seq.seq_id)))
+        older, self._unapplied = self._unapplied, (step if step.pending is not None else None)
+        if older is not None:
+            deltas.extend(self._apply(older))
         return self._collect(deltas)
+
+    def _apply(self, step: StepInFlight) -> list[RequestDelta]:
+        """Wait for a launched step's tokens, append them, apply stop rules, detokenize; its deltas."""
+        result = step.pending.result()
+        self.stats.num_steps += 1
+        return [self._on_token(seq, result.logprobs.get(seq.seq_id), result.ranks.get(seq.seq_id))
+                for seq in self.scheduler.update_from_output(step.sched, result)]
 
     def _collect(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
         for d in deltas:

@@ -1,12 +1,14 @@
 """ModelRunner: owns the device: weights, KV cache, per-step metadata, the forward pass and sampling."""
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from engine.async_step import device_feed
 from engine.attention import AttentionMetadata, pack_block_tables
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
@@ -167,14 +169,24 @@ class ModelRunner:
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
 
+    def _feed_tensors(
+        self, rows: list[int], src: list[int], previous: PendingStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([2, K] int64 device: destination input rows, source rows) and the previous step's sampled ids."""
+        idx = self._to_device(torch.tensor([rows, src], dtype=torch.int64))  # [2, K]
+        return idx, previous.device_tokens
+
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> PendingStep:
+    def launch(self, sched: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence.
 
         The forward pass and sampling are queued on the device; this returns without waiting for them.
+        `previous` is the step launched before this one when its tokens have not reached the host yet (async
+        scheduling): chunks in sched.device_input_rows take their last input token from its sampled ids.
 
-        Until result() the caller may do host work (Redis I/O in the worker) while the GPU computes; it must
-        not launch another step meanwhile (the decode graphs' input buffers are reused).
+        Until result() the caller may do host work (Redis I/O in the worker) while the GPU computes. At most
+        one earlier step may still be unfinished when this is called (the decode graphs' host staging is
+        double-buffered).
         """
         for seq_id in sched.finished_seq_ids:
             self.sampler.release(seq_id)
@@ -183,17 +195,24 @@ class ModelRunner:
         chunks = sched.chunks
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
+        feed_rows, feed_src = device_feed(sched, previous)
         if decode_only and self.graphs is not None and self.graphs.fits(
             len(chunks), max(len(c.block_table) for c in chunks)
         ):
+            feed = self._feed_tensors(feed_rows, feed_src, previous) if feed_rows else None  # one token per chunk
             hidden = self.graphs.run([c.token_ids[0] for c in chunks], [c.start_pos for c in chunks],
-                                     [c.block_table for c in chunks], self.block_size)  # [S, hidden]
+                                     [c.block_table for c in chunks], self.block_size, feed)  # [S, hidden]
             logits = self.model.compute_logits(hidden)  # [S, vocab]
         else:
             meta = self._metadata(
                 [c.token_ids for c in chunks], [c.start_pos for c in chunks], [c.block_table for c in chunks],
                 sample_rows,
             )
+            if feed_rows:
+                # A pending token is its chunk's last: its flat row is the chunk's end - 1.
+                ends = list(itertools.accumulate(len(c.token_ids) for c in chunks))
+                idx, tokens = self._feed_tensors([ends[i] - 1 for i in feed_rows], feed_src, previous)
+                meta.input_ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))  # on the device, in order
             hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
             if not sample_rows:
                 return PendingStep([], None)

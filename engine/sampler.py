@@ -206,6 +206,7 @@ class Sampler:
     def _finish(self, logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> "PendingSample":
         """Gather raw-distribution logprobs into one float64 vector and start its copy to the host."""
         num_rows = len(rows)
+        sampled = tokens  # [R] int64, kept on the device: async scheduling feeds it to the next step
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         parts = [tokens.to(torch.float64)]  # ids, ranks and float32 values are all exact in float64
         num_top = max((rows[i].params.logprobs for i in lp_rows), default=0)
@@ -225,7 +226,7 @@ class Sampler:
             event.record()
             flat = host
         wanted = [(i, rows[i].params.logprobs) for i in lp_rows]
-        return PendingSample(flat, event, num_rows, wanted, num_top)
+        return PendingSample(flat, event, num_rows, wanted, num_top, sampled)
 
 
 @dataclass(slots=True)
@@ -237,6 +238,7 @@ class PendingSample:
     num_rows: int
     lp_rows: list[tuple[int, int]]  # (row, number of top logprobs it asked for)
     num_top: int
+    tokens: torch.Tensor | None = None  # [num_rows] int64 on the device: the sampled ids before the host copy
 
     def result(self) -> SamplerOutput:
         """Wait for the device, then unpack ids, logprobs and ranks per row."""

@@ -2,9 +2,12 @@
 
 Decode, chunked prefill and prefix-cache hits all fall out of that one rule. Running sequences go first
 (oldest/highest priority first); when KV blocks run out, the lowest-priority newest running sequence is
-preempted (its blocks freed, its progress reset, recomputed later). Waiting sequences are admitted while
-the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
-requests of a priority to hand over.
+preempted (its blocks freed, its progress reset, recomputed later; or, with at least swap_min_tokens
+computed, its KV copied to host memory and back when it resumes: engine/swap.py). Waiting sequences are
+admitted while the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
+requests of a priority to hand over. Admitting work of priority > 0 leaves a reserve of blocks and sequence
+slots (EngineConfig.priority_reserve) free for priority-0 work, so an interactive request beside a bulk batch
+rarely needs a preemption to start.
 """
 from __future__ import annotations
 
@@ -30,8 +33,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: list[int],
+        priority_reserve: float = 0.0,
     ):
         self.block_manager = block_manager
+        # What admitting work of priority > 0 must leave free for priority-0 work: blocks and sequence slots.
+        self.reserved_blocks = int(block_manager.num_blocks * priority_reserve)
+        self.reserved_seqs = int(max_num_seqs * priority_reserve)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -42,11 +49,25 @@ class Scheduler:
         self._finished_since_step: list[str] = []
         self.num_preemptions = 0
         self.isolated: list[Sequence] = []  # unfinished isolated sequences, oldest first
+        self.num_running_history = 0  # running sequences whose sampling reads their outputs on the host
+        # Swap (engine/swap.py): host capacity in KV blocks, what is free of it, and this step's copy lists.
+        self.host_blocks = self.host_blocks_free = 0
+        self.swap_min_tokens = 0
+        self.num_swapped_out = 0
+        self._host_blocks_to_release = 0  # swapped in by the last step: their host copies are read by then
+        self._swap_out: list[tuple[str, list[int]]] = []
+        self._swap_in: list[tuple[str, list[int]]] = []
+
+    def enable_swap(self, host_blocks: int, min_tokens: int) -> None:
+        """Preempt sequences with >= min_tokens computed tokens by swapping their KV to host_blocks of host memory."""
+        self.host_blocks = self.host_blocks_free = host_blocks
+        self.swap_min_tokens = min_tokens
 
     # -- queue management -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
         self.seqs[seq.seq_id] = seq
+        seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         if seq.isolated:
             self.isolated.append(seq)
@@ -55,9 +76,13 @@ class Scheduler:
         """End a sequence (stop, length, abort): free its blocks and drop it from the queues."""
         if seq.status is SeqStatus.FINISHED:
             return
-        queue = self.running if seq.status is SeqStatus.RUNNING else self.waiting
-        queue.remove(seq)
+        if seq.status is SeqStatus.RUNNING:
+            self._stop_running(seq)
+        else:
+            self.waiting.remove(seq)
         self.block_manager.free(seq.seq_id)
+        self.host_blocks_free += seq.swapped_blocks  # its host copy is dropped at the next launch
+        seq.swapped_tokens = seq.swapped_blocks = 0
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -65,6 +90,28 @@ class Scheduler:
         self._finished_since_step.append(seq.seq_id)
         if seq.isolated:
             self.isolated.remove(seq)
+
+    def needs_sync(self) -> bool:
+        """True when the next step must see every sampled token on the host first (async scheduling falls back
+        to synchronous steps): a running sequence samples from its output history (grammar, penalties,
+        min_tokens), or an isolated request is about to run alone (a crash in its step must be its own)."""
+        return self.num_running_history > 0 or bool(self.isolated)
+
+    def _start_running(self, seq: Sequence, num_cached: int) -> None:
+        seq.status = SeqStatus.RUNNING
+        seq.num_computed_tokens = num_cached
+        if seq.num_cached_tokens < 0:  # usage.cached_tokens reports the first admission's hit
+            seq.num_cached_tokens = num_cached
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+        self.num_running_history += seq.needs_host_history
+        if seq.swapped_blocks:  # its KV comes back from host memory into the head of its new table
+            self._swap_in.append((seq.seq_id, self.block_manager.block_table(seq.seq_id)[: seq.swapped_blocks]))
+            self._host_blocks_to_release += seq.swapped_blocks
+            seq.swapped_tokens = seq.swapped_blocks = 0
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.num_running_history -= seq.needs_host_history
 
     def has_unfinished(self) -> bool:
         """True while any sequence is waiting or running."""
@@ -83,27 +130,50 @@ class Scheduler:
         better_running = bisect.bisect_right(self.running, priority, key=_priority_of)
         yielding = len(self.running) - better_running
         ahead = self.waiting[: bisect.bisect_right(self.waiting, priority, key=_priority_of)]
-        slots = self.max_num_seqs - better_running - len(ahead)
+        reserved = priority > 0
+        slots = self.max_num_seqs - better_running - len(ahead) - (self.reserved_seqs if reserved else 0)
         if slots <= 0:
             return 0
         bm = self.block_manager
         bs = bm.block_size
         waiting_blocks = sum(-(-s.num_tokens // bs) for s in ahead)
-        free = bm.num_free_blocks
+        free = bm.num_free_blocks - (self.reserved_blocks if reserved else 0)
         if waiting_blocks >= free and yielding:  # count the yielding sequences' blocks only when they matter
             free += sum(bm.num_blocks_held(s.seq_id) for s in self.running[better_running:])
         return slots if waiting_blocks < free else 0
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._stop_running(seq)
+        computed = seq.num_computed_tokens
+        blocks = -(-computed // self.block_manager.block_size)
+        if self.host_blocks and computed >= self.swap_min_tokens and blocks <= self.host_blocks_free:
+            # Swap rather than recompute: the copy-out runs before this step reuses the freed blocks.
+            self._swap_out.append((seq.seq_id, self.block_manager.block_table(seq.seq_id)[:blocks]))
+            self.host_blocks_free -= blocks
+            seq.swapped_tokens, seq.swapped_blocks = computed, blocks
+            self.num_swapped_out += 1
         self.block_manager.free(seq.seq_id)
         seq.status = SeqStatus.WAITING
         seq.num_computed_tokens = 0
+        seq.generation += 1  # chunks of steps still in flight no longer describe its (freed) KV
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
+    def _seq_limit(self, seq: Sequence) -> int:
+        """Running sequences beside which seq may be admitted: work of priority > 0 leaves the reserved slots."""
+        return self.max_num_seqs - self.reserved_seqs if seq.priority > 0 else self.max_num_seqs
+
+    def _reserve(self, seq: Sequence) -> int:
+        """Blocks that admitting seq must leave free (running sequences still grow into them)."""
+        return self.reserved_blocks if seq.priority > 0 else 0
+
     def _first_chunk(self, seq: Sequence, budget: int) -> tuple[list[int], int, int]:
-        """Prefix-cache hit and first chunk size for a waiting sequence: (cached blocks, cached tokens, new tokens)."""
+        """Prefix-cache hit and first chunk size for a waiting sequence: (cached blocks, cached tokens, new tokens).
+
+        A swapped-out sequence's KV comes back from host memory instead: it resumes after its computed tokens.
+        """
+        if seq.swapped_blocks:
+            return [], seq.swapped_tokens, min(seq.num_tokens - seq.swapped_tokens, budget)
         blocks, num_cached = self.block_manager.get_computed_blocks(seq.token_ids)
         return blocks, num_cached, min(seq.num_tokens - num_cached, budget)
 
@@ -111,11 +181,11 @@ class Scheduler:
         """Preempt lower-priority running sequences while a better-priority waiting one cannot start."""
         while self.waiting and self.running:
             head, tail = self.waiting[0], self.running[-1]
-            if head.priority >= tail.priority:
+            if head.priority >= tail.priority or head.num_pending_tokens:
                 return
             blocks, cached, new = self._first_chunk(head, self.max_num_batched_tokens)
-            full = len(self.running) >= self.max_num_seqs
-            if not full and self.block_manager.can_allocate(head.seq_id, cached + new, blocks):
+            full = len(self.running) >= self._seq_limit(head)
+            if not full and self.block_manager.can_allocate(head.seq_id, cached + new, blocks, self._reserve(head)):
                 return
             self._preempt(tail)
 
@@ -138,6 +208,9 @@ class Scheduler:
         """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
         out = SchedulerOutput(finished_seq_ids=self._finished_since_step)
         self._finished_since_step = []
+        self.host_blocks_free += self._host_blocks_to_release
+        self._host_blocks_to_release = 0
+        out.swap_out, out.swap_in = self._swap_out, self._swap_in = [], []
         if self.isolated:
             return self._schedule_isolated(out)
         self._make_room_for_priority()
@@ -146,7 +219,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            scheduled_tokens = len(seq.token_ids) + seq.num_pending_tokens
+            if seq.num_pending_tokens and scheduled_tokens >= seq.max_num_tokens:
+                i += 1  # its token still on the device reaches max_tokens / max_model_len: nothing follows it
+                continue
+            num_new = min(scheduled_tokens - seq.num_computed_tokens, budget)
             if num_new > 1 and held_back is not None and seq.priority > held_back:
                 i += 1  # a worse-priority prompt chunk sits this step out; decode tokens never do
                 continue
@@ -166,15 +243,16 @@ class Scheduler:
             seq = self.waiting[0]
             if held_back is not None and seq.priority > held_back:
                 break
+            if seq.num_pending_tokens:
+                break  # preempted while its last token was on the device: it restarts once that token is in
+            if len(self.running) >= self._seq_limit(seq):
+                break  # the remaining slots are the priority-0 reserve
             blocks, num_cached, num_new = self._first_chunk(seq, budget)
-            if not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks):
+            if not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks,
+                                               self._reserve(seq)):
                 break
             self.waiting.pop(0)
-            seq.status = SeqStatus.RUNNING
-            seq.num_computed_tokens = num_cached
-            if seq.num_cached_tokens < 0:  # usage.cached_tokens reports the first admission's hit
-                seq.num_cached_tokens = num_cached
-            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+            self._start_running(seq, num_cached)
             self._emit(out, seq, num_new)
             budget -= num_new
         out.num_batched_tokens = self.max_num_batched_tokens - budget
@@ -205,15 +283,11 @@ class Scheduler:
                     blocks, num_cached, num_new = self._first_chunk(seq, budget)  # preemption may free hits
                 else:
                     self.waiting.remove(seq)
-                    seq.status = SeqStatus.RUNNING
-                    seq.num_computed_tokens = num_cached
-                    if seq.num_cached_tokens < 0:
-                        seq.num_cached_tokens = num_cached
-                    bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+                    self._start_running(seq, num_cached)
                     self._emit(out, seq, num_new)
                     budget -= num_new
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_scheduled_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 if not self._preempt_other(group, later):
                     break
@@ -239,11 +313,21 @@ class Scheduler:
         """Schedule seq's next num_new tokens: a chunk in `out`, and seq's progress moved past them."""
         start = seq.num_computed_tokens
         end = seq.num_computed_tokens = start + num_new
+        tokens = seq.token_ids[start:end]
+        if len(tokens) < num_new:
+            # Async scheduling: the last token was sampled by the step still in flight. A placeholder holds its
+            # place; the runner copies the real id from that step's sampled-token tensor on the device.
+            tokens.append(0)
+            out.device_input_rows.append(len(out.chunks))
+        sample = end == len(seq.token_ids) + seq.num_pending_tokens
         # Fields in declaration order: keyword arguments would cost ~0.2 µs more per sequence and step.
         out.chunks.append(ScheduledChunk(
-            seq.seq_id, seq.token_ids[start:end], start, self.block_manager.block_table_array(seq.seq_id),
-            end == seq.num_tokens, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed, seq.grammar,
+            seq.seq_id, tokens, start, self.block_manager.block_table_array(seq.seq_id),
+            sample, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed, seq.grammar,
         ))
+        out.seqs.append(seq)
+        out.generations.append(seq.generation)
+        seq.num_pending_tokens += sample  # back to 0 when update_from_output applies this step
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
         """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""
@@ -251,18 +335,26 @@ class Scheduler:
         advancing: list[tuple[Sequence, int]] = []  # structured-output sequences and their new token
         sampled = result.sampled
         bs = self.block_manager.block_size
-        for chunk in sched.chunks:
-            seq = self.seqs.get(chunk.seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran
-            token = sampled.get(chunk.seq_id)
+        for chunk, seq, generation in zip(sched.chunks, sched.seqs, sched.generations):
+            token = None
+            if chunk.sample:
+                seq.num_pending_tokens -= 1
+                token = sampled.get(chunk.seq_id)
+            if seq.status is SeqStatus.FINISHED:
+                # Aborted or stopped while the step ran (async scheduling: stopped by the step before it). Its
+                # token is dropped; the KV slot it wrote belonged to blocks already freed, never hashed.
+                continue
             if token is not None:
+                # Also for a sequence preempted since this step was launched (async scheduling): the token is
+                # real, and the recompute covers it as it covers the rest of the sequence.
                 seq.token_ids.append(token)
                 updated.append(seq)
-            # Blocks that just became full of computed tokens can now serve later prompts. Earlier blocks
-            # were registered when they filled, so a chunk that fills none has nothing to register.
-            if seq.num_computed_tokens // bs > chunk.start_pos // bs:
-                self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            # Blocks that just became full of tokens this step computed can now serve later prompts (only while
+            # the sequence still holds the blocks this step wrote). Earlier blocks were registered when they
+            # filled, so a chunk that fills none has nothing to register.
+            end = chunk.start_pos + len(chunk.token_ids)
+            if end // bs > chunk.start_pos // bs and generation == seq.generation and seq.status is SeqStatus.RUNNING:
+                self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, end)
             if token is not None:
                 self._check_token_stop(seq, token)
                 if seq.grammar is not None and seq.status is SeqStatus.RUNNING:

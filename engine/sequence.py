@@ -39,6 +39,13 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     grammar: SequenceGrammar | None = None  # structured outputs: has accepted exactly the output tokens
+    # Async scheduling: tokens sampled by launched steps whose results are not applied yet (0 or 1). The newest
+    # is on the device only; the next step reads it there (see engine/async_step.py).
+    num_pending_tokens: int = 0
+    generation: int = 0  # bumped at each preemption: results of steps launched before it carry no KV for it
+    max_num_tokens: int = 0  # prompt + max_tokens, capped at max_model_len (set by Scheduler.add)
+    swapped_tokens: int = 0  # preempted by swap: computed tokens whose KV waits in host memory (engine/swap.py)
+    swapped_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -58,6 +65,19 @@ class Sequence:
     def num_output_tokens(self) -> int:
         """Generated tokens so far."""
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """num_tokens plus the pending ones: where num_computed_tokens must catch up to."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    @property
+    def needs_host_history(self) -> bool:
+        """Sampling reads this sequence's output tokens on the host (grammar, penalties, min_tokens), so its next
+        step cannot be scheduled before the previous one's token is known: async scheduling steps synchronously."""
+        p = self.params
+        return (self.grammar is not None or p.min_tokens > 0 or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0)
 
     @property
     def sort_key(self) -> tuple[int, int]:

@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # an annotation only: see the module docstring
+    import torch
+
     from engine.grammar import SequenceGrammar
     from engine.sampler import PendingSample
+    from engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -41,6 +44,16 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     num_batched_tokens: int = 0
     finished_seq_ids: list[str] = field(default_factory=list)
+    # Parallel to chunks, for the scheduler's own update: each chunk's sequence and its preemption generation.
+    seqs: list[Sequence] = field(default_factory=list)
+    generations: list[int] = field(default_factory=list)
+    # Async scheduling: indices of chunks whose last token was sampled by the previous (still unapplied) step;
+    # their token_ids hold a placeholder there, and the runner reads the real id from that step's device tensor.
+    device_input_rows: list[int] = field(default_factory=list)
+    # Swap (engine/swap.py): (sequence id, device blocks) to copy to host memory before this step runs, and
+    # (sequence id, its new device blocks) to copy back into.
+    swap_out: list[tuple[str, list[int]]] = field(default_factory=list)
+    swap_in: list[tuple[str, list[int]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -58,6 +71,11 @@ class PendingStep:
 
     seq_ids: list[str]  # the sampled sequences, in sampler row order
     sample: PendingSample | None  # None when the step samples nothing
+
+    @property
+    def device_tokens(self) -> torch.Tensor | None:
+        """The sampled ids [num_sampled] int64 on the device, before they reach the host (async scheduling)."""
+        return None if self.sample is None else self.sample.tokens
 
     def result(self) -> RunnerOutput:
         """Wait for the device (the step's only host sync) and key the sampled tokens by sequence."""

@@ -275,11 +275,12 @@ def _capacity_by_scan(eng, priority: int) -> int:
     sched, bm = eng.scheduler, eng.block_manager
     yielding = [s for s in sched.running if s.priority > priority]
     ahead = [s for s in sched.waiting if s.priority <= priority]
-    slots = eng.config.max_num_seqs - (len(sched.running) - len(yielding) + len(ahead))
+    reserved = priority > 0  # work of priority > 0 leaves the priority-0 reserve
+    slots = eng.config.max_num_seqs - (len(sched.running) - len(yielding) + len(ahead)) - reserved * sched.reserved_seqs
     if slots <= 0:
         return 0
     need = sum(-(-s.num_tokens // eng.config.block_size) for s in ahead)
-    free = bm.num_free_blocks + sum(len(bm.block_table(s.seq_id)) for s in yielding)
+    free = bm.num_free_blocks + sum(len(bm.block_table(s.seq_id)) for s in yielding) - reserved * sched.reserved_blocks
     return slots if need < free else 0
 
 

@@ -69,3 +69,25 @@ def test_llama3_8b_shape_bf16_logits_as_accurate_as_transformers():
     ours_err, hf_err = rel(ours, ref32), rel(ref16, ref32)
     assert ours_err <= 1.1 * hf_err + 1e-3, (ours_err, hf_err)
     assert rel(ours, ref16) < 3 * hf_err, rel(ours, ref16)
+
+
+@requires_cuda
+@pytest.mark.parametrize("eager", [True, False])
+def test_async_scheduling_on_cuda_equals_sync(tiny_llama, eager):
+    """Async scheduling on CUDA (tokens fed on the device, graphs replayed with double-buffered inputs): same
+    outputs as synchronous stepping, with stops, seeds, logprobs and preemption on a tight cache."""
+    from engine import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in _prompts(12, seed=21)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = [greedy, greedy.model_copy(update={"logprobs": 2}), SamplingParams(temperature=0, max_tokens=24),
+              SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=16)] * 3
+    outs = {}
+    for mode in (False, True):
+        llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16, max_num_seqs=8, enforce_eager=eager,
+                  num_kv_blocks=24, async_scheduling=mode)
+        assert llm.engine.async_scheduling is mode
+        res = llm.generate(prompts, params)
+        outs[mode] = [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in res]
+        assert llm.engine.block_manager.num_used_blocks == 0
+    assert outs[True] == outs[False]

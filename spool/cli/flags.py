@@ -24,6 +24,10 @@ _HELP = {
     "load_format": "auto | safetensors | dummy (random weights, for benchmarks)",
     "seed": "seed of the engine's sampling generator (a job's own seed overrides it)",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "priority_reserve": "fraction of KV blocks and sequence slots that bulk admission leaves to interactive jobs",
+    "swap_space_bytes": "host memory for preempted sequences' KV, in bytes (default: 4 GiB on CUDA, 0 on CPU)",
+    "swap_min_tokens": "preempted sequences with fewer computed tokens are recomputed instead of swapped",
+    "async_scheduling": "schedule the next step while the GPU computes this one (default: on for CUDA)",
     "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
     "quantization": "fp8: W8A8 FP8 projections (per-channel weight, per-token activation scales; needs compute "
