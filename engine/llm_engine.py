@@ -318,10 +318,13 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if self.swap_space is not None:
             self.swap_space.apply(sched)  # queued before the step's forward pass, which reuses or reads the blocks
-        self._in_flight = True  # until collect(), even when nothing runs: the pairing is the contract
         if not (sched.chunks or sched.finished_seq_ids):
+            self._in_flight = True  # until collect(), even when nothing runs: the pairing is the contract
             return StepInFlight(sched, None)
-        return StepInFlight(sched, self.runner.launch(sched, previous.pending if previous is not None else None))
+        # Marked only once the launch went through: a launch that raised leaves no step to collect.
+        pending = self.runner.launch(sched, previous.pending if previous is not None else None)
+        self._in_flight = True
+        return StepInFlight(sched, pending)
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:
         """Second half of step(): wait for the device, append the sampled tokens, detokenize, report.
@@ -329,15 +332,19 @@ class LLMEngine:
         With async scheduling the step just launched stays on the device: this applies the one before it
         (and the launched one too when it ran nothing, so the last results always come out).
         """
-        deltas, self._pending = self._pending, []  # includes aborts made while the step was in flight
         self._in_flight = False
+        applied: list[RequestDelta] = []
         if not self.async_scheduling:
             if step.pending is not None:
-                deltas.extend(self._apply(step))
-            return self._collect(deltas)
-        older, self._unapplied = self._unapplied, (step if step.pending is not None else None)
-        if older is not None:
-            deltas.extend(self._apply(older))
+                applied = self._apply(step)
+        else:
+            older, self._unapplied = self._unapplied, (step if step.pending is not None else None)
+            if older is not None:
+                applied = self._apply(older)
+        # Taken only after the step applied: if it raised, deltas queued outside the step (aborts, failed
+        # requests) wait for the next collect() instead of being lost with the exception.
+        deltas, self._pending = self._pending, []  # includes aborts made while the step was in flight
+        deltas.extend(applied)
         return self._collect(deltas)
 
     def _apply(self, step: StepInFlight) -> list[RequestDelta]:

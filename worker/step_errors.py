@@ -11,9 +11,10 @@ Two kinds of step failure, told apart by the exception:
   failed step end with a failed result, code `engine_error`, their partial output kept; other running jobs
   and the worker go on.
 
-The engine is not written to be re-entered after an exception, so the recovery here uses only its public
-calls: abort() frees a request's KV blocks and queues its final delta; collect() of an empty step clears
-the "step in flight" mark a failed launch() leaves behind and hands out the queued deltas.
+The recovery uses only the engine's public calls: abort() frees a request's KV blocks and queues its final
+delta; collect() of an empty step after a failed launch() hands out the queued deltas (and, with async
+scheduling, applies the step launched before the failed one). A launch() that raised leaves no step in
+flight, and a collect() that raised keeps the deltas queued outside the step for the next collect().
 """
 from __future__ import annotations
 
