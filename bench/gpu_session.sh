@@ -14,7 +14,7 @@ run() { local name=$1; shift; local t=$1; shift; echo "=== $name: $*" | tee -a "
 for stage in "$@"; do case $stage in
   env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
        python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/summary.txt" ;;
-  tests) run gpu_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_engine.py tests/test_sampler.py ;;
+  tests) run gpu_tests 420 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ ;;
   gtests) run gpu_engine_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu_engine.py ;;
   fp8tests) run gpu_fp8_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_gpu_fp8_kv.py ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
@@ -30,6 +30,15 @@ for stage in "$@"; do case $stage in
   prefix) run prefix_on 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --json "$OUT/prefix_on.json"
           run prefix_off 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prefix-len 1024 --prompt-len 16 64 --output-len 64 64 --no-prefix-caching --json "$OUT/prefix_off.json" ;;
   e2e) run e2e 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e.json" ;;
+  asyncllama) for m in off on; do  # issue 17 item 4, llama3-8b only
+      run llama8b_async_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --async-scheduling $m --json "$OUT/llama8b_async_$m.json"
+    done ;;
+  tokso) # detokenized baseline and one json_schema on every request (issue 11), with this build's defaults
+      run llama8b_tok 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --with-tokenizer --json "$OUT/llama8b_tok.json"
+      run llama8b_so_one 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured one --json "$OUT/llama8b_so_one.json" ;;
+  gpus1lite) W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"  # issue 14 item 4, one pair
+      run cli_plain 420 python3 bench/worker_cli.py $W --json "$OUT/cli_plain.json"
+      run cli_gpus0 420 python3 bench/worker_cli.py $W --worker-args "--gpus 0" --json "$OUT/cli_gpus0.json" ;;
   async) for m in off on; do  # issue 17 item 4: async scheduling off / on, same session
       run llama8b_async_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --async-scheduling $m --json "$OUT/llama8b_async_$m.json"
       run qwen3_async_$m 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --async-scheduling $m --json "$OUT/qwen3_async_$m.json"
