@@ -364,4 +364,7 @@ def test_fp8_checkpoints_on_cuda_match_cpu(tiny_llama, tmp_path, fmt):
     path = write_fp8_checkpoint(tiny_llama, tmp_path / fmt, fmt, (24, 40))
     cpu = last_logits(LLM(str(path), device="cpu", dtype="bfloat16"))
     gpu = last_logits(LLM(str(path), device="cuda", dtype="bfloat16", num_kv_blocks=64, enforce_eager=True))
-    assert rel(gpu.cpu(), cpu) < 0.05
+    # Not bit-equal: bf16 activations differ between the CPU and CUDA kernels by bf16 rounding, and the per-token
+    # fp8 activation quantization turns some of those into a whole e4m3 step (1/16). Measured on the H200
+    # (2026-12-02): 0.059 at worst over the formats; a layout or scale bug gives ~1.
+    assert rel(gpu.cpu(), cpu) < 0.1
