@@ -131,6 +131,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # True disables CUDA graphs
+    tensor_parallel_size: int = 1  # ranks (one process and one device each) the model is sharded over
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -179,3 +180,26 @@ class EngineConfig:
             raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
+
+    def validate_for(self, model_cfg: ModelConfig) -> None:
+        """Reject settings this model cannot run with: its heads and MLP must split evenly over the ranks."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return
+        c = model_cfg
+        if c.num_heads % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} must divide the model's {c.num_heads} attention heads")
+        if c.num_kv_heads % tp and tp % c.num_kv_heads:
+            raise ConfigError(f"tensor_parallel_size {tp} and the model's {c.num_kv_heads} KV heads must divide "
+                              "one another (fewer KV heads than ranks are replicated)")
+        if c.intermediate_size % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} must divide the model's intermediate_size "
+                              f"{c.intermediate_size}")
+        device = self.resolve_device()
+        if device.type == "cuda":
+            first = device.index or 0
+            if first + tp > torch.cuda.device_count():
+                raise ConfigError(f"tensor_parallel_size {tp} from cuda:{first} needs GPUs cuda:{first}.."
+                                  f"cuda:{first + tp - 1}, but torch sees {torch.cuda.device_count()}")

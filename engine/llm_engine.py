@@ -13,13 +13,13 @@ from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens, token_bytes_table
 from engine.grammar_gate import Compiled, GrammarGate
-from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
 from engine.step_types import StepInFlight
 from engine.tokenizer import load_tokenizer
+from engine.tp_executor import make_runner
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's limit {limit}")
-        self.runner = ModelRunner(config, self.model_cfg, self.max_model_len)
+        self.runner = make_runner(config, self.model_cfg, self.max_model_len)  # a TPExecutor when tensor parallel
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         eos = list(self.model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
@@ -105,6 +105,12 @@ class LLMEngine:
         self.stats = EngineStats()
         self._vocab_bytes: list[bytes] | None = None  # token id -> exact bytes, built when logprobs need it
         _freeze_startup_heap()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel rank processes, if any (they also stop when the engine is collected or at exit)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":

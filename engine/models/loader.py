@@ -1,14 +1,21 @@
-"""Build a decoder from a local Hugging Face directory: safetensors (single or sharded) or dummy weights."""
+"""Build a decoder from a local Hugging Face directory: safetensors (single or sharded) or dummy weights.
+
+Under tensor parallelism every rank builds only its shard of the model and reads only its slices of the
+checkpoint (safetensors' get_slice: the bytes of other ranks' rows and columns are never read); the layers
+say which slices are theirs (`shard_index`, engine/models/parallel_linear.py).
+"""
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, ModelConfig
+from engine.distributed import SINGLE, TPGroup
 from engine.models.linear import Linear
 from engine.models.llama import LlamaForCausalLM
 from kernels.ops import Ops
@@ -57,15 +64,6 @@ def safetensors_files(path: Path) -> list[Path]:
     raise ConfigError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
 
 
-def _shard_offsets(model: LlamaForCausalLM, target: str) -> list[int]:
-    """Row offsets of the q/k/v (or gate/up) slices inside a fused parameter."""
-    cfg = model.cfg
-    if "qkv" in target:
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [0, q, q + kv, q + 2 * kv]
-    return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
-
-
 def _target(name: str) -> tuple[str, int | None] | None:
     """Map an HF tensor name to (our parameter name, fused shard) or None for tensors we don't use."""
     if name.startswith("model.layers."):
@@ -76,38 +74,62 @@ def _target(name: str) -> tuple[str, int | None] | None:
         if rest in _RENAMED:
             return f"layers.{idx}.{_RENAMED[rest]}", None
         return None
-    simple = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+    simple = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm",
+              "lm_head.weight": "lm_head.weight"}
     return (simple[name], None) if name in simple else None
 
 
+@dataclass(slots=True)
+class LoadStats:
+    """What loading read: per rank, about 1/tensor_parallel_size of the checkpoint plus replicated tensors."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+
+
 def _checkpoint_tensors(path: Path, device: torch.device):
-    """(name, tensor) for every tensor of every safetensors file, read straight onto the device."""
+    """(name, lazy slice) for every tensor of every safetensors file; indexing a slice reads only its bytes."""
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
-def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, source: str = "checkpoint") -> None:
-    """Copy HF-named tensors into their (possibly fused) parameters; every parameter must be covered."""
+def _shape(source) -> tuple[int, ...]:
+    """Shape of a tensor or of a safetensors slice, without reading it."""
+    return tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
+
+
+def load_named_tensors(
+    model: LlamaForCausalLM, tensors, dtype: torch.dtype, source: str = "checkpoint"
+) -> LoadStats:
+    """Copy HF-named tensors (torch tensors or safetensors slices) into this rank's parameters, reading only
+    the rows/columns the rank holds; every parameter (and every part of a fused one) must be covered."""
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     loaded: set[tuple[str, int | None]] = set()
-    for name, tensor in tensors:
+    stats = LoadStats()
+    for name, src in tensors:
         tgt = _target(name)
         if tgt is None or tgt[0] not in params:
             if tgt is None and "rotary_emb" not in name:
                 log.debug("ignoring checkpoint tensor %s", name)
             continue
         pname, shard = tgt
-        param = params[pname]
-        if shard is None:
-            dst = param.data
-        else:
-            offs = _shard_offsets(model, pname)
-            dst = param.data[offs[shard] : offs[shard + 1]]
+        owner, _, attr = pname.rpartition(".")
+        layer = modules.get(owner)
+        full_shape = _shape(src)
+        rows, index = slice(None), ()
+        if hasattr(layer, "shard_index"):
+            rows, index = layer.shard_index(attr, shard, full_shape)
+        dst = params[pname].data[rows]
+        tensor = src[index or ...]  # a safetensors slice reads only these bytes
         if dst.shape != tensor.shape:
-            raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+            raise ConfigError(f"{name}: checkpoint shape {full_shape} gives {tuple(tensor.shape)} here, "
+                              f"expected {tuple(dst.shape)}")
         dst.copy_(tensor.to(dtype))
+        stats.tensors += 1
+        stats.bytes_read += tensor.numel() * tensor.element_size()
         loaded.add(tgt)
     expected = set()
     for pname in params:
@@ -120,16 +142,17 @@ def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, sou
     missing = sorted(p for p, _ in expected - loaded)
     if missing:
         raise ConfigError(f"{source}: lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return stats
 
 
-def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype) -> LoadStats:
     """Load a local safetensors checkpoint (single or sharded) into the model, on the device."""
-    load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path))
+    return load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path))
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     """Random weights for benchmarks without a checkpoint: small normal values, norms at 1."""
-    gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
+    gen = torch.Generator(device=model.norm.device).manual_seed(seed + model.tp.rank)
     for name, p in model.named_parameters():
         if p.dim() == 1 and not name.endswith("bias"):
             p.data.fill_(1.0)
@@ -138,22 +161,26 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
 
 
 def build_model(
-    cfg: ModelConfig, path: Path, ops: Ops, device: torch.device, dtype: torch.dtype, load_format: str, seed: int
+    cfg: ModelConfig, path: Path, ops: Ops, device: torch.device, dtype: torch.dtype, load_format: str, seed: int,
+    tp: TPGroup = SINGLE,
 ) -> LlamaForCausalLM:
-    """Allocate the decoder on the device in the target dtype, then fill its weights."""
+    """Allocate the decoder (this rank's shard of it) on the device in the target dtype, then fill its weights."""
     if load_format != "dummy":
         safetensors_files(path)  # fail fast, before allocating, on an incomplete directory
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg, ops)
+            model = LlamaForCausalLM(cfg, ops, tp)
     finally:
         torch.set_default_dtype(prev)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        load_weights(model, path, device, dtype)
+        stats = load_weights(model, path, device, dtype)
+        if tp.world_size > 1:
+            log.info("rank %d of %d read %.1f MiB of weights (%d tensors)", tp.rank, tp.world_size,
+                     stats.bytes_read / 2**20, stats.tensors)
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.process_weights_after_loading(module)
