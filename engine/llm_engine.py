@@ -304,8 +304,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not (sched.chunks or sched.finished_seq_ids):
             return StepInFlight(sched, None)
+        pending = self.runner.launch(sched)  # may raise (a tensor-parallel rank died): then nothing is in flight
         self._in_flight = True
-        return StepInFlight(sched, self.runner.launch(sched))
+        return StepInFlight(sched, pending)
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:
         """Second half of step(): wait for the device, append the sampled tokens, detokenize, report."""

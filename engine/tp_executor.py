@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # After a rank dies during a step on CUDA, how long rank 0's watchdog lets the aborted collective surface as
 # an exception before it ends the process itself (a kernel stuck on a dead peer can outlive the abort).
 _NCCL_ABORT_GRACE_S = 30.0
+# Longest the ranks may take to start (import torch, load their shard: minutes for a 70B checkpoint on a slow
+# disk). A rank that dies meanwhile is noticed at once; this bounds only a rank that hangs while loading.
+_STARTUP_TIMEOUT_S = 1800.0
 _POLL_S = 0.2
 
 
@@ -116,20 +119,25 @@ class _RankSet:
         if self.tp is not None:
             distributed.destroy_group(self.tp)
 
-    def dead_rank(self) -> str | None:
-        """'tensor-parallel rank R (pid P) was killed by SIGKILL' for the first rank process that is gone."""
+    def dead_rank(self, wait_s: float = 0.0) -> str | None:
+        """'tensor-parallel rank R (pid P) was killed by SIGKILL' for the first rank process that is gone
+        (waiting up to wait_s for one to go), or None."""
+        gone = wait([p.sentinel for p in self.processes], timeout=wait_s)
         for rank, proc in enumerate(self.processes, start=1):
-            if proc.exitcode is not None:
+            if proc.sentinel in gone:
+                # Its pipes close a moment before its exit status can be collected (by this thread or another).
+                deadline = time.monotonic() + 5.0
+                while proc.exitcode is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 return f"tensor-parallel rank {rank} (pid {proc.pid}) {_describe_exit(proc.exitcode)}"
         return None
 
     def watch(self) -> None:
         """Rank 0's watchdog thread: notice a rank process that exits while the engine runs."""
         while not self.stopping.is_set():
-            wait([p.sentinel for p in self.processes], timeout=_POLL_S)
+            dead = self.dead_rank(_POLL_S)
             if self.stopping.is_set():
                 return
-            dead = self.dead_rank()
             if dead is None:
                 continue
             if self.failure is None:
@@ -165,11 +173,13 @@ class TPExecutor:
         started = time.monotonic()
         store = distributed.open_store(world, timeout_s)
         ctx = mp.get_context("spawn")
+        # CPU ranks share rank 0's cores (its intra-op threads, split); a GPU rank's host work needs one thread.
+        threads = max(1, torch.get_num_threads() // world) if devices[0] == "cpu" else 1
         for rank in range(1, world):
             spec = {"rank": rank, "world_size": world, "store_port": store.port, "timeout_s": timeout_s,
                     "config": dataclasses.asdict(dataclasses.replace(config, device=devices[rank])),
                     "max_model_len": max_model_len, "log_level": logging.getLogger().getEffectiveLevel(),
-                    "num_threads": torch.get_num_threads()}
+                    "num_threads": threads}
             parent_end, child_end = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=rank_main, args=(json.dumps(spec), child_end), daemon=True,
                                name=f"spool-tp-rank{rank}")
@@ -179,12 +189,12 @@ class TPExecutor:
             ranks.pipes.append(parent_end)
         threading.Thread(target=ranks.watch, name="spool-tp-watchdog", daemon=True).start()
         try:
-            self._await_all("hello", started + timeout_s)  # every rank imported torch: the rendezvous is quick
+            self._await_all("hello", started + _STARTUP_TIMEOUT_S)  # every rank imported torch: the rendezvous is quick
             ranks.tp = distributed.init_group(0, world, store.port, torch.device(devices[0]), timeout_s, store)
             self.tp = ranks.tp
             self.runner = ModelRunner(dataclasses.replace(config, device=devices[0]), model_cfg, max_model_len,
                                       self.tp)
-            ready = self._await_all("ready", started + timeout_s)
+            ready = self._await_all("ready", started + _STARTUP_TIMEOUT_S)
         except Exception as e:
             raise self._fail(e) from e
         blocks = {msg["num_blocks"] for msg in ready} | {self.runner.num_blocks}
@@ -237,8 +247,7 @@ class TPExecutor:
         ranks = self.ranks
         if ranks.failure is None and not ranks.closed:
             # A collective that failed because a rank died can raise before that rank's exit is visible.
-            wait([p.sentinel for p in ranks.processes], timeout=1.0)
-            dead = ranks.dead_rank()
+            dead = ranks.dead_rank(1.0)
             if dead is not None:
                 ranks.failure = dead + self._last_words()
         if ranks.failure is None:
@@ -269,8 +278,7 @@ class TPExecutor:
             ready = wait([ranks.pipes[i] for i in waiting] + [ranks.processes[i].sentinel for i in waiting],
                          timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                ranks.failure = (f"tensor-parallel ranks did not report {op!r} within "
-                                 f"{distributed.COLLECTIVE_TIMEOUT_S:.0f}s")
+                ranks.failure = f"tensor-parallel ranks did not report {op!r} within {_STARTUP_TIMEOUT_S:.0f}s"
                 raise TensorParallelError(ranks.failure)
             for i in waiting:
                 if ranks.pipes[i] in ready:
