@@ -3,6 +3,7 @@
   python bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --peer
   python bench/throughput.py --model /path/to/hf_dir ...
   python bench/throughput.py --shape llama3-8b ... --structured one|distinct   (a JSON schema on every request)
+  python bench/throughput.py --shape llama3-8b ... --tensor-parallel-size 2   (sharded over cuda:0 and cuda:1)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
     t0 = time.perf_counter()
     llm = LLM(str(path), **kw)
     load_s = time.perf_counter() - t0
@@ -58,7 +59,9 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
     res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks, preemptions=eng.scheduler.num_preemptions,
                steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
-               structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons)
+               structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
+               tensor_parallel_size=args.tensor_parallel_size)
+    eng.shutdown()  # tensor parallel: stop the other ranks before the peer needs their GPUs' memory
     del llm, eng, outs
     gc.collect()
     if torch.cuda.is_available():
@@ -134,6 +137,7 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="shard the model over this many GPUs")
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")

@@ -251,7 +251,9 @@ class TPExecutor:
             if dead is not None:
                 ranks.failure = dead + self._last_words()
         if ranks.failure is None:
-            ranks.failure = f"tensor-parallel step failed on rank 0: {type(error).__name__}: {error}"
+            ranks.failure = (f"tensor-parallel step failed on rank 0 (collective timeout {self.tp.timeout_s:.0f}s): "
+                             f"{type(error).__name__}: {error}" if getattr(self, "tp", None) is not None else
+                             f"tensor-parallel start-up failed on rank 0: {type(error).__name__}: {error}")
         if not ranks.closed:
             log.error("%s; stopping the engine", ranks.failure)
         ranks.close(kill=True)
@@ -345,6 +347,10 @@ def rank_main(spec_json: str, pipe: Connection) -> None:
             payload = torch.empty(msg["len"], dtype=torch.int32)
             tp.broadcast_host(payload)
             runner.launch(decode_step(payload))
+            if runner.device.type == "cuda":
+                # Free in lock-step (rank 0 sends the next step only after this one's logits reached it), and it
+                # keeps the next step's host staging buffers (decode graphs) from racing this step's copies.
+                torch.cuda.current_stream(runner.device).synchronize()
     except BaseException as e:
         log.error("rank %d failed: %s", rank, "".join(traceback.format_exception(e)).rstrip())
         try:
