@@ -12,6 +12,7 @@ from pathlib import Path
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens, token_bytes_table
+from engine.distributed import TensorParallelError
 from engine.grammar_gate import Compiled, GrammarGate
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams, generator_seed
@@ -279,6 +280,9 @@ class LLMEngine:
 
     def admission_capacity(self, priority: int = 0) -> int:
         """How many new requests of `priority` a queue consumer should hand over now (the scheduler decides)."""
+        failure = getattr(self.runner, "failure", None)  # a tensor-parallel rank died while the engine was idle
+        if failure is not None:
+            raise TensorParallelError(failure)
         capacity = self.scheduler.admission_capacity(priority)
         if self._grammars:  # sequences waiting for their grammar will queue soon: count them as queued
             capacity = max(0, capacity - self._grammars.num_waiting(priority))

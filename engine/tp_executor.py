@@ -218,8 +218,10 @@ class TPExecutor:
     def launch(self, sched: SchedulerOutput) -> PendingStep:
         """Send the step's inputs to every rank, then run rank 0's forward pass and sampling."""
         ranks = self.ranks
-        if ranks.failure is not None or ranks.closed:
-            raise self._fail(RuntimeError("the engine was shut down"))
+        if ranks.failure is not None:
+            raise self._fail(TensorParallelError(ranks.failure))
+        if ranks.closed:
+            raise TensorParallelError("this tensor-parallel engine was shut down")
         try:
             if sched.chunks:
                 ranks.in_step = True

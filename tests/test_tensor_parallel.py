@@ -223,6 +223,22 @@ def test_killed_rank_ends_the_engine_with_a_clear_error(tiny_llama):
     llm.engine.shutdown()
 
 
+def test_rank_dying_while_idle_is_noticed(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu", block_size=8, tensor_parallel_size=2)
+    try:
+        assert llm.engine.admission_capacity() > 0
+        (pid,) = _rank_pids(llm)
+        os.kill(pid, signal.SIGKILL)
+        # An idle worker asks for capacity every tick: that is where it learns the engine is gone.
+        wait_until = time.monotonic() + 5
+        while time.monotonic() < wait_until and llm.engine.runner.failure is None:
+            time.sleep(0.05)
+        with pytest.raises(TensorParallelError, match=rf"rank 1 \(pid {pid}\) was killed by SIGKILL"):
+            llm.engine.admission_capacity()
+    finally:
+        llm.engine.shutdown()
+
+
 def test_hung_rank_times_out(tiny_llama, monkeypatch):
     from engine import distributed
 
