@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, kernel bench, throughput benches. Logs go to $OUT.
-# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured diag)
+# Usage: bash bench/gpu_session.sh STAGE...   (stages: env tests gtests kbench ksweep qwen llama llama256 peer prefix e2e e2emetrics structured tp diag)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -34,6 +34,10 @@ for stage in "$@"; do case $stage in
     done ;;
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
          run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
+  tp) # issue 14: tensor parallel over two GPUs (nvidia-h200-x2): the GPU tests, then tp=2 vs tp=1 on llama3-8b
+      run tp_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_tensor_parallel.py
+      run llama8b_tp2 420 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tensor-parallel-size 2 --json "$OUT/llama8b_tp2.json"
+      run llama8b_tp1 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b_tp1.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   *) echo "unknown stage $stage" ;;
 esac; done
