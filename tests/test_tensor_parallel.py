@@ -26,8 +26,8 @@ from spool_testing.tiny_model import build_tiny_model
 MAX_NEW = 12
 # Head counts that do not fit one rank evenly by accident: 6 q heads (3 per rank), and KV heads fewer than
 # ranks (each rank then holds a replica). A 515-token vocabulary is padded to 516 for two ranks.
-SHAPES = {  # (hidden size, config overrides)
-    "llama": (96, dict(num_attention_heads=6, num_key_value_heads=2, vocab_size=515)),
+SHAPES = {  # (hidden size, config overrides); Llama with biases: o_proj's is added once, by rank 0
+    "llama": (96, dict(num_attention_heads=6, num_key_value_heads=2, vocab_size=515, attention_bias=True)),
     "qwen2": (96, dict(num_attention_heads=6, num_key_value_heads=1)),
     "qwen3": (64, dict(num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=515)),
 }
