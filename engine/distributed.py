@@ -112,8 +112,8 @@ def init_group(rank: int, world_size: int, store_port: int, device: torch.device
 
 
 def abort_group(tp: TPGroup) -> None:
-    """Abort the data plane so that a collective blocked on a dead rank returns (NCCL; gloo already raises)."""
-    if tp.backend != "nccl":
+    """Abort every group so that a collective blocked on a dead rank returns (NCCL; gloo raises by itself)."""
+    if tp.backend != "nccl" or not dist.is_initialized():
         return
     try:
         dist.distributed_c10d._abort_process_group(tp.group)

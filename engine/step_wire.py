@@ -45,8 +45,10 @@ def decode_step(payload: torch.Tensor) -> SchedulerOutput:
     chunks = []
     for i in range(num_chunks):
         num_tokens, start_pos, num_blocks, sample = meta[_PER_CHUNK * i : _PER_CHUNK * (i + 1)]
-        chunks.append(ScheduledChunk("", flat[tok : tok + num_tokens].tolist(), start_pos,
-                                     flat[blk : blk + num_blocks], bool(sample), _NO_SAMPLING, [], [], None, None))
+        chunks.append(ScheduledChunk(
+            seq_id="", token_ids=flat[tok : tok + num_tokens].tolist(), start_pos=start_pos,
+            block_table=flat[blk : blk + num_blocks], sample=bool(sample), params=_NO_SAMPLING,
+            prompt_token_ids=[], all_token_ids=[], seed=None, grammar=None))
         tok += num_tokens
         blk += num_blocks
     return SchedulerOutput(chunks, num_batched_tokens)

@@ -117,6 +117,8 @@ class _RankSet:
                 p.kill()
                 p.join(timeout=5)
         if self.tp is not None:
+            if kill:  # a rank failed: a clean NCCL teardown could wait on it, an abort cannot
+                distributed.abort_group(self.tp)
             distributed.destroy_group(self.tp)
 
     def dead_rank(self, wait_s: float = 0.0) -> str | None:

@@ -88,6 +88,23 @@ def test_tp2_greedy_equals_tp1_with_chunked_prefill_and_preemption(odd_model, ar
     assert all(not p.is_alive() for p in runner.ranks.processes)
 
 
+def test_step_inputs_round_trip_as_int32():
+    from array import array
+
+    from engine.step_types import ScheduledChunk, SchedulerOutput
+    from engine.step_wire import decode_step, encode_step
+
+    chunks = [ScheduledChunk("s0", [1, 2, 3], 5, array("i", [7, 8]), True, SamplingParams(), [1], [1], 3, None),
+              ScheduledChunk("s1", [9], 40, array("i", [3, 4, 11, 12, 13, 14]), False, SamplingParams(), [], [],
+                             None, None)]
+    payload = encode_step(SchedulerOutput(chunks, 4, ["gone"]))
+    assert payload.dtype == torch.int32 and payload.numel() == 2 + 4 * 2 + 4 + 8
+    back = decode_step(payload)
+    assert back.num_batched_tokens == 4
+    assert [(c.token_ids, c.start_pos, list(c.block_table), c.sample) for c in back.chunks] == \
+        [([1, 2, 3], 5, [7, 8], True), ([9], 40, [3, 4, 11, 12, 13, 14], False)]
+
+
 class _CountingFile:
     """A safe_open handle that counts the bytes its slices return and refuses whole-tensor reads."""
 
