@@ -128,4 +128,6 @@ def destroy_group(tp: TPGroup) -> None:
             dist.destroy_process_group()
         except Exception as e:  # a broken group (a rank died): nothing more to release
             log.debug("destroy_process_group: %s", e)
+    # Release the groups now, on this thread: a broken gloo group left to interpreter teardown aborts the process.
+    tp.group = tp.cpu_group = None
     tp.owned.clear()

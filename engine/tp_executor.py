@@ -35,7 +35,7 @@ import torch
 import torch.multiprocessing as mp
 
 from engine import distributed
-from engine.config import EngineConfig, ModelConfig
+from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.distributed import TensorParallelError, TPGroup
 from engine.model_runner import ModelRunner
 from engine.step_types import PendingStep, SchedulerOutput
@@ -197,6 +197,9 @@ class TPExecutor:
             self.runner = ModelRunner(dataclasses.replace(config, device=devices[0]), model_cfg, max_model_len,
                                       self.tp)
             ready = self._await_all("ready", started + _STARTUP_TIMEOUT_S)
+        except (ConfigError, OSError):  # rank 0's own checkpoint or setting is bad: the operator's error as is
+            ranks.close(kill=True)
+            raise
         except Exception as e:
             raise self._fail(e) from e
         blocks = {msg["num_blocks"] for msg in ready} | {self.runner.num_blocks}
