@@ -131,6 +131,9 @@ class _CountingFile:
             def get_shape(self):
                 return inner.get_shape()
 
+            def get_dtype(self):
+                return inner.get_dtype()
+
             def __getitem__(self, index):
                 t = inner[index]
                 counter[name] = counter.get(name, 0) + t.numel() * t.element_size()
@@ -156,7 +159,7 @@ def test_each_rank_reads_only_its_slices(odd_model, monkeypatch):
     for rank in (0, 1):
         reads.append({})
         tp = TPGroup(rank=rank, world_size=2)  # loading needs no process group: only the rank's place
-        model = loader.build_model(cfg, path, TORCH_OPS, torch.device("cpu"), torch.float32, "auto", 0, tp)
+        model = loader.build_model(cfg, path, TORCH_OPS, torch.device("cpu"), torch.float32, "auto", 0, tp=tp)
         shards.append(model)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         padding = (model.embed_tokens.rows - model.embed_tokens.num_real_rows) * cfg.hidden_size * 4 * 2
@@ -189,7 +192,7 @@ def test_kv_heads_fewer_than_ranks_are_replicated(odd_model):
     path = odd_model("qwen2")  # one KV head, two ranks
     cfg = ModelConfig.from_dir(path)
     shards = [loader.build_model(cfg, path, TORCH_OPS, torch.device("cpu"), torch.float32, "auto", 0,
-                                 TPGroup(rank=r, world_size=2)) for r in (0, 1)]
+                                 tp=TPGroup(rank=r, world_size=2)) for r in (0, 1)]
     qkv = [s.layers[0].self_attn.qkv_proj for s in shards]
     assert [m.num_heads for m in qkv] == [3, 3] and [m.num_kv_heads for m in qkv] == [1, 1]
     assert torch.equal(qkv[0].weight[48:], qkv[1].weight[48:])  # the same K and V head on both ranks
