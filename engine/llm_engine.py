@@ -107,6 +107,11 @@ class LLMEngine:
         self._vocab_bytes: list[bytes] | None = None  # token id -> exact bytes, built when logprobs need it
         _freeze_startup_heap()
 
+    def _raise_if_runner_failed(self) -> None:
+        failure = getattr(self.runner, "failure", None)  # TPExecutor: why the ranks stopped
+        if failure is not None:
+            raise TensorParallelError(failure)
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel rank processes, if any (they also stop when the engine is collected or at exit)."""
         stop = getattr(self.runner, "shutdown", None)
@@ -280,9 +285,7 @@ class LLMEngine:
 
     def admission_capacity(self, priority: int = 0) -> int:
         """How many new requests of `priority` a queue consumer should hand over now (the scheduler decides)."""
-        failure = getattr(self.runner, "failure", None)  # a tensor-parallel rank died while the engine was idle
-        if failure is not None:
-            raise TensorParallelError(failure)
+        self._raise_if_runner_failed()  # a tensor-parallel rank died while the engine was idle
         capacity = self.scheduler.admission_capacity(priority)
         if self._grammars:  # sequences waiting for their grammar will queue soon: count them as queued
             capacity = max(0, capacity - self._grammars.num_waiting(priority))
@@ -298,6 +301,7 @@ class LLMEngine:
         Between launch() and collect() the caller may add_request(), abort() and read engine state (the
         worker talks to Redis there while the GPU computes), but must not launch another step.
         """
+        self._raise_if_runner_failed()  # a dead tensor-parallel engine says why, on every call after the failure
         if self._in_flight:
             raise RuntimeError("a step is already in flight: collect() it first")
         if self._grammars:
@@ -308,9 +312,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not (sched.chunks or sched.finished_seq_ids):
             return StepInFlight(sched, None)
-        pending = self.runner.launch(sched)  # may raise (a tensor-parallel rank died): then nothing is in flight
         self._in_flight = True
-        return StepInFlight(sched, pending)
+        return StepInFlight(sched, self.runner.launch(sched))
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:
         """Second half of step(): wait for the device, append the sampled tokens, detokenize, report."""

@@ -220,8 +220,11 @@ class TPExecutor:
         return self.ranks.failure
 
     # -- the step path ----------------------------------------------------------------------------------
-    def launch(self, sched: SchedulerOutput) -> PendingStep:
+    def launch(self, sched: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Send the step's inputs to every rank, then run rank 0's forward pass and sampling."""
+        if previous is not None:
+            # Input tokens still on rank 0's device (async scheduling) would never reach the other ranks.
+            raise TensorParallelError("tensor parallelism runs synchronous steps: async scheduling must be off")
         ranks = self.ranks
         if ranks.failure is not None:
             raise self._fail(TensorParallelError(ranks.failure))
