@@ -245,7 +245,7 @@ class TPExecutor:
         if pending.sample is None:
             ranks.in_step = False
             return pending
-        return PendingStep(pending.seq_ids, _GuardedSample(pending.sample, self))
+        return dataclasses.replace(pending, sample=_GuardedSample(pending.sample, self))
 
     def shutdown(self) -> None:
         """Stop the other ranks and leave the process group (also done when the engine is collected or at exit)."""
