@@ -67,6 +67,10 @@ for stage in "$@"; do case $stage in
       run serve_stream_iv${iv}_$((++n)) 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --stream-interval-ms $iv --json "$OUT/serve_stream_iv${iv}_$n.json"
     done ;;
   streamcost) run stream_cost 420 python3 bench/stream_cost.py --json "$OUT/stream_cost.json" ;;  # CPU only: on the device host's idle cores
+  tp) # issue 14: tensor parallel over two GPUs (nvidia-h200-x2): the GPU tests, then tp=2 vs tp=1 on llama3-8b
+      run tp_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_tensor_parallel.py
+      run llama8b_tp2 420 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tensor-parallel-size 2 --json "$OUT/llama8b_tp2.json"
+      run llama8b_tp1 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b_tp1.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py

@@ -4,6 +4,7 @@
   python bench/throughput.py --model /path/to/hf_dir ...
   python bench/throughput.py --shape llama3-8b ... --quantization fp8 [--kv-cache-dtype fp8] [--engine-arg KEY=VALUE]
   python bench/throughput.py --shape llama3-8b ... --structured one|distinct   (a JSON schema on every request)
+  python bench/throughput.py --shape llama3-8b ... --tensor-parallel-size 2   (sharded over cuda:0 and cuda:1)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
     kw.update(_extra_engine_kwargs(args))
     t0 = time.perf_counter()
     kw["async_scheduling"] = async_scheduling(args)
@@ -64,7 +65,9 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                preemptions=eng.scheduler.num_preemptions,
                steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
-               kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args))
+               kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
+               tensor_parallel_size=args.tensor_parallel_size)
+    eng.shutdown()  # tensor parallel: stop the other ranks before the peer needs their GPUs' memory
     del llm, eng, outs
     gc.collect()
     if torch.cuda.is_available():
@@ -158,6 +161,7 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="shard the model over this many GPUs")
     p.add_argument("--quantization", choices=["fp8"], help="FP8 weights (dummy weights are quantized at load)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], help="KV cache element type (engine's kv_cache_dtype)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",

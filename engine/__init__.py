@@ -2,6 +2,7 @@
 a thread for asyncio callers."""
 from engine.async_engine import AsyncEngineArgs, AsyncEngineDeadError, AsyncLLMEngine, random_uuid
 from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.distributed import TensorParallelError
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
@@ -24,4 +25,5 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "ConfigError",
+    "TensorParallelError",
 ]

@@ -153,6 +153,7 @@ class EngineConfig:
         if isinstance(self.quantization, str) and self.quantization.lower() in ("", "none"):
             self.quantization = None
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3, per-layer k/v scales: checkpoint or 1.0)
+    tensor_parallel_size: int = 1  # ranks (one process and one device each) the model is sharded over
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -175,14 +176,18 @@ class EngineConfig:
         return dev
 
     def resolve_async_scheduling(self, device: torch.device) -> bool:
-        """Explicit setting wins; None (auto) is on for CUDA devices."""
-        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        """Explicit setting wins; None (auto) is on for CUDA devices with one rank (tensor parallel: off, the
+        other ranks cannot see tokens that stay on rank 0's device)."""
+        if self.async_scheduling is None:
+            return device.type == "cuda" and self.tensor_parallel_size == 1
+        return self.async_scheduling
 
     def resolve_swap_space_bytes(self, device: torch.device) -> int:
-        """Explicit setting wins; None is 4 GiB on CUDA and 0 (recompute only) on the CPU."""
+        """Explicit setting wins; None is 4 GiB on CUDA and 0 (recompute only) on the CPU or under tensor
+        parallelism (a swap would move rank 0's blocks only)."""
         if self.swap_space_bytes is not None:
             return self.swap_space_bytes
-        return 4 << 30 if device.type == "cuda" else 0
+        return 4 << 30 if device.type == "cuda" and self.tensor_parallel_size == 1 else 0
 
     def resolve_dtype(self, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
         """Explicit dtype wins; 'auto' is the checkpoint's dtype on CUDA (fp32 checkpoints run bf16) and fp32 on CPU."""
@@ -228,3 +233,30 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
                               f"(got {self.kv_cache_dtype!r})")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1 (got {self.tensor_parallel_size})")
+
+    def validate_for(self, model_cfg: ModelConfig) -> None:
+        """Reject settings this model cannot run with: its heads and MLP must split evenly over the ranks."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return
+        if self.async_scheduling:
+            raise ConfigError("async_scheduling needs tensor_parallel_size 1 (tensor parallel steps run synchronously)")
+        if self.swap_space_bytes:
+            raise ConfigError("swap_space_bytes needs tensor_parallel_size 1 (tensor parallel preemption recomputes)")
+        c = model_cfg
+        if c.num_heads % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} must divide the model's {c.num_heads} attention heads")
+        if c.num_kv_heads % tp and tp % c.num_kv_heads:
+            raise ConfigError(f"tensor_parallel_size {tp} and the model's {c.num_kv_heads} KV heads must divide "
+                              "one another (fewer KV heads than ranks are replicated)")
+        if c.intermediate_size % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} must divide the model's intermediate_size "
+                              f"{c.intermediate_size}")
+        device = self.resolve_device()
+        if device.type == "cuda":
+            first = device.index or 0
+            if first + tp > torch.cuda.device_count():
+                raise ConfigError(f"tensor_parallel_size {tp} from cuda:{first} needs GPUs cuda:{first}.."
+                                  f"cuda:{first + tp - 1}, but torch sees {torch.cuda.device_count()}")

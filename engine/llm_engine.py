@@ -12,8 +12,8 @@ from pathlib import Path
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens, token_bytes_table
+from engine.distributed import TensorParallelError
 from engine.grammar_gate import Compiled, GrammarGate
-from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
@@ -21,6 +21,7 @@ from engine.sequence import Sequence, SeqStatus
 from engine.step_types import StepInFlight
 from engine.swap import SwapSpace
 from engine.tokenizer import load_tokenizer
+from engine.tp_executor import make_runner
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
             raise ConfigError(f"max_model_len {self.max_model_len} exceeds the model's limit {limit}")
-        self.runner = ModelRunner(config, self.model_cfg, self.max_model_len)
+        self.runner = make_runner(config, self.model_cfg, self.max_model_len)  # a TPExecutor when tensor parallel
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         eos = list(self.model_cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
@@ -115,6 +116,17 @@ class LLMEngine:
         self.stats = EngineStats()
         self._vocab_bytes: list[bytes] | None = None  # token id -> exact bytes, built when logprobs need it
         _freeze_startup_heap()
+
+    def _raise_if_runner_failed(self) -> None:
+        failure = getattr(self.runner, "failure", None)  # TPExecutor: why the ranks stopped
+        if failure is not None:
+            raise TensorParallelError(failure)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel rank processes, if any (they also stop when the engine is collected or at exit)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -284,6 +296,7 @@ class LLMEngine:
 
     def admission_capacity(self, priority: int = 0) -> int:
         """How many new requests of `priority` a queue consumer should hand over now (the scheduler decides)."""
+        self._raise_if_runner_failed()  # a tensor-parallel rank died while the engine was idle
         capacity = self.scheduler.admission_capacity(priority)
         if self._grammars:  # sequences waiting for their grammar will queue soon: count them as queued
             capacity = max(0, capacity - self._grammars.num_waiting(priority))
@@ -302,6 +315,7 @@ class LLMEngine:
         With async scheduling this runs while the step before it may still compute: its sampled tokens feed
         this step on the device, and collect() returns that earlier step's deltas (engine/async_step.py).
         """
+        self._raise_if_runner_failed()  # a dead tensor-parallel engine says why, on every call after the failure
         if self._in_flight:
             raise RuntimeError("a step is already in flight: collect() it first")
         if self._grammars:

@@ -12,8 +12,10 @@ from engine.async_step import device_feed
 from engine.attention import AttentionMetadata, pack_block_tables
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.distributed import SINGLE, TPGroup
 from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
+from engine.models.parallel_linear import kv_heads_per_rank
 from engine.models.rope import cos_sin_cache
 from engine.sampler import Sampler, SamplingRow
 from engine.step_types import PendingStep, SchedulerOutput
@@ -25,9 +27,11 @@ log = logging.getLogger(__name__)
 class ModelRunner:
     """Runs one flat varlen batch per step over the paged KV cache and samples the next tokens."""
 
-    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int):
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig, max_model_len: int, tp: TPGroup = SINGLE):
         self.config = config
         self.model_cfg = model_cfg
+        self.tp = tp  # this rank's place under tensor parallelism (engine/tp_executor.py); SINGLE otherwise
+        self.num_kv_heads = kv_heads_per_rank(model_cfg.num_kv_heads, tp.world_size)  # heads in this rank's cache
         self.device = config.resolve_device()
         if self.device.type == "cuda" and self.device.index is not None:
             # Triton kernels and CUDA graphs launch on the current device, not the tensors': make them agree.
@@ -41,13 +45,13 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.model = build_model(
             model_cfg, Path(config.model), self.ops, self.device, self.dtype, config.load_format, config.seed,
-            quantization=config.quantization,
+            quantization=config.quantization, tp=tp,
         )
         self._set_kv_scales()
         self.cos_sin = cos_sin_cache(model_cfg, max_model_len, self.device)
         self.sampler = Sampler(model_cfg.vocab_size, self.device)
-        self.num_blocks = self._decide_num_blocks()
-        shape = (self.num_blocks, self.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        self.num_blocks = tp.all_reduce_min(self._decide_num_blocks())  # rank 0's block ids index every rank
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, model_cfg.head_dim)
         kv_dtype = self.kv_cache_dtype
         self.kv_caches = [
             (torch.zeros(shape, dtype=kv_dtype, device=self.device), torch.zeros(shape, dtype=kv_dtype, device=self.device))
@@ -66,7 +70,7 @@ class ModelRunner:
         """KV bytes one block takes across all layers (K and V): fp8 caches hold twice the tokens of bf16."""
         c = self.model_cfg
         elem = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
+        return 2 * c.num_layers * self.block_size * self.num_kv_heads * c.head_dim * elem
 
     def _check_kv_cache_dtype(self) -> None:
         """Triton's fp8 kernels need compute capability 8.9+ (Ada, Hopper); the torch backend runs anywhere."""
@@ -113,7 +117,7 @@ class ModelRunner:
         seq_len = min(n, self.max_model_len)
         num_seqs = -(-n // seq_len)
         nblk = -(-seq_len // self.block_size)
-        shape = (num_seqs * nblk, self.block_size, self.model_cfg.num_kv_heads, self.model_cfg.head_dim)
+        shape = (num_seqs * nblk, self.block_size, self.num_kv_heads, self.model_cfg.head_dim)
         kv = [(torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device),) * 2
               for _ in range(self.model_cfg.num_layers)]
         lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
@@ -124,8 +128,9 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(meta, kv, self.cos_sin)
             logits = self.model.compute_logits(hidden[meta.logits_indices])
-            rows = max(self.config.max_num_seqs, len(lens))
-            torch.softmax(logits.new_empty(rows, logits.shape[1]), dim=-1)
+            if logits is not None:  # only rank 0 holds logits and samples
+                rows = max(self.config.max_num_seqs, len(lens))
+                torch.softmax(logits.new_empty(rows, logits.shape[1]), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del kv, hidden, logits
@@ -217,6 +222,8 @@ class ModelRunner:
             if not sample_rows:
                 return PendingStep([], None)
             logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
+            return PendingStep([], None)
         rows = []
         eos = self.model_cfg.eos_token_ids
         for i in sample_rows:

@@ -144,7 +144,7 @@ VOCAB = 512
 ARCHES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def _config(arch: str, tokenizer, tie: bool, hidden_size: int, num_layers: int):
+def _config(arch: str, tokenizer, tie: bool, hidden_size: int, num_layers: int, overrides: dict | None = None):
     common = dict(
         vocab_size=VOCAB,
         hidden_size=hidden_size,
@@ -160,12 +160,13 @@ def _config(arch: str, tokenizer, tie: bool, hidden_size: int, num_layers: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    common.update(overrides or {})  # e.g. other head counts, a vocabulary padded past the tokenizer's
     if arch == "llama":
         return transformers.LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
     if arch == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=16)
+        return transformers.Qwen3Config(**{"head_dim": 16, **common})
     if arch == "mistral":
         return transformers.MistralConfig(**common, sliding_window=None)
     raise ValueError(arch)
@@ -173,13 +174,14 @@ def _config(arch: str, tokenizer, tie: bool, hidden_size: int, num_layers: int):
 
 def build_tiny_model(
     path: str | Path, arch: str = "llama", tie: bool = False, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-    tokenizer_style: str = "llama",
+    tokenizer_style: str = "llama", config_overrides: dict | None = None,
 ) -> Path:
-    """Save a tiny random-init `arch` model with a trained BPE tokenizer (build_tokenizer's style) to `path`."""
+    """Save a tiny random-init `arch` model with a trained BPE tokenizer (build_tokenizer's style) to `path`;
+    config_overrides replace transformers config fields (num_attention_heads, head_dim, vocab_size, ...)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, style=tokenizer_style)
-    cfg = _config(arch, tok, tie, hidden_size, num_layers)
+    cfg = _config(arch, tok, tie, hidden_size, num_layers, config_overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

@@ -102,7 +102,7 @@ def test_qwen_flags_and_tied_embeddings():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_dtypes_run(tiny_llama, dtype):
     llm = LLM(str(tiny_llama), device="cpu", dtype=dtype)
-    assert llm.engine.runner.model.embed_tokens.dtype == getattr(torch, dtype)
+    assert llm.engine.runner.model.embed_tokens.weight.dtype == getattr(torch, dtype)
     assert len(_greedy(tiny_llama, dtype=dtype)) == 6
 
 

@@ -2,7 +2,8 @@
 
 Two kinds of step failure, told apart by the exception:
 
-- a device error (a CUDA error, an illegal memory access, a device-side assert, an ECC or NCCL failure):
+- a device error (a CUDA error, an illegal memory access, a device-side assert, an ECC or NCCL failure, a
+  tensor-parallel rank that died or hung):
   the CUDA context is poisoned and every later kernel launch fails too, so the process must go. The
   worker stops at once with EXIT_DEVICE_ERROR and writes nothing for its running jobs: they stay pending
   and another worker reclaims them after claim_idle_ms, the delivery counted as for a crash (the device
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import LLMEngine
+from engine import LLMEngine, TensorParallelError
 from engine.step_types import PendingStep, SchedulerOutput, StepInFlight
 from worker.inflight import InFlight, InFlightTable
 
@@ -45,6 +46,8 @@ def is_device_fatal(error: BaseException) -> bool:
     """
     if isinstance(error, torch.OutOfMemoryError):
         return False
+    if isinstance(error, TensorParallelError):  # a rank died or hung: the model is gone with it
+        return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(error, accelerator_error):
         return True

@@ -6,23 +6,37 @@ through `ops` (kernels.ops.Ops), so the CPU reference and the Triton backend run
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.linear import Linear, empty_param
+from engine.distributed import SINGLE, TPGroup
+from engine.models.linear import empty_param
+from engine.models.parallel_linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from engine.quantization import linear_method
 from kernels.ops import Ops
 
 
 class Attention(nn.Module):
-    """Fused-QKV attention with rotary positions, optional q/k RMSNorm (Qwen3) and paged KV."""
+    """Fused-QKV attention with rotary positions, optional q/k RMSNorm (Qwen3) and paged KV.
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    Under tensor parallelism this rank computes its own heads (and holds only their KV cache); o_proj sums
+    the ranks' partial outputs.
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, tp: TPGroup = SINGLE):
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.qkv_bias, tp=tp, method=linear_method(cfg))
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -30,9 +44,8 @@ class Attention(nn.Module):
         self.k_scale = 1.0
         self.v_scale = 1.0
         self.eps = cfg.rms_norm_eps
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
-                               method=linear_method(cfg))
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias, method=linear_method(cfg))
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias, tp=tp,
+                                        method=linear_method(cfg))
         self.q_norm = empty_param(self.head_dim) if cfg.qk_norm else None
         self.k_norm = empty_param(self.head_dim) if cfg.qk_norm else None
 
@@ -65,11 +78,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward with fused gate/up projection."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, tp: TPGroup = SINGLE):
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, method=linear_method(cfg))
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, method=linear_method(cfg))
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], tp=tp,
+                                                       method=linear_method(cfg))
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, tp=tp, method=linear_method(cfg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -78,12 +93,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + MLP, with the residual carried through fused add+RMSNorm."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, tp: TPGroup = SINGLE):
         super().__init__()
         self.ops = ops
         self.eps = cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, ops)
-        self.mlp = MLP(cfg, ops)
+        self.self_attn = Attention(cfg, ops, tp)
+        self.mlp = MLP(cfg, ops, tp)
         self.input_layernorm = empty_param(cfg.hidden_size)
         self.post_attention_layernorm = empty_param(cfg.hidden_size)
 
@@ -101,26 +116,28 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole decoder plus LM head; `forward` returns final hidden states, `compute_logits` the vocab scores."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, tp: TPGroup = SINGLE):
         super().__init__()
         self.cfg = cfg
         self.ops = ops
-        self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.tp = tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_layers))
         self.norm = empty_param(cfg.hidden_size)
-        self.lm_head = None if cfg.tie_word_embeddings else empty_param(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
 
     def forward(
         self, meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], cos_sin: torch.Tensor
     ) -> torch.Tensor:
-        x = F.embedding(meta.input_ids, self.embed_tokens)  # [T, hidden]
+        x = self.embed_tokens(meta.input_ids)  # [T, hidden]
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, meta, kv, cos_sin)
         x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden] -> logits [S, vocab] in float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [S, hidden] -> logits [S, vocab] in float32 (padded to a multiple of the ranks; None on ranks
+        other than 0, which gathers them)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return head.logits(hidden)

@@ -1,16 +1,23 @@
-"""Build a decoder from a local Hugging Face directory: safetensors (single or sharded) or dummy weights."""
+"""Build a decoder from a local Hugging Face directory: safetensors (single or sharded) or dummy weights.
+
+Under tensor parallelism every rank builds only its shard of the model and reads only its slices of the
+checkpoint (safetensors' get_slice: the bytes of other ranks' rows and columns are never read); the layers
+say which slices are theirs (`shard_index`, engine/models/parallel_linear.py).
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, ModelConfig
+from engine.distributed import SINGLE, TPGroup
 from engine.models.linear import Linear
 from engine.models.llama import LlamaForCausalLM
 from engine.quantization.checkpoint_formats import (
@@ -73,15 +80,6 @@ def safetensors_files(path: Path) -> list[Path]:
     raise ConfigError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
 
 
-def _shard_offsets(model: LlamaForCausalLM, target: str) -> list[int]:
-    """Row offsets of the q/k/v (or gate/up) slices inside a fused parameter."""
-    cfg = model.cfg
-    if "qkv" in target:
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return [0, q, q + kv, q + 2 * kv]
-    return [0, cfg.intermediate_size, 2 * cfg.intermediate_size]
-
-
 def _target(name: str) -> tuple[str, int | None] | None:
     """Map an HF tensor name to (our parameter name, fused shard) or None for tensors we don't use."""
     if name.startswith("model.layers."):
@@ -92,16 +90,53 @@ def _target(name: str) -> tuple[str, int | None] | None:
         if rest in _RENAMED:
             return f"layers.{idx}.{_RENAMED[rest]}", None
         return None
-    simple = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+    simple = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm",
+              "lm_head.weight": "lm_head.weight"}
     return (simple[name], None) if name in simple else None
 
 
+@dataclass(slots=True)
+class LoadStats:
+    """What loading read: per rank, about 1/tensor_parallel_size of the checkpoint plus replicated tensors."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+
+
+# safetensors' dtype names -> torch
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet: shape and dtype from the file's header; indexing reads only that slice."""
+
+    __slots__ = ("_slice", "shape", "dtype")
+
+    def __init__(self, safetensors_slice):
+        self._slice = safetensors_slice
+        self.shape = torch.Size(safetensors_slice.get_shape())
+        self.dtype = _ST_DTYPES[safetensors_slice.get_dtype()]
+
+    def dim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    def element_size(self) -> int:
+        """Bytes per element."""
+        return self.dtype.itemsize
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+
 def _checkpoint_tensors(path: Path, device: torch.device):
-    """(name, tensor) for every tensor of every safetensors file, read straight onto the device."""
+    """(name, LazyTensor) for every tensor of every safetensors file; indexing one reads only those bytes."""
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, LazyTensor(f.get_slice(name))
 
 
 def _is_fp8_weight(tensor: torch.Tensor) -> bool:
@@ -113,6 +148,11 @@ def _fp8_layer_weight(params: dict, name: str) -> bool:
     """Whether HF tensor `name` is the weight of one of the model's FP8 linear layers."""
     tgt = _target(name)
     return tgt is not None and tgt[0] in params and params[tgt[0]].dtype == FP8_DTYPE
+
+
+def _materialize(tensor) -> torch.Tensor:
+    """Read a LazyTensor whole: FP8 conversions need all of a weight (each rank then keeps its slice)."""
+    return tensor[...] if isinstance(tensor, LazyTensor) else tensor
 
 
 def _canonical_fp8_tensors(tensors: Iterable, params: dict, quant: CheckpointQuantization | None,
@@ -132,9 +172,9 @@ def _canonical_fp8_tensors(tensors: Iterable, params: dict, quant: CheckpointQua
     def convert(module: str, weight: torch.Tensor, scale: torch.Tensor):
         name = module + ".weight"
         if _fp8_layer_weight(params, name):
-            rows, row_scale = checkpoint_weight_to_rows(weight, scale, block, name)
+            rows, row_scale = checkpoint_weight_to_rows(_materialize(weight), _materialize(scale), block, name)
             return [(name, rows), (name + "_scale", row_scale)]
-        return [(name, dequantize_checkpoint_weight(weight, scale, block, name))]
+        return [(name, dequantize_checkpoint_weight(_materialize(weight), _materialize(scale), block, name))]
 
     for name, tensor in tensors:
         module, _, leaf = name.rpartition(".")
@@ -151,7 +191,7 @@ def _canonical_fp8_tensors(tensors: Iterable, params: dict, quant: CheckpointQua
             else:
                 waiting_weights[module] = tensor
         elif leaf == "weight" and tensor.dim() == 2 and _fp8_layer_weight(params, name):
-            rows, row_scale = quantize_per_channel(tensor)
+            rows, row_scale = quantize_per_channel(_materialize(tensor))
             yield name, rows
             yield name + "_scale", row_scale
         else:
@@ -165,29 +205,37 @@ def _canonical_fp8_tensors(tensors: Iterable, params: dict, quant: CheckpointQua
 
 
 def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, source: str = "checkpoint",
-                       quant: CheckpointQuantization | None = None) -> None:
-    """Copy HF-named tensors into their (possibly fused) parameters; every parameter must be covered.
+                       quant: CheckpointQuantization | None = None) -> LoadStats:
+    """Copy HF-named tensors (torch tensors or LazyTensors) into this rank's parameters, reading only the
+    rows/columns the rank holds; every parameter (and every part of a fused one) must be covered.
 
     Parameters keep their own dtype (`dtype` is the model's; FP8 layers hold fp8 weights and float32 scales).
     """
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     loaded: set[tuple[str, int | None]] = set()
-    for name, tensor in _canonical_fp8_tensors(tensors, params, quant, source):
+    stats = LoadStats()
+    for name, src in _canonical_fp8_tensors(tensors, params, quant, source):
         tgt = _target(name)
         if tgt is None or tgt[0] not in params:
             if tgt is None and "rotary_emb" not in name:
                 log.debug("ignoring checkpoint tensor %s", name)
             continue
         pname, shard = tgt
-        param = params[pname]
-        if shard is None:
-            dst = param.data
-        else:
-            offs = _shard_offsets(model, pname)
-            dst = param.data[offs[shard] : offs[shard + 1]]
+        owner, _, attr = pname.rpartition(".")
+        layer = modules.get(owner)
+        full_shape = tuple(src.shape)
+        rows, index = slice(None), ()
+        if hasattr(layer, "shard_index"):
+            rows, index = layer.shard_index(attr, shard, full_shape)
+        dst = params[pname].data[rows]
+        tensor = src[index or ...]  # a LazyTensor reads only these bytes
         if dst.shape != tensor.shape:
-            raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
-        dst.copy_(tensor.to(param.dtype))
+            raise ConfigError(f"{name}: checkpoint shape {full_shape} gives {tuple(tensor.shape)} here, "
+                              f"expected {tuple(dst.shape)}")
+        dst.copy_(tensor.to(dst.dtype))
+        stats.tensors += 1
+        stats.bytes_read += tensor.numel() * tensor.element_size()
         loaded.add(tgt)
     expected = set()
     for pname in params:
@@ -200,12 +248,13 @@ def load_named_tensors(model: LlamaForCausalLM, tensors, dtype: torch.dtype, sou
     missing = sorted(p for p, _ in expected - loaded)
     if missing:
         raise ConfigError(f"{source}: lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return stats
 
 
 def load_weights(model: LlamaForCausalLM, path: Path, device: torch.device, dtype: torch.dtype,
-                 quant: CheckpointQuantization | None = None) -> None:
+                 quant: CheckpointQuantization | None = None) -> LoadStats:
     """Load a local safetensors checkpoint (single or sharded) into the model, on the device."""
-    load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path), quant)
+    return load_named_tensors(model, _checkpoint_tensors(path, device), dtype, str(path), quant)
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
@@ -214,13 +263,14 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     FP8 layers get the per-row quantization of the very weights an unquantized model draws from the same seed,
     so fp8 and bf16 dummy models compare like for like.
     """
-    gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
+    embed = model.embed_tokens.weight
+    gen = torch.Generator(device=embed.device).manual_seed(seed + model.tp.rank)
     params = dict(model.named_parameters())
     for name, p in params.items():
         if name.endswith(".weight_scale"):
             continue  # written with its weight
         if p.dtype == FP8_DTYPE:
-            full = torch.empty(p.shape, dtype=model.embed_tokens.dtype, device=p.device)
+            full = torch.empty(p.shape, dtype=embed.dtype, device=p.device)
             full.normal_(0.0, 0.02, generator=gen)  # what an unquantized model draws here
             rows, row_scale = quantize_per_channel(full)
             p.data.copy_(rows)
@@ -233,9 +283,9 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
 
 def build_model(
     cfg: ModelConfig, path: Path, ops: Ops, device: torch.device, dtype: torch.dtype, load_format: str, seed: int,
-    quantization: str | None = None,
+    quantization: str | None = None, tp: TPGroup = SINGLE,
 ) -> LlamaForCausalLM:
-    """Allocate the decoder on the device in the target dtype, then fill its weights.
+    """Allocate the decoder (this rank's shard of it) on the device in the target dtype, then fill its weights.
 
     `quantization` "fp8" runs the projections in FP8 (quantized at load from a bf16/fp32 checkpoint or dummy
     weights); a checkpoint whose config.json says it is FP8 runs in fp8 either way.
@@ -250,13 +300,16 @@ def build_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg, ops)
+            model = LlamaForCausalLM(cfg, ops, tp)
     finally:
         torch.set_default_dtype(prev)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        load_weights(model, path, device, dtype, checkpoint_quant)
+        stats = load_weights(model, path, device, dtype, checkpoint_quant)
+        if tp.world_size > 1:
+            log.info("rank %d of %d read %.1f MiB of weights (%d tensors)", tp.rank, tp.world_size,
+                     stats.bytes_read / 2**20, stats.tensors)
     for module in model.modules():
         if isinstance(module, Linear):
             module.method.process_weights_after_loading(module)

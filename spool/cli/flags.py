@@ -33,6 +33,8 @@ _HELP = {
     "quantization": "fp8: W8A8 FP8 projections (per-channel weight, per-token activation scales; needs compute "
                     "capability >= 8.9 on CUDA); FP8 checkpoints run in fp8 without it",
     "kv_cache_dtype": "auto | fp8 (e4m3: half the bytes, twice the tokens; k/v scales from the checkpoint, else 1.0)",
+    "tensor_parallel_size": "shard the model over this many GPUs (from --device's index), one process each; "
+                            "on the CPU, processes sharing its cores",
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "prefix": "key prefix of the deployment",

@@ -36,7 +36,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Load the model, connect to Redis and serve until stopped (with --gpus: supervise one process per GPU)."""
     if getattr(args, "gpus", None) is not None:
         return cmd_supervise(args)
-    from engine import LLMEngine
+    from engine import LLMEngine, TensorParallelError
     from engine.config import ConfigError, EngineConfig
     from producer.ops import resolve_url
     from protocol.connection import connect
@@ -60,6 +60,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         engine = LLMEngine(config)
     except ConfigError as e:  # a missing model directory, an unsupported setting: the operator's to fix
         raise CliError(f"cannot start the engine: {e}", EXIT_USAGE) from e
+    except TensorParallelError as e:  # a rank process failed while loading (out of memory, a bad shard)
+        raise CliError(f"cannot start the engine: {e}") from e
     except (OSError, ValueError) as e:  # unreadable weights or tokenizer files
         raise CliError(f"cannot load the model from {args.model!r}: {e}", EXIT_USAGE) from e
     settings.redis_url = resolve_url(settings.redis_url)  # the embedded server's URL too, for the logs
@@ -76,6 +78,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return worker.run()
     except MetricsServerError as e:  # the port is taken: another worker on this host needs its own
         raise CliError(str(e), EXIT_USAGE) from e
+    except TensorParallelError as e:  # a rank died while idle (in a step, the loop exits with the same code)
+        from worker.step_errors import EXIT_DEVICE_ERROR
+
+        raise CliError(f"the engine stopped: {e}; this worker's in-flight jobs stay pending for another",
+                       EXIT_DEVICE_ERROR) from e
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
