@@ -67,7 +67,7 @@ def parse(entry: Entry, keys: Keys, limits: Limits) -> tuple[str, Job] | Rejecti
     priority = keys.priority_of(entry.stream)
     try:
         job = parse_entry(entry.fields, limits)
-        rid = job.id or keys.default_id(priority, entry.entry_id)
+        rid = job.id or keys.default_id_of(entry.stream, entry.entry_id)
     except JobError as e:
         rid = e.id if e.id is not None else _default_id_of_invalid(entry, keys, priority, limits)
         return Rejection(entry, rid, "failed", e.code, e.message)
@@ -88,7 +88,7 @@ def _default_id_of_invalid(entry: Entry, keys: Keys, priority: str, limits: Limi
     except orjson.JSONDecodeError:
         return None
     if isinstance(obj, dict) and obj.get("id") is None:
-        return keys.default_id(priority, entry.entry_id)
+        return keys.default_id_of(entry.stream, entry.entry_id)
     return None
 
 
