@@ -61,7 +61,9 @@ class Script:
         """The same call as a protocol.commands.Cmd (EVAL with the text: nothing to load first)."""
         if len(keys) != self.num_keys:
             raise ValueError(f"{self.name} takes {self.num_keys} keys, got {len(keys)}")
-        return ("eval", (self.text, self.num_keys, *keys, *argv), {})
+        # execute_command("EVAL", ...) rather than .eval(): redis-py's cluster pipeline has no eval method, and
+        # routes EVAL by its keys either way.
+        return ("execute_command", ("EVAL", self.text, self.num_keys, *keys, *argv), {})
 
 
 def digest(raw: bytes | str) -> str:

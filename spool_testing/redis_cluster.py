@@ -10,7 +10,9 @@ create` assigns the 16384 slots, and start() returns once every node reports clu
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,10 +22,25 @@ import redis
 from spool_testing.redis_server import RedisServer
 
 
+def cluster_port() -> int:
+    """A port <= 55535 that is free together with its cluster bus port (port + 10000)."""
+    for _ in range(1000):
+        port = random.randint(20_000, 55_535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class ClusterNode(RedisServer):
     """One cluster-enabled redis-server (its nodes.conf lives in its own dir)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, node_timeout_ms: int = 2000, **kwargs: object):
+        kwargs.setdefault("port", cluster_port())  # the bus port is port + 10000: both must be free
         super().__init__(directory, **kwargs)  # type: ignore[arg-type]
         self.node_timeout_ms = node_timeout_ms
 
