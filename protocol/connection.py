@@ -13,6 +13,7 @@ ConnectionError, so the retry paths below reconnect to the new one).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -33,6 +34,7 @@ from protocol.env import env_text
 TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # ...but these are ConnectionErrors too, and trying a wrong password again only delays the error.
 NEVER_RETRY = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
+log = logging.getLogger(__name__)
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 ENV_REDIS_SENTINELS = "SPOOL_REDIS_SENTINELS"  # host:port,host:port of the sentinels (with SPOOL_REDIS_MASTER)
@@ -137,6 +139,11 @@ def is_cluster_url(url: str, defaults: Defaults | None = None) -> bool:
     try:
         return bool(int(probe.info("cluster").get("cluster_enabled", 0)))
     except redis.ResponseError:  # INFO refused by an ACL, or a Redis-compatible server without sections
+        return False
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        # Not up yet: callers retry a single node as before; a cluster node must answer when the client is made.
+        log.info("could not ask %s whether it is a cluster node (%s); using a single-node client",
+                    redact_url(url), e)
         return False
     finally:
         probe.close()
