@@ -31,7 +31,11 @@ from protocol.env import env_text
 
 # Redis is unreachable, restarting or loading its AOF: wait and send again on a fresh connection; nothing is
 # wrong with the command. (BusyLoadingError is a ConnectionError; socket timeouts are OSErrors.)
-TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# A cluster that is failing over a node (CLUSTERDOWN, TRYAGAIN, a slot no node serves for a moment) is
+# the same kind of wait. After a Sentinel failover the old master answers writes with READONLY; redis-py's
+# sentinel connection turns that into a ConnectionError, so it is covered too.
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.ClusterDownError,
+                    redis.exceptions.TryAgainError, redis.exceptions.SlotNotCoveredError)
 # ...but these are ConnectionErrors too, and trying a wrong password again only delays the error.
 NEVER_RETRY = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 log = logging.getLogger(__name__)

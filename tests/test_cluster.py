@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import orjson
 import pytest
 import redis
 from redis.crc import key_slot
@@ -166,3 +167,36 @@ def test_hostile_corpus_on_the_cluster(engine, url):
     assert all(results[g].status == "completed" for g in good)
     assert r.xlen(KEYS.dead) == dead
     assert audit(r, KEYS, [*expected, *good]).ok
+
+
+def test_batch_async_client_and_idle_stream_on_the_cluster(engine, url, tmp_path, monkeypatch):
+    import asyncio
+
+    from producer import AsyncClient, batch
+
+    monkeypatch.setenv("SPOOL_JOB_SHARDS", str(SHARDS))  # the batch runner's client reads it
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "m", "prompt": f"batch line {i}", "max_tokens": 3}} for i in range(12)]
+    inp.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    client = Client(url, job_shards=SHARDS)
+
+    async def use_async_client() -> tuple[str, list[str]]:
+        ac = AsyncClient(url, job_shards=SHARDS)
+        rid = await ac.enqueue("async on a cluster", max_tokens=3, stream=True)
+        kinds = [ev.type async for ev in ac.stream(rid, timeout=60)]
+        return (await ac.result(rid, timeout=60)).status, kinds
+
+    with running_worker(engine, url, job_shards=SHARDS):
+        info = batch.run(inp, out, batch_id="on-cluster", redis_url=url)
+        status, kinds = asyncio.run(use_async_client())
+        done = client.enqueue("already done", max_tokens=2, stream=True)
+        client.result(done, timeout=60)
+    assert info.status == "completed" and info.to_dict()["request_counts"]["completed"] == len(lines)
+    assert sorted(orjson.loads(x)["custom_id"] for x in out.read_bytes().splitlines()) == sorted(
+        line["custom_id"] for line in lines)
+    assert batch.status("on-cluster", redis_url=url).status == "completed"
+    assert status == "completed" and kinds[-1] == "done" and "delta" in kinds
+    # A tailer that resumes after the done entry finishes from the result (GET + XRANGE in one slot's MULTI).
+    last = client.redis.xrevrange(KEYS.tokens(done), count=1)[0][0]
+    assert [ev.type for ev in client.stream(done, timeout=10, last_id=last.decode())] == ["done"]
