@@ -43,7 +43,7 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 ENV_REDIS_SENTINELS = "SPOOL_REDIS_SENTINELS"  # host:port,host:port of the sentinels (with SPOOL_REDIS_MASTER)
 ENV_REDIS_MASTER = "SPOOL_REDIS_MASTER"  # the master name the sentinels monitor
-_SECRET_QUERY_KEYS = ("password", "pass", "pwd")
+_SECRET_QUERY_KEYS = ("password", "pass", "pwd", "sentinel_password")
 
 
 def _retryable(is_retryable):
@@ -129,7 +129,8 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, 
     if parts.scheme.startswith("rediss"):
         kw["ssl"] = True
     for key, value in parse_qsl(parts.query):
-        kw[key] = int(value) if value.isdigit() else value
+        secret = "password" in key or "username" in key  # "1234" is a password here, not a number
+        kw[key] = int(value) if value.isdigit() and not secret else value
     return sentinels, unquote(path[0]), kw
 
 
@@ -168,7 +169,7 @@ def connect(url: str, *, fail_fast: bool = False, defaults: Defaults | None = No
     scheme = urlsplit(url).scheme
     if scheme in SENTINEL_SCHEMES:
         sentinels, master, node_kw = parse_sentinel_url(url)
-        return redis.sentinel.Sentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(kw)).master_for(
+        return redis.sentinel.Sentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(kw, node_kw)).master_for(
             master, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **node_kw, **extra})
     if is_cluster_url(url, defaults):
         kw.pop("health_check_interval")  # not a cluster-client option
@@ -184,7 +185,7 @@ def connect_async(url: str, *, defaults: Defaults | None = None, **extra: Any) -
     scheme = urlsplit(url).scheme
     if scheme in SENTINEL_SCHEMES:
         sentinels, master, node_kw = parse_sentinel_url(url)
-        return aiosentinel.Sentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(kw)).master_for(
+        return aiosentinel.Sentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(kw, node_kw)).master_for(
             master, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **node_kw, **extra})
     if is_cluster_url(url, defaults):  # a one-off blocking probe at construction time, as for the embedded server
         kw.pop("health_check_interval")
@@ -192,9 +193,15 @@ def connect_async(url: str, *, defaults: Defaults | None = None, **extra: Any) -
     return aioredis.Redis.from_url(url, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **extra})
 
 
-def _sentinel_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    """Socket options for the connections to the sentinels themselves (short: a dead sentinel is skipped)."""
-    return {"socket_timeout": min(kw["socket_timeout"], 5.0), "socket_connect_timeout": kw["socket_connect_timeout"]}
+def _sentinel_kwargs(kw: dict[str, Any], node_kw: dict[str, Any]) -> dict[str, Any]:
+    """Options for the connections to the sentinels themselves: short timeouts (a dead sentinel is skipped),
+    and ?sentinel_password=... (and sentinel_username) from the URL, taken out of the data nodes' options."""
+    out = {"socket_timeout": min(kw["socket_timeout"], 5.0), "socket_connect_timeout": kw["socket_connect_timeout"]}
+    for name in ("username", "password"):
+        value = node_kw.pop(f"sentinel_{name}", None)
+        if value is not None:
+            out[name] = str(value)
+    return out
 
 
 def redact_url(url: str | None) -> str:

@@ -10,7 +10,7 @@ import redis
 from engine import LLMEngine
 from producer import Client
 from protocol import JobError
-from protocol.connection import connect, parse_sentinel_url, sentinel_url_from_env
+from protocol.connection import connect, parse_sentinel_url, redact_url, sentinel_url_from_env
 from protocol.keys import Keys
 from spool_testing import history
 from spool_testing.redis_sentinel import MASTER_NAME, SentinelSet
@@ -34,6 +34,9 @@ def test_sentinel_urls_and_environment():
     sentinels, master, kw = parse_sentinel_url("redis+sentinel://:s3cret@h1:26379,h2:26380/mymaster/2")
     assert sentinels == [("h1", 26379), ("h2", 26380)] and master == "mymaster"
     assert kw == {"password": "s3cret", "db": 2}
+    _, _, kw = parse_sentinel_url("redis+sentinel://h1:1/m?sentinel_password=1234&socket_timeout=3")
+    assert kw == {"sentinel_password": "1234", "socket_timeout": 3}
+    assert "1234" not in redact_url("redis+sentinel://h1:1/m?sentinel_password=1234")
     assert sentinel_url_from_env({"SPOOL_REDIS_SENTINELS": "a:1,b:2", "SPOOL_REDIS_MASTER": "m"}) == \
         "redis+sentinel://a:1,b:2/m"
     assert sentinel_url_from_env({}) is None
