@@ -200,3 +200,25 @@ def test_batch_async_client_and_idle_stream_on_the_cluster(engine, url, tmp_path
     # A tailer that resumes after the done entry finishes from the result (GET + XRANGE in one slot's MULTI).
     last = client.redis.xrevrange(KEYS.tokens(done), count=1)[0][0]
     assert [ev.type for ev in client.stream(done, timeout=10, last_id=last.decode())] == ["done"]
+
+
+def test_gateway_on_the_cluster(engine, url, tmp_path):
+    import openai
+
+    from spool_testing.gateway import GatewayProcess
+
+    key, hi = "sk-cluster-0123456789", [{"role": "user", "content": "Hello from a cluster"}]
+    gateway = GatewayProcess(url, tmp_path, "--served-model-name", "tiny", api_key=key,
+                             env={"SPOOL_JOB_SHARDS": str(SHARDS)}).start()
+    try:
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=60)
+        with running_worker(engine, url, job_shards=SHARDS):
+            chat = sdk.chat.completions.create(model="tiny", messages=hi, max_tokens=5, temperature=0)
+            pieces = [c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+                model="tiny", messages=hi, max_tokens=5, temperature=0, stream=True) if c.choices]
+    finally:
+        gateway.stop()
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 5
+    assert "".join(pieces) == chat.choices[0].message.content  # greedy: the streamed text is the same
+    rid = chat._request_id
+    assert Client(url, job_shards=SHARDS).result(rid, timeout=5).text == chat.choices[0].message.content
