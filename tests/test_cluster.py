@@ -1,7 +1,10 @@
 """Redis Cluster: the worker and the clients on a real 3-master cluster, with 3 jobs shards (one per node)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import orjson
 import pytest
@@ -10,7 +13,7 @@ from redis.crc import key_slot
 
 from engine import LLMEngine
 from producer import Client
-from producer.admin import deployment_status, list_dead
+from producer.admin import deployment_status, list_dead, retry_dead
 from protocol import Result
 from protocol.connection import connect
 from protocol.keys import Keys
@@ -167,6 +170,10 @@ def test_hostile_corpus_on_the_cluster(engine, url):
     assert all(results[g].status == "completed" for g in good)
     assert r.xlen(KEYS.dead) == dead
     assert audit(r, KEYS, [*expected, *good]).ok
+    # `spool dead retry` on a cluster: the requeue touches three slots, one after the other.
+    letter = next(row for row in list_dead(r, KEYS) if row.get("job"))
+    entry, stream = retry_dead(r, KEYS, letter["dead_id"])
+    assert stream == KEYS.jobs() and r.xlen(KEYS.dead) == dead - 1 and r.xrange(stream, entry, entry)
 
 
 def test_batch_async_client_and_idle_stream_on_the_cluster(engine, url, tmp_path, monkeypatch):
@@ -200,6 +207,12 @@ def test_batch_async_client_and_idle_stream_on_the_cluster(engine, url, tmp_path
     # A tailer that resumes after the done entry finishes from the result (GET + XRANGE in one slot's MULTI).
     last = client.redis.xrevrange(KEYS.tokens(done), count=1)[0][0]
     assert [ev.type for ev in client.stream(done, timeout=10, last_id=last.decode())] == ["done"]
+    # The operator's views read every shard and the batch index on the cluster.
+    for verb in (["top", "--once"], ["status"]):
+        out = subprocess.run([sys.executable, "-m", "spool", *verb, "--redis-url", url, "--job-shards", str(SHARDS)],
+                             capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert KEYS.jobs("bulk", 2) in out.stdout, out.stdout
 
 
 def test_gateway_on_the_cluster(engine, url, tmp_path):
