@@ -66,8 +66,8 @@ def _pipeline(client: redis.RedisCluster, commands: Sequence[tuple[tuple[Any, ..
 
 
 class ShardReader:
-    """XREADGROUP over the jobs streams: one call on a single Redis; on a cluster one call per hash slot
-    (XREADGROUP of several streams must stay in one slot), starting at a different slot each time (fair)."""
+    """XREADGROUP over the jobs streams: one call per hash slot (on a cluster XREADGROUP of several streams
+    must stay in one slot), starting at a different slot each time (fair)."""
 
     def __init__(self, client: Any):
         self.client = client
@@ -84,9 +84,11 @@ class ShardReader:
 
     def read(self, group: str, consumer: str, streams: dict[str, str], count: int,
              block: int | None = None) -> list:
-        """Entries of `streams` ([stream, [(id, fields)...]] as redis-py returns them), at most `count` per
-        stream on a single Redis and in all on a cluster; blocks up to `block` ms when nothing is there."""
-        if not self.cluster or len(streams) <= 1:
+        """Entries of `streams` ([stream, [(id, fields)...]] as redis-py returns them); blocks up to `block` ms
+        when nothing is there. One call for the unsharded streams of a single Redis (at most `count` per
+        stream, as before shards existed); with shards, or on a cluster, one call per hash slot and at most
+        `count` in all, so a worker never takes `count` jobs from every shard at once."""
+        if len(streams) <= 1 or (not self.cluster and len(streams) <= 2):
             return self.client.xreadgroup(group, consumer, streams, count=count, block=block) or []
         slots: dict[int, dict[str, str]] = {}
         for stream, start in streams.items():
