@@ -235,3 +235,15 @@ def test_gateway_on_the_cluster(engine, url, tmp_path):
     assert "".join(pieces) == chat.choices[0].message.content  # greedy: the streamed text is the same
     rid = chat._request_id
     assert Client(url, job_shards=SHARDS).result(rid, timeout=5).text == chat.choices[0].message.content
+
+
+def test_shards_on_a_single_redis_too(engine, redis_url):
+    """One layout for both: the sharded streams work unchanged on one redis-server."""
+    client = Client(redis_url, job_shards=SHARDS)
+    ids = client.enqueue_many([{"prompt": f"single node {i}", "max_tokens": 2, "stream": i % 2 == 0,
+                                "priority": "bulk" if i % 2 else "interactive"} for i in range(18)])
+    assert {KEYS.shard_of(i) for i in ids} == set(range(SHARDS))
+    with running_worker(engine, redis_url, job_shards=SHARDS):
+        results = [client.result(i, timeout=60) for i in ids]
+    assert all(r.status == "completed" for r in results)
+    assert audit(client.redis, KEYS, ids).ok
