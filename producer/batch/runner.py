@@ -195,7 +195,7 @@ class BatchRunner:
                 self._write_result(q, Result.from_json(raw_result))
                 continue
             self.inflight[q.rid] = _Flight(q)
-            if status is None:
+            if status is None or as_str(status) == "enqueuing":  # enqueuing: claimed, but maybe never XADDed
                 fresh.append(q)
         if fresh:
             self._enqueue(fresh)
