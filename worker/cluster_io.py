@@ -17,6 +17,8 @@ import redis
 from redis.crc import key_slot
 
 from protocol.connection import is_cluster
+from protocol.keys import Keys
+from protocol.priorities import PRIORITIES
 from protocol.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class ShardReader:
         self._turn += 1
         k = self._turn % len(streams)
         return [*streams[k:], *streams[:k]]
+
+    def by_priority(self, keys: Keys) -> list[str]:
+        """Every jobs stream, interactive shards first, each priority's shards in a new order each call."""
+        return [s for p in PRIORITIES for s in self.fair(keys.jobs_of(p))]
 
     def read(self, group: str, consumer: str, streams: dict[str, str], count: int,
              block: int | None = None) -> list:

@@ -20,7 +20,7 @@ import orjson
 import redis
 
 from engine import LLMEngine
-from protocol import DEFAULT_PRIORITY, PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, validate_id
+from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, validate_id
 from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
@@ -148,8 +148,8 @@ class Worker:
         """
         began = time.perf_counter()
         busy = self.engine.has_unfinished_requests()
-        interactive = self.reader.fair(self.keys.jobs_of(DEFAULT_PRIORITY))
-        lower = [s for s in self.reader.fair(self.keys.all_jobs) if s not in interactive]
+        ordered = self.reader.by_priority(self.keys)  # interactive shards first, each priority's in turn
+        interactive, lower = ordered[:self.keys.job_shards], ordered[self.keys.job_shards:]
         if busy and not self.stopping:
             # One small read right before the launch: an interactive job that arrived during the last step
             # starts in this one, instead of waiting in Redis for the whole step. Bulk waits for the read below.
@@ -259,7 +259,7 @@ class Worker:
             resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.settings.block_ms) if cap > 0 else []
         else:
             resp, taken = [], 0
-            for stream in self.reader.fair(self.keys.all_jobs) if streams is None else streams:
+            for stream in self.reader.by_priority(self.keys) if streams is None else streams:  # interactive first
                 cap = self.capacity(stream) - taken  # entries read above are not in the engine yet
                 if cap <= 0:
                     continue

@@ -132,7 +132,7 @@ class Outbox:
         scripts = list({q.script.sha: q.script for q in self._cmds if q.script is not None}.values())
         try:
             replies = send_phased(self.client, [(q.args, q.options) for q in self._cmds], scripts)
-        except (*TRANSIENT_ERRORS, redis.RedisError) as e:
+        except (*TRANSIENT_ERRORS, redis.RedisError, redis.exceptions.RedisClusterException) as e:
             self._failed(f"redis write failed ({e})", logging.WARNING)
             return False
         cmds, self._cmds = self._cmds, []
