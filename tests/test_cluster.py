@@ -247,3 +247,25 @@ def test_shards_on_a_single_redis_too(engine, redis_url):
         results = [client.result(i, timeout=60) for i in ids]
     assert all(r.status == "completed" for r in results)
     assert audit(client.redis, KEYS, ids).ok
+
+
+def test_phased_writes_send_the_acks_only_after_everything_else_landed(monkeypatch):
+    from worker import cluster_io
+
+    sent: list[list[str]] = []
+    fail = {"first": True}
+
+    def pipeline(client, commands):
+        sent.append([args[0] for args, _ in commands])
+        if fail["first"]:
+            fail["first"] = False
+            raise redis.ConnectionError("a node is down")
+        return [1] * len(commands)
+
+    monkeypatch.setattr(cluster_io, "_pipeline", pipeline)
+    cmds = [(("XACK", "s", "g", "1-0"), None), (("EVALSHA", "sha", 0), None), (("XDEL", "s", "1-0"), None)]
+    with pytest.raises(redis.ConnectionError):
+        cluster_io.send_phased(None, cmds, [])
+    assert sent == [["EVALSHA"]]  # the results did not land: no XACK was sent
+    assert cluster_io.send_phased(None, cmds, []) == [1, 1, 1]
+    assert sent[1:] == [["EVALSHA"], ["XACK", "XDEL"]]
