@@ -193,6 +193,28 @@ def connect_async(url: str, *, defaults: Defaults | None = None, **extra: Any) -
     return aioredis.Redis.from_url(url, retry=retry, retry_on_error=list(TRANSIENT_ERRORS), **{**kw, **extra})
 
 
+def refresh_master(client: Any) -> bool:
+    """Ask the sentinels for the master of a Sentinel-managed client; True if it moved (idle pooled connections
+    to the old one are then closed). After SENTINEL FAILOVER the old master keeps accepting writes until the
+    sentinels reconfigure it (up to ~10 s); a pooled connection to it would go on writing there meanwhile.
+    False, and nothing asked, for other clients."""
+    pool = getattr(client, "connection_pool", None)
+    proxy = getattr(pool, "proxy", None)
+    if proxy is None or not getattr(proxy, "is_master", False):
+        return False
+    before = proxy.master_address
+    return pool.get_master_address() != before and before is not None
+
+
+async def refresh_master_async(client: Any) -> bool:
+    """The asyncio twin of refresh_master()."""
+    pool = getattr(client, "connection_pool", None)
+    if not isinstance(pool, aiosentinel.SentinelConnectionPool) or not pool.is_master:
+        return False
+    before = pool.master_address
+    return await pool.get_master_address() != before and before is not None
+
+
 def _sentinel_kwargs(kw: dict[str, Any], node_kw: dict[str, Any]) -> dict[str, Any]:
     """Options for the connections to the sentinels themselves: short timeouts (a dead sentinel is skipped),
     and ?sentinel_password=... (and sentinel_username) from the URL, taken out of the data nodes' options."""

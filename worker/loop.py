@@ -22,7 +22,7 @@ import redis
 from engine import LLMEngine
 from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, TokenEvent, validate_id
 from protocol.commands import as_str, entry_field
-from protocol.connection import TRANSIENT_ERRORS
+from protocol.connection import TRANSIENT_ERRORS, refresh_master
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
 from worker.cluster_io import ShardReader
 from worker.inflight import InFlightTable, wire_logprobs
@@ -393,6 +393,11 @@ class Worker:
                 self.inflight.end_early(inf.id, "expired", "deadline_exceeded", "deadline passed while running")
 
     def _heartbeat(self) -> None:
+        try:  # Sentinel: leave a demoted master within a heartbeat, not when the sentinels get round to it
+            if refresh_master(self.redis):
+                log.warning("the Redis master moved (Sentinel failover): reconnecting to the new one")
+        except TRANSIENT_ERRORS as e:
+            log.warning("could not ask the sentinels for the master: %s", e)
         now, generated = time.time(), self.engine.stats.generation_tokens
         since, before = self._rate_since
         self._rate_since = (now, generated)
