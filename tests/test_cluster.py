@@ -269,3 +269,18 @@ def test_phased_writes_send_the_acks_only_after_everything_else_landed(monkeypat
     assert sent == [["EVALSHA"]]  # the results did not land: no XACK was sent
     assert cluster_io.send_phased(None, cmds, []) == [1, 1, 1]
     assert sent[1:] == [["EVALSHA"], ["XACK", "XDEL"]]
+
+
+def test_phased_writes_keep_everything_when_a_node_is_out_of_memory(monkeypatch):
+    from worker import cluster_io
+
+    sent: list[list[str]] = []
+
+    def pipeline(client, commands):
+        sent.append([args[0] for args, _ in commands])
+        return [redis.exceptions.OutOfMemoryError("OOM command not allowed")] * len(commands)
+
+    monkeypatch.setattr(cluster_io, "_pipeline", pipeline)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        cluster_io.send_phased(None, [(("EVALSHA", "sha", 0), None), (("XACK", "s", "g", "1-0"), None)], [])
+    assert sent == [["EVALSHA"]]  # the result was refused: its XACK must not follow

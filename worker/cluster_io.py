@@ -24,6 +24,13 @@ from protocol.scripts import Script
 log = logging.getLogger(__name__)
 
 AFTER_RESULTS = ("XACK", "XDEL")  # sent only once the results (and everything else) of the step have landed
+# Replies that mean a write was not applied for a reason that is not the command's own (a node away, out of
+# memory, a demoted master, an ACL, a script a node forgot twice): the phase is kept whole and sent again
+# later, like a single Redis's EXECABORT, so no XACK ever follows a result that did not land. Other errors
+# (WRONGTYPE on a key someone else wrote) cost only their command, as on a single Redis.
+KEEP_ALL = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
+            redis.exceptions.TryAgainError, redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+            redis.exceptions.NoPermissionError, redis.exceptions.NoScriptError)
 
 
 def send_phased(client: redis.RedisCluster, commands: Sequence[tuple[tuple[Any, ...], dict[str, Any] | None]],
@@ -47,9 +54,7 @@ def send_phased(client: redis.RedisCluster, commands: Sequence[tuple[tuple[Any, 
             again = _pipeline(client, [commands[phase[n]] for n in missing])
             for n, reply in zip(missing, again):
                 got[n] = reply
-        failed = next((r for r in got if isinstance(r, (redis.ConnectionError, redis.TimeoutError,
-                                                         redis.exceptions.ClusterDownError,
-                                                         redis.exceptions.TryAgainError))), None)
+        failed = next((r for r in got if isinstance(r, KEEP_ALL)), None)
         if failed is not None:
             raise failed  # the outbox keeps everything; the next flush sends it again
         for i, reply in zip(phase, got):
