@@ -84,7 +84,7 @@ class BatchManager:
         self.store.create(bid, origin="gateway", input_file_id=input_file_id, requested_endpoint=endpoint,
                           endpoint=endpoint, completion_window="24h", priority=priority,
                           metadata=orjson.dumps(metadata).decode() if metadata else "")
-        pipe = self.client.redis.pipeline(transaction=True)
+        pipe = self.client.redis.pipeline(transaction=False)  # idempotent writes of two slots (Redis Cluster)
         pipe.zadd(self.index_key, {bid: time.time()})
         pipe.sadd(self.active_key, bid)
         pipe.execute()

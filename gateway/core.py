@@ -18,7 +18,7 @@ from gateway.filestore import FileStore
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from producer import AsyncClient, ops
-from protocol.commands import DUPLICATE_ID, ENQUEUED, duplicate_id_message, enqueue_cmd, execute_async
+from protocol.commands import DUPLICATE_ID, ENQUEUED, duplicate_id_message, enqueue_flow, run_flow_async
 
 
 class ClientGone(Exception):
@@ -118,8 +118,8 @@ class Gateway:
     async def enqueue(self, rid: str, stream_key: str, doc: bytes, priority: str) -> None:
         """The ENQUEUE script, as Client.enqueue sends it: a resend of the same document is idempotent; 409 when
         another document holds the id."""
-        (reply,) = await execute_async(self.redis, [enqueue_cmd(self.ctx.keys, self.ctx.defaults, rid, stream_key,
-                                                                doc)])
+        (reply,) = await run_flow_async(self.redis, enqueue_flow(self.ctx.keys, self.ctx.defaults,
+                                                                 [(rid, stream_key, doc)], durable=self.ctx.durable))
         if reply == DUPLICATE_ID:
             self.metrics.rejected.labels("duplicate_id").inc()
             raise duplicate_id(duplicate_id_message(rid))

@@ -39,7 +39,7 @@ class Deployment:
 
     async def refresh(self) -> None:
         """Read the workers set, their heartbeats' models and the jobs streams' lengths (two round trips)."""
-        streams = [self.keys.jobs(p) for p in PRIORITIES]
+        streams = self.keys.all_jobs  # every shard of every priority
         members, *lengths = await execute_async(self.redis, [("smembers", (self.keys.workers,), {}),
                                                              *[("xlen", (s,), {}) for s in streams]])
         names = []
@@ -54,7 +54,10 @@ class Deployment:
             if raw is not None:  # the heartbeat hash expires SPOOL_WORKER_TTL_S after a worker's last beat
                 workers[name] = _model_name(raw)
         self.workers = workers
-        self.backlog = {p: int(n) for p, n in zip(PRIORITIES, lengths)}
+        backlog = dict.fromkeys(PRIORITIES, 0)
+        for stream, n in zip(streams, lengths):
+            backlog[self.keys.priority_of(stream)] += int(n)
+        self.backlog = backlog
         self.redis_ok, self.last_error, self.read_at = True, None, time.monotonic()
         self._changed.set()
         self._changed = asyncio.Event()

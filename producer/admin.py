@@ -64,8 +64,8 @@ def list_dead(r: redis.Redis, keys: Keys, count: int = 100, start: str = "-") ->
 def retry_dead(r: redis.Redis, keys: Keys, dead_id: str, defaults: Defaults | None = None) -> tuple[str, str]:
     """Requeue the job of one dead letter on its original stream; returns (new entry id, stream).
 
-    The failed result, the finished token stream and the dead letter go in the same MULTI/EXEC as the XADD,
-    so a waiting client sees the rerun, not the old failure (and `done` of the old run cannot end a new tail).
+    The failed result and the finished token stream are deleted before the XADD, so a waiting client sees the
+    rerun, not the old failure (and `done` of the old run cannot end a new tail); the dead letter goes last.
     """
     d = defaults or Defaults.from_env()
     try:
@@ -82,7 +82,6 @@ def retry_dead(r: redis.Redis, keys: Keys, dead_id: str, defaults: Defaults | No
     if stream not in keys.all_jobs:
         raise DeadLetterError(f"dead letter names {stream!r}, which is not a jobs stream of this deployment")
     rid = _text(fields.get("id", ""))
-    pipe = r.pipeline(transaction=True)
     if rid:
         validate_id(rid)  # keys are built only from validated ids, even from our own dead letters
         held = r.get(keys.digest(rid))
@@ -90,10 +89,13 @@ def retry_dead(r: redis.Redis, keys: Keys, dead_id: str, defaults: Defaults | No
             # A duplicate_id dead letter: the id's result and stream belong to another job; leave them be.
             raise DeadLetterError(f"id {rid!r} is held by another job document; "
                                   "requeue this job under a new id instead")
+        # The request's keys share one hash slot: reset them in one MULTI, then XADD (the jobs stream's slot),
+        # then drop the dead letter (its own slot). Stopped in between, the dead letter is still there to retry.
+        pipe = r.pipeline(transaction=True)
         pipe.delete(keys.result(rid), keys.tokens(rid), keys.cancel(rid), keys.quarantine(rid))
         pipe.set(keys.digest(rid), digest(job), ex=d.result_ttl_s)
         pipe.set(keys.status(rid), "queued", ex=d.status_ttl_s)
-    pipe.xadd(stream, {"job": job})
-    pipe.xdel(keys.dead, dead_id)
-    new_entry = pipe.execute()[-2]
+        pipe.execute()
+    new_entry = r.xadd(stream, {"job": job})
+    r.xdel(keys.dead, dead_id)
     return _text(new_entry), stream

@@ -1,16 +1,16 @@
 """asyncio producer client: the same verbs as Client, as coroutines and async iterators."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import redis
 
 from producer import ops
 from producer.errors import RedisFullError
-from protocol import Result, TokenEvent
+from protocol import JobError, Result, TokenEvent
 from protocol.commands import execute_async
-from protocol.connection import connect_async
+from protocol.connection import connect_async, refresh_master_async
 
 
 class AsyncClient(ops.ClientBase):
@@ -20,11 +20,12 @@ class AsyncClient(ops.ClientBase):
 
     async def enqueue(self, prompt: str | None = None, **job: Any) -> str:
         """Validate one job, XADD it to its priority's stream and mark it queued; returns its id (see Client)."""
-        return await self._run(ops.enqueue_steps(self.ctx, prompt, **job))
+        return await self._durably(lambda: self._run(ops.enqueue_steps(self.ctx, prompt, **job)))
 
     async def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         """Enqueue dicts of enqueue() arguments, pipelined in chunks; returns ids in order."""
-        return await self._run(ops.enqueue_many_steps(self.ctx, jobs))
+        jobs = list(jobs)  # a second pass may be needed (_durably)
+        return await self._durably(lambda: self._run(ops.enqueue_many_steps(self.ctx, jobs)))
 
     async def result(self, id: str, timeout: float | None = None) -> Result:
         """Wait until the final Result of `id` exists; TimeoutError after `timeout` seconds."""
@@ -59,6 +60,18 @@ class AsyncClient(ops.ClientBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    async def _durably(self, enqueue: Callable[[], Awaitable[Any]]) -> Any:
+        """Client._durably's asyncio twin: once more on a new Sentinel master after not_replicated."""
+        try:
+            ids = await enqueue()
+        except JobError as e:
+            if e.code != "not_replicated" or not await refresh_master_async(self.redis):
+                raise
+            return await enqueue()
+        if self.ctx.durable and await refresh_master_async(self.redis):
+            return await enqueue()
+        return ids
 
     async def _drive(self, steps: ops.Steps, value: list[Any]) -> AsyncIterator[TokenEvent]:
         """Run a verb's round trips and yield its events; its return value is appended to `value`."""

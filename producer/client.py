@@ -1,16 +1,16 @@
 """Synchronous producer client: enqueue jobs, wait for results, tail token streams, cancel."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
 
 from producer import ops
 from producer.errors import RedisFullError
-from protocol import Result, TokenEvent
+from protocol import JobError, Result, TokenEvent
 from protocol.commands import execute
-from protocol.connection import connect
+from protocol.connection import connect, refresh_master
 
 
 class Client(ops.ClientBase):
@@ -24,11 +24,12 @@ class Client(ops.ClientBase):
         Keyword arguments are ops.build_job's: messages, prompt_token_ids, id, stream, priority, deadline,
         metadata, and any sampling field of the Job document (max_tokens=..., temperature=..., ...).
         """
-        return self._run(ops.enqueue_steps(self.ctx, prompt, **job))
+        return self._durably(lambda: self._run(ops.enqueue_steps(self.ctx, prompt, **job)))
 
     def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         """Enqueue dicts of enqueue() arguments, pipelined in chunks; returns ids in order."""
-        return self._run(ops.enqueue_many_steps(self.ctx, jobs))
+        jobs = list(jobs)  # a second pass may be needed (_durably)
+        return self._durably(lambda: self._run(ops.enqueue_many_steps(self.ctx, jobs)))
 
     def result(self, id: str, timeout: float | None = None) -> Result:
         """Block until the final Result of `id` exists; TimeoutError after `timeout` seconds."""
@@ -55,6 +56,21 @@ class Client(ops.ClientBase):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _durably(self, enqueue: Callable[[], Any]) -> Any:
+        """Run an enqueue; if the Sentinel master moved meanwhile (the write may have gone to the old master),
+        run it again once on the new one (the digest makes the second pass safe)."""
+        try:
+            ids = enqueue()
+        except JobError as e:
+            if e.code != "not_replicated" or not refresh_master(self.redis):
+                raise
+            return enqueue()
+        # A replica acknowledged it, but was that the old master's replica, about to be re-pointed (and to drop
+        # it)? If the sentinels name another master now, enqueue again there.
+        if self.ctx.durable and refresh_master(self.redis):
+            return enqueue()
+        return ids
 
     def _drive(self, steps: ops.Steps) -> Iterator[TokenEvent]:
         item = ops.advance(steps, None)

@@ -17,9 +17,10 @@ import orjson
 from producer.errors import RedisFullError
 from protocol import PROTOCOL_VERSION, JobError, Limits, Result, TokenEvent, parse_job
 from protocol.commands import (
-    DUPLICATE_ID, XREAD_COUNT, Cmd, cancel_cmds, cmd, duplicate_id_message, enqueue_cmd, xread_entries,
+    DUPLICATE_ID, XREAD_COUNT, Cmd, Flow, cancel_cmds, cmd, duplicate_id_message, enqueue_flow, xread_entries,
 )
 from protocol.defaults import DEFAULT_PREFIX, Defaults
+from protocol.connection import is_cluster, sentinel_url_from_env
 from protocol.env import ENV_REDIS_URL, env_text
 from protocol.keys import Keys, new_id
 from protocol.priorities import DEFAULT_PRIORITY, validate_priority
@@ -43,11 +44,15 @@ class Context:
     keys: Keys = field(default_factory=Keys)
     limits: Limits = field(default_factory=Limits.from_env)
     defaults: Defaults = field(default_factory=Defaults.from_env)
+    durable: bool = False  # enqueues return only once a replica has the job (WAIT 1), else raise not_replicated
 
     @classmethod
-    def build(cls, prefix: str, limits: Limits | None, defaults: Defaults | None) -> Context:
+    def build(cls, prefix: str, limits: Limits | None, defaults: Defaults | None, job_shards: int | None = None,
+              durable: bool = False) -> Context:
         """A context from a client's constructor arguments (None: from the environment)."""
-        return cls(Keys(prefix), limits or Limits.from_env(), defaults or Defaults.from_env())
+        defaults = defaults or Defaults.from_env()
+        keys = Keys(prefix, job_shards=defaults.job_shards if job_shards is None else job_shards)
+        return cls(keys, limits or Limits.from_env(), defaults, durable)
 
 
 class ClientBase:
@@ -56,12 +61,19 @@ class ClientBase:
     _connect: Any  # protocol.connection.connect or connect_async, set by the subclass
 
     def __init__(self, redis_url: str | None = None, prefix: str = DEFAULT_PREFIX, limits: Limits | None = None,
-                 *, defaults: Defaults | None = None, connection: Any = None):
-        self.ctx = Context.build(prefix, limits, defaults)
+                 *, defaults: Defaults | None = None, connection: Any = None, job_shards: int | None = None,
+                 durable: bool = False):
+        """job_shards: jobs streams per priority (default SPOOL_JOB_SHARDS, else 1); durable: every enqueue
+        waits until a replica has the job (WAIT 1; see docs/OPERATIONS.md, Failover)."""
+        self.ctx = Context.build(prefix, limits, defaults, job_shards, durable)
         # decode_responses=False: payloads stay bytes for orjson, and one code path serves both clients.
         # Resolving the URL may start the embedded server: a one-off blocking step at construction time.
         self.redis = connection if connection is not None else type(self)._connect(resolve_url(redis_url),
                                                                                    defaults=self.ctx.defaults)
+        if durable and is_cluster(self.redis):
+            # WAIT counts the replicas of the one node it is sent to, on the connection of the writes: on a
+            # cluster those are spread over nodes and connections.
+            raise ValueError("durable=True needs a single master (plain or Sentinel); Redis Cluster is not supported")
 
     @property
     def keys(self) -> Keys:
@@ -70,8 +82,9 @@ class ClientBase:
 
 
 def resolve_url(redis_url: str | None) -> str:
-    """The given URL, else $SPOOL_REDIS_URL, else the embedded local server's socket URL."""
-    url = redis_url or env_text(ENV_REDIS_URL)
+    """The given URL, else $SPOOL_REDIS_URL, else $SPOOL_REDIS_SENTINELS + $SPOOL_REDIS_MASTER, else the
+    embedded local server's socket URL."""
+    url = redis_url or env_text(ENV_REDIS_URL) or sentinel_url_from_env()
     if url:
         return url
     from producer.embedded import ensure_local_redis  # only pay for it when no server is configured
@@ -110,7 +123,7 @@ def build_job(
         raise JobError("invalid_job", f"job is not JSON-serializable: {e}", None) from None
     job = parse_job(raw, ctx.limits)
     # The stream, not the document, carries the priority; a document naming another one would be confusing.
-    return job.id, ctx.keys.jobs(priority), raw  # type: ignore[return-value]
+    return job.id, ctx.keys.job_stream(job.id, priority), raw  # type: ignore[arg-type]
 
 
 def enqueue_steps(ctx: Context, prompt: str | None, **kwargs: Any) -> Steps:
@@ -119,11 +132,21 @@ def enqueue_steps(ctx: Context, prompt: str | None, **kwargs: Any) -> Steps:
     Sending the same document under the same id again adds nothing (a retry after a lost reply is safe);
     another document under an id that is queued, running or finished fails with JobError duplicate_id.
     """
-    id, stream_key, raw = build_job(ctx, prompt, **kwargs)
-    (reply,) = yield RoundTrip([enqueue_cmd(ctx.keys, ctx.defaults, id, stream_key, raw)])
+    job = build_job(ctx, prompt, **kwargs)
+    (reply,) = yield from flow_steps(enqueue_flow(ctx.keys, ctx.defaults, [job], durable=ctx.durable))
     if reply == DUPLICATE_ID:
-        raise JobError("duplicate_id", duplicate_id_message(id), id)
-    return id
+        raise JobError("duplicate_id", duplicate_id_message(job[0]), job[0])
+    return job[0]
+
+
+def flow_steps(flow: Flow) -> Steps:
+    """Run a protocol.commands flow (enqueue_flow) as this module's round trips; returns its value."""
+    replies = None
+    try:
+        while True:
+            replies = yield RoundTrip(flow.send(replies))
+    except StopIteration as stop:
+        return stop.value
 
 
 def enqueue_many_steps(ctx: Context, jobs: Iterable[Mapping[str, Any]]) -> Steps:
@@ -142,39 +165,41 @@ def enqueue_many_steps(ctx: Context, jobs: Iterable[Mapping[str, Any]]) -> Steps
 
 
 def _enqueue_many(ctx: Context, jobs: Iterable[Mapping[str, Any]], sent: list[str]) -> Steps:
-    pending: list[str] = []
-    cmds: list[Cmd] = []
+    pending: list[tuple[str, str, bytes]] = []
     error: JobError | None = None
     chunk_start = 0  # index of the first job in `pending`
     for i, spec in enumerate(jobs):
         try:
             if not isinstance(spec, Mapping):
                 raise JobError("invalid_job", f"expected a dict of enqueue() arguments, got {type(spec).__name__}")
-            id, stream_key, raw = build_job(ctx, **spec)
+            job = build_job(ctx, **spec)
         except (JobError, TypeError) as e:
             code, msg, jid = (e.code, e.message, e.id) if isinstance(e, JobError) else ("invalid_job", str(e), None)
             error = JobError(code, f"job #{i}: {msg}", jid)
             break
-        pending.append(id)
-        cmds.append(enqueue_cmd(ctx.keys, ctx.defaults, id, stream_key, raw))
+        pending.append(job)
         if len(pending) >= ctx.defaults.enqueue_chunk:
-            error = yield from _send_chunk(cmds, pending, sent, chunk_start)
-            pending, cmds, chunk_start = [], [], i + 1
+            error = yield from _send_chunk(ctx, pending, sent, chunk_start)
+            pending, chunk_start = [], i + 1
             if error is not None:
                 break
-    if cmds:  # the jobs before an invalid one are sent, as promised
-        error = (yield from _send_chunk(cmds, pending, sent, chunk_start)) or error
+    if pending:  # the jobs before an invalid one are sent, as promised
+        error = (yield from _send_chunk(ctx, pending, sent, chunk_start)) or error
     if error is not None:
         error.enqueued = sent
         raise error
     return sent
 
 
-def _send_chunk(cmds: list[Cmd], ids: list[str], sent: list[str], first: int) -> Steps:
+def _send_chunk(ctx: Context, jobs: list[tuple[str, str, bytes]], sent: list[str], first: int) -> Steps:
     """Enqueue one chunk; accepted ids go to `sent`; returns the JobError of its first duplicate, if any."""
-    replies = yield RoundTrip(cmds)
+    try:
+        replies = yield from flow_steps(enqueue_flow(ctx.keys, ctx.defaults, jobs, durable=ctx.durable))
+    except JobError as e:  # not_replicated: the chunk is enqueued, but no replica has it yet
+        sent += e.enqueued
+        return e
     error = None
-    for n, (id, reply) in enumerate(zip(ids, replies)):
+    for n, ((id, _, _), reply) in enumerate(zip(jobs, replies)):
         if reply == DUPLICATE_ID:
             error = error or JobError("duplicate_id", f"job #{first + n}: {duplicate_id_message(id)}", id)
         else:
@@ -254,7 +279,9 @@ def stream_steps(ctx: Context, id: str, timeout: float | None, last_id: str | by
 
 def cancel_steps(ctx: Context, id: str) -> Steps:
     """Mark `id` cancelled (key with TTL) and wake workers (cancels stream)."""
-    yield RoundTrip(cancel_cmds(ctx.keys, ctx.defaults, id), transaction=True)
+    # Not a transaction: the cancel key (the source of truth) and the cancels stream live in different hash
+    # slots on a cluster; the key is written first, and a wake-up without it still cancels a running job.
+    yield RoundTrip(cancel_cmds(ctx.keys, ctx.defaults, id))
 
 
 def status_steps(ctx: Context, id: str) -> Steps:
@@ -263,7 +290,8 @@ def status_steps(ctx: Context, id: str) -> Steps:
     if raw is not None:
         return str(orjson.loads(raw).get("status", "unknown"))
     if status is not None:
-        return status.decode() if isinstance(status, bytes) else str(status)
+        text = status.decode() if isinstance(status, bytes) else str(status)
+        return "queued" if text == "enqueuing" else text  # claimed, its XADD about to follow (protocol.scripts)
     return "unknown"
 
 

@@ -6,12 +6,12 @@ runner and the admin verbs cannot drift apart on what a job or a cancel looks li
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 from protocol.defaults import Defaults
 from protocol.keys import Keys, validate_id
-from protocol.scripts import ENQUEUE
+from protocol.scripts import ENQUEUE, MARK_QUEUED
 
 Cmd = tuple[str, tuple[Any, ...], dict[str, Any]]
 XREAD_COUNT = 512  # entries per read; a long stream is drained over several round trips
@@ -59,14 +59,74 @@ def xread_entries(reply: Any) -> list[tuple[Any, Any]]:
     return reply[0][1]
 
 
-def enqueue_cmd(keys: Keys, defaults: Defaults, id: str, stream_key: str, raw: bytes) -> Cmd:
-    """Claim `id` for this document, mark it queued and XADD it, atomically (protocol.scripts.ENQUEUE).
+def enqueue_cmd(keys: Keys, defaults: Defaults, id: str, raw: bytes) -> Cmd:
+    """Claim `id` for this document (protocol.scripts.ENQUEUE), the first step of enqueue_flow.
 
-    The reply is ENQUEUED (1), ALREADY_ENQUEUED (0: this very document holds the id; a resend adds nothing)
-    or DUPLICATE_ID (-1: another document holds the id, queued, running or finished).
+    The reply is ENQUEUED (1: XADD it now), ALREADY_ENQUEUED (0: this very document holds the id; a resend adds
+    nothing) or DUPLICATE_ID (-1: another document holds the id, queued, running or finished).
     """
-    return ENQUEUE.eval_cmd([keys.digest(id), keys.status(id), stream_key, keys.result(id)],
+    return ENQUEUE.eval_cmd([keys.digest(id), keys.status(id), keys.result(id)],
                             [raw, defaults.status_ttl_s, defaults.result_ttl_s])
+
+
+# A round trip of an enqueue: the commands to send, the replies in return (see enqueue_flow).
+Flow = Generator[list[Cmd], list[Any], list[int]]
+
+
+def enqueue_flow(keys: Keys, defaults: Defaults, jobs: list[tuple[str, str, bytes]], *, durable: bool = False,
+                 prior: list[Cmd] | None = None) -> Flow:
+    """Enqueue (id, jobs stream, document) triples in three pipelined round trips; returns each job's claim reply.
+
+    1. ENQUEUE claims each id (one slot per request); 2. the claimed documents are XADDed (with WAIT 1 when
+    `durable`, on the same connection, so it covers these XADDs); 3. MARK_QUEUED. Each step is sent only after
+    the one before succeeded, so a status reads `queued` only once its entry exists, on one Redis or on a
+    cluster. `prior` commands ride in the first round trip (their replies are dropped). With `durable`, a job
+    no replica acknowledged raises JobError `not_replicated` after all three steps: the job is enqueued
+    on the master and may still run, but a failover right now could lose it.
+    """
+    prior = prior or []
+    replies = yield [*prior, *(enqueue_cmd(keys, defaults, id, raw) for id, _, raw in jobs)]
+    claims = [int(r) for r in replies[len(prior):]]
+    todo = [job for job, claim in zip(jobs, claims) if claim == ENQUEUED]
+    if not todo:
+        return claims
+    adds = [cmd("xadd", stream, {"job": raw}) for _, stream, raw in todo]
+    if durable:
+        adds.append(cmd("wait", 1, defaults.durable_timeout_ms))
+    added = yield adds
+    yield [MARK_QUEUED.eval_cmd([keys.status(id)], []) for id, _, _ in todo]
+    if durable and int(added[-1]) < 1:
+        from protocol.job import JobError  # protocol.job imports this module: import at use
+
+        ids = [id for id, _, _ in todo]
+        error = JobError("not_replicated",
+                       f"{len(ids)} job(s) enqueued on the master, but no replica acknowledged them within "
+                       f"{defaults.durable_timeout_ms} ms (WAIT 1): they exist and will run unless the master "
+                       f"fails before replicating them; check the replicas (INFO replication)",
+                       ids[0] if len(ids) == 1 else None)
+        error.enqueued = [id for (id, _, _), claim in zip(jobs, claims) if claim != DUPLICATE_ID]
+        raise error
+    return claims
+
+
+def run_flow(redis_client: Any, flow: Flow) -> list[int]:
+    """Drive an enqueue_flow on a redis.Redis (or RedisCluster); returns its claim replies."""
+    replies: list[Any] | None = None
+    try:
+        while True:
+            replies = execute(redis_client, flow.send(replies))  # type: ignore[arg-type]
+    except StopIteration as stop:
+        return stop.value
+
+
+async def run_flow_async(redis_client: Any, flow: Flow) -> list[int]:
+    """The asyncio twin of run_flow()."""
+    replies: list[Any] | None = None
+    try:
+        while True:
+            replies = await execute_async(redis_client, flow.send(replies))  # type: ignore[arg-type]
+    except StopIteration as stop:
+        return stop.value
 
 
 ENQUEUED, ALREADY_ENQUEUED, DUPLICATE_ID = 1, 0, -1

@@ -37,6 +37,8 @@ class Defaults:
     redis_retries: int = 12  # producer calls: reconnect attempts, enough to ride out a Redis restart (~15 s)
     redis_retry_cap_ms: int = 2_000  # longest pause between two reconnect attempts
     redis_connect_timeout_ms: int = 5_000
+    job_shards: int = 1  # jobs streams per priority (protocol.keys); workers must read at least as many
+    durable_timeout_ms: int = 1_000  # durable enqueues: how long WAIT waits for a replica's acknowledgement
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Defaults:

@@ -98,7 +98,8 @@ class Job(StrictInput):
     def _version(cls, v: int | None) -> int | None:
         if v is not None and v != PROTOCOL_VERSION:
             raise PydanticCustomError(
-                "unsupported_version", "protocol version {v} is not supported (this is v{ours})",
+                "unsupported_version", "protocol version {v} is not supported (this is v{ours}; since v2 a request's "
+                "keys carry its id in braces, as in spool:result:\x7bID\x7d: see docs/PROTOCOL.md)",
                 {"v": v, "ours": PROTOCOL_VERSION},
             )
         return v

@@ -11,7 +11,9 @@ from protocol.commands import entry_field
 from protocol.defaults import MAX_ID_LEN
 from protocol.keys import ID_PATTERN
 
-PROTOCOL_VERSION = 1  # lives here, below protocol.job, so both documents share it without a cycle
+# v2: request keys carry the id as a cluster hash tag (spool:result:{id}). Lives here, below protocol.job,
+# so both documents share it without a cycle.
+PROTOCOL_VERSION = 2
 
 Status = Literal["completed", "failed", "cancelled", "expired"]
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]

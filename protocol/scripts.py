@@ -5,7 +5,11 @@ two workers run one job (a reclaim from a worker that only stalled). Each script
 one atomic step, whether its write is new:
 
 - ENQUEUE: a job id is claimed by the digest (SHA-1) of its document. The same document again adds
-  nothing (a resend is idempotent); another document under a live or finished id is `duplicate_id`.
+  nothing (a resend is idempotent); another document under a live or finished id is `duplicate_id`. The
+  claim and the XADD touch different hash slots (a request's keys and a jobs stream), so they are two
+  steps: the claim leaves the status `enqueuing` until MARK_QUEUED, sent after the XADD succeeded, turns it
+  into `queued`; a resend that finds `enqueuing` (the producer died or lost the connection in between)
+  XADDs again. At worst two entries carry the same document; the worker runs it once and acks the other.
 - ADMIT: the worker's check before it runs an entry: the same digest rule for raw XADD producers (the first
   run claims the id), plus whether the job is final or cancelled, and its quarantine record.
 - APPEND: one write of a run's token events (a request's coalesced deltas: one entry per choice), each
@@ -18,8 +22,13 @@ one atomic step, whether its write is new:
   the quarantine record and keeps the id's digest as long as the result. If the token stream does not end
   with the winner's own last event (another run owned it, or deltas were shed while Redis was away), the
   winner appends a `restart` and its whole output as one delta per choice first, so a stream read after
-  its last restart always equals the result. A losing write changes nothing and is counted in the stats
-  hash (`duplicate_finals`).
+  its last restart always equals the result. A losing write changes nothing (the worker counts it in the
+  stats hash, `duplicate_finals`, with a command of its own: the hash lives in another slot).
+
+Every script touches the keys of one request only (one hash slot, protocol.keys), so each runs unchanged on
+Redis Cluster. The result and the XACK of its jobs entry are separate slots there: the worker sends the XACK
+only after the result landed, and a worker that dies in between leaves an entry whose rerun is a duplicate
+that changes nothing (first final wins; ADMIT sees the result and the entry is only acked).
 
 Producers send scripts as EVAL with their text. The worker's outbox sends EVALSHA and loads the scripts it
 uses at the head of the same MULTI/EXEC, so a Redis that restarted (and forgot its scripts) never fails a
@@ -54,7 +63,9 @@ class Script:
         """The same call as a protocol.commands.Cmd (EVAL with the text: nothing to load first)."""
         if len(keys) != self.num_keys:
             raise ValueError(f"{self.name} takes {self.num_keys} keys, got {len(keys)}")
-        return ("eval", (self.text, self.num_keys, *keys, *argv), {})
+        # execute_command("EVAL", ...) rather than .eval(): redis-py's cluster pipeline has no eval method, and
+        # routes EVAL by its keys either way.
+        return ("execute_command", ("EVAL", self.text, self.num_keys, *keys, *argv), {})
 
 
 def digest(raw: bytes | str) -> str:
@@ -75,19 +86,28 @@ local function last_event(key)
 end
 """
 
-# KEYS: digest, status, jobs stream, result. ARGV: job document, status TTL, digest TTL.
-# Returns 1 (enqueued), 0 (this document is already enqueued or done: nothing added), -1 (duplicate_id).
-ENQUEUE = Script("enqueue", 4, """
+# KEYS: digest, status, result (one request's slot). ARGV: job document, status TTL, digest TTL.
+# Returns 1 (claimed: XADD the document now), 0 (this document is already enqueued or done: nothing to add),
+# -1 (duplicate_id).
+ENQUEUE = Script("enqueue", 3, """
 local digest = redis.sha1hex(ARGV[1])
 local held = redis.call('GET', KEYS[1])
 if held then
-  if held == digest then return 0 end
-  return -1
+  if held ~= digest then return -1 end
+  if redis.call('GET', KEYS[2]) == 'enqueuing' then return 1 end
+  return 0
 end
-if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 redis.call('SET', KEYS[1], digest, 'EX', ARGV[3])
-redis.call('SET', KEYS[2], 'queued', 'EX', ARGV[2])
-redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+redis.call('SET', KEYS[2], 'enqueuing', 'EX', ARGV[2])
+return 1
+""")
+
+# KEYS: status. After the XADD of a claimed job: 'enqueuing' becomes 'queued' (a worker's 'running', or a
+# status already deleted by the final result, is left alone). Returns 1 if it changed the status.
+MARK_QUEUED = Script("mark_queued", 1, """
+if redis.call('GET', KEYS[1]) ~= 'enqueuing' then return 0 end
+redis.call('SET', KEYS[1], 'queued', 'KEEPTTL')
 return 1
 """)
 
@@ -132,13 +152,12 @@ if ARGV[6] == '1' or fresh then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 return 1
 """)
 
-# KEYS: result, tokens, status, stats, digest, quarantine.
+# KEYS: result, tokens, status, digest, quarantine (one request's slot).
 # ARGV: result JSON, result TTL, tokens MAXLEN, stream TTL after done, run, last seq of the run (-1: the
 # run streamed nothing), stream mode (0: not streamed, 1: streamed, 2: streamed with gaps: replay), done fields...
 # Returns 1 when this final result won, 0 for a suppressed duplicate.
-FINALIZE = Script("finalize", 6, _LAST_EVENT + """
+FINALIZE = Script("finalize", 5, _LAST_EVENT + """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HINCRBY', KEYS[4], 'duplicate_finals', 1)
   return 0
 end
 local seq = tonumber(ARGV[6])
@@ -161,12 +180,12 @@ if ARGV[7] ~= '0' then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'run', ARGV[5], 'seq', seq + 1, unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[3], KEYS[6])
-redis.call('EXPIRE', KEYS[5], ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[5])
+redis.call('EXPIRE', KEYS[4], ARGV[2])
 return 1
 """)
 
-SCRIPTS = (ENQUEUE, ADMIT, APPEND, FINALIZE)
+SCRIPTS = (ENQUEUE, MARK_QUEUED, ADMIT, APPEND, FINALIZE)
 
 
 def flat_fields(fields: dict[str, Any]) -> list[Any]:

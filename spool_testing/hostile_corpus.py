@@ -93,7 +93,8 @@ def corpus(tag: str = "h-") -> list[Case]:
         j("metadata_list", "invalid_job", metadata=[1, 2]),
         j("deadline_string", "invalid_job", deadline="tomorrow"),
         j("priority_bogus", "invalid_job", priority="urgent"),
-        j("version_2", "unsupported_version", v=2),
+        j("version_1", "unsupported_version", v=1),  # a producer of the v1 key layout
+        j("version_3", "unsupported_version", v=3),
         # Out-of-range numbers.
         j("max_tokens_zero", "invalid_job", max_tokens=0),
         j("max_tokens_negative", "invalid_job", max_tokens=-5),

@@ -211,7 +211,7 @@ def test_mixed_file_round_trips_through_a_real_worker(engine, redis_url, tmp_pat
     assert {rec["line"]: rec["error"]["code"] for rec in bad}[7] == "duplicate_custom_id"
     for cid, rec in good.items():
         body, rid = rec["response"]["body"], rec["response"]["request_id"]
-        stored = Result.from_json(r.get(f"spool:result:{rid}"))
+        stored = Result.from_json(r.get(f"spool:result:{{{rid}}}"))
         assert rec["id"] == f"batch_req_{rid}" and stored.metadata == {"batch": "mixed", "custom_id": cid}
         assert body["object"] == ("chat.completion" if cid.startswith("chat") else "text_completion")
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
@@ -276,7 +276,7 @@ def test_sigint_stops_cleanly_and_stays_resumable(redis_url, tmp_path):
     assert proc.wait(20) == 130
     assert "resume" in proc.stderr.read()
     assert batch.status("ctrl-c", redis_url=redis_url).status == "in_progress"
-    assert not r.exists("spool:batch:ctrl-c:lock")
+    assert not r.exists("spool:batch:{ctrl-c}:lock")
 
 
 def test_cancel_stops_the_runner_and_the_queued_jobs(engine, redis_url, tmp_path):
@@ -287,13 +287,13 @@ def test_cancel_stops_the_runner_and_the_queued_jobs(engine, redis_url, tmp_path
         inp, out, err, batch_id="to-cancel", redis_url=redis_url, max_in_flight=5, cancel_grace_s=1.0)))
     t.start()
     r = Client(redis_url).redis
-    wait_for(lambda: r.scard("spool:batch:to-cancel:inflight") == 5, what="5 jobs in flight")
+    wait_for(lambda: r.scard("spool:batch:{to-cancel}:inflight") == 5, what="5 jobs in flight")
     assert spool("batch", "cancel", "to-cancel", "--redis-url", redis_url).stdout.strip() == "cancelling"
     t.join(30)
     assert box["info"].status == "cancelled"
     lines = read_jsonl(err)
     assert len(lines) == 5 and {x["error"]["code"] for x in lines} == {"batch_cancelled"} and not read_jsonl(out)
-    assert r.xlen("spool:jobs:bulk") == 5 and not r.exists("spool:batch:to-cancel:inflight")
+    assert r.xlen("spool:jobs:bulk") == 5 and not r.exists("spool:batch:{to-cancel}:inflight")
     with running_worker(engine, redis_url):  # the queued jobs never run: they end cancelled at admission
         results = [Client(redis_url).result(x["id"].removeprefix("batch_req_"), timeout=30) for x in lines]
     assert {x.status for x in results} == {"cancelled"} and all(not x.token_ids for x in results)
@@ -396,9 +396,9 @@ def test_one_runner_per_batch_and_one_input_per_batch(redis_url, tmp_path):
         batch.run(inp, tmp_path / "o.jsonl", batch_id="locked", client=client)
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid is no longer alive
-    client.redis.set("spool:batch:locked:lock", f"{socket.gethostname()}:{dead.pid}:gone")  # crashed runner
+    client.redis.set("spool:batch:{locked}:lock", f"{socket.gethostname()}:{dead.pid}:gone")  # crashed runner
     store.update("locked", status="in_progress", in_progress_at=1.0, input_sha256="0" * 64)
     with pytest.raises(batch.BatchMismatch):  # lock taken over, then refused: not the batch's input file
         batch.run(inp, tmp_path / "o.jsonl", batch_id="locked", client=client)
-    assert store.get("locked").status == "in_progress" and not client.redis.exists("spool:batch:locked:lock")
+    assert store.get("locked").status == "in_progress" and not client.redis.exists("spool:batch:{locked}:lock")
     assert client.redis.xlen("spool:jobs:bulk") == 0

@@ -17,7 +17,7 @@ from producer.embedded import bundled_redis_server, ensure_local_redis, stop_loc
 
 KEYS = Keys()
 FAST = Defaults(block_ms=200, enqueue_chunk=100)  # short blocks keep the no-wake-up paths quick
-HELLO_DOC = b'{"id":"hello-1","v":1,"prompt":"Once upon a time","max_tokens":16}'  # what enqueue() must write
+HELLO_DOC = b'{"id":"hello-1","v":2,"prompt":"Once upon a time","max_tokens":16}'  # what enqueue() must write
 
 
 @pytest.fixture
@@ -70,8 +70,8 @@ def test_enqueue_writes_the_documented_job(client, r):
     assert client.enqueue("Once upon a time", id="hello-1", max_tokens=16) == "hello-1"
     [(entry_id, fields)] = r.xrange("spool:jobs")
     assert fields == {b"job": HELLO_DOC}
-    assert r.get("spool:status:hello-1") == b"queued"
-    assert 0 < r.ttl("spool:status:hello-1") <= FAST.status_ttl_s
+    assert r.get("spool:status:{hello-1}") == b"queued"
+    assert 0 < r.ttl("spool:status:{hello-1}") <= FAST.status_ttl_s
     assert client.status("hello-1") == "queued"
 
 
@@ -81,7 +81,7 @@ def test_enqueue_options_and_priority(client, r):
     assert len(id) == 32 and r.xlen("spool:jobs") == 0
     [(_, fields)] = r.xrange("spool:jobs:bulk")
     assert orjson.loads(fields[b"job"]) == {
-        "id": id, "v": 1, "messages": [{"role": "user", "content": "hi"}], "deadline": 1.9e9,
+        "id": id, "v": 2, "messages": [{"role": "user", "content": "hi"}], "deadline": 1.9e9,
         "metadata": {"user": 7}, "temperature": 0, "stop": ["\n"], "stream": True}
 
 
@@ -105,7 +105,7 @@ def test_enqueue_many(client, r):
     assert len(ids) == len(set(ids)) == 250
     assert r.xlen("spool:jobs:bulk") == 84 and r.xlen("spool:jobs") == 166
     bulk = [orjson.loads(f[b"job"]) for _, f in r.xrange("spool:jobs:bulk")]
-    assert [d["id"] for d in bulk] == ids[::3] and bulk[1] == {"id": ids[3], "v": 1, "prompt": "p3", "max_tokens": 4}
+    assert [d["id"] for d in bulk] == ids[::3] and bulk[1] == {"id": ids[3], "v": 2, "prompt": "p3", "max_tokens": 4}
     assert all(client.status(i) == "queued" for i in ids[:5])
 
 
@@ -167,7 +167,7 @@ def test_status_lifecycle(client, r):
 
 def test_cancel(client, r):
     client.cancel("c1")
-    assert r.get("spool:cancel:c1") == b"1" and 0 < r.ttl("spool:cancel:c1") <= FAST.cancel_ttl_s
+    assert r.get("spool:cancel:{c1}") == b"1" and 0 < r.ttl("spool:cancel:{c1}") <= FAST.cancel_ttl_s
     [(_, fields)] = r.xrange("spool:cancels")
     assert fields == {b"id": b"c1"}
     with pytest.raises(ValueError):

@@ -82,11 +82,15 @@ def test_resent_enqueue_adds_nothing_and_another_document_is_refused(redis_url):
     from producer import ops
 
     steps = ops.enqueue_steps(client.ctx, "hello", id="dupenq-1", max_tokens=200, stream=True)
-    round_trip = next(steps)
-    first = execute(client.redis, round_trip.cmds, round_trip.transaction)
-    second = execute(client.redis, round_trip.cmds, round_trip.transaction)  # the resend
-    assert (first, second) == ([1], [0])
+    claim = next(steps)  # the first of enqueue's three steps (protocol.commands.enqueue_flow)
+    first = execute(client.redis, claim.cmds, claim.transaction)
+    # A resend before the XADD (the first attempt died after its claim): the claim says "XADD it" again.
+    second = execute(client.redis, claim.cmds, claim.transaction)
+    assert (first, second) == ([1], [1]) and client.status("dupenq-1") == "queued"  # enqueuing reads as queued
+    assert client.redis.xlen(KEYS.jobs()) == 0
+    assert client.enqueue("hello", id="dupenq-1", max_tokens=200, stream=True) == "dupenq-1"  # the retry
     assert client.enqueue("hello", id="dupenq-1", max_tokens=200, stream=True) == "dupenq-1"  # idempotent
+    assert execute(client.redis, claim.cmds, claim.transaction) == [0]  # after the XADD: nothing to add
     info = client.redis.xinfo_stream(KEYS.jobs())
     assert info["length"] == 1 and info["entries-added"] == 1
     client.redis.set(KEYS.status("dupenq-1"), "running")  # a worker took it meanwhile
@@ -214,7 +218,7 @@ def test_finished_jobs_leave_only_their_result(tiny_llama, redis_server, tmp_pat
         assert 0 < client.redis.ttl(KEYS.tokens(streamed)) <= 30
         time.sleep(2.5)
         r = client.redis
-        left = sorted(k.decode() for k in r.scan_iter("spool:*:lean*"))
+        left = sorted(k.decode() for k in r.scan_iter("spool:*:{lean*"))
         assert left == sorted([*(KEYS.result(i) for i in ids), *(KEYS.digest(i) for i in ids),
                                KEYS.result(streamed), KEYS.digest(streamed), KEYS.tokens(streamed)])
         per_job = [r.memory_usage(KEYS.result(i)) + r.memory_usage(KEYS.digest(i)) for i in ids]

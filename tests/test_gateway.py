@@ -34,7 +34,7 @@ def deployment(tiny_llama, tmp_path_factory):
     gateway = GatewayProcess(redis_server.url, tmp, "--served-model-name", MODEL, api_key=KEY).start()
     try:
         client = Client(redis_server.url)
-        wait_for(lambda: client.redis.exists("spool:worker:w1"), 120, what="worker heartbeat")
+        wait_for(lambda: client.redis.exists("spool:worker:{w1}"), 120, what="worker heartbeat")
         yield redis_server.url, gateway
     finally:
         gateway.stop()

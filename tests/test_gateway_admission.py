@@ -30,8 +30,8 @@ def test_no_worker_503_then_backlog_429_priority_and_timeout(redis_server, tmp_p
 
         # A worker's heartbeat (as `spool worker` writes it) and a full interactive queue.
         r = client.redis
-        r.hset("spool:worker:w-fake", mapping={"model": orjson.dumps("/models/fake-7b")})
-        r.expire("spool:worker:w-fake", 60)
+        r.hset("spool:worker:{w-fake}", mapping={"model": orjson.dumps("/models/fake-7b")})
+        r.expire("spool:worker:{w-fake}", 60)
         r.sadd("spool:workers", "w-fake")
         for _ in range(2):
             client.enqueue("queued", max_tokens=1)
@@ -55,7 +55,7 @@ def test_no_worker_503_then_backlog_429_priority_and_timeout(redis_server, tmp_p
                                         extra_body={"priority": "bulk"})
         assert e.value.status_code == 504 and e.value.code == "timeout"
         rid = e.value.response.headers["x-request-id"]
-        assert r.xlen("spool:jobs:bulk") == 1 and r.exists(f"spool:cancel:{rid}")
+        assert r.xlen("spool:jobs:bulk") == 1 and r.exists(f"spool:cancel:{{{rid}}}")
 
         # Redis at maxmemory (noeviction): the enqueue is refused, and the client gets a 503 it can retry.
         admin = redis_server.client()

@@ -42,7 +42,7 @@ def deployment(tiny_llama, tmp_path_factory):
     files = tmp / "files"
     gateway = GatewayProcess(redis_server.url, tmp, "--max-file-bytes", "20000", api_key=KEY, files_dir=files).start()
     try:
-        wait_for(lambda: Client(redis_server.url).redis.exists("spool:worker:w1"), 120, what="worker heartbeat")
+        wait_for(lambda: Client(redis_server.url).redis.exists("spool:worker:{w1}"), 120, what="worker heartbeat")
         yield redis_server.url, gateway, tmp, files
     finally:
         gateway.stop()

@@ -82,7 +82,7 @@ def test_result_of_queued_and_running_jobs(redis_server, redis_url):
     assert spool("enqueue", "hi", "--id", "q1", "--redis-url", redis_url).returncode == 0
     out = spool("result", "q1", "--redis-url", redis_url)
     assert (out.returncode, out.stdout.strip(), out.stderr) == (5, "queued", "")
-    redis_server.client().set("spool:status:q1", "running")  # as a worker does on admission
+    redis_server.client().set("spool:status:{q1}", "running")  # as a worker does on admission
     out = spool("result", "q1", "--redis-url", redis_url)
     assert (out.returncode, out.stdout.strip(), out.stderr) == (6, "running", "")
 

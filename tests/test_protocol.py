@@ -33,11 +33,11 @@ def test_key_layout():
     assert k.jobs("bulk") == "spool:jobs:bulk"
     assert k.all_jobs == ["spool:jobs", "spool:jobs:bulk"]
     assert (k.result("a"), k.tokens("a"), k.status("a"), k.cancel("a")) == (
-        "spool:result:a", "spool:tokens:a", "spool:status:a", "spool:cancel:a")
+        "spool:result:{a}", "spool:tokens:{a}", "spool:status:{a}", "spool:cancel:{a}")
     assert (k.cancels, k.dead, k.workers, k.worker("gpu-0"), k.batch("b1")) == (
-        "spool:cancels", "spool:dead", "spool:workers", "spool:worker:gpu-0", "spool:batch:b1")
+        "spool:cancels", "spool:dead", "spool:workers", "spool:worker:{gpu-0}", "spool:batch:{b1}")
     assert k.group == "workers"
-    assert Keys("t1:").result("x") == "t1:result:x"
+    assert Keys("t1:").result("x") == "t1:result:{x}"
     assert k.priority_of(b"spool:jobs:bulk") == "bulk"
     assert Keys.default_id("interactive", b"1718-0") == "1718-0"
     assert Keys.default_id("bulk", "1718-0") == "bulk-1718-0"
@@ -65,7 +65,7 @@ def test_valid_ids():
 
 def test_canonical_example_in_protocol_doc_is_valid():
     doc = (ROOT / "docs" / "PROTOCOL.md").read_text()
-    m = re.search(r"redis-cli XADD spool:jobs '\*' job '(\{.*?\})'", doc)
+    m = re.search(r"redis-cli (?:-c )?XADD spool:jobs '\*' job '(\{.*?\})'", doc)
     assert m, "docs/PROTOCOL.md lost its canonical example"
     job = parse_job(m.group(1))
     assert (job.id, job.prompt, job.max_tokens, job.stream) == ("hello-1", "Once upon a time", 16, False)
@@ -84,7 +84,7 @@ def test_defaults_follow_vllm():
 
 def test_each_prompt_kind_and_passthrough():
     meta = {"trace": {"ids": [1, 2.5, None, True], "s": "é\u2028"}, "n": -3}
-    job = parse_job(orjson.dumps({"v": 1, "id": "m", "messages": [{"role": "system", "content": ""},
+    job = parse_job(orjson.dumps({"v": 2, "id": "m", "messages": [{"role": "system", "content": ""},
                                                                   {"role": "user", "content": "hi"}],
                                   "stop": "\n", "metadata": meta, "deadline": 1.7e9, "priority": "bulk"}))
     assert job.messages[1].content == "hi" and job.stop == ["\n"] and job.metadata == meta
@@ -172,8 +172,10 @@ def test_id_limit_and_null_id():
 
 
 def test_unsupported_version():
-    e = err({"id": "v2", "prompt": "a", "v": 2})
-    assert (e.code, e.id) == ("unsupported_version", "v2")
+    e = err({"id": "v3", "prompt": "a", "v": 3})
+    assert (e.code, e.id) == ("unsupported_version", "v3")
+    e = err({"id": "old", "prompt": "a", "v": 1})  # a v1 producer reads keys v2 no longer writes: say so
+    assert e.code == "unsupported_version" and "spool:result:{ID}" in e.message
 
 
 def test_non_finite_floats_rejected_from_python_too():
@@ -232,7 +234,7 @@ def test_result_round_trip_and_mirror():
     doc = orjson.loads(res.to_json())
     assert set(doc) == {"v", "id", "status", "text", "token_ids", "finish_reason", "logprobs", "choices", "usage",
                         "error", "timings", "metadata", "worker"}
-    assert doc["v"] == 1 and doc["error"] is None and doc["choices"][1]["stop_reason"] == 7
+    assert doc["v"] == 2 and doc["error"] is None and doc["choices"][1]["stop_reason"] == 7
     assert Result.from_json(res.to_json()) == res
     assert Result.from_json(res.to_json().decode()) == res
     newer = orjson.dumps({**doc, "new_field": 1})

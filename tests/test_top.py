@@ -40,7 +40,7 @@ def test_once_shows_workers_backlog_and_batches(engine, redis_url):
     running_batch(client, "nightly-7", total=100, done=25, started_s_ago=60)
     with running_worker(engine, redis_url, name="gpu-a"):
         deadline = time.monotonic() + 20
-        while not client.redis.exists("spool:worker:gpu-a") and time.monotonic() < deadline:
+        while not client.redis.exists("spool:worker:{gpu-a}") and time.monotonic() < deadline:
             time.sleep(0.05)
         out = subprocess.run([sys.executable, "-m", "spool", "top", "--once", "--redis-url", redis_url],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)

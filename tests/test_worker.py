@@ -45,7 +45,7 @@ def test_raw_xadd_from_redis_cli(engine, redis_server):
     subprocess.run(["redis-cli", "-p", port, "XADD", "spool:jobs", "*", "job", job], check=True, capture_output=True)
     with running_worker(engine, redis_server.url):
         res = Client(redis_server.url).result("hello-1", timeout=60)
-    raw = subprocess.run(["redis-cli", "-p", port, "GET", "spool:result:hello-1"], check=True,
+    raw = subprocess.run(["redis-cli", "-p", port, "GET", "spool:result:{hello-1}"], check=True,
                          capture_output=True).stdout
     doc = orjson.loads(raw)
     assert doc["id"] == "hello-1" and doc["status"] == "completed" and doc["text"] == res.text

@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - transformers brings jinja2
 from engine import LLMEngine, SamplingParams, StructuredOutputsParams
 from protocol import PRIORITY_RANK, Defaults, Job, JobError, Keys, Limits, parse_entry
 from protocol.commands import as_str, entry_field
+from protocol.connection import is_cluster
 from protocol.scripts import ADMIT, digest
 from worker.chat import constraint_of, prompt_of, tool_mode
 from worker.inflight import InFlight
@@ -67,7 +68,7 @@ def parse(entry: Entry, keys: Keys, limits: Limits) -> tuple[str, Job] | Rejecti
     priority = keys.priority_of(entry.stream)
     try:
         job = parse_entry(entry.fields, limits)
-        rid = job.id or keys.default_id(priority, entry.entry_id)
+        rid = job.id or keys.default_id_of(entry.stream, entry.entry_id)
     except JobError as e:
         rid = e.id if e.id is not None else _default_id_of_invalid(entry, keys, priority, limits)
         return Rejection(entry, rid, "failed", e.code, e.message)
@@ -88,7 +89,7 @@ def _default_id_of_invalid(entry: Entry, keys: Keys, priority: str, limits: Limi
     except orjson.JSONDecodeError:
         return None
     if isinstance(obj, dict) and obj.get("id") is None:
-        return keys.default_id(priority, entry.entry_id)
+        return keys.default_id_of(entry.stream, entry.entry_id)
     return None
 
 
@@ -105,13 +106,16 @@ class AdmitCheck:
 def admit_checks(redis_client: redis.Redis, keys: Keys, defaults: Defaults,
                  items: list[tuple[str, bytes]]) -> list[AdmitCheck]:
     """One round trip: ADMIT for each (request id, job document bytes); raises the transient Redis errors."""
+    cluster = is_cluster(redis_client)
     with redis_client.pipeline(transaction=False) as pipe:
-        pipe.execute_command("SCRIPT", "LOAD", ADMIT.text)  # Redis may have restarted since the last call
+        if not cluster:  # one SCRIPT LOAD, then EVALSHA; a cluster pipeline cannot send SCRIPT LOAD to every node
+            pipe.execute_command("SCRIPT", "LOAD", ADMIT.text)  # Redis may have restarted since the last call
         for rid, raw in items:
-            pipe.execute_command(*ADMIT.args(
-                [keys.digest(rid), keys.result(rid), keys.cancel(rid), keys.quarantine(rid)],
-                [digest(raw), defaults.result_ttl_s]))
-        replies = pipe.execute()[1:]
+            keys_, argv = [keys.digest(rid), keys.result(rid), keys.cancel(rid), keys.quarantine(rid)], \
+                [digest(raw), defaults.result_ttl_s]
+            _, args, _ = ADMIT.eval_cmd(keys_, argv) if cluster else (None, ADMIT.args(keys_, argv), None)
+            pipe.execute_command(*args)
+        replies = pipe.execute()[0 if cluster else 1:]
     return [AdmitCheck(bool(same), bool(has_result), bool(cancelled),
                        Record(as_str(runner) if runner else None, int(deaths), as_str(died_on) if died_on else None))
             for same, has_result, cancelled, runner, deaths, died_on in replies]

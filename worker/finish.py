@@ -3,8 +3,9 @@
 Every way a job can end goes through Finisher: a completed or aborted run (complete), an entry that never
 runs (reject: invalid, cancelled before start, expired), a duplicate entry of a job already final or
 running (ack), a poison job (poison) and an entry without a usable id (dead_letter). The writes queue on
-the Outbox and leave with the step's other writes in one MULTI/EXEC, so a result and its XACK land
-together or not at all; the compare-and-set inside Redis (protocol.scripts) makes a duplicate run harmless.
+the Outbox and leave with the step's other writes in one MULTI/EXEC on a single Redis, so a result and its
+XACK land together or not at all; on Redis Cluster the XACK follows once the result has landed (worker.outbox).
+The compare-and-set inside Redis (protocol.scripts) makes a duplicate run harmless either way.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class Finisher:
         d, k = self.defaults, self.keys
         keep_stream_s = d.stream_done_ttl_s if stream_mode != NOT_STREAMED else d.done_marker_ttl_s
         self.outbox.add_script(
-            FINALIZE, [k.result(rid), k.tokens(rid), k.status(rid), k.stats, k.digest(rid), k.quarantine(rid)],
+            FINALIZE, [k.result(rid), k.tokens(rid), k.status(rid), k.digest(rid), k.quarantine(rid)],
             [result.to_json(), d.result_ttl_s, d.tokens_maxlen, keep_stream_s, run, last_seq, stream_mode,
              *flat_fields(done)],
             on_reply=lambda reply: self._counted(rid, reply))
@@ -152,4 +153,6 @@ class Finisher:
             self.finals_won += 1
         elif reply == 0:
             self.finals_lost += 1
+            # Counted apart from FINALIZE: the stats hash is in another hash slot than the request's keys.
+            self.outbox.add("HINCRBY", self.keys.stats, "duplicate_finals", 1)
             log.warning("request %s already had a final result; this duplicate run's result was dropped", rid)

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from protocol import PRIORITIES, Result
+from protocol import Result
 from protocol.connection import redact_url
 
 log = logging.getLogger("worker.jobs")
@@ -93,7 +93,7 @@ class JobLog:
     @classmethod
     def for_keys(cls, keys: Any) -> JobLog:
         """A JobLog that names priorities by the jobs streams of `keys`."""
-        return cls({keys.jobs(p): p for p in PRIORITIES})
+        return cls({s: keys.priority_of(s) for s in keys.all_jobs})  # every shard
 
     def on_final(self, result: Result, stream: str) -> None:
         """Log one finished job (nothing is built when INFO is off)."""

@@ -22,8 +22,9 @@ import redis
 from engine import LLMEngine
 from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, validate_id
 from protocol.commands import as_str, entry_field
-from protocol.connection import TRANSIENT_ERRORS
+from protocol.connection import TRANSIENT_ERRORS, refresh_master
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
+from worker.cluster_io import ShardReader
 from worker.inflight import InFlightTable, wire_logprobs
 from protocol.connection import redact_url
 from worker.joblog import JobLog, log_startup
@@ -49,7 +50,7 @@ class Worker:
         self.engine = engine
         self.redis = redis_client
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, job_shards=settings.job_shards)
         validate_id(settings.name, "worker name")  # it keys the heartbeat and names the consumer: fail at start
         self.limits = limits or Limits.from_env()
         self.defaults = defaults or Defaults.from_env()
@@ -62,6 +63,7 @@ class Worker:
         self.tokens = TokenStreamWriter(self.outbox, self.keys, self.defaults, settings.stream_interval_ms)
         self.gate = CountingBackoff(cap_s=min(2.0, lease_s))  # reads: paused together while Redis does not answer
         self.inflight = InFlightTable(engine.abort)
+        self.reader = ShardReader(redis_client)  # one XREADGROUP per hash slot on a cluster, shards in turn
         self.leases = Leases(redis_client, self.keys, settings, self.inflight, self.gate, self.capacity, self.outbox)
         self.quarantine = Quarantine(redis_client, self.outbox, self.keys, self.defaults, settings)
         self.stopping = False  # warm stop: read nothing new, finish what runs within the grace period
@@ -153,7 +155,8 @@ class Worker:
         """
         began = time.perf_counter()
         busy = self.engine.has_unfinished_requests()
-        interactive, lower = self.keys.all_jobs[:1], self.keys.all_jobs[1:]
+        ordered = self.reader.by_priority(self.keys)  # interactive shards first, each priority's in turn
+        interactive, lower = ordered[:self.keys.job_shards], ordered[self.keys.job_shards:]
         if busy and not self.stopping:
             # One small read right before the launch: an interactive job that arrived during the last step
             # starts in this one, instead of waiting in Redis for the whole step. Bulk waits for the read below.
@@ -267,7 +270,7 @@ class Worker:
 
     def _read(self, streams: dict[str, str], count: int, block: int | None = None) -> list:
         try:
-            resp = self.redis.xreadgroup(self.keys.group, self.settings.name, streams, count=count, block=block)
+            resp = self.reader.read(self.keys.group, self.settings.name, streams, count=count, block=block)
             self.gate.ok()
             return resp or []
         except TRANSIENT_ERRORS as e:
@@ -299,7 +302,7 @@ class Worker:
             resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.settings.block_ms) if cap > 0 else []
         else:
             resp, taken = [], 0
-            for stream in self.keys.all_jobs if streams is None else streams:  # interactive first, then bulk
+            for stream in self.reader.by_priority(self.keys) if streams is None else streams:  # interactive first
                 cap = self.capacity(stream) - taken  # entries read above are not in the engine yet
                 if cap <= 0:
                     continue
@@ -309,7 +312,7 @@ class Worker:
                 if self.gate.failing:
                     break
         entries = [Entry(as_str(stream), as_str(eid), fields or {}) for stream, msgs in resp for eid, fields in msgs]
-        entries.sort(key=lambda e: self.keys.all_jobs.index(e.stream))
+        entries.sort(key=lambda e: PRIORITY_RANK[self.keys.priority_of(e.stream)])  # interactive first
         self.handle_entries(entries)
 
     def handle_entries(self, entries: list[Entry], restart: bool = False) -> None:
@@ -437,6 +440,11 @@ class Worker:
                 self.inflight.end_early(inf.id, "expired", "deadline_exceeded", "deadline passed while running")
 
     def _heartbeat(self) -> None:
+        try:  # Sentinel: leave a demoted master within a heartbeat, not when the sentinels get round to it
+            if refresh_master(self.redis):
+                log.warning("the Redis master moved (Sentinel failover): reconnecting to the new one")
+        except TRANSIENT_ERRORS as e:
+            log.warning("could not ask the sentinels for the master: %s", e)
         now, generated = time.time(), self.engine.stats.generation_tokens
         since, before = self._rate_since
         self._rate_since = (now, generated)

@@ -150,7 +150,7 @@ class WorkerMetrics:
         self._finished = {(s, p): self.jobs_finished.labels(s, p) for s in STATUSES for p in PRIORITIES}
         self._latency = {p: (self.queue_wait.labels(p), self.ttft.labels(p), self.tpot.labels(p), self.e2e.labels(p))
                          for p in PRIORITIES}
-        self._priority = {worker.keys.jobs(p): p for p in PRIORITIES}
+        self._priority = {s: worker.keys.priority_of(s) for s in worker.keys.all_jobs}  # every shard
         self.observe_step = self.step.observe
         reg.register(_ScrapeTimeCollector(worker))
         self._server: Any = None

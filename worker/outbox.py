@@ -9,8 +9,9 @@ from typing import Any
 
 import redis
 
-from protocol.connection import TRANSIENT_ERRORS
+from protocol.connection import TRANSIENT_ERRORS, is_cluster
 from protocol.scripts import Script
+from worker.cluster_io import send_phased
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Outbox:
             return True
         if not self.backoff.ready():
             return False
+        if is_cluster(self.client):
+            return self._flush_phased()
         pipe = self.client.pipeline(transaction=True)
         scripts = {q.script.sha: q.script for q in self._cmds if q.script is not None}
         for script in scripts.values():  # a restarted Redis forgot them; loading a known one costs little
@@ -125,6 +128,23 @@ class Outbox:
         cmds, self._cmds = self._cmds, []
         self.backoff.ok()
         for q, reply in zip(cmds, replies[len(scripts):]):
+            if isinstance(reply, Exception):
+                log.warning("redis %s failed: %s", _name(q.args), reply)
+            if q.on_reply is not None:
+                q.on_reply(reply)
+        return True
+
+    def _flush_phased(self) -> bool:
+        """Redis Cluster: no MULTI/EXEC across slots, so results first, then the XACKs (worker.cluster_io)."""
+        scripts = list({q.script.sha: q.script for q in self._cmds if q.script is not None}.values())
+        try:
+            replies = send_phased(self.client, [(q.args, q.options) for q in self._cmds], scripts)
+        except (*TRANSIENT_ERRORS, redis.RedisError, redis.exceptions.RedisClusterException) as e:
+            self._failed(f"redis write failed ({e})", logging.WARNING)
+            return False
+        cmds, self._cmds = self._cmds, []
+        self.backoff.ok()
+        for q, reply in zip(cmds, replies):
             if isinstance(reply, Exception):
                 log.warning("redis %s failed: %s", _name(q.args), reply)
             if q.on_reply is not None:

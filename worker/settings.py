@@ -21,6 +21,7 @@ class WorkerSettings:
 
     redis_url: str | None = None  # None: SPOOL_REDIS_URL, else the embedded local server
     prefix: str = DEFAULT_PREFIX
+    job_shards: int = 1  # jobs streams per priority to read (protocol.keys); at least the producers' number
     name: str = field(default_factory=default_worker_name)
     grace_period_s: float = 30.0  # on SIGTERM: time to finish in-flight requests before leaving them pending
     claim_idle_ms: int = 60_000  # a pending job idle this long belongs to a dead worker and is reclaimed

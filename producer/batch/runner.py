@@ -27,9 +27,9 @@ from producer.batch.validate import BatchBusy, BatchInvalid, BatchMismatch, vali
 from producer.client import Client
 from protocol import BATCH_PRIORITY, Result
 from protocol.commands import (
-    DUPLICATE_ID, Cmd, as_str, cancel_cmds, cmd, duplicate_id_message, enqueue_cmd, execute,
+    DUPLICATE_ID, Cmd, as_str, cancel_cmds, cmd, duplicate_id_message, enqueue_flow, execute, run_flow,
 )
-from protocol.connection import TRANSIENT_ERRORS
+from protocol.connection import TRANSIENT_ERRORS, is_cluster
 
 SWEEP_S = 5.0  # also GET every in-flight result this often, in case a done wake-up was missed or trimmed
 
@@ -178,35 +178,35 @@ class BatchRunner:
 
     def _submit(self, reqs: list[Request]) -> None:
         k = self.keys
-        # One MULTI: a result and a status read at the same instant, so a job finishing in between is not
-        # mistaken for one that was never enqueued.
-        cmds = [c for q in reqs for c in (cmd("get", k.result(q.rid)), cmd("get", k.status(q.rid)))]
+        # Status before result, in order on the request's node (one slot): a job finishing in between shows
+        # its result, so it is not mistaken for one that was never enqueued. No MULTI: on a cluster the
+        # requests' keys live in many slots.
+        cmds = [c for q in reqs for c in (cmd("get", k.status(q.rid)), cmd("get", k.result(q.rid)))]
         if self.has_written:
             cmds.append(cmd("smismember", self.store.written_key(self.batch_id), [cid_key(q.custom_id) for q in reqs]))
-        vals = self._retry(lambda: self._exec(cmds, True))
+        vals = self._retry(lambda: self._exec(cmds, False))
         written = vals[-1] if self.has_written else [0] * len(reqs)
         fresh = []
         for i, q in enumerate(reqs):
-            raw_result, status = vals[2 * i], vals[2 * i + 1]
+            status, raw_result = vals[2 * i], vals[2 * i + 1]
             if written[i]:
                 continue  # a previous run wrote this line
             if raw_result is not None:
                 self._write_result(q, Result.from_json(raw_result))
                 continue
             self.inflight[q.rid] = _Flight(q)
-            if status is None:
+            if status is None or as_str(status) == "enqueuing":  # enqueuing: claimed, but maybe never XADDed
                 fresh.append(q)
         if fresh:
             self._enqueue(fresh)
 
     def _enqueue(self, reqs: list[Request]) -> None:
         k, d = self.keys, self.ctx.defaults
-        cmds = [cmd("sadd", self.store.inflight_key(self.batch_id), *(q.rid for q in reqs))]
-        stream = k.jobs(self.options.priority)
-        cmds += [enqueue_cmd(k, d, q.rid, stream, q.raw) for q in reqs]  # as Client.enqueue does
-        # Idempotent (SADD, and the enqueue script by the document's digest): resending after a lost reply
-        # adds nothing, so a failed round trip is simply sent again.
-        replies = self._retry(lambda: self._exec(cmds, False))[1:]
+        prior = [cmd("sadd", self.store.inflight_key(self.batch_id), *(q.rid for q in reqs))]
+        jobs = [(q.rid, k.job_stream(q.rid, self.options.priority), q.raw) for q in reqs]
+        # As Client.enqueue does. Idempotent (SADD, and the enqueue script by the document's digest): resending
+        # after a lost reply adds nothing, so a failed enqueue is simply sent again.
+        replies = self._retry(lambda: run_flow(self.redis, enqueue_flow(k, d, jobs, prior=prior)))
         for q, reply in zip(reqs, replies):
             if reply == DUPLICATE_ID:  # e.g. resumed with another --default-max-tokens: the documents differ
                 self._write_result(self.inflight.pop(q.rid).req,
@@ -217,6 +217,11 @@ class BatchRunner:
         k = self.keys
         tkey = {k.tokens(rid): rid for rid in self.inflight}
         block = max(1, int(min(self.ctx.defaults.block_ms, self.options.heartbeat_s * 1000)))
+        if is_cluster(self.redis):
+            # One XREAD cannot wait on streams of many hash slots: poll the results instead, twice a second.
+            time.sleep(min(block, 500) / 1000)
+            self._collect(list(self.inflight))
+            return
         reply = self._retry(lambda: self.redis.xread({t: self.inflight[rid].last for t, rid in tkey.items()},
                                                  count=64, block=block))
         ready = []

@@ -149,7 +149,7 @@ class BatchStore:
         """Create the batch in status validating if it does not exist; returns its state either way."""
         now = time.time()
         key = self.key(batch_id)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)  # each write is idempotent; the index is another slot
         pipe.hsetnx(key, "status", "validating")
         pipe.hsetnx(key, "created_at", repr(now))
         pipe.hsetnx(key, "validating_at", repr(now))

@@ -64,10 +64,14 @@ def add_redis_flags(parser: argparse.ArgumentParser) -> None:
     """--redis-url, --prefix and --redis-wait, defaulting to SPOOL_REDIS_URL, SPOOL_PREFIX, SPOOL_REDIS_WAIT_S."""
     group = parser.add_argument_group("deployment")
     group.add_argument("--redis-url", default=env_text(ENV_REDIS_URL), metavar="URL",
-                       help=f"redis://, rediss:// or unix:// URL of the deployment [{ENV_REDIS_URL}; default: the "
+                       help=f"redis://, rediss://, unix:// or redis+sentinel://h:p[,h:p]/master URL of the "
+                            f"deployment (a Redis Cluster node is detected) [{ENV_REDIS_URL}; default: the "
                             "embedded local server, started on first use]")
     group.add_argument("--prefix", default=env_text(ENV_PREFIX_KEY, DEFAULT_PREFIX),
                        help=f"key prefix of the deployment [{ENV_PREFIX_KEY}; default: {DEFAULT_PREFIX}]")
+    group.add_argument("--job-shards", type=int, default=None, metavar="N",
+                       help="jobs streams per priority, as the workers' --job-shards "
+                            "[SPOOL_JOB_SHARDS; default: 1]")
     group.add_argument("--redis-wait", type=seconds, metavar="SECONDS",
                        default=env_text(ENV_REDIS_WAIT, f"{DEFAULT_REDIS_WAIT_S:g}"),  # a string: argparse checks it
                        help=f"keep retrying an unreachable Redis this long, then exit 4 [{ENV_REDIS_WAIT}; "
@@ -95,11 +99,18 @@ def client(args: argparse.Namespace):
         raise CliError(f"could not start the embedded Redis: {e}", EXIT_REDIS) from e
     args.resolved_url = url
     try:
-        producer = Client(url, prefix=args.prefix)
-    except ValueError as e:  # a malformed URL or an unknown scheme
+        from protocol.connection import client_kwargs
+
+        client_kwargs(url)  # a malformed URL or an unknown scheme: a usage error before any waiting
+    except ValueError as e:
         raise CliError(f"bad Redis URL {url!r}: {e}", EXIT_USAGE) from e
+    # Wait first: the client asks the server whether it is a cluster node when it is made.
     wait_for_redis(args, url, getattr(args, "redis_wait", DEFAULT_REDIS_WAIT_S))
-    return producer
+    try:
+        return Client(url, prefix=args.prefix, job_shards=getattr(args, "job_shards", None),
+                      durable=getattr(args, "durable", False))
+    except ValueError as e:  # a malformed URL, durable on a cluster
+        raise CliError(f"bad Redis URL {url!r}: {e}", EXIT_USAGE) from e
 
 
 def wait_for_redis(args: argparse.Namespace, url: str, budget_s: float) -> None:
@@ -111,7 +122,12 @@ def wait_for_redis(args: argparse.Namespace, url: str, budget_s: float) -> None:
     kw = client_kwargs(url, fail_fast=True)
     kw.pop("retries"), kw.pop("cap")
     kw.update(socket_timeout=2.0, socket_connect_timeout=2.0, retry=None)
-    probe = redis.Redis.from_url(url, **kw)
+    if url.split("://", 1)[0].endswith("+sentinel"):
+        from protocol.connection import connect
+
+        probe = connect(url, fail_fast=True, socket_timeout=2.0, socket_connect_timeout=2.0)  # asks the sentinels
+    else:
+        probe = redis.Redis.from_url(url, **kw)
     give_up, pause, told = time.monotonic() + budget_s, 0.1, False
     try:
         while True:

@@ -38,6 +38,7 @@ _HELP = {
     # worker (worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "prefix": "key prefix of the deployment",
+    "job_shards": "jobs streams per priority (spread over Redis Cluster nodes); producers pick one by the id's hash",
     "name": "worker name: unique among live workers; keys its heartbeat and names its consumer",
     "grace_period_s": "on SIGTERM, seconds to finish in-flight jobs",
     "claim_idle_ms": "reclaim other workers' jobs idle this long",

@@ -191,6 +191,8 @@ def add_commands(sub) -> None:
         e.add_argument("--" + name.replace("_", "-"), dest=name, type=tp, help=help_)
     e.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     e.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    e.add_argument("--durable", action="store_true",
+                   help="return only once a replica has the job (WAIT 1); else fail with not_replicated")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--wait", action="store_true", help="wait for the job and print its text")
     how.add_argument("--stream", action="store_true", help="print the tokens as they arrive")
