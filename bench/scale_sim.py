@@ -347,8 +347,9 @@ class ClosedLoopProducer:
 def _latencies(r, keys, ids: list[str]) -> list[float]:
     """Enqueue-to-first-token of the finished jobs among `ids`, in seconds."""
     out = []
+    mget = getattr(r, "mget_nonatomic", r.mget)  # a cluster client splits the keys by slot
     for i in range(0, len(ids), 500):
-        for raw in r.mget([keys.result(rid) for rid in ids[i:i + 500]]):
+        for raw in mget([keys.result(rid) for rid in ids[i:i + 500]]):
             if raw is None:
                 continue
             t = orjson.loads(raw)["timings"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Generator, Mapping
 from typing import Any
 
+from protocol.connection import is_cluster, script_route
 from protocol.defaults import Defaults
 from protocol.keys import Keys, validate_id
 from protocol.scripts import ENQUEUE, MARK_QUEUED
@@ -24,9 +25,11 @@ def cmd(name: str, *args: Any, **kw: Any) -> Cmd:
 
 def execute(redis_client: Any, cmds: list[Cmd], transaction: bool = False) -> list[Any]:
     """Run commands in one round trip (MULTI/EXEC if `transaction`) on a redis.Redis; returns their replies."""
+    cluster = is_cluster(redis_client)
     with redis_client.pipeline(transaction=transaction) as pipe:
         for name, args, kw in cmds:
-            getattr(pipe, name)(*args, **kw)
+            routed = cluster and name == "execute_command"  # a script call: name its node (script_route)
+            getattr(pipe, name)(*args, **(script_route(redis_client, args, kw) if routed else kw))
         return pipe.execute()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from protocol.connection import is_cluster
+from protocol.connection import is_cluster, script_route
 from protocol.keys import Keys
 from protocol.priorities import PRIORITIES
 from protocol.scripts import Script
@@ -65,7 +65,7 @@ def send_phased(client: redis.RedisCluster, commands: Sequence[tuple[tuple[Any, 
 def _pipeline(client: redis.RedisCluster, commands: Sequence[tuple[tuple[Any, ...], dict[str, Any] | None]]):
     pipe = client.pipeline(transaction=False)
     for args, options in commands:
-        pipe.execute_command(*args, **(options or {}))
+        pipe.execute_command(*args, **script_route(client, args, options))
     try:
         return pipe.execute(raise_on_error=False)
     finally:
