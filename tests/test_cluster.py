@@ -284,3 +284,25 @@ def test_phased_writes_keep_everything_when_a_node_is_out_of_memory(monkeypatch)
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         cluster_io.send_phased(None, [(("EVALSHA", "sha", 0), None), (("XACK", "s", "g", "1-0"), None)], [])
     assert sent == [["EVALSHA"]]  # the result was refused: its XACK must not follow
+
+
+def test_script_calls_name_their_node_instead_of_asking_the_server(url, cluster):
+    """redis-py 8's cluster pipeline asks the server (COMMAND GETKEYS) for the keys of every EVAL/EVALSHA, one
+    extra round trip per streamed write; protocol.connection.script_route names the node from the first key."""
+    from protocol.commands import execute
+    from protocol.scripts import Script
+    from worker.cluster_io import send_phased
+
+    probe = Script("probe", 1, "return redis.call('SET', KEYS[1], ARGV[1])")
+    keys = [KEYS.result(f"route-{i}") for i in range(12)]
+    r = connect(url)
+    r.script_load(probe.text)
+    for node in cluster.nodes:
+        node.client().config_resetstat()
+    execute(r, [probe.eval_cmd([k], ["x"]) for k in keys[:6]])  # the producers' path: EVAL with the text
+    send_phased(r, [(probe.args([k], ["x"]), None) for k in keys[6:]], [probe])  # the worker's outbox: EVALSHA
+    stats = [node.client().info("commandstats") for node in cluster.nodes]
+    getkeys = sum(int(st.get("cmdstat_command|getkeys", {}).get("calls", 0)) for st in stats)
+    scripts = sum(int(st.get(f"cmdstat_{c}", {}).get("calls", 0)) for st in stats for c in ("eval", "evalsha"))
+    assert scripts == 12 and getkeys == 0, (scripts, getkeys)
+    assert all(r.get(k) == b"x" for k in keys)
