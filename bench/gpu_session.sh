@@ -43,6 +43,7 @@ for stage in "$@"; do case $stage in
       run llama8b_async_$m 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --async-scheduling $m --json "$OUT/llama8b_async_$m.json"
       run qwen3_async_$m 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --async-scheduling $m --json "$OUT/qwen3_async_$m.json"
     done ;;
+  interactiveafter) run e2e_probes_after 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_probes_after.json" ;;
   interactive) # issue 17 item 6: bulk + one interactive probe every 500 ms; before (no reserve, no swap) / after
       run e2e_probes_before 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --priority-reserve 0 --swap-space-bytes 0 --json "$OUT/e2e_probes_before.json"
       run e2e_probes_after 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_probes_after.json" ;;
