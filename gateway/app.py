@@ -29,7 +29,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         redis = connect_async(settings.redis_url, max_connections=settings.max_redis_connections)
-        client = AsyncClient(settings.redis_url, prefix=settings.prefix, connection=redis)
+        client = AsyncClient(settings.redis_url, prefix=settings.prefix, connection=redis, durable=settings.durable)
         deployment = Deployment(redis, client.keys, settings.poll_s)
         store = FileStore(settings.files_path())
         manager = BatchManager(settings, store, metrics)

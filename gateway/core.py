@@ -18,6 +18,7 @@ from gateway.filestore import FileStore
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from producer import AsyncClient, ops
+from protocol import JobError
 from protocol.commands import DUPLICATE_ID, ENQUEUED, duplicate_id_message, enqueue_flow, run_flow_async
 
 
@@ -118,8 +119,15 @@ class Gateway:
     async def enqueue(self, rid: str, stream_key: str, doc: bytes, priority: str) -> None:
         """The ENQUEUE script, as Client.enqueue sends it: a resend of the same document is idempotent; 409 when
         another document holds the id."""
-        (reply,) = await run_flow_async(self.redis, enqueue_flow(self.ctx.keys, self.ctx.defaults,
-                                                                 [(rid, stream_key, doc)], durable=self.ctx.durable))
+        try:
+            flow = enqueue_flow(self.ctx.keys, self.ctx.defaults, [(rid, stream_key, doc)], durable=self.ctx.durable)
+            (reply,) = await run_flow_async(self.redis, flow)
+        except JobError as e:
+            if e.code != "not_replicated":
+                raise
+            # The job is on the master and will run; the client may resend with the same X-Request-Id (idempotent).
+            raise ApiError(503, e.message, type="server_error", code="not_replicated",
+                           headers={"retry-after": str(self.settings.retry_after_s), "x-request-id": rid}) from None
         if reply == DUPLICATE_ID:
             self.metrics.rejected.labels("duplicate_id").inc()
             raise duplicate_id(duplicate_id_message(rid))

@@ -28,6 +28,7 @@ class GatewaySettings:
     retry_after_s: int = 1  # the Retry-After of a 429 / 503
     no_worker_timeout_s: float = 10.0  # wait this long for a live worker before answering 503
     request_timeout_s: float = 600.0  # a job not final by then is cancelled (504)
+    durable: bool = False  # an enqueue is answered only once a replica has it (WAIT 1); else 503 not_replicated
     keepalive_s: float = 15.0  # a streamed response silent this long gets an SSE comment (`: ping`); 0: never
     batch_max_in_flight: int = 256  # per batch: jobs enqueued and not yet written
     workers: int = 1  # uvicorn worker processes (the gateway is stateless apart from files_dir)

@@ -70,3 +70,28 @@ def test_no_worker_503_then_backlog_429_priority_and_timeout(redis_server, tmp_p
             admin.config_set("maxmemory", 0)
     finally:
         gateway.stop()
+
+
+def test_durable_gateway_answers_503_not_replicated_without_a_replica(redis_server, tmp_path):
+    """`spool serve --durable`: a job no replica acknowledged (WAIT 1 timed out) is a 503 the client may resend."""
+    gateway = GatewayProcess(redis_server.url, tmp_path, "--durable", "--no-worker-timeout", "0.5",
+                             env={"SPOOL_DURABLE_TIMEOUT_MS": "200"}).start()
+    try:
+        r = Client(redis_server.url).redis
+        r.hset("spool:worker:{w-fake}", mapping={"model": orjson.dumps("/models/fake-7b")})  # a live heartbeat
+        r.expire("spool:worker:{w-fake}", 60)
+        r.sadd("spool:workers", "w-fake")
+        models = urllib.request.Request(gateway.base_url + "/models",
+                                        headers={"Authorization": f"Bearer {gateway.api_key}"})
+        end = time.monotonic() + 10
+        while not orjson.loads(urllib.request.urlopen(models, timeout=5).read())["data"]:
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.api_key, max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as e:
+            sdk.chat.completions.create(model="fake-7b", messages=HI, max_tokens=2, extra_body={"request_id": "dur-1"})
+        assert e.value.status_code == 503 and e.value.code == "not_replicated"
+        assert e.value.response.headers["x-request-id"] == "dur-1"
+        assert r.xlen("spool:jobs") == 1  # on the master: it will run; a resend with the same id is idempotent
+    finally:
+        gateway.stop()

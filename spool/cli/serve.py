@@ -49,6 +49,9 @@ def add_commands(sub) -> None:
     m.add_argument("--request-timeout", type=seconds, default=env_text("SPOOL_REQUEST_TIMEOUT_S", "600"),
                    metavar="SECONDS", help="cancel a job not final by then and answer 504 "
                                            "[SPOOL_REQUEST_TIMEOUT_S; default: 600]")
+    m.add_argument("--durable", action=argparse.BooleanOptionalAction, default=env_text("SPOOL_DURABLE", "") == "1",
+                   help="answer a request only once a Redis replica has its job (WAIT 1; plain or Sentinel Redis, "
+                        "not Cluster); else 503 not_replicated [SPOOL_DURABLE=1]")
     m.add_argument("--keepalive", type=float, default=env_text("SPOOL_SSE_KEEPALIVE_S", "15"), metavar="SECONDS",
                    help="send a streamed response an SSE comment (': ping') after this much silence, so proxies "
                         "keep it open; 0: never [SPOOL_SSE_KEEPALIVE_S; default: 15]")
@@ -99,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_backlog=args.max_backlog, retry_after_s=args.retry_after, no_worker_timeout_s=args.no_worker_timeout,
         request_timeout_s=min(args.request_timeout, 1e9),  # inf: JSON has no infinity; 1e9 s is as good
         keepalive_s=min(args.keepalive, 1e9), batch_max_in_flight=args.batch_max_in_flight, workers=args.workers,
-        log_level=args.log_level)
+        log_level=args.log_level, durable=args.durable)
     if not keys:
         say(f"no API key configured: anyone who can reach {args.host}:{args.port} can use the API "
             f"(--api-key, {ENV_API_KEYS})")
