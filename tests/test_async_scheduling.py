@@ -106,7 +106,8 @@ def test_async_equals_sync_with_stops_n_logprobs_and_seeds(tiny_llama):
 
 
 def test_async_equals_sync_with_fallback_rows(tiny_llama):
-    """Penalties and min_tokens read the output history on the host: batches holding them step synchronously."""
+    """Penalties and min_tokens read the output history on the host: their steps sample only after the previous
+    step is applied (the launch is split around it: engine/async_step.py)."""
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     reqs = [(f"p{i}", _ids(8 + i, i), plain, 0) for i in range(3)]
     reqs.append(("rep", _ids(8, 50), plain.model_copy(update={"repetition_penalty": 1.5, "frequency_penalty": 0.5}), 0))
