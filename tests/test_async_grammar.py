@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine import LLMEngine, SamplingParams, StructuredOutputsParams as SO
 from engine.grammar import SequenceGrammar
@@ -191,3 +192,24 @@ def test_rejected_token_finishes_with_error_under_async(tiny_llama, monkeypatch)
                 final[d.request_id] = d
     assert final["x"].finish_reason == "error" and final["x"].error.startswith("structured output: no ")
     assert len(tokens["x"]) == 1 and final["ok"].finish_reason == "length" and len(tokens["ok"]) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("eager", [True, False])
+def test_async_grammar_on_cuda_equals_sync(tiny_llama, eager):
+    """On CUDA (decode graphs replayed, input tokens fed on the device, bitmasks copied from pinned memory while
+    the forward pass runs): grammar batches with stops, seeds, n > 1 and preemption equal synchronous steps."""
+    from engine import LLM
+
+    reqs = _mixed_requests()
+    outs = {}
+    for mode in (False, True):
+        llm = LLM(str(tiny_llama), device="cuda", dtype="float32", block_size=16, max_num_seqs=8,
+                  enforce_eager=eager, num_kv_blocks=12, async_scheduling=mode)
+        assert llm.engine.async_scheduling is mode and (llm.engine.runner.graphs is None) == eager
+        res = llm.generate([{"prompt_token_ids": prompt} for _, prompt, _, _ in reqs], [p for _, _, p, _ in reqs])
+        outs[mode] = [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in res]
+        assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert outs[True] == outs[False]
