@@ -16,6 +16,7 @@ for stage in "$@"; do case $stage in
        python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/summary.txt" ;;
   tests) run gpu_tests 420 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ ;;
   gtests) run gpu_engine_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu_engine.py ;;
+  sotests) run gpu_async_grammar_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_async_grammar.py ;;
   fp8tests) run gpu_fp8_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_gpu_fp8_kv.py ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;

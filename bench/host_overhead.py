@@ -4,6 +4,7 @@
   .venv/bin/python bench/host_overhead.py --num-seqs 512 --steps 300 --profile 30
   .venv/bin/python bench/host_overhead.py --gc off               # or freeze: see --help
   .venv/bin/python bench/host_overhead.py --async-scheduling both --device-ms 15   # sync vs async, simulated GPU
+  .venv/bin/python bench/host_overhead.py --structured --async-scheduling both --device-ms 15   # a JSON schema
 
 A real LLMEngine on a tiny random Llama runs greedy, ignore_eos requests whose prompts are 200-600 tokens.
 Only the device work is faked:
@@ -18,7 +19,8 @@ Phases (mean microseconds per step, decode-only steps with every sequence runnin
   schedule    Scheduler.schedule()
   runner      ModelRunner.launch() + PendingStep.result(), of which
   graph_in    DecodeGraphs.run(): the graph's host-side inputs (tensor builds and staging copies)
-  update      Scheduler.update_from_output()
+  update      Scheduler.update_from_output() (with --structured: includes xgrammar's batched accept)
+  mask        with --structured: the sampler's host fill of the grammar bitmask (part of `runner`)
   on_token    the rest of LLMEngine.collect(): per-token detokenization and RequestDelta building
   total       LLMEngine.launch() + LLMEngine.collect()
   gc          time inside Python's garbage collector (already counted in the phase it interrupted)
@@ -31,6 +33,11 @@ Phases (mean microseconds per step, decode-only steps with every sequence runnin
 --async-scheduling on|off|both: the engine's async scheduling (engine/async_step.py). Off, every phase is on
 the critical path (the device idles from a step's end until the next launch); on, the next step is queued
 before the previous step's outputs are processed, so only host time beyond the device's step time idles it.
+--structured: every request has one JSON schema (an unbounded array of strings, which the fake logits never
+close). With async scheduling the launch is split (forward queued, previous step applied, bitmask filled,
+sampling queued); the simulated device runs the forward pass from its launch and idles from its end until
+the sampling is queued. The tiny tokenizer has 512 ids, so the mask fill here is far cheaper than at a real
+vocabulary (bench/structured_outputs.py measures that at 128k ids).
 Full collections are rare (about one per 200-300 steps at 512 sequences) but scan the whole heap, so
 `gc` is noisy over short runs; `p50 total` and `--gc off` leave it out.
 """
@@ -53,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine import SamplingParams  # noqa: E402
+from engine import SamplingParams, StructuredOutputsParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
@@ -62,7 +69,10 @@ from spool_testing.tiny_model import _corpus, build_tiny_model  # noqa: E402
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
 PROMPT_LENS = (200, 600)
-PHASES = ("schedule", "runner", "graph_in", "update", "on_token", "total", "gc", "argmax", "wait", "gpu_idle")
+PHASES = ("schedule", "runner", "graph_in", "mask", "update", "on_token", "total", "gc", "argmax", "wait",
+          "gpu_idle")
+# --structured: what the fake one-hot logits can never finish (after a string, "," has a lower id than "]").
+STRUCTURED_SCHEMA = {"type": "array", "items": {"type": "string"}}
 
 
 class _FakeModel:
@@ -126,13 +136,13 @@ class _SimulatedDevice:
         self.waited = 0.0  # seconds the host blocked in result()
         self._started = False
 
-    def queue(self) -> float:
+    def queue(self, device_s: float | None = None) -> float:
         """A step was queued now: returns when its results are ready."""
         now = time.perf_counter()
         if self._started and now > self.free_at:
             self.idle += now - self.free_at
         self._started = True
-        self.free_at = max(now, self.free_at) + self.device_s
+        self.free_at = max(now, self.free_at) + (self.device_s if device_s is None else device_s)
         return self.free_at
 
     def wait_until(self, ready_at: float) -> None:
@@ -169,12 +179,13 @@ class _PhaseTimer:
     def __init__(self, engine: LLMEngine, device: _SimulatedDevice):
         self.engine = engine
         self.device = device
-        self.acc = dict.fromkeys(("schedule", "launch", "result", "graph_in", "update"), 0.0)
+        self.acc = dict.fromkeys(("schedule", "launch", "result", "graph_in", "mask", "update"), 0.0)
         self.laps: list[dict[str, float]] = []
         self.gc = _GcTimer()
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.scheduler, "update_from_output", "update")
         self._wrap(engine.runner.graphs, "run", "graph_in")
+        self._wrap(engine.runner.sampler, "_grammar_bitmask", "mask")
         self._wrap_launch()
 
     def _wrap(self, obj, name: str, key: str) -> None:
@@ -192,7 +203,6 @@ class _PhaseTimer:
 
     def _wrap_launch(self) -> None:
         runner, acc, device = self.engine.runner, self.acc, self.device
-        launch = runner.launch
 
         class TimedPending:
             def __init__(self, pending, ready_at: float):
@@ -211,15 +221,28 @@ class _PhaseTimer:
                 finally:
                     acc["result"] += time.perf_counter() - t0 - (device.waited - waited)
 
-        def timed_launch(sched, previous=None):
+        # ModelRunner.launch is launch_forward then launch_sampling; the engine calls those two itself when it
+        # applies the previous step between them (async scheduling with grammar rows: engine/async_step.py).
+        launch_forward, launch_sampling = runner.launch_forward, runner.launch_sampling
+
+        def timed_forward(sched, previous=None):  # the forward pass takes the device's step time
             t0 = time.perf_counter()
             try:
-                pending = launch(sched, previous.pending if previous is not None else None)
-                return TimedPending(pending, device.queue())
+                forward = launch_forward(sched, getattr(previous, "pending", previous))  # TimedPending unless untimed
+                device.queue()
+                return forward
             finally:
                 acc["launch"] += time.perf_counter() - t0
 
-        runner.launch = timed_launch
+        def timed_sampling(forward, unmasked=frozenset()):  # queued behind the forward pass; takes no time
+            t0 = time.perf_counter()
+            try:
+                return TimedPending(launch_sampling(forward, unmasked), device.queue(0.0))
+            finally:
+                acc["launch"] += time.perf_counter() - t0
+
+        runner.launch = lambda sched, previous=None: timed_sampling(timed_forward(sched, previous))
+        runner.launch_forward, runner.launch_sampling = timed_forward, timed_sampling
 
     def step(self) -> list:
         """One engine step (launch + collect), recording its phases."""
@@ -239,6 +262,7 @@ class _PhaseTimer:
             "schedule": a["schedule"],
             "runner": a["launch"] + a["result"],
             "graph_in": a["graph_in"],
+            "mask": a["mask"],
             "update": a["update"],
             "on_token": (t2 - t0) - wait - a["schedule"] - a["launch"] - a["result"] - a["update"],
             "total": t2 - t0 - wait,
@@ -271,7 +295,7 @@ def build_engine(model_dir: Path, num_seqs: int, max_output: int, async_scheduli
 
 
 def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: int, gc_mode: str,
-        async_scheduling: bool = False, device_ms: float = 0.0) -> dict[str, float]:
+        async_scheduling: bool = False, device_ms: float = 0.0, structured: bool = False) -> dict[str, float]:
     """Fill the batch, run `warmup` decode steps, then time `steps` decode steps; returns mean µs per phase."""
     # Prefill takes about num_seqs * 400 / 8192 steps; the output budget covers it with room to spare.
     max_output = MAX_MODEL_LEN - PROMPT_LENS[1]
@@ -280,11 +304,14 @@ def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: in
     stream = [t for line in _corpus() for t in tok.encode(line, add_special_tokens=False)]
     _fake_device(engine, stream)
     rng = random.Random(num_seqs)
-    params = SamplingParams(temperature=0.0, max_tokens=max_output, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_output, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(json=STRUCTURED_SCHEMA) if structured else None)
     for i in range(num_seqs):
         n = rng.randint(*PROMPT_LENS)
         start = rng.randrange(len(stream) - n)
         engine.add_request(f"r{i}", {"prompt_token_ids": stream[start:start + n]}, params)
+    while len(engine.scheduler.seqs) < num_seqs:  # --structured: the schema compiles off the step path first
+        engine.step()
     timer = _PhaseTimer(engine, _SimulatedDevice(device_ms / 1000))
     prefill_steps = 0
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running):
@@ -339,16 +366,20 @@ def main() -> None:
                     help="the engine's async scheduling (engine/async_step.py): on, off, or each in turn")
     ap.add_argument("--device-ms", type=float, default=0.0,
                     help="simulate a device that takes this long per step (0: results are ready at once)")
+    ap.add_argument("--structured", action="store_true",
+                    help="give every request one JSON schema (structured outputs; see the module docstring)")
     ap.add_argument("--json", type=Path, default=None, help="also write the means here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(Path(tmp))
-        results = {(n, a): run(model_dir, n, args.steps, args.warmup, args.profile, args.gc, a, args.device_ms)
+        results = {(n, a): run(model_dir, n, args.steps, args.warmup, args.profile, args.gc, a, args.device_ms,
+                               args.structured)
                    for n in args.num_seqs for a in modes}
     print(f"\nhost µs per decode step (mean over {args.steps} steps, gc {args.gc}, simulated device "
-          f"{args.device_ms} ms/step; graph_in is part of runner)")
+          f"{args.device_ms} ms/step{', one JSON schema per request' if args.structured else ''}; "
+          "graph_in and mask are part of runner)")
     print(f"{'seqs':>6} {'async':>5} " + " ".join(f"{k:>9}" for k in PHASES)
           + f" {'p50 total':>10} {'µs/seq':>7} {'full gcs':>8}")
     for (n, a), m in results.items():
@@ -356,6 +387,7 @@ def main() -> None:
               + f" {m['p50_total']:>10.0f} {m['total'] / n:>7.2f} {m['full_gcs']:>8}")
     if args.json is not None:
         args.json.write_text(json.dumps([{"num_seqs": n, "async_scheduling": a, "device_ms": args.device_ms,
+                                          "structured": args.structured,
                                           **{k: round(v, 1) for k, v in m.items()}}
                                          for (n, a), m in results.items()], indent=2))
 

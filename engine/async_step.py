@@ -12,14 +12,21 @@ vLLM v1's async scheduling and SGLang's overlap scheduler, in this engine's term
   extra step whose token is dropped (Scheduler.update_from_output skips finished sequences). Its KV slot is
   in blocks freed when it stopped, and only blocks full of tokens computed before the stop are hashed for
   the prefix cache. Length limits are known ahead, so nothing is scheduled past them.
-- Sequences whose sampling reads their output on the host (grammar masks, penalties, min_tokens) and
-  isolated requests make the engine step synchronously (Scheduler.needs_sync): the previous step is
-  applied before the next one is scheduled.
+- Sequences whose sampling reads their output on the host (grammar masks, penalties, min_tokens;
+  Scheduler.needs_history) split the launch (vLLM's structured-output overlap): LLMEngine.launch() schedules
+  step N+1 and queues its forward pass (ModelRunner.launch_forward), then applies step N on the host
+  (waits for its tokens; append, stop rules, grammar accept, detokenization), then builds N+1's sampling
+  rows from the advanced matchers and histories and queues the sampling (ModelRunner.launch_sampling). The
+  device computes forward N+1 while the host applies N and fills the bitmask. A sequence that finished at
+  step N has its N+1 row sampled without a mask and its token dropped, like any one-step-late stop.
+- Isolated requests make the engine step synchronously (Scheduler.needs_sync): the previous step is
+  applied before the next one is scheduled. So do history rows on a runner without launch_forward.
 - A sequence preempted while its token is pending keeps that token when it arrives (it is real) and is
   re-admitted only after; steps launched before a preemption never register blocks for it
   (Sequence.generation).
 
-Greedy outputs are token-for-token those of synchronous stepping (tests/test_async_scheduling.py).
+Greedy and seeded outputs are token-for-token those of synchronous stepping (tests/test_async_scheduling.py,
+tests/test_async_grammar.py).
 """
 from __future__ import annotations
 

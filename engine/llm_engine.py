@@ -18,7 +18,7 @@ from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutpu
 from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
-from engine.step_types import StepInFlight
+from engine.step_types import PendingStep, SchedulerOutput, StepInFlight
 from engine.swap import SwapSpace
 from engine.tokenizer import load_tokenizer
 from engine.tp_executor import make_runner
@@ -113,6 +113,10 @@ class LLMEngine:
         # Async scheduling: the last launched step, collected but not applied yet (its tokens may still be on
         # the device); the next launch() schedules around it and collect() applies it (engine/async_step.py).
         self._unapplied: StepInFlight | None = None
+        # Whether the runner can queue a step's forward pass and its sampling separately (ModelRunner can; a
+        # runner without launch_forward, such as TPExecutor today, gets synchronous steps for history rows).
+        # Looked up on the class: TPExecutor forwards unknown attributes to rank 0's runner.
+        self._split_launch = hasattr(type(self.runner), "launch_forward")
         self.stats = EngineStats()
         self._vocab_bytes: list[bytes] | None = None  # token id -> exact bytes, built when logprobs need it
         _freeze_startup_heap()
@@ -324,11 +328,15 @@ class LLMEngine:
             for compiled in self._grammars.poll():
                 self._start_compiled(compiled)
         previous = self._unapplied
-        if previous is not None and self.scheduler.needs_sync():
-            # The next step's sampling reads host-side history: apply the previous step before scheduling.
+        # Rows sampling from host-side history (grammar masks, penalties, min_tokens) need the previous step
+        # applied before this step samples, but not before its forward pass: the launch is split around it.
+        split = previous is not None and self.scheduler.needs_history()
+        if previous is not None and (self.scheduler.needs_sync() or (split and not self._split_launch)):
+            # An isolated request runs next (or the runner launches whole steps only): apply the previous
+            # step before scheduling.
             self._unapplied = None
             self._pending.extend(self._apply(previous))
-            previous = None
+            previous, split = None, False
         sched = self.scheduler.schedule()
         if self.swap_space is not None:
             self.swap_space.apply(sched)  # queued before the step's forward pass, which reuses or reads the blocks
@@ -336,9 +344,30 @@ class LLMEngine:
             self._in_flight = True  # until collect(), even when nothing runs: the pairing is the contract
             return StepInFlight(sched, None)
         # Marked only once the launch went through: a launch that raised leaves no step to collect.
-        pending = self.runner.launch(sched, previous.pending if previous is not None else None)
+        if split:
+            pending = self._launch_split(sched, previous)
+        else:
+            pending = self.runner.launch(sched, previous.pending if previous is not None else None)
         self._in_flight = True
         return StepInFlight(sched, pending)
+
+    def _launch_split(self, sched: SchedulerOutput, previous: StepInFlight) -> PendingStep:
+        """Queue this step's forward pass, apply the previous step while it computes, then queue the sampling.
+
+        The forward pass takes its decode inputs from the previous step's tokens on the device; the sampling
+        rows are built after the matchers (and output histories) have taken those tokens on the host, so a
+        row's grammar mask is the one synchronous stepping would use (engine/async_step.py).
+        """
+        forward = self.runner.launch_forward(sched, previous.pending)
+        self._unapplied = None
+        applied = self._apply(previous)
+        self._pending.extend(applied)
+        # Sequences that finished at the previous step (EOS, stop, grammar end, error) still have a row here:
+        # their token is dropped when this step is applied, so their row goes unmasked.
+        unmasked = frozenset()
+        if any(d.finished for d in applied):
+            unmasked = frozenset(c.seq_id for c, seq in zip(sched.chunks, sched.seqs) if c.sample and seq.finished)
+        return self.runner.launch_sampling(forward, unmasked)
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:
         """Second half of step(): wait for the device, append the sampled tokens, detokenize, report.

@@ -18,7 +18,7 @@ from engine.models.loader import build_model
 from engine.models.parallel_linear import kv_heads_per_rank
 from engine.models.rope import cos_sin_cache
 from engine.sampler import Sampler, SamplingRow
-from engine.step_types import PendingStep, SchedulerOutput
+from engine.step_types import ForwardInFlight, PendingStep, SchedulerOutput
 from kernels.ops import get_ops
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,6 @@ class ModelRunner:
         idx = self._to_device(torch.tensor([rows, src], dtype=torch.int64))  # [2, K]
         return idx, previous.device_tokens
 
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Run the model on the scheduled chunks and sample one token for each chunk that ends its sequence.
 
@@ -193,10 +192,19 @@ class ModelRunner:
         one earlier step may still be unfinished when this is called (the decode graphs' host staging is
         double-buffered).
         """
+        return self.launch_sampling(self.launch_forward(sched, previous))
+
+    @torch.inference_mode()
+    def launch_forward(self, sched: SchedulerOutput, previous: PendingStep | None = None) -> ForwardInFlight:
+        """launch()'s first half: queue the forward pass and the logits; sampling waits for launch_sampling().
+
+        Between the two the host may apply the previous step (async scheduling with grammar masks and other
+        rows that sample from their output history: engine/async_step.py), so the rows read its tokens.
+        """
         for seq_id in sched.finished_seq_ids:
             self.sampler.release(seq_id)
         if not sched.chunks:
-            return PendingStep([], None)
+            return ForwardInFlight(sched, [], None)
         chunks = sched.chunks
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
@@ -220,10 +228,22 @@ class ModelRunner:
                 meta.input_ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))  # on the device, in order
             hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
             if not sample_rows:
-                return PendingStep([], None)
+                return ForwardInFlight(sched, [], None)
             logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
-        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
+        # logits is None on a tensor-parallel rank other than 0: rank 0 samples
+        return ForwardInFlight(sched, sample_rows, logits)
+
+    @torch.inference_mode()
+    def launch_sampling(self, forward: ForwardInFlight, unmasked: frozenset[str] = frozenset()) -> PendingStep:
+        """launch()'s second half: build the sampling rows from the sequences' state now and queue the sampling.
+
+        `unmasked`: sequences that finished after this step was launched; their token is discarded, so their
+        row skips the grammar mask (a terminated matcher has no next token to allow).
+        """
+        logits, sample_rows = forward.logits, forward.sample_rows
+        if logits is None:
             return PendingStep([], None)
+        chunks = forward.sched.chunks
         rows = []
         eos = self.model_cfg.eos_token_ids
         for i in sample_rows:
@@ -233,5 +253,6 @@ class ModelRunner:
             needs_history = (p.min_tokens > 0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
                              or p.repetition_penalty != 1.0)
             out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
-            rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id, c.grammar))
+            grammar = c.grammar if not unmasked or c.seq_id not in unmasked else None
+            rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id, grammar))
         return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows))

@@ -92,10 +92,16 @@ class Scheduler:
             self.isolated.remove(seq)
 
     def needs_sync(self) -> bool:
-        """True when the next step must see every sampled token on the host first (async scheduling falls back
-        to synchronous steps): a running sequence samples from its output history (grammar, penalties,
-        min_tokens), or an isolated request is about to run alone (a crash in its step must be its own)."""
-        return self.num_running_history > 0 or bool(self.isolated)
+        """True when the next step must be scheduled only after the previous one is applied (async scheduling
+        falls back to a synchronous step): an isolated request is about to run alone (a crash in its step
+        must be its own)."""
+        return bool(self.isolated)
+
+    def needs_history(self) -> bool:
+        """True when the next step's sampling reads host-side output history (grammar masks, penalties,
+        min_tokens) of a running sequence: async scheduling then queues the step's forward pass, applies the
+        previous step, and only then samples (engine/async_step.py)."""
+        return self.num_running_history > 0
 
     def _start_running(self, seq: Sequence, num_cached: int) -> None:
         seq.status = SeqStatus.RUNNING
@@ -357,7 +363,9 @@ class Scheduler:
                 self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, end)
             if token is not None:
                 self._check_token_stop(seq, token)
-                if seq.grammar is not None and seq.status is SeqStatus.RUNNING:
+                # Still unfinished: running, or preempted since this step was launched (async scheduling);
+                # either way the matcher must have accepted every output token.
+                if seq.grammar is not None and seq.status is not SeqStatus.FINISHED:
                     advancing.append((seq, token))
         if advancing:
             self._advance_grammars(advancing)
@@ -366,8 +374,8 @@ class Scheduler:
     def _advance_grammars(self, advancing: list[tuple[Sequence, int]]) -> None:
         """Feed structured-output sequences their new tokens (one batched call); a terminated grammar ends one.
 
-        Only sequences still running get here: once stopped (EOS, stop id, length) the matcher is never
-        asked for a mask again. The grammar terminates only by accepting an EOS that did not stop the
+        Only unfinished sequences get here: once stopped (EOS, stop id, length) the matcher is never asked
+        for a mask again. The grammar terminates only by accepting an EOS that did not stop the
         sequence (ignore_eos, or an EOS allowed before min_tokens because the grammar allowed nothing else):
         then nothing may follow, so the sequence stops.
         """

@@ -74,7 +74,7 @@ class Sequence:
     @property
     def needs_host_history(self) -> bool:
         """Sampling reads this sequence's output tokens on the host (grammar, penalties, min_tokens), so its next
-        step cannot be scheduled before the previous one's token is known: async scheduling steps synchronously."""
+        step cannot sample before the previous one's token is applied: async scheduling splits the launch."""
         p = self.params
         return (self.grammar is not None or p.min_tokens > 0 or p.presence_penalty != 0.0
                 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0)

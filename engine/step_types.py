@@ -92,6 +92,15 @@ class PendingStep:
 
 
 @dataclass(slots=True)
+class ForwardInFlight:
+    """A step whose forward pass is queued but whose sampling is not yet (ModelRunner.launch_forward)."""
+
+    sched: SchedulerOutput
+    sample_rows: list[int]  # indices of the chunks whose logits are sampled, in row order
+    logits: torch.Tensor | None  # [len(sample_rows), >= vocab] on the device; None when nothing is sampled here
+
+
+@dataclass(slots=True)
 class StepInFlight:
     """What LLMEngine.launch() hands its caller: what was scheduled and the device work producing its tokens."""
 

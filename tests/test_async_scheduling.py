@@ -106,7 +106,8 @@ def test_async_equals_sync_with_stops_n_logprobs_and_seeds(tiny_llama):
 
 
 def test_async_equals_sync_with_fallback_rows(tiny_llama):
-    """Penalties and min_tokens read the output history on the host: batches holding them step synchronously."""
+    """Penalties and min_tokens read the output history on the host: their steps sample only after the previous
+    step is applied (the launch is split around it: engine/async_step.py)."""
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     reqs = [(f"p{i}", _ids(8 + i, i), plain, 0) for i in range(3)]
     reqs.append(("rep", _ids(8, 50), plain.model_copy(update={"repetition_penalty": 1.5, "frequency_penalty": 0.5}), 0))
@@ -212,7 +213,8 @@ def test_random_load_with_swap_reserve_priorities_and_aborts_equals_sync(tiny_ll
 
 
 def test_worker_with_async_scheduling_serves_jobs_like_sync(tiny_llama, redis_url):
-    """The worker's launch / Redis I/O / collect tick on an async-scheduling engine: same results as sync."""
+    """The worker's launch / Redis I/O / collect tick on an async-scheduling engine, some jobs with a grammar:
+    same results as sync."""
     from producer import Client
     from protocol.connection import connect
     from worker.loop import Worker
@@ -221,6 +223,8 @@ def test_worker_with_async_scheduling_serves_jobs_like_sync(tiny_llama, redis_ur
     client = Client(redis_url)
     jobs = [{"prompt_token_ids": _ids(6 + 3 * i, i), "max_tokens": 6 + i, "ignore_eos": i % 2 == 0,
              "temperature": 0, "stream": i % 3 == 0, "priority": ("interactive", "bulk")[i % 2]} for i in range(8)]
+    for i in (1, 4, 6):  # structured outputs: their steps split around the previous step's apply
+        jobs[i]["structured_outputs"] = {"regex": r"[a-z]{2,6}-\d{2,4}"}
     results = {}
     for mode in (False, True):
         ids = client.enqueue_many([dict(j, id=f"{mode}-{k}") for k, j in enumerate(jobs)])
