@@ -273,12 +273,23 @@ class _PhaseTimer:
         return deltas
 
 
-def make_model_dir(root: Path) -> Path:
-    """The tiny Llama, with a position limit long enough for 600-token prompts plus long outputs."""
+def make_model_dir(root: Path, vocab: int | None = None) -> Path:
+    """The tiny Llama, with a position limit long enough for 600-token prompts plus long outputs.
+
+    With `vocab`, its tokenizer is bench/synthetic_tokenizer.py's of that size (a real model's vocabulary, for
+    the grammar mask's cost) and the engine loads dummy weights of that shape.
+    """
     path = build_tiny_model(root / "tiny-llama")
     cfg_file = path / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["max_position_embeddings"] = MAX_MODEL_LEN
+    if vocab is not None:
+        from bench.synthetic_tokenizer import build_synthetic_tokenizer
+
+        for f in path.glob("*.safetensors"):
+            f.unlink()
+        cfg.update(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+        build_synthetic_tokenizer(path, vocab, vocab - 2, vocab - 1)
     cfg_file.write_text(json.dumps(cfg))
     return path
 
@@ -290,6 +301,7 @@ def build_engine(model_dir: Path, num_seqs: int, max_output: int, async_scheduli
         model=str(model_dir), device="cpu", max_num_seqs=num_seqs, block_size=BLOCK_SIZE,
         num_kv_blocks=num_seqs * blocks_per_seq + 64, max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8192,
         async_scheduling=async_scheduling,
+        load_format="auto" if any(model_dir.glob("*.safetensors")) else "dummy",
     )
     return LLMEngine(config)
 
@@ -368,12 +380,14 @@ def main() -> None:
                     help="simulate a device that takes this long per step (0: results are ready at once)")
     ap.add_argument("--structured", action="store_true",
                     help="give every request one JSON schema (structured outputs; see the module docstring)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="a synthetic tokenizer of this many ids (e.g. 128256) instead of the tiny one's 512")
     ap.add_argument("--json", type=Path, default=None, help="also write the means here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.async_scheduling]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_model_dir(Path(tmp))
+        model_dir = make_model_dir(Path(tmp), args.vocab)
         results = {(n, a): run(model_dir, n, args.steps, args.warmup, args.profile, args.gc, a, args.device_ms,
                                args.structured)
                    for n in args.num_seqs for a in modes}
