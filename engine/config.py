@@ -154,6 +154,7 @@ class EngineConfig:
             self.quantization = None
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3, per-layer k/v scales: checkpoint or 1.0)
     tensor_parallel_size: int = 1  # ranks (one process and one device each) the model is sharded over
+    grammar_compile_timeout_s: float = 60.0  # a structured-output request whose grammar is not compiled by then fails
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -230,6 +231,8 @@ class EngineConfig:
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
         if self.quantization not in (None, "fp8"):
             raise ConfigError(f"quantization must be fp8 or unset (got {self.quantization!r})")
+        if not self.grammar_compile_timeout_s > 0:
+            raise ConfigError(f"grammar_compile_timeout_s must be > 0 (got {self.grammar_compile_timeout_s})")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
                               f"(got {self.kv_cache_dtype!r})")

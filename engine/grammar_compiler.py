@@ -73,6 +73,15 @@ class GrammarCache:
             self._entries.popitem(last=False)  # requests waiting on an evicted Future still hold it
         return fut
 
+    def give_up(self, fut: Future, reason: str) -> None:
+        """A compile took too long: its spec's entry becomes a failed Future, so later requests fail at once."""
+        failed: Future = Future()
+        failed.set_exception(GrammarError(reason))
+        for key, entry in self._entries.items():
+            if entry is fut:
+                self._entries[key] = failed
+                break
+
     def matcher(self, compiled: xgr.CompiledGrammar) -> SequenceGrammar:
         """A fresh matcher for one sequence (n > 1 sequences each get their own)."""
         return SequenceGrammar(xgr.GrammarMatcher(compiled))

@@ -106,7 +106,8 @@ class LLMEngine:
             self.scheduler.enable_swap(swap_bytes // self.runner.bytes_per_block, config.swap_min_tokens)
         self.requests: dict[str, _Request] = {}
         self._pending: list[RequestDelta] = []  # deltas produced outside step() (errors, aborts)
-        self._grammars = GrammarGate(self.tokenizer, self.model_cfg.vocab_size, eos)  # structured outputs
+        self._grammars = GrammarGate(self.tokenizer, self.model_cfg.vocab_size, eos,  # structured outputs
+                                     config.grammar_compile_timeout_s)
         self._arrival = itertools.count()
         self._in_flight = False
         self.async_scheduling = config.resolve_async_scheduling(self.runner.device)

@@ -7,6 +7,7 @@ import json
 import random
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import xgrammar as xgr
 
 import engine.grammar_compiler as grammar_compiler
 from engine import LLM, LLMEngine, SamplingParams, StructuredOutputsParams as SO
+from engine.config import ConfigError
 from engine.grammar_compiler import GrammarCache
 from engine.sampler import Sampler, SamplingRow
 
@@ -269,6 +271,31 @@ def test_slow_compile_does_not_block_other_requests(tiny_llama, monkeypatch):
             if d.finished:
                 finish[d.request_id] = d.finish_reason
     assert finish["slow"] == "stop"
+
+
+def test_a_compile_past_the_timeout_fails_its_request_and_later_ones_at_once(tiny_llama, monkeypatch):
+    release = threading.Event()
+    real = grammar_compiler.compile_spec
+    monkeypatch.setattr(grammar_compiler, "compile_spec", lambda *a: (release.wait(30), real(*a))[1])
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, grammar_compile_timeout_s=0.3)
+    eng.add_request("stuck", _ids(6, 0), _sp(SO(json=FINITE)))
+    eng.add_request("plain", _ids(6, 1), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    start, final = time.monotonic(), {}
+    while "stuck" not in final:
+        assert time.monotonic() - start < 20
+        final.update({d.request_id: d for d in eng.step() if d.finished})
+    assert time.monotonic() - start >= 0.3
+    assert final["stuck"].finish_reason == "error"
+    assert final["stuck"].error == "invalid_structured_output: the grammar did not compile within 0.3 s"
+    eng.add_request("again", _ids(6, 2), _sp(SO(json=FINITE)))  # the same spec: no second wait
+    again = {d.request_id: d for d in eng.step() if d.finished}["again"]
+    assert again.error == final["stuck"].error
+    release.set()
+    while eng.has_unfinished_requests():
+        final.update({d.request_id: d for d in eng.step() if d.finished})
+    assert final["plain"].finish_reason == "length"
+    with pytest.raises(ConfigError, match="grammar_compile_timeout_s"):
+        LLMEngine.from_kwargs(str(tiny_llama), device="cpu", grammar_compile_timeout_s=0)
 
 
 def test_abort_while_compiling(tiny_llama, monkeypatch):

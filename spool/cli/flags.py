@@ -32,6 +32,8 @@ _HELP = {
     "enforce_eager": "disable CUDA graphs",
     "quantization": "fp8: W8A8 FP8 projections (per-channel weight, per-token activation scales; needs compute "
                     "capability >= 8.9 on CUDA); FP8 checkpoints run in fp8 without it",
+    "grammar_compile_timeout_s": "seconds a structured-output request waits for its grammar to compile before it "
+                                 "fails (invalid_structured_output); the spec then fails at once",
     "kv_cache_dtype": "auto | fp8 (e4m3: half the bytes, twice the tokens; k/v scales from the checkpoint, else 1.0)",
     "tensor_parallel_size": "shard the model over this many GPUs (from --device's index), one process each; "
                             "on the CPU, processes sharing its cores",
