@@ -27,11 +27,21 @@ class GrammarError(ValueError):
     """A spec that does not compile (bad schema, regex or grammar); str() is the user-facing reason."""
 
 
+# xgrammar 0.2.9 writes a string with minLength/maxLength as a bounded repeat of this character class, which
+# lets raw control characters (tab, U+0001...) into the JSON text, where strict parsers refuse them; its plain
+# strings exclude U+0000-U+001F as JSON requires. Such strings still cannot hold escapes (xgrammar's limit).
+_LENGTH_LIMITED_CHARS = '[^\\"\\\\\\r\\n]'  # [^\"\\\r\n] as the grammar prints it
+_JSON_STRING_CHARS = '[^\\"\\\\\\0-\\x1f]'
+
+
 def compile_spec(compiler: xgr.GrammarCompiler, kind: str, source: str) -> xgr.CompiledGrammar:
     """Compile one spec source (see StructuredOutputsParams.cache_key); module-level so tests can slow it down."""
     if kind == "json":
         # No free-running whitespace: fixed ", " and ": " separators, so a finite schema ends with the closing
         # brace and then only EOS is allowed (finish_reason "stop" instead of running to max_tokens on spaces).
+        grammar = str(xgr.Grammar.from_json_schema(source, any_whitespace=False))
+        if _LENGTH_LIMITED_CHARS in grammar:  # length-limited strings: keep control characters out
+            return compiler.compile_grammar(grammar.replace(_LENGTH_LIMITED_CHARS, _JSON_STRING_CHARS))
         return compiler.compile_json_schema(source, any_whitespace=False)
     if kind == "regex":
         return compiler.compile_regex(source)

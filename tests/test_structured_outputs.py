@@ -176,6 +176,19 @@ def test_random_steps_never_sample_a_disallowed_token(tiny_llama, tiny_tokenizer
         assert _replay_ok(cache, reqs[rid], tokens, eos), (rid, reqs[rid].kind, tokens)
 
 
+def test_length_limited_strings_keep_control_characters_out(tiny_tokenizer):
+    """xgrammar 0.2.9 lets raw control characters into strings with minLength/maxLength (invalid JSON); the
+    compile patches that character class to plain strings' (engine/grammar_compiler.py)."""
+    cache = GrammarCache(tiny_tokenizer, 512, [tiny_tokenizer.eos_token_id])
+    schema = {"type": "object", "required": ["a", "b"],
+              "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 5}, "b": {"type": "string"}}}
+    compiled = cache.get(SO(json=schema)).result()
+    for text, ok in [('{"a": "xy", "b": "z\\n"}', True), ('{"a": "x\ty", "b": "z"}', False),
+                     ('{"a": "x\x01", "b": "z"}', False), ('{"a": "xyzxyz", "b": "z"}', False),
+                     ('{"a": "", "b": "z"}', False), ('{"a": "xy", "b": "z\tw"}', False)]:
+        assert cache.matcher(compiled).matcher.accept_string(text) is ok, text
+
+
 def test_sampler_with_real_matchers_respects_the_mask(tiny_tokenizer):
     """The sampler alone, on random logits (any token may win): the sampled token is always accepted."""
     vocab, eos = 512, tiny_tokenizer.eos_token_id
