@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.shapes import SHAPES, shape_dir  # noqa: E402
+from bench.shapes import add_model_flags, model_source  # noqa: E402
 from bench.workload import add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
 
 
@@ -111,9 +111,7 @@ def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: i
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path)
-    src.add_argument("--shape", choices=sorted(SHAPES))
+    add_model_flags(p)
     add_workload_flags(p)
     add_engine_flags(p)
     p.add_argument("--interactive-every-ms", type=int, default=500,
@@ -140,7 +138,7 @@ def main() -> int:
     from engine import LLM, SamplingParams
     from producer.embedded import ensure_local_redis, stop_local_redis
 
-    path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
+    path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
     extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes))

@@ -260,7 +260,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
     """Offline throughput, then the same workload as concurrent HTTP requests through spool serve."""
     import torch
 
-    from bench.shapes import shape_dir
+    from bench.shapes import model_source
     from bench.workload import make_workload
     from engine import LLM, SamplingParams
     from protocol.connection import connect
@@ -269,8 +269,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     from worker.loop import Worker
     from worker.settings import WorkerSettings
 
-    path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
-    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    path, fmt = model_source(args)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
     llm = LLM(str(path), device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)

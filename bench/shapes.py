@@ -1,6 +1,7 @@
 """Named model shapes for benchmarks with dummy weights: a config.json written to a temp dir, no checkpoint."""
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -40,3 +41,17 @@ def shape_dir(name: str, tokenizer: bool = False) -> Path:
 
         build_synthetic_tokenizer(d, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
     return d
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model DIR or --shape NAME, one of them required."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="HF model directory")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with dummy weights")
+
+
+def model_source(args: argparse.Namespace, tokenizer: bool = False) -> tuple[Path, str]:
+    """(directory, load_format): the --model checkpoint, or a --shape directory for dummy weights."""
+    if args.model:
+        return Path(args.model), "auto"
+    return shape_dir(args.shape, tokenizer), "dummy"

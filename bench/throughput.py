@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.shapes import SHAPES, shape_dir  # noqa: E402
+from bench.shapes import add_model_flags, model_source  # noqa: E402
 from bench.workload import Workload, add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
 
 
@@ -152,9 +152,7 @@ def _summary(name: str, wall: float, n: int, prompt_tokens: int, out_tokens: int
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="HF model directory")
-    src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with dummy weights")
+    add_model_flags(p)
     add_workload_flags(p)
     add_engine_flags(p)
     p.add_argument("--dtype", default="auto")
@@ -176,7 +174,7 @@ def main() -> int:
                    help="a JSON schema on every request: the same one, or one per request (compiled each)")
     args = p.parse_args()
     with_tokenizer = args.with_tokenizer or args.structured != "none"
-    path, load_format = (args.model, "auto") if args.model else (shape_dir(args.shape, with_tokenizer), "dummy")
+    path, load_format = model_source(args, with_tokenizer)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -27,15 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.shapes import SHAPES, shape_dir  # noqa: E402
+from bench.shapes import add_model_flags, model_source  # noqa: E402
 from bench.workload import add_engine_flags, add_workload_flags, make_workload  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path)
-    src.add_argument("--shape", choices=sorted(SHAPES))
+    add_model_flags(p)
     add_workload_flags(p)
     add_engine_flags(p)
     p.add_argument("--worker-args", default="", help="more `spool worker` flags, one string (e.g. \"--gpus 0\")")
@@ -48,7 +46,7 @@ def main() -> int:
     from producer.client import Client
     from producer.embedded import ensure_local_redis, stop_local_redis
 
-    path, fmt = (args.model, "auto") if args.model else (shape_dir(args.shape), "dummy")
+    path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
     state = Path(tempfile.mkdtemp(prefix="spool-worker-cli-"))
