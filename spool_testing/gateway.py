@@ -12,6 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from spool_testing.redis_server import free_port
@@ -87,3 +89,25 @@ class GatewayProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+@contextmanager
+def gateway_deployment(model_dir: str | os.PathLike[str], root: Path, *gateway_args: str,
+                       **gateway_kw) -> Iterator[tuple[str, GatewayProcess]]:
+    """(redis url, gateway): a private redis-server, one live `spool worker` ("w1") on `model_dir` and a gateway
+    in front of them (GatewayProcess(*gateway_args, **gateway_kw)); all stopped on exit."""
+    from producer import Client
+    from spool_testing.chaos import WorkerProcess, wait_for
+    from spool_testing.redis_server import RedisServer
+
+    redis_server = RedisServer(root / "redis").start()
+    worker = WorkerProcess(model_dir, redis_server.url, "w1", root, max_num_seqs=16).start()
+    gateway = GatewayProcess(redis_server.url, root, *gateway_args, **gateway_kw).start()
+    try:
+        client = Client(redis_server.url)
+        wait_for(lambda: client.redis.exists(client.keys.worker("w1")), 120, what="worker heartbeat")
+        yield redis_server.url, gateway
+    finally:
+        gateway.stop()
+        worker.stop()
+        redis_server.stop()

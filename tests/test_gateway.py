@@ -16,9 +16,8 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion
 
 from producer import Client
-from spool_testing.chaos import WorkerProcess, wait_for
-from spool_testing.gateway import GatewayProcess
-from spool_testing.redis_server import RedisServer
+from spool_testing.chaos import wait_for
+from spool_testing.gateway import gateway_deployment
 
 KEY = "sk-test-0123456789"
 MODEL = "tiny"  # --served-model-name
@@ -28,18 +27,9 @@ HI = [{"role": "user", "content": "Hello there, how are you?"}]
 @pytest.fixture(scope="module")
 def deployment(tiny_llama, tmp_path_factory):
     """(redis url, gateway) with one live worker behind it."""
-    tmp = tmp_path_factory.mktemp("gateway")
-    redis_server = RedisServer(tmp / "redis").start()
-    worker = WorkerProcess(tiny_llama, redis_server.url, "w1", tmp, max_num_seqs=16).start()
-    gateway = GatewayProcess(redis_server.url, tmp, "--served-model-name", MODEL, api_key=KEY).start()
-    try:
-        client = Client(redis_server.url)
-        wait_for(lambda: client.redis.exists("spool:worker:{w1}"), 120, what="worker heartbeat")
-        yield redis_server.url, gateway
-    finally:
-        gateway.stop()
-        worker.stop()
-        redis_server.stop()
+    with gateway_deployment(tiny_llama, tmp_path_factory.mktemp("gateway"), "--served-model-name", MODEL,
+                            api_key=KEY) as deployed:
+        yield deployed
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,20 @@ from spool_testing.gateway import GatewayProcess
 HI = [{"role": "user", "content": "hi"}]
 
 
+def fake_worker(r, gateway: GatewayProcess) -> None:
+    """Write a live worker's heartbeat (as `spool worker` does, model /models/fake-7b) and wait until the gateway
+    lists its model."""
+    r.hset("spool:worker:{w-fake}", mapping={"model": orjson.dumps("/models/fake-7b")})
+    r.expire("spool:worker:{w-fake}", 60)
+    r.sadd("spool:workers", "w-fake")
+    models = urllib.request.Request(gateway.base_url + "/models",
+                                    headers={"Authorization": f"Bearer {gateway.api_key}"})
+    end = time.monotonic() + 10
+    while not orjson.loads(urllib.request.urlopen(models, timeout=5).read())["data"]:
+        assert time.monotonic() < end
+        time.sleep(0.1)
+
+
 def test_no_worker_503_then_backlog_429_priority_and_timeout(redis_server, tmp_path):
     gateway = GatewayProcess(redis_server.url, tmp_path, "--no-worker-timeout", "0.5", "--max-backlog", "2",
                              "--retry-after", "3", "--request-timeout", "1", "--workers", "2").start()
@@ -30,17 +44,9 @@ def test_no_worker_503_then_backlog_429_priority_and_timeout(redis_server, tmp_p
 
         # A worker's heartbeat (as `spool worker` writes it) and a full interactive queue.
         r = client.redis
-        r.hset("spool:worker:{w-fake}", mapping={"model": orjson.dumps("/models/fake-7b")})
-        r.expire("spool:worker:{w-fake}", 60)
-        r.sadd("spool:workers", "w-fake")
         for _ in range(2):
             client.enqueue("queued", max_tokens=1)
-        models = urllib.request.Request(gateway.base_url + "/models",
-                                        headers={"Authorization": f"Bearer {gateway.api_key}"})
-        end = time.monotonic() + 10
-        while not orjson.loads(urllib.request.urlopen(models, timeout=5).read())["data"]:
-            assert time.monotonic() < end
-            time.sleep(0.1)
+        fake_worker(r, gateway)
         time.sleep(1.2)  # both server processes have read the new state
         with pytest.raises(openai.RateLimitError) as e:
             sdk.chat.completions.create(model="fake-7b", messages=HI, max_tokens=2)  # the directory's name works
@@ -78,15 +84,7 @@ def test_durable_gateway_answers_503_not_replicated_without_a_replica(redis_serv
                              env={"SPOOL_DURABLE_TIMEOUT_MS": "200"}).start()
     try:
         r = Client(redis_server.url).redis
-        r.hset("spool:worker:{w-fake}", mapping={"model": orjson.dumps("/models/fake-7b")})  # a live heartbeat
-        r.expire("spool:worker:{w-fake}", 60)
-        r.sadd("spool:workers", "w-fake")
-        models = urllib.request.Request(gateway.base_url + "/models",
-                                        headers={"Authorization": f"Bearer {gateway.api_key}"})
-        end = time.monotonic() + 10
-        while not orjson.loads(urllib.request.urlopen(models, timeout=5).read())["data"]:
-            assert time.monotonic() < end
-            time.sleep(0.1)
+        fake_worker(r, gateway)
         sdk = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.api_key, max_retries=0, timeout=30)
         with pytest.raises(openai.InternalServerError) as e:
             sdk.chat.completions.create(model="fake-7b", messages=HI, max_tokens=2, extra_body={"request_id": "dur-1"})

@@ -13,10 +13,7 @@ import pytest
 from openai.types import Batch, Completion, FileObject
 from openai.types.chat import ChatCompletion
 
-from producer import Client
-from spool_testing.chaos import WorkerProcess, wait_for
-from spool_testing.gateway import GatewayProcess
-from spool_testing.redis_server import RedisServer
+from spool_testing.gateway import GatewayProcess, gateway_deployment
 
 KEY = "sk-files-test"
 
@@ -37,17 +34,9 @@ def jsonl(lines: list[dict]) -> bytes:
 def deployment(tiny_llama, tmp_path_factory):
     """(redis url, gateway, tmp dir, files dir) with one live worker."""
     tmp = tmp_path_factory.mktemp("gateway-files")
-    redis_server = RedisServer(tmp / "redis").start()
-    worker = WorkerProcess(tiny_llama, redis_server.url, "w1", tmp, max_num_seqs=16).start()
     files = tmp / "files"
-    gateway = GatewayProcess(redis_server.url, tmp, "--max-file-bytes", "20000", api_key=KEY, files_dir=files).start()
-    try:
-        wait_for(lambda: Client(redis_server.url).redis.exists("spool:worker:{w1}"), 120, what="worker heartbeat")
-        yield redis_server.url, gateway, tmp, files
-    finally:
-        gateway.stop()
-        worker.stop()
-        redis_server.stop()
+    with gateway_deployment(tiny_llama, tmp, "--max-file-bytes", "20000", api_key=KEY, files_dir=files) as (url, gw):
+        yield url, gw, tmp, files
 
 
 @pytest.fixture(scope="module")
