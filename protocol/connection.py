@@ -71,6 +71,8 @@ def client_kwargs(url: str, *, fail_fast: bool = False, defaults: Defaults | Non
     if scheme not in SCHEMES:
         raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss://, unix:// "
                          "or redis+sentinel://")
+    if scheme in SENTINEL_SCHEMES:
+        parse_sentinel_url(url)  # a malformed sentinel URL is refused here, with the other URL errors
     # A worker must keep its engine stepping while Redis is away, so its calls fail fast and its loop backs
     # off on its own; a producer call rides out a restart (redis_retries attempts, capped backoff) instead.
     retries = 1 if fail_fast else d.redis_retries

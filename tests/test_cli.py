@@ -89,6 +89,16 @@ def test_no_abbreviations_and_typos_show_the_verbs_usage():
     assert "Traceback" not in out.stderr
 
 
+def test_bad_worker_numbers_and_sentinel_urls_are_one_line_usage_errors(tmp_path):
+    """Checked before any model loads (the directory does not even exist) or any Redis is asked."""
+    out = spool("worker", "--model", str(tmp_path / "none"), "--device", "cpu", "--stream-interval-ms", "-5")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "spool worker: stream_interval_ms (--stream-interval-ms) must be >= 0, got -5"
+    out = spool("status", url="redis+sentinel://127.0.0.1:1/")  # no master name
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "bad sentinel URL" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_verbose_flag_works_before_and_after_the_verb():
     assert build_parser(worker_flags=False).parse_args(["-v", "status"]).verbose is True
     assert build_parser(worker_flags=False).parse_args(["status", "-v"]).verbose is True

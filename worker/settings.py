@@ -37,3 +37,16 @@ class WorkerSettings:
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (0: any free one); None: off
     metrics_host: str = "0.0.0.0"  # address the metrics server binds to
     log_format: str = "text"  # text | json (one JSON object per line)
+
+    def validate(self) -> None:
+        """Reject values that cannot work, naming the setting, before a model is loaded (ValueError)."""
+        from protocol.keys import Keys
+
+        Keys(self.prefix, job_shards=self.job_shards)  # the prefix's charset, the shard count's range
+        for name, positive in (("heartbeat_s", True), ("claim_idle_ms", True), ("redis_timeout_s", True),
+                               ("block_ms", False), ("stream_interval_ms", False), ("grace_period_s", False),
+                               ("step_timeout_s", False)):
+            value = getattr(self, name)
+            if not (value > 0 if positive else value >= 0):  # NaN fails too
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {'> 0' if positive else '>= 0'}, "
+                                 f"got {value!r}")

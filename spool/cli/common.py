@@ -113,6 +113,17 @@ def client(args: argparse.Namespace):
         raise CliError(f"bad Redis URL {url!r}: {e}", EXIT_USAGE) from e
 
 
+def _unreachable_reason(error: Exception, url: str) -> str:
+    """One line on why Redis did not answer (redis-py's MasterNotFoundError embeds whole client reprs)."""
+    from redis.sentinel import MasterNotFoundError
+
+    if isinstance(error, MasterNotFoundError):
+        from protocol.connection import parse_sentinel_url
+
+        return f"no reachable sentinel names a master {parse_sentinel_url(url)[1]!r}"
+    return str(error)
+
+
 def wait_for_redis(args: argparse.Namespace, url: str, budget_s: float) -> None:
     """PING with short timeouts until Redis answers; say once that we retry, give up after budget_s (exit 4)."""
     import redis
@@ -137,11 +148,12 @@ def wait_for_redis(args: argparse.Namespace, url: str, budget_s: float) -> None:
             except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as e:
                 raise CliError(f"Redis at {describe_redis(args)} refused our credentials: {e}", EXIT_REDIS) from e
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                why = _unreachable_reason(e, url)
                 if time.monotonic() + pause > give_up:
-                    raise CliError(f"cannot reach Redis at {describe_redis(args)} after {budget_s:g}s: {e}",
+                    raise CliError(f"cannot reach Redis at {describe_redis(args)} after {budget_s:g}s: {why}",
                                    EXIT_REDIS) from e
                 if not told:
-                    say(f"cannot reach Redis at {describe_redis(args)} ({e}); retrying for up to {budget_s:g}s")
+                    say(f"cannot reach Redis at {describe_redis(args)} ({why}); retrying for up to {budget_s:g}s")
                     told = True
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)

@@ -49,7 +49,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = dataclass_from_args(WorkerSettings, args)
     try:
         configure_logging(settings.log_format)
-    except ValueError as e:  # SPOOL_LOG_FORMAT=xml (a flag value is checked by argparse already)
+        settings.validate()
+    except ValueError as e:  # SPOOL_LOG_FORMAT=xml (a flag value is checked by argparse already), a bad number
         raise CliError(str(e), EXIT_USAGE) from None
     # Stopped while still loading the model: nothing is in flight yet, so leave at once and cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -97,6 +98,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EngineConfig, args)
     try:
         configure_logging(settings.log_format)
+        settings.validate()
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from None
     try:
