@@ -247,10 +247,11 @@ def redact_url(url: str | None) -> str:
 def script_route(client: Any, args: tuple[Any, ...], options: dict[str, Any] | None) -> dict[str, Any]:
     """Options for one pipelined command, naming the node of a script call's first key.
 
-    redis-py 8's cluster pipeline finds the keys of a command with movable keys (EVAL, EVALSHA) by asking the
-    server (COMMAND GETKEYS): one extra synchronous round trip per script call, the streamed-token path's
-    dominant command. Our scripts keep all their keys in one slot, so the first key names the node; on a MOVED
-    reply redis-py drops the hint and routes the retry itself.
+    redis-py 8's sync cluster pipeline finds the keys of a command with movable keys (EVAL, EVALSHA) by asking
+    the server (COMMAND GETKEYS): one extra synchronous round trip per script call, the streamed-token path's
+    dominant command (its asyncio pipeline reads them from the arguments: measured, no extra call). Our
+    scripts keep all their keys in one slot, so the first key names the node; on a MOVED reply redis-py drops
+    the hint and routes the retry itself.
     """
     options = dict(options or {})
     if (len(args) > 3 and str(args[0]).upper() in ("EVAL", "EVALSHA") and int(args[2]) > 0
