@@ -39,10 +39,11 @@ def compile_spec(compiler: xgr.GrammarCompiler, kind: str, source: str) -> xgr.C
     if kind == "json":
         # No free-running whitespace: fixed ", " and ": " separators, so a finite schema ends with the closing
         # brace and then only EOS is allowed (finish_reason "stop" instead of running to max_tokens on spaces).
-        grammar = str(xgr.Grammar.from_json_schema(source, any_whitespace=False))
-        if _LENGTH_LIMITED_CHARS in grammar:  # length-limited strings: keep control characters out
-            return compiler.compile_grammar(grammar.replace(_LENGTH_LIMITED_CHARS, _JSON_STRING_CHARS))
-        return compiler.compile_json_schema(source, any_whitespace=False)
+        grammar = xgr.Grammar.from_json_schema(source, any_whitespace=False)
+        text = str(grammar)
+        if _LENGTH_LIMITED_CHARS in text:  # length-limited strings: keep control characters out
+            grammar = xgr.Grammar.from_ebnf(text.replace(_LENGTH_LIMITED_CHARS, _JSON_STRING_CHARS))
+        return compiler.compile_grammar(grammar)  # the schema is converted once, whichever way
     if kind == "regex":
         return compiler.compile_regex(source)
     return compiler.compile_grammar(source)
