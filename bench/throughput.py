@@ -26,16 +26,10 @@ from bench.workload import Workload, add_engine_flags, add_workload_flags, async
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     """Time LLM.generate over the whole workload (after a short warm-up)."""
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
 
-    kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
-    kw.update(_extra_engine_kwargs(args))
     t0 = time.perf_counter()
-    kw["async_scheduling"] = async_scheduling(args)
-    llm = LLM(str(path), **kw)
+    llm = build_llm(path, load_format, args)
     load_s = time.perf_counter() - t0
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=_schema(args, i))
               for i, n in enumerate(wl.output_lens)]
@@ -73,6 +67,19 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
+
+
+def build_llm(path: Path, load_format: str, args):
+    """The engine as the command line describes it (throughput.py's engine flags)."""
+    from engine import LLM
+
+    kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+              async_scheduling=async_scheduling(args))
+    kw.update(_extra_engine_kwargs(args))
+    return LLM(str(path), **kw)
 
 
 def _extra_engine_kwargs(args) -> dict:
@@ -150,11 +157,8 @@ def _summary(name: str, wall: float, n: int, prompt_tokens: int, out_tokens: int
             "total_tok_per_s": round((prompt_tokens + out_tokens) / wall, 1)}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    add_workload_flags(p)
-    add_engine_flags(p)
+def add_throughput_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine options build_llm reads, beyond bench.workload's add_engine_flags."""
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -164,6 +168,14 @@ def main() -> int:
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], help="KV cache element type (engine's kv_cache_dtype)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other EngineConfig field, e.g. --engine-arg block_size=32 (repeatable)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_workload_flags(p)
+    add_engine_flags(p)
+    add_throughput_engine_flags(p)
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")

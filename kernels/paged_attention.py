@@ -31,8 +31,13 @@ cut into num_splits ranges of whole KV tiles, sized on the device from that tile
 a second small kernel merges the partial (acc, max, sum) triples. See default_config and
 choose_num_splits for the numbers.
 
-FP8 caches: K and V tiles load as e4m3 (half the bytes) and widen to q's dtype in registers, which is
-exact (every e4m3 value is a bf16/fp16 value). The dequantization x * scale is folded in where it costs
+FP8 caches: K and V tiles load as e4m3 (half the bytes) and widen in registers, which is exact (every
+e4m3 value is a bf16 and an fp16 value). With a bf16 q they widen to fp16, not bf16: Hopper converts
+e4m3 pairs to fp16 pairs in one instruction (cvt.rn.f16x2.e4m3x2) while bf16 takes three more, and at
+decode rates the conversions, not the bytes, were the limit (x0.99 of SDPA on bf16 KV instead of ~x2).
+q is rounded to fp16 once per program (exact for |q| in [2**-14, 65504]: fp16 has 3 more mantissa bits
+than bf16 but a narrower exponent; smaller magnitudes lose bits, larger ones would overflow, and no
+trained model's queries come near either end) and P is rounded to fp16 before P @ V. The dequantization x * scale is folded in where it costs
 nothing: k_scale into the softmax scale (q . (k8 * ks) = (q . k8) * ks) and v_scale into the final
 normalization (sum p (v8 * vs) = vs * sum p v8).
 
@@ -60,6 +65,7 @@ class AttnConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    fp8_f16_dot: bool = True  # fp8 caches with bf16 q: widen K/V to fp16 (one cvt per 2 values), q to fp16 once
 
 
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
@@ -153,7 +159,7 @@ def _paged_attn_kernel(
     stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -188,6 +194,8 @@ def _paged_attn_kernel(
     q_pos = ctx - q_len + qi
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if F16_DOT:  # fp8 K/V widen to q's dtype inside the loop: make that fp16, the one-instruction conversion
+        q = q.to(tl.float16)
 
     first_pos = ctx - q_len + q0  # keys <= first_pos are visible to every row of the tile
     kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)  # one past the last row's position
@@ -379,6 +387,7 @@ def paged_attention(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=page, HEAD_DIM=d,
         SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query_per_seq,
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
+        F16_DOT=cfg.fp8_f16_dot and is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

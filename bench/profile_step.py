@@ -1,0 +1,168 @@
+"""Where a step's time goes: torch.profiler over engine steps of the bulk workload, by phase.
+
+  python bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256
+  python bench/profile_step.py --shape llama3-8b ... --quantization fp8 --kv-cache-dtype fp8
+
+Adds the whole workload to one engine and steps it. Two windows are profiled: steps 15-19 (prefill chunks mixed
+with the first decodes) and, once every request is decoding, 10 pure decode steps; each window's steps are first
+run unprofiled (the profiler slows the host), and the GPU busy time is also given as a share of that wall. For each window it prints the
+wall time per step, the GPU's busy share (union of kernel intervals), and the kernels by total time, grouped
+under readable names (GEMMs, attention, norms, ...). A GPU busy share well under 100% means host time or
+launch gaps sit on the critical path; the kernel table says what to make faster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.shapes import add_model_flags, model_source  # noqa: E402
+from bench.throughput import _schema, add_throughput_engine_flags, build_llm  # noqa: E402
+from bench.workload import add_engine_flags, add_workload_flags, make_workload  # noqa: E402
+
+# First matching pattern names the kernel's group (lower-case substring match on the kernel name).
+_GROUPS = (
+    ("attention", ("paged_attn", "merge_splits", "flash", "fmha")),
+    ("fp8 gemm", ("f8", "fp8", "e4m3", "scaled_mm")),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "wgmma")),
+    ("norm", ("rms", "norm")),
+    ("rotary", ("rotary", "rope")),
+    ("kv write", ("kv_write", "reshape_and_cache", "write_kv", "store_kv")),
+    ("activation", ("silu", "act_and_mul", "gelu")),
+    ("sampling", ("argmax", "softmax", "topk", "sort", "gumbel", "exponential", "multinomial", "bitmask")),
+    ("copy / cast", ("copy", "cast", "convert", "fill", "memset", "memcpy")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce")),
+)
+
+
+def _group(name: str) -> str:
+    low = name.lower()
+    for group, keys in _GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def profile_window(eng, steps: int, label: str, top: int) -> dict:
+    """Profile `steps` engine steps; print and return the breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()  # the same number of steps unprofiled first: the profiler slows the host
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    plain_us = (time.perf_counter() - t0) * 1e6
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        seqs = []
+        for _ in range(steps):
+            eng.step()
+            seqs.append(len(eng.scheduler.running))
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    intervals = []
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        dur = ev.time_range.end - ev.time_range.start
+        intervals.append((ev.time_range.start, ev.time_range.end))
+        k = kernels[ev.name]
+        k[0] += dur
+        k[1] += 1
+    busy = _busy_us(intervals)
+    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
+    groups: dict[str, float] = defaultdict(float)
+    for name, (us, _) in kernels.items():
+        groups[_group(name)] += us
+    kernel_sum = sum(groups.values()) or 1.0
+    print(f"\n=== {label}: {steps} steps, running seqs {seqs[0]}..{seqs[-1]}; wall {wall_us / steps / 1e3:.2f} ms/step; "
+          f"GPU busy {busy / steps / 1e3:.2f} ms/step = {100 * busy / wall_us:.1f}% of wall "
+          f"(kernel span {100 * span / wall_us:.1f}%); unprofiled wall {plain_us / steps / 1e3:.2f} ms/step, "
+          f"GPU busy / unprofiled wall {100 * busy / plain_us:.1f}%")
+    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:<12} {us / steps / 1e3:8.3f} ms/step  {100 * us / kernel_sum:5.1f}%")
+    print(f"  top kernels (ms/step, launches/step):")
+    for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"    {us / steps / 1e3:8.3f}  {n / steps:6.1f}  {name[:110]}")
+    return {"label": label, "steps": steps, "running_seqs": seqs, "wall_ms_per_step": round(wall_us / steps / 1e3, 3),
+            "unprofiled_wall_ms_per_step": round(plain_us / steps / 1e3, 3),
+            "gpu_busy_ms_per_step": round(busy / steps / 1e3, 3), "gpu_busy_share": round(busy / wall_us, 3),
+            "groups_ms_per_step": {g: round(us / steps / 1e3, 3) for g, us in groups.items()},
+            "top_kernels": [{"name": n, "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": c / steps}
+                            for n, (us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    add_workload_flags(p)
+    add_engine_flags(p)
+    add_throughput_engine_flags(p)
+    p.add_argument("--decode-steps", type=int, default=10, help="decode steps in the second window")
+    p.add_argument("--top", type=int, default=15, help="kernels listed per window")
+    p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
+                   help="a JSON schema on every request (as bench/throughput.py; implies a tokenizer)")
+    p.add_argument("--json", type=Path, help="write the breakdowns here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/profile_step.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    path, load_format = model_source(args, args.structured != "none")
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    wl = make_workload(args, vocab)
+    from engine import SamplingParams
+
+    llm = build_llm(path, load_format, args)
+    eng = llm.engine
+    llm.generate([{"prompt_token_ids": p[:64]} for p in wl.prompts[:8]],
+                 [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 8)  # warm-up
+    for i, (prompt, n) in enumerate(zip(wl.prompts, wl.output_lens)):
+        eng.add_request(f"p{i}", {"prompt_token_ids": prompt},
+                        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=_schema(args, i)))
+    for _ in range(10):
+        eng.step()
+    windows = [profile_window(eng, 5, "prefill + decode (steps 15-19)", args.top)]
+    # Step until nothing is waiting or prefilling: every running sequence then decodes one token per step.
+    for _ in range(10_000):
+        if not eng.scheduler.waiting and not eng._grammars and all(s.num_computed_tokens >= s.num_prompt_tokens
+                                             for s in eng.scheduler.running):
+            break
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    windows.append(profile_window(eng, args.decode_steps, "pure decode", args.top))
+    while eng.has_unfinished_requests():
+        eng.step()
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "args": vars(args) | {"json": str(args.json)},
+                                         "windows": windows}, indent=2, default=str))
+    eng.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
