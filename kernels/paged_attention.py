@@ -115,15 +115,21 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         in_ctx = offs_n < ctx
-        if MASKED:
-            page = tl.load(bt_row + offs_n // PAGE, mask=in_ctx, other=0)
+        if PAGE >= BLOCK_N:  # the tile lies in one page (tiles start at multiples of BLOCK_N): one id, no gather
+            page = tl.load(bt_row + start // PAGE).to(tl.int64)  # start < hi <= ctx: a live page
+            row = start % PAGE + tl.arange(0, BLOCK_N)
         else:
-            page = tl.load(bt_row + offs_n // PAGE)
-        page = page.to(tl.int64)  # block offsets can pass 2**31 elements
-        row = offs_n % PAGE
+            if MASKED:
+                page = tl.load(bt_row + offs_n // PAGE, mask=in_ctx, other=0)
+            else:
+                page = tl.load(bt_row + offs_n // PAGE)
+            page = page.to(tl.int64)  # block offsets can pass 2**31 elements
+            row = offs_n % PAGE
         # K tiles load transposed, [HEAD_DIM, BLOCK_N], ready for q @ k; V tiles as [BLOCK_N, HEAD_DIM] for p @ v.
-        k_off = page[None, :] * stride_kb + row[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        v_off = page[:, None] * stride_vb + row[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        k_row = page * stride_kb + row * stride_kt  # [BLOCK_N] element offsets of each key's row
+        v_row = page * stride_vb + row * stride_vt
+        k_off = k_row[None, :] + offs_d[:, None] * stride_kd
+        v_off = v_row[:, None] + offs_d[None, :] * stride_vd
         if MASKED:  # rows past the context may hold NaN garbage: never let them reach the dots
             k = tl.load(k_base + k_off, mask=in_ctx[None, :], other=0.0)
             v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0)

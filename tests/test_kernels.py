@@ -135,6 +135,15 @@ def test_paged_attention_32x32_tiles_in_every_dtype(seqs, dtype):
     check_attention(seqs, 8, 2, 64, 16, dtype, config=cfg, num_splits=3)
 
 
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("bs,block_n", [(64, 64), (64, 32), (32, 16)])
+def test_paged_attention_tiles_within_one_page(seqs, bs, block_n):
+    """Pages at least a KV tile long: one page id per tile (no per-token gather), with and without splits."""
+    cfg = AttnConfig(block_m=32, block_n=block_n, num_warps=4, num_stages=2)
+    check_attention(seqs, 8, 2, 64, bs, torch.bfloat16, config=cfg)
+    check_attention(seqs, 8, 2, 64, bs, torch.float32, config=cfg, num_splits=3)
+
+
 def test_paged_attention_one_token_query_tiles():
     """Group 16 fills a 16-row tile: prefill tiles of one token each (the exact-search path)."""
     seqs, cfg = [(1, 37), (13, 50), (0, 9), (6, 6)], AttnConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
