@@ -6,8 +6,8 @@
 Adds the whole workload to one engine and steps it. Two windows are profiled: steps 15-19 (prefill chunks mixed
 with the first decodes) and, once every request is decoding, 10 pure decode steps; each window's steps are first
 run unprofiled (the profiler slows the host), and the GPU busy time is also given as a share of that wall. For each window it prints the
-wall time per step, the GPU's busy share (union of kernel intervals), and the kernels by total time, grouped
-under readable names (GEMMs, attention, norms, ...). A GPU busy share well under 100% means host time or
+wall time per step, the GPU's busy share (union of kernel intervals), the host's CUDA runtime calls that can
+block (synchronize, memcpy, malloc/free), and the kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or
 launch gaps sit on the critical path; the kernel table says what to make faster.
 """
 from __future__ import annotations
@@ -93,6 +93,13 @@ def profile_window(eng, steps: int, label: str, top: int) -> dict:
         k = kernels[ev.name]
         k[0] += dur
         k[1] += 1
+    runtime: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # host-side CUDA runtime calls that may block
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("cuda") and any(
+                k in ev.name for k in ("Synchronize", "Memcpy", "Malloc", "Free", "HostAlloc", "Query")):
+            r = runtime[ev.name]
+            r[0] += ev.time_range.end - ev.time_range.start
+            r[1] += 1
     busy = _busy_us(intervals)
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
     groups: dict[str, float] = defaultdict(float)
@@ -105,13 +112,16 @@ def profile_window(eng, steps: int, label: str, top: int) -> dict:
           f"GPU busy / unprofiled wall {100 * busy / plain_us:.1f}%")
     for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {g:<12} {us / steps / 1e3:8.3f} ms/step  {100 * us / kernel_sum:5.1f}%")
-    print(f"  top kernels (ms/step, launches/step):")
+    for name, (us, n) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:6]:
+        print(f"  host {name:<28} {us / steps / 1e3:8.3f} ms/step  {n / steps:6.1f} calls/step")
+    print("  top kernels (ms/step, launches/step):")
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {us / steps / 1e3:8.3f}  {n / steps:6.1f}  {name[:110]}")
     return {"label": label, "steps": steps, "running_seqs": seqs, "wall_ms_per_step": round(wall_us / steps / 1e3, 3),
             "unprofiled_wall_ms_per_step": round(plain_us / steps / 1e3, 3),
             "gpu_busy_ms_per_step": round(busy / steps / 1e3, 3), "gpu_busy_share": round(busy / wall_us, 3),
             "groups_ms_per_step": {g: round(us / steps / 1e3, 3) for g, us in groups.items()},
+            "host_cuda_calls_ms_per_step": {n: round(us / steps / 1e3, 3) for n, (us, _) in runtime.items()},
             "top_kernels": [{"name": n, "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": c / steps}
                             for n, (us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
 
