@@ -78,6 +78,7 @@ for stage in "$@"; do case $stage in
   profileso) run profile_so_one 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured one --json "$OUT/profile_so_one.json" ;;
   kbench64) run kernels_bs64 360 python3 bench/kernels.py --block-size 64 --json "$OUT/kernels_bs64.json" ;;
   llama64) run llama8b_bs64 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --engine-arg block_size=64 --json "$OUT/llama8b_bs64.json" ;;
+  ksweep8bs64) run ksweep8_bs64 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --block-size 64 --json "$OUT/ksweep8_bs64.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py
