@@ -37,6 +37,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                  [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens[:8]])  # warm-up
     compile_s = _time_first_compile(llm, args) if args.structured != "none" else None
     llm.engine.block_manager.reset_prefix_cache()
+    steps_before = llm.engine.stats.num_steps  # the warm-up's steps are not the workload's
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -57,7 +58,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks,
                kv_cache_dtype=str(eng.runner.kv_cache_dtype).removeprefix("torch."),
                preemptions=eng.scheduler.num_preemptions,
-               steps=eng.stats.num_steps, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
+               steps=eng.stats.num_steps - steps_before, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
                tensor_parallel_size=args.tensor_parallel_size)
