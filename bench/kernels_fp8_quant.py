@@ -7,7 +7,10 @@ add+norm+quant and d (half the gate|up width) for silu+quant.
 
 GB/s counts the bytes the fused op must move (inputs read once, outputs written once) for all three forms of a
 case, so the figures compare directly: quantize T*K*(esz + 1); add+norm+quant T*K*(3*esz + 1) (x, residual in;
-residual', q out); silu+quant T*K*(2*esz + 1); plus 4 bytes of scale per row.
+residual', q out); silu+quant T*K*(2*esz + 1); plus 4 bytes of scale per row. Inputs are not rotated: at
+T=512, K=4096 they fit in L2 (as a decode step's activations do). Each (T, K) also checks the claims once:
+the kernel's codes and scales equal the torch path's, and each fused op's equal its unfused form's
+(results "T{t}_K{k}_exact").
 """
 from __future__ import annotations
 
@@ -46,6 +49,11 @@ def fp8_quant_section(dev: str, dtype: torch.dtype, tokens: list[int], widths: l
                                        t * k * (2 * esz + 1) + scales),
                 "silu+quant fused": (lambda: T.silu_and_mul_quant(g), t * k * (2 * esz + 1) + scales),
             }
+            same = {"quant triton": _same(cases["quant triton"][0](), cases["quant torch"][0]()),
+                    "add+norm+quant fused": _same(cases["add+norm+quant fused"][0]()[0],
+                                                  cases["add+norm+quant unfused"][0]()),
+                    "silu+quant fused": _same(cases["silu+quant fused"][0](), cases["silu+quant unfused"][0]())}
+            out[f"T{t}_K{k}_exact"] = same
             timed = out[f"T{t}_K{k}"] = {}
             for name, (fn, nbytes) in cases.items():
                 ms = bench(fn, rep)
@@ -55,5 +63,13 @@ def fp8_quant_section(dev: str, dtype: torch.dtype, tokens: list[int], widths: l
                 note = "" if name.endswith("torch") else f"x{base / v['ms']:.2f} vs torch"
                 if name.endswith("fused") and not name.endswith("unfused"):
                     note += f", x{timed[name.replace('fused', 'unfused')]['ms'] / v['ms']:.2f} vs unfused"
+                if name in same:
+                    versus = "torch" if name == "quant triton" else "unfused"
+                    note += f"; {'bit-exact' if same[name] else 'NOT bit-exact'} vs {versus}"
                 rows.append((f"fp8 {name} [{t}x{k}]", v["ms"], v["GB/s"], note))
             del x, r, w, g
+
+
+def _same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Equal e4m3 codes and float32 scales."""
+    return torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])

@@ -160,7 +160,8 @@ def test_bench_fp8_quant_section_runs():
 
     rows, results = [], {}
     fp8_quant_section(DEVICE, torch.bfloat16, [3], [96, 160], rows, results, lambda fn, rep: (fn(), 1.0)[1], rep=1)
-    assert set(results["fp8_quant"]) == {"T3_K96", "T3_K160"}
+    assert set(results["fp8_quant"]) == {"T3_K96", "T3_K160", "T3_K96_exact", "T3_K160_exact"}
+    assert all(all(v.values()) for k, v in results["fp8_quant"].items() if k.endswith("_exact"))
     case = results["fp8_quant"]["T3_K96"]
     assert set(case) == {"quant torch", "quant triton", "add+norm+quant torch", "add+norm+quant unfused",
                          "add+norm+quant fused", "silu+quant torch", "silu+quant unfused", "silu+quant fused"}
