@@ -1,4 +1,4 @@
-"""Kernel benchmark: paged-attention decode bandwidth vs device copy and SDPA, prefill, small kernels.
+"""Kernel benchmark: paged-attention decode bandwidth vs device copy and SDPA, prefill, small kernels, FP8 quantize.
 
 Usage (CUDA only):  python bench/kernels.py [--batch 64 --ctx 4096 --hq 32 --hk 8 --head-dim 128
                     --dtype bf16 --block-size 16] [--sweep] [--prefill-sweep] [--json OUT]
@@ -13,6 +13,10 @@ Decode bandwidth = (K + V bytes of every context + q bytes + out bytes) / median
 fastest fair form (GQA via enable_gqa, or the group's query heads folded into the query length;
 both read each KV head once). Inputs are random; several cache sets are rotated when one set
 would fit in L2. --sweep times a grid of decode tile configs and split counts.
+
+The fp8quant group (bench/kernels_fp8_quant.py) times per-token FP8 activation quantization at --fp8-tokens x
+--fp8-widths: torch ops vs the Triton kernel, and the fused add+RMSNorm+quantize and SiLU-and-mul+quantize
+kernels vs their unfused forms. Only that group: --skip decode prefill small.
 """
 from __future__ import annotations
 
@@ -58,7 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="also sweep decode block_n x warps x stages x splits")
     p.add_argument("--prefill-sweep", action="store_true",
                    help="also sweep prefill block_m x block_n x warps x stages (2048 tokens, each KV dtype)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "decode", "prefill", "small"],
+    p.add_argument("--fp8-tokens", type=int, nargs="+", default=[512, 2048], help="rows for the fp8quant group")
+    p.add_argument("--fp8-widths", type=int, nargs="+", default=[4096, 14336],
+                   help="row widths K for the fp8quant group")
+    p.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "decode", "prefill", "small", "fp8quant"],
                    help="parts to skip")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -467,6 +474,7 @@ def main(argv=None) -> int:
         a.batch, a.ctx, a.hq, a.hk, a.head_dim, a.prefill_len = 3, 100, 8, 2, 64, 40
         a.prefill_prefixes = [0, 24]
         a.tokens, a.hidden, a.intermediate = 8, 256, 512
+        a.fp8_tokens, a.fp8_widths = [8], [256, 300]
         a.sweep = a.prefill_sweep = False
     elif not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
@@ -486,6 +494,10 @@ def main(argv=None) -> int:
         prefill_section(a, dtype, rows, results)
     if "small" not in a.skip:
         small_section(a, dtype, rows, results)
+    if "fp8quant" not in a.skip:
+        from bench.kernels_fp8_quant import fp8_quant_section
+
+        fp8_quant_section(DEV, dtype, a.fp8_tokens, a.fp8_widths, rows, results, bench, a.rep)
 
     print(f"{results['device']}  torch {torch.__version__}  triton {triton.__version__}  "
           f"decode B={a.batch} ctx={a.ctx} Hq={a.hq} Hk={a.hk} D={a.head_dim} {a.dtype} page={a.block_size}")

@@ -11,12 +11,19 @@ from kernels import reference
 
 @dataclass(frozen=True, slots=True)
 class Ops:
-    """A backend: the functions the decoder layers use, all with kernels.reference's signatures."""
+    """A backend: the functions the decoder layers use, all with kernels.reference's signatures.
+
+    The *_quant ops return their plain op's output per-token quantized to FP8, (q, scale): the decoder calls
+    them in place of the plain op when the consuming projection takes FP8 input (quantization="fp8").
+    """
 
     name: str
     rms_norm: Callable
     fused_add_rms_norm: Callable
     silu_and_mul: Callable
+    rms_norm_quant: Callable
+    fused_add_rms_norm_quant: Callable
+    silu_and_mul_quant: Callable
     rotary_embedding: Callable
     write_kv_cache: Callable
     paged_attention: Callable
@@ -27,6 +34,9 @@ TORCH_OPS = Ops(
     rms_norm=reference.rms_norm,
     fused_add_rms_norm=reference.fused_add_rms_norm,
     silu_and_mul=reference.silu_and_mul,
+    rms_norm_quant=reference.rms_norm_quant,
+    fused_add_rms_norm_quant=reference.fused_add_rms_norm_quant,
+    silu_and_mul_quant=reference.silu_and_mul_quant,
     rotary_embedding=reference.rotary_embedding,
     write_kv_cache=reference.write_kv_cache,
     paged_attention=reference.paged_attention,

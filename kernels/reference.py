@@ -4,12 +4,16 @@ KV cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_h
 Token t of a sequence lives in block block_table[t // block_size], row t % block_size; the flat
 slot index is block_id * block_size + row. An fp8 (e4m3) cache holds x / scale with one scale per
 layer for K and one for V (kernels.fp8); other caches ignore the scales.
+
+FP8 activations (the input of an FP8 linear layer) are a pair (q float8_e4m3fn [..., K], scale float32
+[..., 1]) with x ~= q * scale, one scale per row (token): quantize_per_token_fp8 and the *_quant variants
+of the ops that produce those inputs, which quantize exactly what the plain op returns.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.fp8 import is_fp8, quantize
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, is_fp8, quantize
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,6 +38,38 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2*d] = [gate | up] -> silu(gate) * up, [..., d]."""
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (e4m3 [..., K], float32 scale [..., 1]): scale = max(amax / 448, MIN_SCALE), q = x / scale.
+
+    amax = max |x| over the row (exact in x's dtype). Both divisions are IEEE float32 divisions by a tensor:
+    CUDA torch turns a division by a Python scalar into a multiplication by its reciprocal (one bit off at
+    times), which would make the scales differ between devices. The cast rounds to nearest even; since
+    scale >= amax / 448, |x / scale| <= 448 up to one float32 ulp, which rounds to 448: nothing saturates.
+    """
+    # The inf-norm is max |x| in one pass without an |x| temporary.
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True).float()  # [..., 1]
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_(min=MIN_SCALE)  # [..., 1]
+    return (x / scale).to(FP8_DTYPE), scale  # x / fp32 scale -> fp32 temporary -> e4m3
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token_fp8(rms_norm(x, weight, eps)): the normed rows, rounded to their dtype, in fp8."""
+    return quantize_per_token_fp8(rms_norm(x, weight, eps))
+
+
+def fused_add_rms_norm_quant(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """fused_add_rms_norm with the normed rows per-token quantized: ((q, scale), residual')."""
+    normed, new_residual = fused_add_rms_norm(x, residual, weight, eps)
+    return quantize_per_token_fp8(normed), new_residual
+
+
+def silu_and_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token_fp8(silu_and_mul(x)): x [..., 2*d] -> (e4m3 [..., d], float32 scale [..., 1])."""
+    return quantize_per_token_fp8(silu_and_mul(x))
 
 
 def rotary_embedding(

@@ -1,11 +1,11 @@
 """The Triton backend: kernels.reference's op set as Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-from kernels.activation import silu_and_mul
+from kernels.activation import silu_and_mul, silu_and_mul_quant
 from kernels.kv_cache import write_kv_cache
 from kernels.ops import Ops
 from kernels.paged_attention import paged_attention
-from kernels.rms_norm import fused_add_rms_norm, rms_norm
+from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_quant, rms_norm, rms_norm_quant
 from kernels.rotary import rotary_embedding
 
 TRITON_OPS = Ops(
@@ -13,6 +13,9 @@ TRITON_OPS = Ops(
     rms_norm=rms_norm,
     fused_add_rms_norm=fused_add_rms_norm,
     silu_and_mul=silu_and_mul,
+    rms_norm_quant=rms_norm_quant,
+    fused_add_rms_norm_quant=fused_add_rms_norm_quant,
+    silu_and_mul_quant=silu_and_mul_quant,
     rotary_embedding=rotary_embedding,
     write_kv_cache=write_kv_cache,
     paged_attention=paged_attention,

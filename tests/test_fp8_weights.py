@@ -3,14 +3,21 @@
 Error bounds come from e4m3's 3 mantissa bits: rounding to nearest moves a normal value by at most 2^-4 of
 itself, a subnormal one (below 2^-6 in the scaled domain) by at most half the smallest step, 2^-10 of the
 scale. So for q = round(x / s): |q * s - x| <= |x| / 16 + s / 1024.
+The kernel_backend="triton" engine tests run the Triton kernels on the CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernels.* module compiles a @triton.jit
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, ConfigError, SamplingParams
@@ -118,6 +125,26 @@ def test_fp8_linear_matches_reference_and_is_close_to_exact(dtype):
     # and the fp8 product against the exact one: two e4m3 roundings, ~3.6% per matmul on random data
     exact = x.float() @ w.t() + bias.float()
     assert rel(ref, exact) < 0.06
+
+
+@pytest.mark.parametrize("scaled_mm", [True, False], ids=["scaled_mm", "reference"])
+def test_fp8_linear_takes_a_prequantized_pair(monkeypatch, scaled_mm):
+    """A (q, scale) pair from a fused producer gives exactly what the plain activation gives (out_dtype required)."""
+    from engine.quantization import fp8
+
+    if not scaled_mm:
+        monkeypatch.setattr(fp8, "cpu_has_scaled_mm", lambda: False)
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)  # [..., in]: flattened to rows either way
+    q, s = quantize_per_channel(torch.randn(32, 64) * 0.1)
+    bias = torch.randn(32).to(torch.bfloat16)
+    plain = fp8.fp8_linear(x, q, s, bias)
+    pair = fp8.fp8_linear(quantize_per_token(x), q, s, bias, out_dtype=torch.bfloat16)
+    assert plain.dtype == pair.dtype == torch.bfloat16 and plain.shape == (10, 32) and torch.equal(pair, plain)
+    with pytest.raises(ValueError, match="out_dtype"):
+        fp8.fp8_linear(quantize_per_token(x), q, s)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8.fp8_linear((x, torch.ones(10, 1)), q, s, out_dtype=torch.bfloat16)
 
 
 def test_reference_path_when_the_cpu_lacks_scaled_mm(monkeypatch):
@@ -283,6 +310,63 @@ def test_dummy_fp8_weights_are_the_quantized_dummy_weights(tiny_llama, tmp_path)
     assert len(out[0].outputs[0].token_ids) == 3
 
 
+# ---- fused quantizing producers ----
+
+QUANT_OPS = ("rms_norm_quant", "fused_add_rms_norm_quant", "silu_and_mul_quant")
+
+
+def count_quant_ops(llm: LLM) -> Counter:
+    """Make every module of the model count its calls of the *_quant ops (by name) in the returned Counter."""
+    calls: Counter = Counter()
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for module in llm.engine.runner.model.modules():
+        if hasattr(module, "ops"):
+            module.ops = replace(module.ops, **{n: counted(n, getattr(module.ops, n)) for n in QUANT_OPS})
+    return calls
+
+
+def greedy_tokens(llm: LLM, prompts, max_tokens: int) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def check_fused_equals_unfused(path, monkeypatch, prompts, max_tokens: int, **kw) -> None:
+    """The decoder feeds qkv_proj, gate_up_proj and down_proj through the norms' and SiLU-and-mul's *_quant ops
+    (one kernel each on the triton backend); with fp8 input refused (the path before fused producers) the
+    projections quantize their input themselves. Same numerics, so bit-equal logits and the same tokens."""
+    from engine.quantization.fp8 import Fp8LinearMethod
+
+    fused = LLM(str(path), dtype="bfloat16", quantization="fp8", **kw)
+    assert fused.engine.runner.ops.name == kw["kernel_backend"]
+    assert all(m.takes_fp8_input and m.activation_dtype == torch.bfloat16 for m in fp8_layers(fused).values())
+    calls = count_quant_ops(fused)  # eager forwards only: captured CUDA graphs replay without Python
+    fused_logits, fused_tokens = last_logits(fused, prompts), greedy_tokens(fused, prompts, max_tokens)
+    layers = len(fused.engine.runner.model.layers)
+    forwards = calls["rms_norm_quant"]  # one per forward (the first layer's input norm)
+    assert forwards >= 2 and calls == {"rms_norm_quant": forwards, "silu_and_mul_quant": layers * forwards,
+                                       "fused_add_rms_norm_quant": (2 * layers - 1) * forwards}
+    del fused
+    monkeypatch.setattr(Fp8LinearMethod, "takes_fp8_input", False)
+    plain = LLM(str(path), dtype="bfloat16", quantization="fp8", **kw)
+    plain_calls = count_quant_ops(plain)
+    assert torch.equal(last_logits(plain, prompts), fused_logits)
+    assert greedy_tokens(plain, prompts, max_tokens) == fused_tokens and sum(plain_calls.values()) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_quantizing_producers_give_the_unfused_logits_and_tokens(tiny_llama, monkeypatch, backend):
+    # short: the Triton interpreter takes ~20 ms per program (one per row of a norm)
+    check_fused_equals_unfused(tiny_llama, monkeypatch, [PROMPTS[0], PROMPTS[2][:9]], 3, device="cpu",
+                               kernel_backend=backend, num_kv_blocks=64)
+
+
 # ---- errors ----
 
 def test_errors_unknown_method_missing_scale_bad_option_old_card(tiny_llama, tmp_path):
@@ -354,6 +438,16 @@ def test_cuda_graphs_with_fp8_weights(model_factory):
         outs.append([r.outputs[0].token_ids for r in res])
         del llm
     assert outs[0] == outs[1]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_fused_quantizing_producers_on_cuda(tiny_llama, monkeypatch, eager):
+    """On the card (Triton kernels; decode through CUDA graphs unless eager): the fused producers give the
+    logits and tokens of the unfused path, whose projections quantize with kernels.fp8_quant."""
+    check_fused_equals_unfused(tiny_llama, monkeypatch, PROMPTS, 16, device="cuda", kernel_backend="triton",
+                               num_kv_blocks=64, enforce_eager=eager, max_num_seqs=8)
 
 
 @pytest.mark.gpu

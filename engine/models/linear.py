@@ -21,6 +21,8 @@ def empty_param(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
 class UnquantizedLinearMethod:
     """Weights in the model dtype: y = x W^T + b."""
 
+    takes_fp8_input = False  # see Linear.takes_fp8_input
+
     def create_weights(self, layer: "Linear") -> None:
         """Register the [out, in] weight on the layer."""
         layer.weight = empty_param(layer.out_features, layer.in_features)
@@ -46,7 +48,14 @@ class Linear(nn.Module):
         self.method.create_weights(self)
         self.bias = empty_param(out_features) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8_input(self) -> bool:
+        """Whether forward also takes its input already quantized per token, (fp8 [T, in], float32 scale [T, 1]),
+        as the *_quant ops of kernels.ops return it (FP8 methods): the producer can then fuse the quantization."""
+        return self.method.takes_fp8_input
+
+    def forward(self, x):
+        """x [T, in] (or, when takes_fp8_input, its (q, scale) pair) -> [T, out]."""
         return self.method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:

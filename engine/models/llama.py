@@ -2,6 +2,11 @@
 
 Model code sees only AttentionMetadata and KV tensors, never requests. Every op that has a kernel goes
 through `ops` (kernels.ops.Ops), so the CPU reference and the Triton backend run the same model code.
+
+FP8 projections (quantization="fp8") take their input quantized per token; where the producer is one of our
+ops (the input and post-attention RMSNorms for qkv_proj and gate_up_proj, SiLU-and-mul for down_proj), the
+decoder calls its *_quant variant, which emits (fp8, scale) in the same kernel. o_proj's input comes from
+attention and is quantized inside the projection.
 """
 from __future__ import annotations
 
@@ -51,13 +56,13 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
+        x,  # [T, hidden], or its (fp8 [T, hidden], scale [T, 1]) when qkv_proj.takes_fp8_input
         meta: AttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
         cos_sin: torch.Tensor,
     ) -> torch.Tensor:
-        t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2Hk) * D]
+        t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -86,8 +91,10 @@ class MLP(nn.Module):
                                                        method=linear_method(cfg))
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, tp=tp, method=linear_method(cfg))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x) -> torch.Tensor:
+        """x [T, hidden] (or its fp8 pair, see Attention.forward) -> [T, hidden]."""
+        act = self.ops.silu_and_mul_quant if self.down_proj.takes_fp8_input else self.ops.silu_and_mul
+        return self.down_proj(act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -103,13 +110,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = empty_param(cfg.hidden_size)
 
     def forward(self, x, residual, meta, kv, cos_sin):
+        # Each norm's output feeds one projection: quantized in the norm's kernel when that projection takes fp8.
+        fp8_qkv = self.self_attn.qkv_proj.takes_fp8_input
         if residual is None:
             residual = x
-            h = self.ops.rms_norm(x, self.input_layernorm, self.eps)
+            h = (self.ops.rms_norm_quant if fp8_qkv else self.ops.rms_norm)(x, self.input_layernorm, self.eps)
         else:
-            h, residual = self.ops.fused_add_rms_norm(x, residual, self.input_layernorm, self.eps)
+            add_norm = self.ops.fused_add_rms_norm_quant if fp8_qkv else self.ops.fused_add_rms_norm
+            h, residual = add_norm(x, residual, self.input_layernorm, self.eps)
         h = self.self_attn(h, meta, kv, cos_sin)
-        h, residual = self.ops.fused_add_rms_norm(h, residual, self.post_attention_layernorm, self.eps)
+        fp8_mlp = self.mlp.gate_up_proj.takes_fp8_input
+        add_norm = self.ops.fused_add_rms_norm_quant if fp8_mlp else self.ops.fused_add_rms_norm
+        h, residual = add_norm(h, residual, self.post_attention_layernorm, self.eps)
         return self.mlp(h), residual
 
 

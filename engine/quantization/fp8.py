@@ -6,6 +6,11 @@ torch._scaled_mm multiplies the two fp8 operands with fp32 accumulation and appl
 epilogue (Hopper's FP8 tensor cores; Ada, compute capability 8.9, also has them). The reference
 (`fp8_linear_reference`) dequantizes both operands and multiplies in float32; CPU runs use torch._scaled_mm
 when the CPU build has it (torch >= 2.5 does), the reference otherwise.
+
+The activation quantization's numerics are kernels.reference.quantize_per_token_fp8 (`quantize_per_token`
+here). On CUDA it runs as one Triton kernel (kernels.fp8_quant, bit-identical to the reference); and the
+decoder can hand `apply` an activation already quantized by its producer (the fused RMSNorm or SiLU-and-mul
+*_quant ops, same numerics) as a (q, scale) pair, which skips the quantization here altogether.
 """
 from __future__ import annotations
 
@@ -15,12 +20,12 @@ import torch
 
 from engine.config import ConfigError
 from engine.models.linear import empty_param
+from kernels.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from kernels.reference import quantize_per_token_fp8 as quantize_per_token
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# vLLM's floor for dynamic scales: an all-zero row would otherwise divide by zero.
-MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 FP8_MIN_CAPABILITY = (8, 9)
+# An FP8 layer's input: the activation [T, in] in the model dtype, or its per-token quantization (q, scale).
+Fp8Input = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,30 +36,40 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, in] -> (fp8 [T, in], float32 scale [T, 1]): one scale per token, amax / 448."""
-    # The inf-norm is max |x| in one pass without an |x| temporary, exact in x's own dtype.
-    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)  # [T, 1]
-    scale = (amax.float() / FP8_MAX).clamp_(min=MIN_SCALE)  # [T, 1]
-    # No clamp needed: scale >= amax / 448, so |x / scale| <= 448 (+1 fp32 ulp, which rounds to 448).
-    # These passes over x (inf-norm, divide, cast) are the cost a fused quantize kernel would cut.
-    q = (x / scale).to(FP8_DTYPE)  # x / fp32 scale -> fp32 temporary -> e4m3
-    return q, scale
-
-
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp8 [rows, cols] with float32 scale [rows] or [rows, 1] -> float32 [rows, cols]."""
     return q.float() * scale.reshape(-1, 1).float()
 
 
-def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+def _fp8_rows(x: Fp8Input, out_dtype: torch.dtype | None, quantize) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(q [T, in] fp8, scale [T, 1] float32, output dtype) of a layer input: a tensor is quantized with `quantize`
+    (and sets the output dtype unless out_dtype does), a (q, scale) pair is taken as it is (out_dtype required)."""
+    if isinstance(x, torch.Tensor):
+        x_q, x_scale = quantize(x.reshape(-1, x.shape[-1]))
+        return x_q, x_scale, x.dtype if out_dtype is None else out_dtype
+    x_q, x_scale = x
+    if x_q.dtype != FP8_DTYPE or out_dtype is None:
+        raise ValueError(f"fp8_linear: a pre-quantized input must be (float8_e4m3fn, scale) with out_dtype set, "
+                         f"got {x_q.dtype} and out_dtype={out_dtype}")
+    return x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), out_dtype
+
+
+def fp8_linear_reference(x: Fp8Input, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """What the FP8 matmul computes, in float32: per-token quantized x times the dequantized weight (+ bias)."""
-    x_q, x_scale = quantize_per_token(x)
+    x_q, x_scale, out_dtype = _fp8_rows(x, out_dtype, quantize_per_token)
     out = dequantize_rows(x_q, x_scale) @ dequantize_rows(weight, weight_scale).t()  # [T, out]
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(out_dtype)
+
+
+@functools.cache
+def _cuda_quantizer():
+    """The Triton per-token quantizer (imported on first CUDA use: CPU runs never compile a kernel)."""
+    from kernels.fp8_quant import quantize_per_token_fp8
+
+    return quantize_per_token_fp8
 
 
 @functools.cache
@@ -69,19 +84,22 @@ def cpu_has_scaled_mm() -> bool:
     return True
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] (model dtype) @ fp8 weight [out, in] with scales [out] -> [T, out] in x's dtype."""
-    if not x.is_cuda and not cpu_has_scaled_mm():
-        return fp8_linear_reference(x, weight, weight_scale, bias)
-    x_q, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]))  # [T, in] fp8, [T, 1] fp32
+def fp8_linear(x: Fp8Input, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, in] (model dtype) or its (fp8 [T, in], scale [T, 1]) @ fp8 weight [out, in] with scales [out] ->
+    [T, out] in out_dtype (default: x's dtype; required for a pair)."""
+    on_cuda = (x if isinstance(x, torch.Tensor) else x[0]).is_cuda
+    if not on_cuda and not cpu_has_scaled_mm():
+        return fp8_linear_reference(x, weight, weight_scale, bias, out_dtype)
+    quantize = _cuda_quantizer() if on_cuda else quantize_per_token
+    x_q, x_scale, out_dtype = _fp8_rows(x, out_dtype, quantize)  # [T, in] fp8, [T, 1] fp32
     # bf16 is the one output every torch release's row-wise CUDA path takes; the CPU kernel writes any float.
-    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    mm_dtype = torch.bfloat16 if on_cuda else out_dtype
     # weight.t() is the column-major [in, out] operand _scaled_mm wants; no copy.
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                           out_dtype=out_dtype)  # [T, out]
-    if out.dtype != x.dtype:
-        out = out.to(x.dtype)
+                           out_dtype=mm_dtype)  # [T, out]
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
     if bias is not None:
         out = out + bias  # separate add: row-wise _scaled_mm's fused bias support varies across torch releases
     return out
@@ -123,12 +141,17 @@ class Fp8LinearMethod:
     allocate a shard of rows or columns through this one and slice weight and weight_scale like weight and bias.
     """
 
+    takes_fp8_input = True  # apply() also takes the input already quantized per token by its producer
+
     def create_weights(self, layer, out_features: int | None = None, in_features: int | None = None) -> None:
         """Register the fp8 weight [out, in] and its float32 scale [out] (sizes default to the layer's)."""
         out_features = layer.out_features if out_features is None else out_features
         in_features = layer.in_features if in_features is None else in_features
         layer.weight = empty_param(out_features, in_features, dtype=FP8_DTYPE)
         layer.weight_scale = empty_param(out_features, dtype=torch.float32)
+        # The model dtype (the default dtype while the model is built, as for every unquantized parameter):
+        # what apply() returns for a pre-quantized (q, scale) input, which carries no dtype of its own.
+        layer.activation_dtype = torch.get_default_dtype()
 
     def process_weights_after_loading(self, layer) -> None:
         """Refuse what would fail later: non-finite scales, or shapes torch._scaled_mm cannot take on CUDA."""
@@ -139,6 +162,7 @@ class Fp8LinearMethod:
             raise ConfigError(f"quantization='fp8' needs layer sizes divisible by 16 on CUDA (a layer is "
                               f"{shape[0]}x{shape[1]})")
 
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, in] -> [T, out] in x's dtype."""
-        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+    def apply(self, layer, x: Fp8Input, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in] -> [T, out] in x's dtype; a (fp8 [T, in], scale [T, 1]) pair -> [T, out] in the model dtype."""
+        out_dtype = None if isinstance(x, torch.Tensor) else layer.activation_dtype
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias, out_dtype)
