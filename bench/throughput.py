@@ -23,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import add_model_flags, model_source  # noqa: E402
-from bench.workload import Workload, add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
+from bench.workload import (  # noqa: E402
+    Workload,
+    add_engine_flags,
+    add_workload_flags,
+    async_scheduling,
+    integer_array_schema,
+    make_workload,
+)
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -111,11 +118,7 @@ def _schema(args, i: int):
         return None
     from engine import StructuredOutputsParams
 
-    key = "items" if args.structured == "one" else f"items_{i}"
-    return StructuredOutputsParams(json={
-        "type": "object", "required": [key],
-        "properties": {key: {"type": "array", "minItems": 256, "items": {"type": "integer", "minimum": 0,
-                                                                         "maximum": 999}}}})
+    return StructuredOutputsParams(json=integer_array_schema("items" if args.structured == "one" else f"items_{i}"))
 
 
 def _time_first_compile(llm, args) -> float:
