@@ -7,9 +7,11 @@
 Every row holds the throughput benchmark's schema (bench/workload.py integer_array_schema), compiled and
 matched through the engine's own GrammarCache and SequenceGrammar. Each step, as with dummy weights (random
 logits under the mask), every row takes a uniformly random allowed token; rows start staggered (0 to
---stagger tokens in) so their states differ. Timed per step (mean and p50 over --steps, µs per row too):
+--stagger tokens in) so their states differ. Timed per step (mean and p50 over --steps, µs per row too), by the
+wall clock and by the process's CPU time (all threads; the figure to trust on a busy machine):
   fill[t]   SequenceGrammar.fill_many into a preallocated bitmask on t xgrammar threads
-  engine    the sampler's host fill as the engine calls it (engine.token_bitmask.fill_bitmask: allocation + fill)
+  engine    the sampler's host fill as the engine runs it (engine/grammar_mask.py: a reused buffer, the fill started
+            on its background thread, then taken)
   accept    SequenceGrammar.accept_many (xgrammar's batch_accept_token; threaded for large batches on many cores)
 """
 from __future__ import annotations
@@ -70,9 +72,11 @@ def run(grammars, vocab: int, steps: int, stagger: int, threads: list[int], seed
     import xgrammar as xgr
 
     from engine.grammar import SequenceGrammar
-    from engine.token_bitmask import bitmask_words, fill_bitmask
+    from engine.grammar_mask import GrammarMasks
+    from engine.token_bitmask import bitmask_words
 
     rows = len(grammars)
+    masks = GrammarMasks(vocab, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     bitmask = torch.empty(rows, bitmask_words(vocab), dtype=torch.int32)
@@ -84,27 +88,29 @@ def run(grammars, vocab: int, steps: int, stagger: int, threads: list[int], seed
         if ahead:
             SequenceGrammar.accept_many([grammars[j] for j in ahead], [tokens[j] for j in ahead])
     batches = {t: xgr.BatchGrammarMatcher(max_threads=t) for t in threads}
-    laps: dict[str, list[float]] = {f"fill[{t}]": [] for t in threads}
+    laps: dict[str, list[tuple[float, float]]] = {f"fill[{t}]": [] for t in threads}
     laps.update(engine=[], accept=[])
+
+    def timed(key, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        laps[key].append((time.perf_counter() - t0, time.process_time() - c0))
+        return out
+
     for _ in range(steps):
         for t, batch in batches.items():
-            t0 = time.perf_counter()
-            batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
-            laps[f"fill[{t}]"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        engine_mask = fill_bitmask(grammars, vocab)
-        laps["engine"].append(time.perf_counter() - t0)
+            timed(f"fill[{t}]", lambda: batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask))
+        engine_mask = timed("engine", lambda: masks.take(grammars, masks.start(grammars)))
         assert torch.equal(engine_mask, bitmask), "the engine's fill differs from xgrammar's"
         tokens = pick_allowed(bitmask, vocab, gen)
-        t0 = time.perf_counter()
-        accepted = SequenceGrammar.accept_many(grammars, tokens)
-        laps["accept"].append(time.perf_counter() - t0)
+        accepted = timed("accept", lambda: SequenceGrammar.accept_many(grammars, tokens))
         assert all(accepted) and not any(g.terminated for g in grammars), "a row left the schema's array"
     out = {}
     for k, v in laps.items():
-        mean = statistics.fmean(v)
-        out[k] = {"ms_per_step": round(mean * 1e3, 3), "p50_ms": round(statistics.median(v) * 1e3, 3),
-                  "us_per_row": round(mean / rows * 1e6, 2)}
+        wall, cpu = statistics.fmean(w for w, _ in v), statistics.fmean(c for _, c in v)
+        out[k] = {"ms_per_step": round(wall * 1e3, 3), "p50_ms": round(statistics.median(w for w, _ in v) * 1e3, 3),
+                  "us_per_row": round(wall / rows * 1e6, 2), "cpu_ms_per_step": round(cpu * 1e3, 3),
+                  "cpu_us_per_row": round(cpu / rows * 1e6, 2)}
     return out
 
 
