@@ -55,6 +55,26 @@ def test_started_fill_runs_in_the_background_and_equals_a_fresh_fill():
     assert torch.equal(got, fill_bitmask(stand_ins, len(VOCAB)))
 
 
+def test_start_returns_once_the_fill_is_under_way():
+    """The caller goes on with GIL-bound Python (detokenization): the fill must already be running by then."""
+    release = threading.Event()
+
+    class Slow(Row):
+        def fill_bitmask(self, bitmask, index):
+            release.wait()  # blocks like a long C++ fill (the GIL released)
+            super().fill_bitmask(bitmask, index)
+
+    masks = GrammarMasks(len(VOCAB), torch.device("cpu"))
+    masks.take([Row(1)], masks.start([Row(1)]))  # the thread exists and waits for work, as in a running engine
+    rows = [Slow(7)]
+    started = masks.start(rows)
+    try:
+        assert started._future.running()
+    finally:
+        release.set()
+    assert torch.equal(masks.take(rows, started), fill_bitmask([Row(7)], len(VOCAB)))
+
+
 def test_the_buffer_is_reused_and_never_needs_clearing():
     masks = GrammarMasks(len(VOCAB), torch.device("cpu"))
     first = masks.take(_rows(5))
