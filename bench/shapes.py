@@ -25,22 +25,44 @@ SHAPES = {
 }
 
 
-def shape_dir(name: str, tokenizer: bool = False) -> Path:
+def shape_dir(name: str, tokenizer: bool = False, tokenizer_file: Path | None = None) -> Path:
     """A directory holding config.json for a named shape (use with load_format='dummy').
 
-    With `tokenizer`, also a synthetic byte-level tokenizer of the shape's vocabulary (bench/synthetic_tokenizer.py),
-    for runs that need one: structured outputs, detokenized text. Without, outputs are token ids only.
+    With `tokenizer`, also a tokenizer of the shape's vocabulary, for runs that need one: structured outputs,
+    detokenized text. It is the real vocabulary of `tokenizer_file` (a tiktoken rank file such as Llama 3's
+    tokenizer.model: bench/tiktoken_tokenizer.py, built once per file), else a synthetic byte-level BPE
+    (bench/synthetic_tokenizer.py). Without, outputs are token ids only.
     """
     if name not in SHAPES:
         raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
     d = Path(tempfile.mkdtemp(prefix=f"spool-{name}-"))
     cfg = SHAPES[name]
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer:
+    if tokenizer and tokenizer_file is not None:
+        _real_tokenizer(d, name, Path(tokenizer_file))
+    elif tokenizer:
         from bench.synthetic_tokenizer import build_synthetic_tokenizer
 
         build_synthetic_tokenizer(d, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
     return d
+
+
+def _real_tokenizer(d: Path, name: str, rank_file: Path) -> None:
+    """Copy rank_file's tokenizer into d, if its vocabulary and bos/eos ids are the shape's."""
+    from bench.tiktoken_tokenizer import LLAMA3_SPECIALS, read_ranks
+
+    if not rank_file.is_file():
+        raise SystemExit(f"--tokenizer-file {rank_file}: no such file (Llama 3's is tokenizer.model from "
+                         "github.com/meta-llama/llama-models, models/llama3/: see bench/tiktoken_tokenizer.py)")
+    cfg = SHAPES[name]
+    base = len(read_ranks(rank_file))
+    have = (base + len(LLAMA3_SPECIALS), base, base + 1)
+    want = (cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+    if have != want:
+        raise SystemExit(f"--tokenizer-file {rank_file} gives vocab/bos/eos {have}; shape {name} has {want}")
+    from bench.tiktoken_tokenizer import copy_tokenizer
+
+    copy_tokenizer(rank_file, d)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -48,10 +70,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="HF model directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="named shape with dummy weights")
+    p.add_argument("--tokenizer-file", type=Path, metavar="PATH",
+                   help="with --shape: the real vocabulary from this tiktoken rank file (Llama 3's tokenizer.model, "
+                        "e.g. .vocab/llama3.tiktoken) instead of a synthetic one; implies a tokenizer")
 
 
 def model_source(args: argparse.Namespace, tokenizer: bool = False) -> tuple[Path, str]:
     """(directory, load_format): the --model checkpoint, or a --shape directory for dummy weights."""
+    tokenizer_file = getattr(args, "tokenizer_file", None)
     if args.model:
+        if tokenizer_file is not None:
+            raise SystemExit("--tokenizer-file goes with --shape (a --model directory has its own tokenizer)")
         return Path(args.model), "auto"
-    return shape_dir(args.shape, tokenizer), "dummy"
+    return shape_dir(args.shape, tokenizer or tokenizer_file is not None, tokenizer_file), "dummy"

@@ -4,6 +4,8 @@
   python bench/throughput.py --model /path/to/hf_dir ...
   python bench/throughput.py --shape llama3-8b ... --quantization fp8 [--kv-cache-dtype fp8] [--engine-arg KEY=VALUE]
   python bench/throughput.py --shape llama3-8b ... --structured one|distinct   (a JSON schema on every request)
+  python bench/throughput.py --shape llama3-8b ... --tokenizer-file .vocab/llama3.tiktoken [--structured one]
+      (Llama 3's real vocabulary instead of the synthetic one: bench/tiktoken_tokenizer.py says where to get it)
   python bench/throughput.py --shape llama3-8b ... --tensor-parallel-size 2   (sharded over cuda:0 and cuda:1)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
 """
@@ -21,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import add_model_flags, model_source  # noqa: E402
-from bench.workload import Workload, add_engine_flags, add_workload_flags, async_scheduling, make_workload  # noqa: E402
+from bench.workload import (  # noqa: E402
+    Workload,
+    add_engine_flags,
+    add_workload_flags,
+    async_scheduling,
+    integer_array_schema,
+    make_workload,
+)
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -60,6 +69,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                preemptions=eng.scheduler.num_preemptions,
                steps=eng.stats.num_steps - steps_before, prefix_hit_rate=round(eng.block_manager.stats.hit_rate, 3),
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
+               tokenizer=_tokenizer_label(args),
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
                tensor_parallel_size=args.tensor_parallel_size)
     eng.shutdown()  # tensor parallel: stop the other ranks before the peer needs their GPUs' memory
@@ -81,6 +91,15 @@ def build_llm(path: Path, load_format: str, args):
               async_scheduling=async_scheduling(args))
     kw.update(_extra_engine_kwargs(args))
     return LLM(str(path), **kw)
+
+
+def _tokenizer_label(args) -> str:
+    """Which vocabulary the run detokenized with: the checkpoint's, a rank file's, the synthetic one, or none."""
+    if args.model:
+        return "checkpoint"
+    if args.tokenizer_file is not None:
+        return f"tiktoken:{args.tokenizer_file.name}"
+    return "synthetic" if args.with_tokenizer or args.structured != "none" else "none"
 
 
 def _extra_engine_kwargs(args) -> dict:
@@ -107,11 +126,7 @@ def _schema(args, i: int):
         return None
     from engine import StructuredOutputsParams
 
-    key = "items" if args.structured == "one" else f"items_{i}"
-    return StructuredOutputsParams(json={
-        "type": "object", "required": [key],
-        "properties": {key: {"type": "array", "minItems": 256, "items": {"type": "integer", "minimum": 0,
-                                                                         "maximum": 999}}}})
+    return StructuredOutputsParams(json=integer_array_schema("items" if args.structured == "one" else f"items_{i}"))
 
 
 def _time_first_compile(llm, args) -> float:
@@ -181,12 +196,13 @@ def main() -> int:
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")
     p.add_argument("--with-tokenizer", action="store_true",
-                   help="give a --shape a synthetic tokenizer of its vocabulary (implied by --structured): outputs "
-                        "are detokenized, as in a real deployment")
+                   help="give a --shape a tokenizer of its vocabulary (implied by --structured and "
+                        "--tokenizer-file; synthetic unless --tokenizer-file): outputs are detokenized, as in a real "
+                        "deployment")
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
                    help="a JSON schema on every request: the same one, or one per request (compiled each)")
     args = p.parse_args()
-    with_tokenizer = args.with_tokenizer or args.structured != "none"
+    with_tokenizer = args.with_tokenizer or args.structured != "none" or args.tokenizer_file is not None
     path, load_format = model_source(args, with_tokenizer)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)

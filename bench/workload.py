@@ -59,3 +59,11 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
         prompts.append(prefix + [rng.randrange(lo, hi) for _ in range(n)])
         outs.append(rng.randint(*args.output_len))
     return Workload(prompts, outs)
+
+
+def integer_array_schema(key: str = "items") -> dict:
+    """The structured benchmarks' JSON schema: an object whose `key` holds >= 256 integers 0-999 (so an output
+    cannot end before 256 tokens)."""
+    return {"type": "object", "required": [key],
+            "properties": {key: {"type": "array", "minItems": 256,
+                                 "items": {"type": "integer", "minimum": 0, "maximum": 999}}}}

@@ -15,10 +15,14 @@ vLLM v1's async scheduling and SGLang's overlap scheduler, in this engine's term
 - Sequences whose sampling reads their output on the host (grammar masks, penalties, min_tokens;
   Scheduler.needs_history) split the launch (vLLM's structured-output overlap): LLMEngine.launch() schedules
   step N+1 and queues its forward pass (ModelRunner.launch_forward), then applies step N on the host
-  (waits for its tokens; append, stop rules, grammar accept, detokenization), then builds N+1's sampling
-  rows from the advanced matchers and histories and queues the sampling (ModelRunner.launch_sampling). The
-  device computes forward N+1 while the host applies N and fills the bitmask. A sequence that finished at
-  step N has its N+1 row sampled without a mask and its token dropped, like any one-step-late stop.
+  (waits for its tokens; append, stop rules, grammar accept), starts filling N+1's grammar bitmask on
+  xgrammar's threads (ModelRunner.start_grammar_mask, engine/grammar_mask.py), detokenizes step N meanwhile,
+  then builds N+1's sampling rows from the advanced matchers and histories and queues the sampling
+  (ModelRunner.launch_sampling, which takes the filled bitmask). The device computes forward N+1 while the
+  host applies N and fills the bitmask. A sequence that finished at step N (EOS, length, grammar end or
+  error) has its N+1 row sampled without a mask and its token dropped, like any one-step-late stop; one
+  that a stop string finished (found while detokenizing, after the fill started) keeps its mask, and its
+  token is dropped too.
 - Isolated requests make the engine step synchronously (Scheduler.needs_sync): the previous step is
   applied before the next one is scheduled. So do history rows on a runner without launch_forward.
 - A sequence preempted while its token is pending keeps that token when it arrives (it is real) and is

@@ -18,7 +18,7 @@ from engine.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutpu
 from engine.sampling_params import SamplingParams, generator_seed
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
-from engine.step_types import PendingStep, SchedulerOutput, StepInFlight
+from engine.step_types import PendingStep, RunnerOutput, SchedulerOutput, StepInFlight
 from engine.swap import SwapSpace
 from engine.tokenizer import load_tokenizer
 from engine.tp_executor import make_runner
@@ -361,14 +361,18 @@ class LLMEngine:
         """
         forward = self.runner.launch_forward(sched, previous.pending)
         self._unapplied = None
-        applied = self._apply(previous)
-        self._pending.extend(applied)
-        # Sequences that finished at the previous step (EOS, stop, grammar end, error) still have a row here:
-        # their token is dropped when this step is applied, so their row goes unmasked.
+        seqs, result = self._take_tokens(previous)  # waits for the previous step; the matchers accept its tokens
+        # Sequences that finished at the previous step (EOS, length, grammar end or error) still have a row here:
+        # their token is dropped when this step is applied, so their row goes unmasked. (One stopped by a stop
+        # string, found while detokenizing below, keeps its mask: its matcher is fine, its token dropped too.)
         unmasked = frozenset()
-        if any(d.finished for d in applied):
+        if any(seq.finished for seq in seqs):
             unmasked = frozenset(c.seq_id for c, seq in zip(sched.chunks, sched.seqs) if c.sample and seq.finished)
-        return self.runner.launch_sampling(forward, unmasked)
+        # The grammar rows' bitmask fills on xgrammar's threads while this thread detokenizes: both run while
+        # the device computes the forward pass, and the sampling waits for both.
+        mask = self.runner.start_grammar_mask(forward, unmasked)
+        self._pending.extend(self._deltas(seqs, result))
+        return self.runner.launch_sampling(forward, unmasked, mask)
 
     def collect(self, step: StepInFlight) -> list[RequestDelta]:
         """Second half of step(): wait for the device, append the sampled tokens, detokenize, report.
@@ -393,10 +397,18 @@ class LLMEngine:
 
     def _apply(self, step: StepInFlight) -> list[RequestDelta]:
         """Wait for a launched step's tokens, append them, apply stop rules, detokenize; its deltas."""
+        return self._deltas(*self._take_tokens(step))
+
+    def _take_tokens(self, step: StepInFlight) -> tuple[list[Sequence], RunnerOutput]:
+        """Wait for a launched step's tokens and append them (stop rules, grammar accept); the sequences that
+        got one, and the step's output."""
         result = step.pending.result()
         self.stats.num_steps += 1
-        return [self._on_token(seq, result.logprobs.get(seq.seq_id), result.ranks.get(seq.seq_id))
-                for seq in self.scheduler.update_from_output(step.sched, result)]
+        return self.scheduler.update_from_output(step.sched, result), result
+
+    def _deltas(self, seqs: list[Sequence], result: RunnerOutput) -> list[RequestDelta]:
+        """Detokenize the tokens just appended (stop strings); one delta per sequence."""
+        return [self._on_token(seq, result.logprobs.get(seq.seq_id), result.ranks.get(seq.seq_id)) for seq in seqs]
 
     def _collect(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
         for d in deltas:

@@ -17,6 +17,7 @@ from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
 from engine.models.parallel_linear import kv_heads_per_rank
 from engine.models.rope import cos_sin_cache
+from engine.grammar_mask import MaskFill
 from engine.sampler import Sampler, SamplingRow
 from engine.step_types import ForwardInFlight, PendingStep, SchedulerOutput
 from kernels.ops import get_ops
@@ -233,12 +234,24 @@ class ModelRunner:
         # logits is None on a tensor-parallel rank other than 0: rank 0 samples
         return ForwardInFlight(sched, sample_rows, logits)
 
+    def start_grammar_mask(self, forward: ForwardInFlight, unmasked: frozenset[str] = frozenset()) -> MaskFill | None:
+        """Start filling, in the background, the grammar bitmask that launch_sampling(forward, unmasked) needs
+        (None when no row has a grammar): the caller detokenizes meanwhile (engine/grammar_mask.py)."""
+        if forward.logits is None:
+            return None
+        chunks = forward.sched.chunks
+        grammars = [c.grammar for c in (chunks[i] for i in forward.sample_rows)
+                    if c.grammar is not None and c.seq_id not in unmasked]
+        return self.sampler.start_mask(grammars) if grammars else None
+
     @torch.inference_mode()
-    def launch_sampling(self, forward: ForwardInFlight, unmasked: frozenset[str] = frozenset()) -> PendingStep:
+    def launch_sampling(self, forward: ForwardInFlight, unmasked: frozenset[str] = frozenset(),
+                        mask: MaskFill | None = None) -> PendingStep:
         """launch()'s second half: build the sampling rows from the sequences' state now and queue the sampling.
 
         `unmasked`: sequences that finished after this step was launched; their token is discarded, so their
-        row skips the grammar mask (a terminated matcher has no next token to allow).
+        row skips the grammar mask (a terminated matcher has no next token to allow). `mask`: the rows'
+        bitmask fill from start_grammar_mask(forward, unmasked), if started.
         """
         logits, sample_rows = forward.logits, forward.sample_rows
         if logits is None:
@@ -255,4 +268,4 @@ class ModelRunner:
             out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
             grammar = c.grammar if not unmasked or c.seq_id not in unmasked else None
             rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id, grammar))
-        return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows))
+        return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows, mask))

@@ -22,8 +22,9 @@ from engine.sampling_ops import (
     to_device,
     token_counts,
 )
+from engine.grammar_mask import GrammarMasks, MaskFill
 from engine.sampling_params import SamplingParams
-from engine.token_bitmask import RowGrammar, apply_token_bitmask, fill_bitmask, forbid_unless_only
+from engine.token_bitmask import RowGrammar, apply_token_bitmask, forbid_unless_only
 
 # Columns of the per-row parameter table, sent to the device in one copy per step.
 _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _FREQ, _PRES, _GREEDY = range(8)
@@ -59,6 +60,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
         self._generators: dict[str, torch.Generator] = {}
+        self.masks = GrammarMasks(vocab_size, self.device)  # the grammar rows' host bitmask buffer
 
     def release(self, key: str) -> None:
         """Drop a finished sequence's generator (a no-op for unknown keys)."""
@@ -68,9 +70,16 @@ class Sampler:
         """Sample one token per row from logits [num_rows, >= vocab_size] (any float dtype)."""
         return self.launch(logits, rows).result()
 
+    def start_mask(self, grammars: list[RowGrammar]) -> MaskFill:
+        """Start filling the bitmask of a coming launch()'s grammar rows (in row order) in the background."""
+        return self.masks.start(grammars)
+
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "PendingSample":
-        """Queue the sampling on the logits' device; the tokens reach the host when result() is called."""
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow], mask: MaskFill | None = None) -> "PendingSample":
+        """Queue the sampling on the logits' device; the tokens reach the host when result() is called.
+
+        `mask`: a fill from start_mask() for these rows' grammars (else they are filled here).
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x vocab {self.vocab_size}")
         if logits.device.type != self.device.type or self.device.index not in (None, logits.device.index):
@@ -78,10 +87,10 @@ class Sampler:
         if not rows:
             return PendingSample(torch.zeros(0, dtype=torch.float64), None, 0, [], 0)
         logits = logits[:, : self.vocab_size]  # [R, V]; columns past the vocabulary are lm_head padding
-        tokens = self._sample(logits, rows)  # [R] int64
+        tokens = self._sample(logits, rows, mask)  # [R] int64
         return self._finish(logits, rows, tokens)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], mask: MaskFill | None = None) -> torch.Tensor:
         """Token ids [R] int64 on the logits' device, without a host sync."""
         vocab, device = self.vocab_size, logits.device
         greedy = [r.params.greedy for r in rows]
@@ -95,7 +104,7 @@ class Sampler:
             return logits.argmax(dim=-1)  # [R]
 
         # The grammar rows' bitmask is filled on the host first: on CUDA the forward pass is still running.
-        bitmask = self._grammar_bitmask(rows, grammar, min_tok) if grammar else None
+        bitmask = self._grammar_bitmask(rows, grammar, min_tok, mask) if grammar else None
         x = logits.to(torch.float32, copy=True)  # [R, V], processed in place from here on
         if bias:
             self._add_logit_bias(x, rows, bias)
@@ -104,7 +113,11 @@ class Sampler:
             stops = [rows[i].eos_token_ids + rows[i].params.stop_token_ids for i in min_tok]
             flat = to_device(flat_token_index(stops, min_tok, vocab), torch.int64, device)  # [S]
             x.view(-1).index_fill_(0, flat, NEG_INF)
-        table = to_device(_param_table(rows, greedy, vocab), torch.float32, device)  # [R, 8]
+        all_greedy = all(greedy)
+        # The table feeds penalties and random sampling; greedy grammar rows (the common structured case) skip it.
+        table = None
+        if rep or freq or pres or not all_greedy:
+            table = to_device(_param_table(rows, greedy, vocab), torch.float32, device)  # [R, 8]
         if rep or freq or pres:
             x = self._penalize(x, rows, table, rep, freq, pres)
         if bitmask is not None:
@@ -112,8 +125,10 @@ class Sampler:
             # come back. On CUDA this runs after the decode graph's replay (the logits leave the graph, which
             # holds only the model), so structured outputs never change or re-capture a CUDA graph.
             rows_idx = None if len(grammar) == len(rows) else to_device(grammar, torch.int64, device)  # [G]
-            x = apply_token_bitmask(x, to_device(bitmask, torch.int32, device), rows_idx)
-        if all(greedy):
+            device_mask = to_device(bitmask, torch.int32, device)  # the pinned buffer's one copy
+            self.masks.copied()
+            x = apply_token_bitmask(x, device_mask, rows_idx)
+        if all_greedy:
             return x.argmax(dim=-1)
         greedy_tokens = x.argmax(dim=-1) if any(greedy) else None  # [R]; before temperature, as in vLLM
 
@@ -135,10 +150,11 @@ class Sampler:
             return tokens
         return torch.where(table[:, _GREEDY] > 0, greedy_tokens, tokens)
 
-    def _grammar_bitmask(self, rows: list[SamplingRow], grammar: list[int], min_tok: list[int]) -> torch.Tensor:
+    def _grammar_bitmask(self, rows: list[SamplingRow], grammar: list[int], min_tok: list[int],
+                         mask: MaskFill | None = None) -> torch.Tensor:
         """CPU int32 [G, W]: what each grammar row may sample next, with EOS and stop ids held back until
         min_tokens unless the grammar allows nothing else (then ending early beats an invalid token)."""
-        bitmask = fill_bitmask([rows[i].grammar for i in grammar], self.vocab_size, self.device.type == "cuda")
+        bitmask = self.masks.take([rows[i].grammar for i in grammar], mask)
         held = set(min_tok)
         for j, i in enumerate(grammar):
             if i in held:

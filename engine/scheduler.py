@@ -386,10 +386,13 @@ class Scheduler:
             accepted = accept_many(grammars, [token for _, token in advancing])
         else:
             accepted = [g.accept(token) for g, (_, token) in zip(grammars, advancing)]
-        for (seq, _), ok in zip(advancing, accepted):
+        # A matcher terminates only by accepting one of its stop tokens, which are the engine's EOS ids
+        # (LLMEngine gives the grammar compiler these): only those rows need asking.
+        eos = self.eos_token_ids
+        for (seq, token), ok in zip(advancing, accepted):
             if not ok:
                 self.finish(seq, "error")  # the mask allowed it, so this is a bug: end it rather than emit junk
-            elif seq.grammar.terminated:
+            elif token in eos and seq.grammar.terminated:
                 self.finish(seq, "stop")
 
     def _check_token_stop(self, seq: Sequence, token: int) -> None:

@@ -18,7 +18,8 @@ class RowGrammar(Protocol):
     """What the sampler needs of a row's grammar (engine.grammar.SequenceGrammar).
 
     Its class may also offer fill_many(grammars, bitmask), filling every row at once (xgrammar's threaded
-    batch fill); fill_bitmask() then serves rows of mixed classes (tests' stand-ins).
+    batch fill); fill_bitmask() then serves rows of mixed classes (tests' stand-ins). Either writes every
+    word of its rows: the buffer is reused from step to step, never cleared (engine/grammar_mask.py).
     """
 
     def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None: ...
@@ -30,10 +31,19 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 def fill_bitmask(grammars: list[RowGrammar], vocab_size: int, pin: bool = False) -> torch.Tensor:
-    """CPU int32 [G, W]: row j holds the tokens grammars[j] allows next (in pinned memory if `pin`, so the
-    copy to the GPU needs no staging copy)."""
+    """A new CPU int32 [G, W]: row j holds the tokens grammars[j] allows next (in pinned memory if `pin`, so
+    the copy to the GPU needs no staging copy). The sampler reuses one buffer instead (engine/grammar_mask.py)."""
     bitmask = torch.full((len(grammars), bitmask_words(vocab_size)), _ALL_ALLOWED, dtype=torch.int32,
                          pin_memory=pin)
+    fill_rows(grammars, bitmask)
+    return bitmask
+
+
+def fill_rows(grammars: list[RowGrammar], bitmask: torch.Tensor) -> None:
+    """Write bitmask[j] (CPU int32 [>= G, W]) for grammars[j]: in one batched call when every row's class has
+    fill_many, else row by row."""
+    if not grammars:
+        return
     kind = type(grammars[0])
     fill_many = getattr(kind, "fill_many", None)
     if fill_many is not None and all(type(g) is kind for g in grammars):
@@ -41,7 +51,6 @@ def fill_bitmask(grammars: list[RowGrammar], vocab_size: int, pin: bool = False)
     else:
         for j, g in enumerate(grammars):
             g.fill_bitmask(bitmask, j)
-    return bitmask
 
 
 def forbid_unless_only(row: torch.Tensor, token_ids: list[int], vocab_size: int) -> bool:

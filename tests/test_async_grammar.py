@@ -53,12 +53,32 @@ def _mixed_requests() -> list:
 def test_async_grammar_equals_sync(tiny_llama, engine_kw):
     reqs = _mixed_requests()
     sync, _ = drive(tiny_llama, False, reqs, **engine_kw)
-    asynced, _ = drive(tiny_llama, True, reqs, **engine_kw)
+    asynced, eng = drive(tiny_llama, True, reqs, **engine_kw)
     _same(asynced, sync)
+    # Split launches filled their masks in the background (engine/grammar_mask.py), always for the right rows.
+    assert eng.runner.sampler.masks._thread is not None and eng.runner.sampler.masks.num_refills == 0
     finishes = {rid: rec["finish"] for (rid, _), rec in sync.items()}
     assert finishes["stopstr"] == ("stop", "world") and finishes["object"][0] == "length"
     assert finishes["finite-ign"] == ("stop", None) and finishes["mintok-end"] == ("stop", None)
     assert all(rec["finish"][0] != "error" for rec in asynced.values())
+
+
+def test_threaded_accept_and_fill_equal_sync(tiny_llama, monkeypatch):
+    """xgrammar's batch accept split over threads and its fill on several threads (as on a many-core host):
+    outputs equal a synchronous single-threaded run."""
+    import engine.grammar as grammar_mod
+
+    reqs = _mixed_requests()
+    sync, _ = drive(tiny_llama, False, reqs, max_num_seqs=24)
+    monkeypatch.setattr(grammar_mod, "host_threads", lambda: 3)
+    monkeypatch.setattr(SequenceGrammar, "_ACCEPT_CHUNK", 2)
+    monkeypatch.setattr(SequenceGrammar, "_THREADED_FROM", 0)
+    calls = []
+    accept = grammar_mod._batch_accept
+    monkeypatch.setattr(grammar_mod, "_batch_accept", lambda h, t: calls.append(len(h)) or accept(h, t))
+    asynced, _ = drive(tiny_llama, True, reqs, max_num_seqs=24)
+    _same(asynced, sync)
+    assert max(calls) < 10 < len(calls)  # the accepts went out in chunks
 
 
 def test_grammar_steps_overlap_the_previous_apply(tiny_llama):
@@ -83,7 +103,7 @@ def test_grammar_steps_overlap_the_previous_apply(tiny_llama):
     wrap(sched, "update_from_output", lambda s, r: events.append(("apply",)))
     # Per sampled chunk: tokens the sequence holds on the host beyond the chunk's end (0: the forward pass's
     # last input, fed on the device, has been applied; -1: it has not).
-    wrap(runner, "launch_sampling", lambda f, unmasked=frozenset(): events.append(
+    wrap(runner, "launch_sampling", lambda f, *_: events.append(
         ("sample", {len(c.all_token_ids) - c.start_pos - len(c.token_ids) for c in f.sched.chunks})))
     for i in range(3):
         eng.add_request(f"g{i}", _ids(6 + i, i), _so(SO(regex="[a-z]{8,40}"), temperature=1.0, seed=i))
