@@ -191,6 +191,10 @@ def test_an_interactive_first_output_is_in_redis_before_the_next_launch(redis_se
 def test_gc_pacer_freezes_admitted_objects_and_collects_frozen_cycles_when_idle():
     clock = _Clock()
     pacer = GcPacer(full_every_s=60.0, clock=clock)
+    gc.unfreeze()
+    pacer.admitted()
+    assert gc.get_freeze_count() == 0  # inactive until the worker loop runs
+    pacer.activate()
     try:
         class Node:
             pass
@@ -211,19 +215,26 @@ def test_gc_pacer_freezes_admitted_objects_and_collects_frozen_cycles_when_idle(
         assert gc.get_freeze_count() > 0  # what survived is frozen again
     finally:
         pacer.release()
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and not pacer.active
 
 
-def test_a_worker_freezes_after_admitting_and_releases_when_it_stops(redis_url):
+def test_a_running_worker_freezes_after_admitting_and_releases_when_it_stops(redis_url):
     client = Client(redis_url)
     client.enqueue_many([{"id": f"j{i}", "prompt": "go", "max_tokens": 3} for i in range(4)])
     gc.unfreeze()
-    w = _worker(StubEngine(max_num_seqs=8), redis_url, max_jobs=4)
-    assert w.start()
-    w.tick()
-    assert len(w.inflight) == 4 and gc.get_freeze_count() > 0
-    w.run()
-    assert gc.get_freeze_count() == 0
+    engine = StubEngine(max_num_seqs=8)
+    frozen_at_launch = []
+    launch = engine.launch
+
+    def watching_launch():
+        frozen_at_launch.append(gc.get_freeze_count())
+        return launch()
+
+    engine.launch = watching_launch
+    w = _worker(engine, redis_url, max_jobs=4)
+    assert w.run() == 0
+    assert frozen_at_launch and all(n > 0 for n in frozen_at_launch)
+    assert gc.get_freeze_count() == 0 and w.jobs_done == 4
 
 
 # -- the real engine and worker on the simulated device ---------------------------------------------

@@ -18,26 +18,39 @@ from collections.abc import Callable
 
 
 class GcPacer:
-    """Freezes admitted jobs' objects out of the collector's way; collects everything while idle."""
+    """Freezes admitted jobs' objects out of the collector's way; collects everything while idle.
+
+    Active only while the worker loop runs (Worker.run): a worker driven tick by tick (tests) freezes nothing.
+    """
 
     def __init__(self, full_every_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self.full_every_s = full_every_s
         self.clock = clock
-        self._next_full = clock() + full_every_s
+        self.active = False
+        self._next_full = 0.0
         self.full_collections = 0
+
+    def activate(self) -> None:
+        """The worker loop starts."""
+        self.active = True
+        self._next_full = self.clock() + self.full_every_s
 
     def admitted(self) -> None:
         """Jobs were just handed to the engine: freeze everything alive, them included."""
-        gc.freeze()
+        if self.active:
+            gc.freeze()
 
     def idle(self) -> None:
         """Nothing is computing: a full collection costs no step; at most every full_every_s."""
-        if self.clock() >= self._next_full:
+        if self.active and self.clock() >= self._next_full:
             self.collect_all()
 
     def release(self) -> None:
-        """The worker stops: everything frozen is the collector's again (its next full collection walks it)."""
-        gc.unfreeze()
+        """The worker loop ends: everything frozen is the collector's again (its next full collection walks it,
+        the engine's start-up heap included, until something freezes it again)."""
+        if self.active:
+            self.active = False
+            gc.unfreeze()
 
     def collect_all(self) -> None:
         """Unfreeze, collect everything, freeze what survives (the engine's start-up heap included)."""

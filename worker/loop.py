@@ -143,16 +143,21 @@ class Worker:
             return 0
         log.info("worker %s serving %s", self.settings.name, ", ".join(self.keys.all_jobs))
         self.watchdog.start()
+        self.gc.activate()
         stop_deadline = None
-        while not self.stop_now:
-            if self.stopping and stop_deadline is None:
-                stop_deadline = time.monotonic() + self.settings.grace_period_s
-            if self.stopping and (not self.inflight or time.monotonic() > stop_deadline):
-                break
-            if self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs and not self.inflight:
-                break
-            self.tick()
-        self._leave()
+        try:
+            while not self.stop_now:
+                if self.stopping and stop_deadline is None:
+                    stop_deadline = time.monotonic() + self.settings.grace_period_s
+                if self.stopping and (not self.inflight or time.monotonic() > stop_deadline):
+                    break
+                if (self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs
+                        and not self.inflight):
+                    break
+                self.tick()
+            self._leave()
+        finally:
+            self.gc.release()
         return self.exit_code
 
     def tick(self) -> None:
@@ -258,7 +263,6 @@ class Worker:
             log.error("redis unavailable at exit: %d writes lost (their jobs stay pending and will be rerun)",
                       len(self.outbox))
         log.info("worker %s stopped after %d jobs", self.settings.name, self.jobs_done)
-        self.gc.release()
         self._close_metrics()
 
     def _close_metrics(self) -> None:
