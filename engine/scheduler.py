@@ -5,13 +5,25 @@ Decode, chunked prefill and prefix-cache hits all fall out of that one rule. Run
 preempted (its blocks freed, its progress reset, recomputed later; or, with at least swap_min_tokens
 computed, its KV copied to host memory and back when it resumes: engine/swap.py). Waiting sequences are
 admitted while the budget, max_num_seqs and the cache allow; admission_capacity() tells a queue consumer how many more
-requests of a priority to hand over. Admitting work of priority > 0 leaves a reserve of blocks and sequence
-slots (EngineConfig.priority_reserve) free for priority-0 work, so an interactive request beside a bulk batch
-rarely needs a preemption to start.
+requests of a priority to hand over.
+
+Interactive (priority-0) work beside bulk (priority > 0) work:
+- Admitting bulk leaves a reserve of KV blocks free (EngineConfig.priority_reserve), and priority-0 sequences get
+  that fraction of max_num_seqs as extra rows on top of it: bulk keeps all max_num_seqs rows (a bulk batch
+  runs as wide as offline), and an interactive request beside a full bulk batch still starts at once, without a
+  preemption. Each class alone holds at most max_num_seqs rows, so an engine with no bulk work (the offline
+  LLM) never runs more than max_num_seqs sequences.
+- The step that starts a waiting priority-0 request carries no bulk prompt chunks (_held_back_priority).
+- While priority-0 requests keep arriving (one within interactive_window_s), a step carries at most
+  interactive_prefill_tokens bulk prompt tokens: steps stay short, so a new interactive request never waits
+  behind a long bulk prefill step (with async scheduling it waits for the step in flight and the one queued
+  behind it before its own).
 """
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SeqStatus
@@ -34,12 +46,23 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: list[int],
         priority_reserve: float = 0.0,
+        interactive_prefill_tokens: int = 0,
+        interactive_window_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.block_manager = block_manager
-        # What admitting work of priority > 0 must leave free for priority-0 work: blocks and sequence slots.
+        # What admitting work of priority > 0 must leave free for priority-0 work: KV blocks; and the rows
+        # priority-0 work may add beyond max_num_seqs beside it (EngineConfig.max_running_seqs: keep equal).
         self.reserved_blocks = int(block_manager.num_blocks * priority_reserve)
         self.reserved_seqs = int(max_num_seqs * priority_reserve)
         self.max_num_seqs = max_num_seqs
+        self.max_rows = max_num_seqs + self.reserved_seqs  # running sequences of all priorities together
+        # Bulk prompt tokens per step while interactive requests keep arriving (0: no cap), and how long after
+        # the last priority-0 arrival the cap holds.
+        self.interactive_prefill_tokens = interactive_prefill_tokens
+        self.interactive_window_s = interactive_window_s
+        self.clock = clock
+        self._best_arrived_at = float("-inf")  # clock() when the last priority-0 sequence was added
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -68,6 +91,8 @@ class Scheduler:
         """Queue a new sequence."""
         self.seqs[seq.seq_id] = seq
         seq.max_num_tokens = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
+        if seq.priority <= 0:
+            self._best_arrived_at = self.clock()
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
         if seq.isolated:
             self.isolated.append(seq)
@@ -126,18 +151,25 @@ class Scheduler:
     def admission_capacity(self, priority: int) -> int:
         """How many new requests of `priority` a queue consumer should hand over now.
 
-        Free sequence slots, plus slots held by lower-priority sequences (schedule() preempts those for such
-        a request), while nothing of this priority or better is stuck waiting for KV blocks. So the
-        backlog stays in the queue, not in the process, yet an interactive request never waits in Redis
-        behind a full batch of bulk ones.
+        Free rows of its class (priority 0, or all worse priorities together: max_num_seqs each, max_rows in
+        all), plus rows held by lower-priority sequences (schedule() preempts those for such a request),
+        while nothing of this priority or better is stuck waiting for KV blocks. So the backlog stays in the
+        queue, not in the process, yet an interactive request never waits in Redis behind a full batch of
+        bulk ones.
         """
         # Both queues are sorted by (priority, arrival): split them by priority with a bisection, not a scan
         # (the worker asks before every launch, with hundreds of sequences running).
         better_running = bisect.bisect_right(self.running, priority, key=_priority_of)
         yielding = len(self.running) - better_running
-        ahead = self.waiting[: bisect.bisect_right(self.waiting, priority, key=_priority_of)]
+        num_ahead = bisect.bisect_right(self.waiting, priority, key=_priority_of)
+        ahead = self.waiting[:num_ahead]
         reserved = priority > 0
-        slots = self.max_num_seqs - better_running - len(ahead) - (self.reserved_seqs if reserved else 0)
+        if reserved:  # its class: everything of priority 1..priority (priority-0 work holds the extra rows)
+            best = self._num_best(self.running) + self._num_best(self.waiting)
+            slots = min(self.max_num_seqs - (better_running + num_ahead - best),
+                        self.max_rows - better_running - num_ahead)
+        else:
+            slots = self.max_num_seqs - better_running - num_ahead
         if slots <= 0:
             return 0
         bm = self.block_manager
@@ -165,9 +197,19 @@ class Scheduler:
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
-    def _seq_limit(self, seq: Sequence) -> int:
-        """Running sequences beside which seq may be admitted: work of priority > 0 leaves the reserved slots."""
-        return self.max_num_seqs - self.reserved_seqs if seq.priority > 0 else self.max_num_seqs
+    @staticmethod
+    def _num_best(queue: list[Sequence]) -> int:
+        """Sequences of priority <= 0 at the head of a priority-sorted queue."""
+        return bisect.bisect_right(queue, 0, key=_priority_of)
+
+    def _class_full(self, seq: Sequence) -> bool:
+        """seq's class (priority <= 0, or worse) already runs max_num_seqs sequences."""
+        best = self._num_best(self.running)
+        return (best if seq.priority <= 0 else len(self.running) - best) >= self.max_num_seqs
+
+    def _has_row(self, seq: Sequence) -> bool:
+        """seq may start now: a row is free in all (max_rows) and in its class (max_num_seqs)."""
+        return len(self.running) < self.max_rows and not self._class_full(seq)
 
     def _reserve(self, seq: Sequence) -> int:
         """Blocks that admitting seq must leave free (running sequences still grow into them)."""
@@ -189,9 +231,11 @@ class Scheduler:
             head, tail = self.waiting[0], self.running[-1]
             if head.priority >= tail.priority or head.num_pending_tokens:
                 return
+            if head.priority <= 0 and self._class_full(head):
+                return  # priority-0 work fills max_num_seqs: preempting worse work would free no row for it
             blocks, cached, new = self._first_chunk(head, self.max_num_batched_tokens)
-            full = len(self.running) >= self._seq_limit(head)
-            if not full and self.block_manager.can_allocate(head.seq_id, cached + new, blocks, self._reserve(head)):
+            if self._has_row(head) and self.block_manager.can_allocate(head.seq_id, cached + new, blocks,
+                                                                        self._reserve(head)):
                 return
             self._preempt(tail)
 
@@ -209,6 +253,22 @@ class Scheduler:
             return None
         return self.waiting[0].priority
 
+    def _worse_prompt_budget(self) -> int:
+        """Prompt tokens of priority > 0 this step may carry: interactive_prefill_tokens while priority-0
+        requests keep arriving beside worse work, else the whole step budget.
+
+        With async scheduling a new interactive request waits for the step in flight and the one already
+        queued behind it, then its own step (which carries no worse prompt chunks: _held_back_priority). At
+        8,192 tokens a bulk prefill step takes ~200 ms on an H200 with llama3-8b, so those two steps put
+        ~400 ms under the request's first token; capped at 2,048 prompt tokens they take ~70 ms. The cap
+        holds for interactive_window_s after each priority-0 arrival, so the steps are already short when
+        the next one comes; it costs more, shorter bulk prefill steps (a few ms of overhead each).
+        """
+        cap = self.interactive_prefill_tokens
+        if cap <= 0 or self.clock() - self._best_arrived_at >= self.interactive_window_s:
+            return self.max_num_batched_tokens
+        return cap
+
     # -- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks; mutates block tables and num_computed_tokens, never half-way."""
@@ -222,6 +282,7 @@ class Scheduler:
         self._make_room_for_priority()
         budget = self.max_num_batched_tokens
         held_back = self._held_back_priority()
+        worse_prompt = self._worse_prompt_budget()  # prompt tokens of priority > 0 left for this step
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -233,6 +294,12 @@ class Scheduler:
             if num_new > 1 and held_back is not None and seq.priority > held_back:
                 i += 1  # a worse-priority prompt chunk sits this step out; decode tokens never do
                 continue
+            if num_new > 1 and seq.priority > 0:
+                num_new = min(num_new, worse_prompt)
+                if num_new <= 0:
+                    i += 1  # the capped bulk prompt budget is spent: its next chunk waits a step
+                    continue
+                worse_prompt -= num_new
             scheduled = True
             while not self.block_manager.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 victim = self.running[-1]
@@ -245,18 +312,23 @@ class Scheduler:
             self._emit(out, seq, num_new)
             budget -= num_new
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_rows:
             seq = self.waiting[0]
             if held_back is not None and seq.priority > held_back:
                 break
             if seq.num_pending_tokens:
                 break  # preempted while its last token was on the device: it restarts once that token is in
-            if len(self.running) >= self._seq_limit(seq):
-                break  # the remaining slots are the priority-0 reserve
-            blocks, num_cached, num_new = self._first_chunk(seq, budget)
+            if self._class_full(seq):
+                break  # its class runs max_num_seqs sequences (the rows beyond are priority-0 work's)
+            seq_budget = budget if seq.priority <= 0 else min(budget, worse_prompt)
+            if seq_budget <= 0:
+                break  # the capped bulk prompt budget is spent
+            blocks, num_cached, num_new = self._first_chunk(seq, seq_budget)
             if not self.block_manager.allocate(seq.seq_id, num_cached + num_new, seq.token_ids, blocks,
                                                self._reserve(seq)):
                 break
+            if seq.priority > 0:
+                worse_prompt -= num_new
             self.waiting.pop(0)
             self._start_running(seq, num_cached)
             self._emit(out, seq, num_new)

@@ -17,33 +17,80 @@ def _ids(n: int, seed: int) -> list[int]:
     return [rng.randrange(10, 500) for _ in range(n)]
 
 
-def test_bulk_admission_leaves_the_reserve_and_interactive_starts_without_preemption(tiny_llama):
-    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=100, max_num_seqs=10,
+def test_bulk_keeps_max_num_seqs_and_interactive_rows_come_on_top_without_preemption(tiny_llama):
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=200, max_num_seqs=10,
                                 priority_reserve=0.2)
     sched, bm = eng.scheduler, eng.block_manager
-    assert (sched.reserved_blocks, sched.reserved_seqs) == (20, 2)
+    assert (sched.reserved_blocks, sched.reserved_seqs, sched.max_rows) == (40, 2, 12)
+    assert eng.config.max_running_seqs == sched.max_rows
     bulk = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     for i in range(14):
         eng.add_request(f"bulk{i}", _ids(40, i), bulk, priority=BULK)
-    assert eng.admission_capacity(BULK) == 0  # 14 bulk sequences already wait for 10 - 2 slots
+    assert eng.admission_capacity(BULK) == 0  # 14 bulk sequences already wait for 10 rows
+    assert eng.admission_capacity(INTERACTIVE) == 10
     for step in range(6):
         before = {s.seq_id for s in sched.running}
         eng.step()
         admitted = {s.seq_id for s in sched.running} - before
-        assert len(sched.running) <= 8  # the reserved slots stay free of bulk
+        assert len(sched.running) <= 10  # bulk holds at most max_num_seqs rows, as offline work does
         if admitted:  # admission stopped before taking reserved blocks (running ones may grow into them)
             assert bm.num_free_blocks >= sched.reserved_blocks
         bm.check_invariants()
-    assert sched.waiting  # bulk still queued: the reserve is what held it back
+    assert len(sched.running) == 10 and sched.waiting  # a full bulk batch, more bulk queued
     inter = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     eng.add_request("inter0", _ids(12, 100), inter, priority=INTERACTIVE)
     eng.add_request("inter1", _ids(12, 101), inter, priority=INTERACTIVE)
+    eng.add_request("inter2", _ids(12, 102), inter, priority=INTERACTIVE)
     got = {d.request_id for d in eng.step() if d.new_token_ids}
-    assert {"inter0", "inter1"} <= got  # both started in the next step
-    assert sched.num_preemptions == 0
+    assert {"inter0", "inter1"} <= got and "inter2" not in got  # the two extra rows, beside all ten bulk
+    assert len(sched.running) == 12 and sched.num_preemptions == 0
+    assert sum(s.priority == BULK for s in sched.running) == 10
     while eng.has_unfinished_requests():
         eng.step()
+        assert len(sched.running) <= 12
     assert bm.num_used_blocks == 0
+
+
+def test_interactive_alone_never_exceeds_max_num_seqs(tiny_llama):
+    """The extra rows exist beside bulk work only: priority-0 work alone (the offline LLM) runs max_num_seqs."""
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=200, max_num_seqs=4,
+                                priority_reserve=0.5)
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for i in range(9):
+        eng.add_request(f"i{i}", _ids(10, i), p, priority=INTERACTIVE)
+    widest = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        widest = max(widest, len(eng.scheduler.running))
+    assert widest == 4
+
+
+def test_interactive_preempts_bulk_only_past_the_extra_rows(tiny_llama):
+    """Priority-0 work fills the extra rows first; only beyond them does it preempt bulk (and never to exceed
+    max_num_seqs priority-0 rows of its own)."""
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, num_kv_blocks=200, max_num_seqs=4,
+                                priority_reserve=0.25)
+    sched = eng.scheduler
+    bulk = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(4):
+        eng.add_request(f"b{i}", _ids(10, i), bulk, priority=BULK)
+    eng.step()
+    assert len(sched.running) == 4
+    inter = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    eng.add_request("i0", _ids(10, 50), inter, priority=INTERACTIVE)
+    eng.step()
+    assert len(sched.running) == 5 and sched.num_preemptions == 0  # the one extra row
+    for j in range(1, 5):
+        eng.add_request(f"i{j}", _ids(10, 50 + j), inter, priority=INTERACTIVE)
+    for _ in range(4):  # each step makes room for the waiting head
+        eng.step()
+    best = [s for s in sched.running if s.priority == INTERACTIVE]
+    assert len(best) == 4 and len(sched.running) == 5  # priority-0 at max_num_seqs; one bulk row left
+    assert sched.num_preemptions == 3 and len(sched.waiting) == 4  # three bulk preempted, i4 waits
+    while eng.has_unfinished_requests():
+        eng.step()
+        assert len(sched.running) <= 5
+        eng.block_manager.check_invariants()
 
 
 def test_reserve_changes_no_output(tiny_llama):

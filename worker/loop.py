@@ -25,6 +25,7 @@ from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS, refresh_master
 from worker.admission import Entry, Rejection, admit_checks, check_runnable, parse, submit
 from worker.cluster_io import ShardReader
+from worker.gc_pacing import GcPacer
 from worker.inflight import InFlightTable, wire_logprobs
 from protocol.connection import redact_url
 from worker.joblog import JobLog, log_startup
@@ -40,6 +41,13 @@ from worker.tokens import TokenStreamWriter
 from worker.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
+
+# Jobs read per stream at once. An idle engine starts on the first READ_FIRST at once: reading, checking and
+# submitting 512 jobs before the first launch kept the device idle for ~0.2 s of every burst (bench/e2e.py
+# --sim); the rest follow READ_PER_TICK at a time while the steps compute, so one tick's reads never hold up
+# the next launch (and the interactive read before it) for long.
+READ_FIRST = 64
+READ_PER_TICK = 128
 
 
 class Worker:
@@ -71,6 +79,8 @@ class Worker:
         self.exit_code = 0  # EXIT_DEVICE_ERROR after a device error (worker.step_errors)
         self.watchdog = StepWatchdog(settings.step_timeout_s)  # a hung step ends the process (worker.watchdog)
         self._ready: list = []  # the last collected step's deltas, published during the next step
+        self._awaiting_first: set[str] = set()  # interactive jobs in flight whose first output is not written yet
+        self.gc = GcPacer()  # full collections off the step path (worker.gc_pacing)
         self.started = time.time()
         self._next_heartbeat = 0.0
         self._cancels_last = "$"
@@ -133,16 +143,21 @@ class Worker:
             return 0
         log.info("worker %s serving %s", self.settings.name, ", ".join(self.keys.all_jobs))
         self.watchdog.start()
+        self.gc.activate()
         stop_deadline = None
-        while not self.stop_now:
-            if self.stopping and stop_deadline is None:
-                stop_deadline = time.monotonic() + self.settings.grace_period_s
-            if self.stopping and (not self.inflight or time.monotonic() > stop_deadline):
-                break
-            if self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs and not self.inflight:
-                break
-            self.tick()
-        self._leave()
+        try:
+            while not self.stop_now:
+                if self.stopping and stop_deadline is None:
+                    stop_deadline = time.monotonic() + self.settings.grace_period_s
+                if self.stopping and (not self.inflight or time.monotonic() > stop_deadline):
+                    break
+                if (self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs
+                        and not self.inflight):
+                    break
+                self.tick()
+            self._leave()
+        finally:
+            self.gc.release()
         return self.exit_code
 
     def tick(self) -> None:
@@ -151,12 +166,15 @@ class Worker:
         Everything that waits on Redis (publishing the previous step's tokens, heartbeat, leases, reading
         jobs and cancels) runs between launch and collect, so on a GPU the round trips hide behind the
         forward pass instead of adding to it. Jobs admitted and aborts made meanwhile take effect next step.
-        The one exception is a short read of the interactive stream just before the launch.
+        The exceptions are for interactive jobs: their first output is written, and their stream read, just
+        before the launch (with async scheduling the device still computes the step launched last tick).
         """
         began = time.perf_counter()
         busy = self.engine.has_unfinished_requests()
         ordered = self.reader.by_priority(self.keys)  # interactive shards first, each priority's in turn
         interactive, lower = ordered[:self.keys.job_shards], ordered[self.keys.job_shards:]
+        if self._awaiting_first and self._ready:
+            self._publish_first_outputs()
         if busy and not self.stopping:
             # One small read right before the launch: an interactive job that arrived during the last step
             # starts in this one, instead of waiting in Redis for the whole step. Bulk waits for the read below.
@@ -184,6 +202,8 @@ class Worker:
                 self.metrics.observe_step(time.perf_counter() - began)
         elif self.gate.failing or not self.outbox.healthy:
             time.sleep(0.05)  # Redis is away and there is nothing to compute: don't spin
+        elif not self.inflight:
+            self.gc.idle()
 
     # -- engine steps --------------------------------------------------------------------------------
     def _launch(self):
@@ -209,6 +229,7 @@ class Worker:
             self.exit_code, self.stopping, self.stop_now = EXIT_DEVICE_ERROR, True, True
             return []
         for inf in failure.finished:
+            self._awaiting_first.discard(inf.id)
             if inf.superseded:
                 self.tokens.forget(inf.id)
             else:
@@ -298,12 +319,12 @@ class Worker:
             # Nothing to compute: send what is queued, then block until a job arrives, on every priority.
             if not self.outbox.flush():
                 return
-            cap = self.capacity(self.keys.jobs())
+            cap = min(self.capacity(self.keys.jobs()), READ_FIRST)
             resp = self._read({s: ">" for s in self.keys.all_jobs}, cap, self.settings.block_ms) if cap > 0 else []
         else:
             resp, taken = [], 0
             for stream in self.reader.by_priority(self.keys) if streams is None else streams:  # interactive first
-                cap = self.capacity(stream) - taken  # entries read above are not in the engine yet
+                cap = min(self.capacity(stream) - taken, READ_PER_TICK)  # entries read above: not in the engine yet
                 if cap <= 0:
                     continue
                 got = self._read({stream: ">"}, cap)
@@ -341,6 +362,7 @@ class Worker:
                         e, self.gate.fail())
             return
         now = time.time()
+        admitted_any = False
         for (entry, rid, job), check in zip(checked, checks):
             if not check.same_document:
                 self.finisher.duplicate(entry, rid)
@@ -373,9 +395,14 @@ class Worker:
                 self.finisher.reject(admitted)
                 continue
             self.inflight.add(admitted)
+            admitted_any = True
+            if PRIORITY_RANK[admitted.priority] == 0:
+                self._awaiting_first.add(rid)
             self.outbox.add("SET", self.keys.status(rid), "running", "EX", self.defaults.status_ttl_s)
             if restart:
                 self.tokens.restart(admitted, "job reclaimed from a worker that stopped")
+        if admitted_any:
+            self.gc.admitted()
 
     def _apply(self, actions: LeaseActions) -> None:
         """Carry out what a lease pass decided."""
@@ -396,6 +423,23 @@ class Worker:
         self.finisher.poison(entry, rid, reason, job)
 
     # -- writing ----------------------------------------------------------------------------------
+    def _publish_first_outputs(self) -> None:
+        """Write interactive jobs' first output now, before the launch, in a transaction of its own.
+
+        Otherwise it would leave with the tick's other writes, after the launch (which schedules hundreds of
+        sequences), the reads and the lease work. With async scheduling the device still computes the step
+        launched last tick meanwhile, so the launch loses nothing. Their deltas keep their order: a request's
+        deltas of one step all go here or all stay.
+        """
+        awaiting = self._awaiting_first
+        first = [d for d in self._ready if d.request_id in awaiting]
+        if not first:
+            return
+        self._ready = [d for d in self._ready if d.request_id not in awaiting]
+        awaiting.difference_update(d.request_id for d in first)
+        self._publish(first)
+        self.outbox.flush()
+
     def _publish(self, deltas) -> None:
         for delta in deltas:
             inf = self.inflight.get(delta.request_id)
@@ -407,6 +451,7 @@ class Worker:
                 self.tokens.delta(inf, delta.index, delta.new_text, delta.new_token_ids, lps)
             if delta.finished and inf.finished:  # only a finishing delta can complete the request
                 self.inflight.remove(inf.id)
+                self._awaiting_first.discard(inf.id)
                 if inf.superseded:
                     self.tokens.forget(inf.id)
                 else:

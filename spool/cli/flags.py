@@ -24,7 +24,11 @@ _HELP = {
     "load_format": "auto | safetensors | dummy (random weights, for benchmarks)",
     "seed": "seed of the engine's sampling generator (a job's own seed overrides it)",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
-    "priority_reserve": "fraction of KV blocks and sequence slots that bulk admission leaves to interactive jobs",
+    "priority_reserve": "fraction of KV blocks that bulk admission leaves to interactive jobs, and of max_num_seqs "
+                        "as extra rows interactive jobs may run beside a full bulk batch",
+    "interactive_prefill_tokens": "while interactive jobs keep arriving, bulk prompt tokens per engine step at most "
+                                  "(short steps for their first token; 0: no cap)",
+    "interactive_window_s": "how long after an interactive job arrives the bulk prefill cap holds",
     "swap_space_bytes": "host memory for preempted sequences' KV, in bytes (default: 4 GiB on CUDA, 0 on CPU)",
     "swap_min_tokens": "preempted sequences with fewer computed tokens are recomputed instead of swapped",
     "async_scheduling": "schedule the next step while the GPU computes this one (default: on for CUDA)",

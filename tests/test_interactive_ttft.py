@@ -1,0 +1,291 @@
+"""The Redis path's overhead and interactive TTFT (issue 17 items 5 and 6).
+
+The scheduler's bulk prompt cap while interactive requests keep arriving; the worker's start on a backlog,
+its interactive first outputs written before the next launch, its garbage-collector pacing; and the real
+engine and worker on the simulated device (spool_testing/timed_runner.py): bulk through Redis takes the
+steps the offline run takes.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import weakref
+
+import pytest
+
+from bench.shapes import shape_dir
+from engine import LLM, SamplingParams
+from engine.block_manager import BlockManager
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.step_types import RunnerOutput
+from producer import Client
+from protocol import Keys
+from protocol.connection import connect
+from spool_testing.stub_engine import StubEngine
+from spool_testing.timed_runner import StepCost, TimedRunner, timed_runner
+from worker import loop
+from worker.gc_pacing import GcPacer
+from worker.loop import Worker
+from worker.settings import WorkerSettings
+
+INTERACTIVE, BULK = 0, 1
+KEYS = Keys()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _scheduler(clock, cap=64, window=5.0, budget=256, max_num_seqs=16, reserve=0.0) -> Scheduler:
+    return Scheduler(BlockManager(4096, 16), max_num_seqs, budget, 4096, [2], reserve, cap, window, clock)
+
+
+_arrivals = iter(range(1_000_000))
+
+
+def _seq(name: str, prompt_len: int, priority: int, max_tokens: int = 8) -> Sequence:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    arrival = next(_arrivals)
+    prompt = [10 + (arrival * 7919 + j) % 30000 for j in range(prompt_len)]  # no shared prefixes
+    return Sequence(f"{name}#0", name, 0, prompt, params, None, priority, arrival)
+
+
+def _step(sched: Scheduler) -> list:
+    """One synchronous step: schedule, then apply a token for every sampling chunk; returns the chunks."""
+    out = sched.schedule()
+    sched.update_from_output(out, RunnerOutput(sampled={c.seq_id: 5 for c in out.chunks if c.sample}))
+    return list(zip(out.chunks, out.seqs))
+
+
+def _bulk_prompt_tokens(chunks) -> int:
+    return sum(len(c.token_ids) for c, seq in chunks if seq.priority > 0 and len(c.token_ids) > 1)
+
+
+def test_bulk_prompt_tokens_are_capped_while_interactive_requests_keep_arriving():
+    clock = _Clock()
+    sched = _scheduler(clock)
+    for i in range(6):
+        sched.add(_seq(f"b{i}", 100, BULK))
+    assert _bulk_prompt_tokens(_step(sched)) == 256  # no interactive request yet: the whole budget
+    sched.add(_seq("i0", 40, INTERACTIVE, max_tokens=2))
+    chunks = _step(sched)
+    assert [c.seq_id for c, _ in chunks if len(c.token_ids) > 1] == ["i0#0"]  # its step: no bulk prompts
+    for _ in range(4):
+        clock.now += 1.0
+        chunks = _step(sched)
+        assert 0 < _bulk_prompt_tokens(chunks) <= 64  # short steps while interactive work is recent
+    clock.now += 5.0  # the window has passed since the last interactive arrival
+    assert _bulk_prompt_tokens(_step(sched)) > 64
+
+
+def test_the_cap_never_limits_decodes_or_interactive_prompts():
+    clock = _Clock()
+    sched = _scheduler(clock, cap=16, budget=512)
+    for i in range(4):
+        sched.add(_seq(f"b{i}", 20, BULK, max_tokens=50))
+    for _ in range(3):
+        _step(sched)
+    decoding = [s for s in sched.running if s.num_computed_tokens >= s.num_prompt_tokens]
+    assert len(decoding) >= 1
+    sched.add(_seq("i0", 200, INTERACTIVE))
+    chunks = _step(sched)
+    assert ("i0#0", 200) in [(c.seq_id, len(c.token_ids)) for c, _ in chunks]  # its whole prompt, uncapped
+    clock.now += 0.5
+    for s in [_seq(f"b{i}", 300, BULK) for i in range(4, 7)]:
+        sched.add(s)
+    chunks = _step(sched)
+    decodes = {c.seq_id for c, seq in chunks if seq.priority == BULK and len(c.token_ids) == 1}
+    assert {s.seq_id for s in decoding} <= decodes  # every running bulk decode still advances
+    assert _bulk_prompt_tokens(chunks) <= 16
+
+
+def test_offline_work_all_priority_0_is_never_capped():
+    sched = _scheduler(_Clock())
+    for i in range(6):
+        sched.add(_seq(f"o{i}", 100, INTERACTIVE))
+    chunks = _step(sched)
+    assert sum(len(c.token_ids) for c, _ in chunks) == 256
+
+
+def test_no_cap_when_disabled():
+    clock = _Clock()
+    sched = _scheduler(clock, cap=0)
+    sched.add(_seq("i0", 10, INTERACTIVE, max_tokens=50))
+    for i in range(6):
+        sched.add(_seq(f"b{i}", 100, BULK))
+    _step(sched)
+    clock.now += 1.0
+    assert _bulk_prompt_tokens(_step(sched)) == 256 - 3  # all but the three decodes (i0, b0, b1)
+
+
+def test_engine_config_carries_the_cap_to_the_scheduler(tiny_llama):
+    from engine import LLMEngine
+
+    eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", interactive_prefill_tokens=512,
+                                interactive_window_s=3.0)
+    assert (eng.scheduler.interactive_prefill_tokens, eng.scheduler.interactive_window_s) == (512, 3.0)
+    assert LLMEngine.from_kwargs(str(tiny_llama), device="cpu").scheduler.interactive_prefill_tokens == 2048
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+
+def _worker(engine, url: str, **kw) -> Worker:
+    return Worker(engine, connect(url, fail_fast=True), WorkerSettings(redis_url=url, name="w", block_ms=20, **kw))
+
+
+def test_an_idle_worker_launches_on_the_first_jobs_and_reads_the_rest_while_steps_compute(redis_url):
+    client = Client(redis_url)
+    client.enqueue_many([{"id": f"b{i}", "prompt_token_ids": [1, 2, 3], "max_tokens": 50, "priority": "bulk"}
+                         for i in range(300)])
+    engine = StubEngine(max_num_seqs=512)
+    w = _worker(engine, redis_url)
+    assert w.start()
+    w.tick()  # idle: blocks for jobs, reads the first ones only
+    assert len(w.inflight) == loop.READ_FIRST
+    w.tick()  # launches on them, reads more while the step computes
+    assert engine.step_sizes == [loop.READ_FIRST]
+    assert len(w.inflight) == loop.READ_FIRST + loop.READ_PER_TICK
+    w.tick()
+    assert engine.step_sizes[-1] == loop.READ_FIRST + loop.READ_PER_TICK and len(w.inflight) == 300
+    while w.inflight:
+        w.tick()
+    assert all(client.result(f"b{i}", timeout=5).status == "completed" for i in (0, 299))
+
+
+def test_an_interactive_first_output_is_in_redis_before_the_next_launch(redis_server):
+    """With a stream interval far longer than the job, the first token is the only write before the final."""
+    client, r = Client(redis_server.url), redis_server.client()
+    client.enqueue_many([{"id": f"b{i}", "prompt": "go", "max_tokens": 40, "stream": True, "priority": "bulk"}
+                         for i in range(3)])
+    engine = StubEngine(max_num_seqs=8)
+    w = _worker(engine, redis_server.url, stream_interval_ms=60_000)
+    assert w.start()
+    for _ in range(3):
+        w.tick()
+    rid = client.enqueue("now", id="inter", max_tokens=5, stream=True)
+    seen_at_launch: list[tuple[int, int]] = []  # (interactive stream length, a bulk stream length) per launch
+    launch = engine.launch
+
+    def watching_launch():
+        seen_at_launch.append((r.xlen(KEYS.tokens(rid)), r.xlen(KEYS.tokens("b0"))))
+        return launch()
+
+    engine.launch = watching_launch
+    while rid in w.inflight or not seen_at_launch:
+        w.tick()
+    # tick 1 admits it before its launch; tick 2 launches the step that collects its first token; tick 3's
+    # launch already sees that token written.
+    assert seen_at_launch[0][0] == 0 and seen_at_launch[2][0] == 1
+    assert seen_at_launch[2][1] == seen_at_launch[1][1]  # a bulk job's stream waits for the tick's writes
+    assert w._awaiting_first == set()
+    events = list(client.stream(rid, timeout=5))
+    assert [t for e in events for t in e.token_ids] == client.result(rid, timeout=5).token_ids
+
+
+def test_gc_pacer_freezes_admitted_objects_and_collects_frozen_cycles_when_idle():
+    clock = _Clock()
+    pacer = GcPacer(full_every_s=60.0, clock=clock)
+    gc.unfreeze()
+    pacer.admitted()
+    assert gc.get_freeze_count() == 0  # inactive until the worker loop runs
+    pacer.activate()
+    try:
+        class Node:
+            pass
+
+        node = Node()
+        node.self = node  # a cycle
+        ref = weakref.ref(node)
+        pacer.admitted()
+        assert gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert ref() is not None  # frozen: the collector does not walk it
+        pacer.idle()
+        assert pacer.full_collections == 0 and ref() is not None  # not due yet
+        clock.now += 60.0
+        pacer.idle()
+        assert pacer.full_collections == 1 and ref() is None
+        assert gc.get_freeze_count() > 0  # what survived is frozen again
+    finally:
+        pacer.release()
+    assert gc.get_freeze_count() == 0 and not pacer.active
+
+
+def test_a_running_worker_freezes_after_admitting_and_releases_when_it_stops(redis_url):
+    client = Client(redis_url)
+    client.enqueue_many([{"id": f"j{i}", "prompt": "go", "max_tokens": 3} for i in range(4)])
+    gc.unfreeze()
+    engine = StubEngine(max_num_seqs=8)
+    frozen_at_launch = []
+    launch = engine.launch
+
+    def watching_launch():
+        frozen_at_launch.append(gc.get_freeze_count())
+        return launch()
+
+    engine.launch = watching_launch
+    w = _worker(engine, redis_url, max_jobs=4)
+    assert w.run() == 0
+    assert frozen_at_launch and all(n > 0 for n in frozen_at_launch)
+    assert gc.get_freeze_count() == 0 and w.jobs_done == 4
+
+
+# -- the real engine and worker on the simulated device ---------------------------------------------
+
+
+FAST = StepCost(overhead_s=0.0002, weights_s=0.0003, per_token_s=2e-6, per_decode_s=2e-6)
+
+
+def test_timed_runner_queues_steps_behind_each_other_at_their_cost():
+    from engine.step_types import ScheduledChunk, SchedulerOutput
+
+    runner = TimedRunner(StepCost(overhead_s=0.01, weights_s=0.0, per_token_s=0.001, per_decode_s=0.002), 100)
+
+    def sched(lengths):
+        chunks = [ScheduledChunk(f"s{i}", [1] * n, 0, None, True, None, [], [], None, None)
+                  for i, n in enumerate(lengths)]
+        return SchedulerOutput(chunks=chunks, num_batched_tokens=sum(lengths))
+
+    assert runner.cost.seconds(sched([10])) == pytest.approx(0.01 + 0.01)
+    assert runner.cost.seconds(sched([1, 1])) == pytest.approx(0.01 + 0.002 + 0.004)
+    t0 = time.perf_counter()
+    first, second = runner.launch(sched([20])), runner.launch(sched([20]))
+    assert time.perf_counter() - t0 < 0.01  # launches return at once
+    assert second.result().sampled == {"s0": 1000}
+    assert time.perf_counter() - t0 >= 0.06  # the second ran after the first
+    assert first.done_at < second.done_at
+
+
+def test_bulk_through_the_worker_takes_the_offline_steps_on_the_simulated_device(redis_url):
+    """512 bulk jobs at max_num_seqs 512 run in one wave through Redis as offline: the priority reserve's rows
+    are extra rows for interactive work, not rows taken from bulk (which left a second wave of ~25 jobs and
+    ~220 extra small steps: 90.6% of offline on the simulated H200)."""
+    from worker.settings import WorkerSettings as Settings
+
+    with timed_runner(FAST, num_blocks=4096):
+        llm = LLM(str(shape_dir("llama3-8b")), load_format="dummy", max_model_len=1024, max_num_seqs=64,
+                  max_num_batched_tokens=1024, async_scheduling=True, swap_space_bytes=0, priority_reserve=0.1)
+    eng = llm.engine
+    prompts = [list(range(100, 100 + 40 + 3 * i)) for i in range(64)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    before = eng.stats.num_steps
+    offline = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    offline_steps = eng.stats.num_steps - before
+    eng.block_manager.reset_prefix_cache()  # as bench/e2e.py: the Redis pass computes every prompt again
+    client = Client(redis_url)
+    client.enqueue_many([{"id": f"b{i}", "prompt_token_ids": p, "max_tokens": 20, "temperature": 0,
+                          "ignore_eos": True, "priority": "bulk"} for i, p in enumerate(prompts)])
+    w = Worker(eng, connect(redis_url, fail_fast=True),
+               Settings(redis_url=redis_url, name="sim", block_ms=20, max_jobs=64))
+    before = eng.stats.num_steps
+    assert w.run() == 0
+    assert eng.stats.num_steps - before == offline_steps
+    for i in (0, 63):
+        assert client.result(f"b{i}", timeout=5).token_ids == offline[i].outputs[0].token_ids
