@@ -25,14 +25,23 @@ from kernels.fp8_quant import quantize_per_token_fp8  # noqa: E402
 from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
 
 
-def assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], what: str):
-    """Identical e4m3 codes and float32 scales (the shapes included)."""
+def assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], what: str,
+                    one_step_per_million: float = 0.0):
+    """Identical e4m3 codes and float32 scales (the shapes included).
+
+    one_step_per_million > 0 lets that many codes per million be one e4m3 step off (same sign): for producers
+    whose own fp16 output may round the other way at a tie in the fused kernel (measured on the H200: 1 code
+    of 2,097,152 for fp16 rms_norm_quant at T=512, none in bf16).
+    """
     (q, s), (rq, rs) = got, want
     assert q.dtype == rq.dtype == FP8_DTYPE and s.dtype == rs.dtype == torch.float32, what
     assert q.shape == rq.shape and s.shape == rs.shape, (what, q.shape, rq.shape, s.shape, rs.shape)
     assert torch.equal(s, rs), f"{what}: scales differ in {int((s != rs).sum())} rows"
-    diff = q.view(torch.uint8) != rq.view(torch.uint8)
-    assert not diff.any(), f"{what}: {int(diff.sum())} of {diff.numel()} codes differ"
+    a, b = q.view(torch.uint8).int(), rq.view(torch.uint8).int()
+    diff = a != b
+    allowed = int(one_step_per_million * diff.numel() / 1e6)
+    assert int(diff.sum()) <= allowed, f"{what}: {int(diff.sum())} of {diff.numel()} codes differ ({allowed} allowed)"
+    assert int((a - b).abs().max()) <= 1, f"{what}: a code differs by more than one e4m3 step"
 
 
 def deq(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -188,20 +197,21 @@ def test_gpu_quantize_per_token_real_shapes(k, dtype):
 @pytest.mark.parametrize("t", [1, 512, 2048])
 def test_gpu_fused_producers_real_shapes(t, dtype):
     hidden, inter = 4096, 14336
+    tol = 2.0 if dtype == torch.float16 else 0.0  # codes per million one step off (see assert_same_fp8)
     x = torch.randn(t, hidden, device="cuda").to(dtype)
     r = torch.randn(t, hidden, device="cuda").to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
     plain = T.rms_norm(x, w, 1e-5)
     got = T.rms_norm_quant(x, w, 1e-5)
-    assert_same_fp8(got, quantize_per_token_fp8(plain), f"rms_norm_quant T={t}")
+    assert_same_fp8(got, quantize_per_token_fp8(plain), f"rms_norm_quant T={t}", tol)
     assert_one_rounding_of(got, plain, reference.rms_norm(x, w, 1e-5), "rms_norm_quant vs reference")
     got, res = T.fused_add_rms_norm_quant(x, r, w, 1e-5)
     plain, plain_res = T.fused_add_rms_norm(x, r, w, 1e-5)
     assert torch.equal(res, plain_res)
-    assert_same_fp8(got, quantize_per_token_fp8(plain), f"fused_add_rms_norm_quant T={t}")
+    assert_same_fp8(got, quantize_per_token_fp8(plain), f"fused_add_rms_norm_quant T={t}", tol)
     g = torch.randn(t, 2 * inter, device="cuda").to(dtype)
     plain = T.silu_and_mul(g)
     for max_block in (8192, 16384):  # chunks of 4096; one tile
         got = T.silu_and_mul_quant(g, max_block=max_block)
-        assert_same_fp8(got, quantize_per_token_fp8(plain), f"silu_and_mul_quant T={t} block {max_block}")
+        assert_same_fp8(got, quantize_per_token_fp8(plain), f"silu_and_mul_quant T={t} block {max_block}", tol)
     assert_one_rounding_of(got, plain, reference.silu_and_mul(g), "silu_and_mul_quant vs reference")
