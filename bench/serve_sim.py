@@ -223,6 +223,9 @@ def run(args, workload_client_main: str) -> dict:
     wstats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     k = res["output_tokens"] / 1000
     cpu = {name: cpu_delta(before[name], after[name]) for name in before}
+    # Per gateway process (uvicorn's workers share one listening socket: is the burst spread evenly?).
+    per_process = sorted((round(v - before["gateway"].get(pid, 0.0), 2) for pid, v in after["gateway"].items()),
+                         reverse=True)
     cpu["client"] = res["cpu_s"]
     return {
         "mode": "sim", "path": args.path, "stream": args.stream, "cpus": os.cpu_count(),
@@ -233,7 +236,7 @@ def run(args, workload_client_main: str) -> dict:
         "served_over_offline": round(base["offline_s"] / res["wall_s"], 3),
         "worker": wstats, "redis_commands": commands,
         "redis_top_commands": {name: calls for calls, name in top}, "timeline_s": phases,
-        "cpu_s": {name: round(v, 2) for name, v in cpu.items()},
+        "cpu_s": {name: round(v, 2) for name, v in cpu.items()}, "gateway_cpu_s_by_process": per_process,
         "cpu_s_per_1k_tokens": {name: round(v / k, 4) for name, v in cpu.items()},
         **ttft_fields(res["ttft_s"]),
     }
