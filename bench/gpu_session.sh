@@ -59,6 +59,9 @@ for stage in "$@"; do case $stage in
     done ;;
   serve) run serve_stream 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/serve_stream.json"
          run serve_plain 300 python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --no-stream --json "$OUT/serve_plain.json" ;;
+  servesim) # CPU only, on the host's 16 cores: the same burst through spool serve to a stub engine paced as the H200 (no GPU)
+         run serve_sim_stream 300 python3 bench/serve_load.py --sim --json "$OUT/serve_sim_stream.json"
+         run serve_sim_plain 300 python3 bench/serve_load.py --sim --no-stream --json "$OUT/serve_sim_plain.json" ;;
   gpus1) W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
          for i in 1 2; do  # issue 14: `spool worker` as today vs under `--gpus 0` (one GPU, supervisor), alternated
            run cli_plain_$i 420 python3 bench/worker_cli.py $W --json "$OUT/cli_plain_$i.json"

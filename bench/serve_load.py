@@ -4,6 +4,7 @@
   python bench/serve_load.py --stub --concurrency 1 8 32 128 --requests 2000 --json out.json
   python bench/serve_load.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256
   python bench/serve_load.py --model /models/Llama-3.1-8B-Instruct --api chat ...   # real chat requests
+  python bench/serve_load.py --sim [--no-stream] [--path direct]   # CPU: the GPU run's shape, a paced stub engine
 
 --stub: a stub worker process answers every job at once (one token; one delta first when the job streams), so
 the numbers are the gateway's own: requests/s it sustains (the load generator, the gateway, the stub and
@@ -16,6 +17,9 @@ serve` subprocess, sent all at once by a load-generator subprocess as concurrent
 (`/v1/completions` with the token ids by default: a dummy-weight shape has no tokenizer, and the gateway's
 work is the same for chat; `--api chat` needs --model with a chat template). Reported: output tok/s through
 HTTP over offline (target >= 90%), and TTFT p50/p90/p99 as the clients see it (streamed requests).
+
+--sim: the GPU run's shape on a CPU: a stub engine paced as the H200 runs llama3-8b in a real Worker process,
+and the CPU each process spends (bench/serve_sim.py).
 Not a test: figures go to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -202,58 +207,88 @@ def run_stub(args: argparse.Namespace) -> dict:
 
 # -- the GPU run ------------------------------------------------------------------------------------
 async def workload_client(base_url: str, spec: dict) -> dict:
-    """Send every request of `spec` at once over HTTP; per request: TTFT (first content), latency, tokens."""
-    import httpx2
+    """Send every request of `spec` at once over HTTP; per request: TTFT (first output), latency, tokens.
+
+    The client is bench/http_load.py (one connection per request, each body read as it arrives): with httpx2
+    this one process spent more CPU per request and per SSE chunk than a gateway process (its pool checks every
+    connection each time a request starts or ends: ~5 ms per response at 512 connections, which delayed the last
+    answers of a burst by seconds), so on a busy host the load generator set the pace. The clock runs from the
+    first request sent to the last byte of the last response read.
+    """
     import orjson
 
+    from bench.http_load import post, split_url
+
+    host, port, prefix = split_url(base_url)
     n = len(spec["prompts"])
-    limits = httpx2.Limits(max_connections=n, max_keepalive_connections=n)
-    ttft, latency, tokens, failures = [], [], [0], []
-    async with httpx2.AsyncClient(base_url=base_url, limits=limits, timeout=3600) as client:
+    ttft, latency, tokens, chunks, failures = [], [], [0], [0], []
+    timeline: list[tuple[str, float, float]] = []  # (request id, epoch sent, epoch answered in full)
 
-        async def one(i: int) -> None:
-            body = {"model": spec["model"], "max_tokens": spec["output_lens"][i], "temperature": 0,
-                    "ignore_eos": True, "stream": spec["stream"]}
-            if spec["api"] == "chat":
-                body["messages"] = [{"role": "user", "content": spec["prompts"][i]}]
-                path = "/chat/completions"
-            else:
-                body["prompt"] = spec["prompts"][i]
-                path = "/completions"
-            if spec["stream"]:
-                body["stream_options"] = {"include_usage": True}
-            t0 = time.perf_counter()
-            async with client.stream("POST", path, content=orjson.dumps(body),
-                                     headers={"content-type": "application/json"}) as reply:
-                if reply.status_code != 200:
-                    failures.append(f"{reply.status_code}: {(await reply.aread())[:200]!r}")
-                    return
-                if not spec["stream"]:
-                    data = orjson.loads(await reply.aread())
-                    tokens[0] += data["usage"]["completion_tokens"]
-                    latency.append(time.perf_counter() - t0)
-                    return
-                first = None
-                async for line in reply.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = orjson.loads(line[6:])
-                    if first is None and chunk.get("choices"):
-                        c = chunk["choices"][0]
-                        # The first chunk of output; its text may be empty (a model without a tokenizer, as the
-                        # dummy-weight shapes, streams token counts but no text).
-                        if c.get("text") or (c.get("delta") or {}).get("content") or c.get("finish_reason") is None:
-                            first = time.perf_counter() - t0
-                    if chunk.get("usage"):
-                        tokens[0] += chunk["usage"]["completion_tokens"]
-                if first is not None:
-                    ttft.append(first)
-                latency.append(time.perf_counter() - t0)
+    async def one(i: int) -> None:
+        body = {"model": spec["model"], "max_tokens": spec["output_lens"][i], "temperature": 0,
+                "ignore_eos": True, "stream": spec["stream"]}
+        if spec["api"] == "chat":
+            body["messages"] = [{"role": "user", "content": spec["prompts"][i]}]
+            path = "/chat/completions"
+        else:
+            body["prompt"] = spec["prompts"][i]
+            path = "/completions"
+        if spec["stream"]:
+            body["stream_options"] = {"include_usage": True}
+        t0, sent = time.perf_counter(), time.time()
+        # Every byte is read as it arrives; only the events that matter are parsed (a chunk's JSON is the
+        # client's cost, not the server's): each one until the first output, then the usage at the end.
+        first, parts, pending = [None], [], [b""]
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - t0
-    return {"wall_s": wall, "output_tokens": tokens[0], "ttft_s": ttft, "latency_s": latency, "failures": failures}
+        def on_data(data: bytes) -> None:
+            parts.append(data)
+            if first[0] is None and spec["stream"]:
+                *events, pending[0] = (pending[0] + data).split(b"\n\n")
+                if any(_first_output(e) for e in events):
+                    first[0] = time.perf_counter() - t0
+
+        reply = await post(host, port, prefix + path, orjson.dumps(body), on_data)
+        rid = reply.headers.get("x-request-id", "")
+        raw = b"".join(parts)
+        if reply.status != 200:
+            failures.append(f"{reply.status}: {raw[:200]!r}")
+            return
+        if not spec["stream"]:
+            tokens[0] += orjson.loads(raw)["usage"]["completion_tokens"]
+        else:
+            events = [e for e in raw.split(b"\n\n") if e]
+            if not events or events[-1] != b"data: [DONE]":
+                failures.append(f"stream of {rid} ended without [DONE]")
+                return
+            tokens[0] += orjson.loads(events[-2][6:])["usage"]["completion_tokens"]
+            chunks[0] += len(events) - 1
+            if first[0] is not None:
+                ttft.append(first[0])
+        latency.append(time.perf_counter() - t0)
+        timeline.append((rid, sent, time.time()))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": wall, "output_tokens": tokens[0], "ttft_s": ttft, "latency_s": latency, "failures": failures,
+            "cpu_s": ru.ru_utime + ru.ru_stime, "timeline": timeline, "chunks": chunks[0]}
+
+
+def _first_output(event: bytes) -> bool:
+    """True for the SSE event that carries a request's first output: a choice that is not finishing (its text
+    may be empty: a dummy-weight shape without a tokenizer streams token counts but no text)."""
+    import orjson
+
+    if not event.startswith(b"data: {"):
+        return False
+    chunk = orjson.loads(event[6:])
+    if not chunk.get("choices"):
+        return False
+    c = chunk["choices"][0]
+    if "delta" in c and set(c["delta"]) == {"role", "content"} and not c["delta"]["content"]:
+        return False  # chat's opening chunk announces the role: no output yet
+    return bool(c.get("text") or (c.get("delta") or {}).get("content") or c.get("finish_reason") is None)
 
 
 def run_gpu(args: argparse.Namespace) -> dict:
@@ -343,7 +378,11 @@ def main() -> int:
     mode.add_argument("--model", type=Path, help="GPU: a model directory")
     mode.add_argument("--shape", help="GPU: a named shape with dummy weights (bench/shapes.py)")
     mode.add_argument("--serve-stub", metavar="URL", help=argparse.SUPPRESS)
+    mode.add_argument("--sim", action="store_true",
+                      help="CPU: the GPU run's shape with a stub engine paced as the H200 (bench/serve_sim.py)")
     mode.add_argument("--client", nargs=3, metavar=("BASE_URL", "SPEC", "OUT"), help=argparse.SUPPRESS)
+    mode.add_argument("--direct-client", nargs=3, metavar=("REDIS_URL", "SPEC", "OUT"), help=argparse.SUPPRESS)
+    mode.add_argument("--sim-worker", nargs=2, metavar=("REDIS_URL", "STATS"), help=argparse.SUPPRESS)
     p.add_argument("--requests", type=int, default=2000, help="--stub: requests per pass")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="--stub: in flight")
     p.add_argument("--stub-tokens", type=int, default=1, help="--stub: tokens per streamed job")
@@ -357,21 +396,32 @@ def main() -> int:
     p.add_argument("--stream-interval-ms", type=int, default=None,
                    help="GPU: the worker's stream interval (default: the worker's default)")
     p.add_argument("--json", type=Path)
-    if "--stub" not in sys.argv and "--serve-stub" not in sys.argv and "--client" not in sys.argv:
+    if not {"--stub", "--serve-stub", "--client", "--direct-client"} & set(sys.argv):
+        from bench.serve_sim import add_flags
         from bench.workload import add_engine_flags, add_workload_flags
 
         add_workload_flags(p)
         add_engine_flags(p)
+        add_flags(p)
     args = p.parse_args()
     args.gateway_workers = args.gateway_workers or (1 if args.stub else 4)
     if args.serve_stub:
         serve_stub(args.serve_stub, args.stub_tokens, args.stub_entry_tokens)
         return 0
-    if args.client:
-        base_url, spec, out = args.client
-        Path(out).write_text(json.dumps(asyncio.run(workload_client(base_url, json.loads(Path(spec).read_text())))))
+    if args.client or args.direct_client:
+        from bench.serve_sim import direct_client
+
+        url, spec, out = args.client or args.direct_client
+        drive = workload_client if args.client else direct_client
+        Path(out).write_text(json.dumps(asyncio.run(drive(url, json.loads(Path(spec).read_text())))))
         return 0
-    result = run_stub(args) if args.stub else run_gpu(args)
+    if args.sim_worker:
+        from bench.serve_sim import serve_worker
+
+        return serve_worker(args.sim_worker[0], args, Path(args.sim_worker[1]))
+    if args.sim:
+        from bench.serve_sim import run as run_sim
+    result = run_sim(args, __file__) if args.sim else run_stub(args) if args.stub else run_gpu(args)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -13,6 +13,7 @@ from gateway.auth import KeyChecker
 from gateway.batch_runs import BatchManager
 from gateway.core import Gateway, now
 from gateway.deployment import Deployment
+from gateway.enqueuer import Enqueuer
 from gateway.filestore import FileStore
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.settings import ENV_SETTINGS, GatewaySettings
@@ -29,11 +30,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         redis = connect_async(settings.redis_url, max_connections=settings.max_redis_connections)
-        client = AsyncClient(settings.redis_url, prefix=settings.prefix, connection=redis, durable=settings.durable)
+        # Shared reads: the requests waiting at once share one blocking XREAD (producer/reads.py).
+        client = AsyncClient(settings.redis_url, prefix=settings.prefix, connection=redis, durable=settings.durable,
+                             shared_reads=True)
         deployment = Deployment(redis, client.keys, settings.poll_s)
         store = FileStore(settings.files_path())
         manager = BatchManager(settings, store, metrics)
-        app.state.gateway = Gateway(settings, client, deployment, metrics, store, manager, now())
+        enqueuer = Enqueuer(redis, client.keys, client.ctx.defaults, durable=settings.durable)
+        app.state.gateway = Gateway(settings, client, deployment, metrics, store, manager, now(), enqueuer)
         if auth.open:
             log.warning("no API key configured (--api-key, SPOOL_API_KEYS): anyone who can reach %s:%d can use "
                         "the API", settings.host, settings.port)
@@ -44,7 +48,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await deployment.stop()
             await run_in_threadpool(manager.stop)
-            await redis.aclose()
+            await enqueuer.aclose()
+            await client.aclose()  # the shared reads' task, and the pool
 
     app = FastAPI(title="spool", summary="OpenAI-compatible API in front of spool's Redis queue",
                   lifespan=lifespan)

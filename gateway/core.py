@@ -13,13 +13,14 @@ from fastapi import Request
 
 from gateway.batch_runs import BatchManager
 from gateway.deployment import Deployment, model_aliases
+from gateway.enqueuer import Enqueuer
 from gateway.errors import ApiError, duplicate_id
 from gateway.filestore import FileStore
 from gateway.metrics import Metrics
 from gateway.settings import GatewaySettings
 from producer import AsyncClient, ops
 from protocol import JobError
-from protocol.commands import DUPLICATE_ID, ENQUEUED, duplicate_id_message, enqueue_flow, run_flow_async
+from protocol.commands import DUPLICATE_ID, ENQUEUED, duplicate_id_message
 
 
 class ClientGone(Exception):
@@ -74,6 +75,7 @@ class Gateway:
     files: FileStore
     batches: BatchManager
     started: int
+    enqueuer: Enqueuer
 
     @property
     def ctx(self) -> ops.Context:
@@ -117,11 +119,10 @@ class Gateway:
                            headers={"retry-after": str(s.retry_after_s)})
 
     async def enqueue(self, rid: str, stream_key: str, doc: bytes, priority: str) -> None:
-        """The ENQUEUE script, as Client.enqueue sends it: a resend of the same document is idempotent; 409 when
-        another document holds the id."""
+        """The ENQUEUE script, as Client.enqueue sends it (with the other requests' enqueues of the moment: see
+        gateway/enqueuer.py): a resend of the same document is idempotent; 409 when another document holds the id."""
         try:
-            flow = enqueue_flow(self.ctx.keys, self.ctx.defaults, [(rid, stream_key, doc)], durable=self.ctx.durable)
-            (reply,) = await run_flow_async(self.redis, flow)
+            reply = await self.enqueuer.enqueue(rid, stream_key, doc)
         except JobError as e:
             if e.code != "not_replicated":
                 raise

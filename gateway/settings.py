@@ -32,7 +32,7 @@ class GatewaySettings:
     keepalive_s: float = 15.0  # a streamed response silent this long gets an SSE comment (`: ping`); 0: never
     batch_max_in_flight: int = 256  # per batch: jobs enqueued and not yet written
     workers: int = 1  # uvicorn worker processes (the gateway is stateless apart from files_dir)
-    max_redis_connections: int = 4096  # every waiting request holds one (a blocking XREAD on its stream)
+    max_redis_connections: int = 4096  # waits share one blocking XREAD (producer/reads.py); this bounds the rest
     poll_s: float = 0.5  # live workers and backlog are re-read this often
     log_level: str = "info"
 

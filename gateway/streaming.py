@@ -5,8 +5,10 @@ prompt too long for the model, say) is answered with a plain HTTP error, not a s
 on a failure is an `data: {"error": ...}` event (the openai SDK raises it). A client that disconnects has its
 job cancelled.
 
-The token stream is read with blocking XREADs of many entries at once; each entry (the worker coalesces a
-request's tokens over its stream interval) becomes one chunk, and the chunks of one read leave in one write.
+The token stream is read with blocking XREADs of many entries at once, one XREAD for every request of this
+process waiting at that moment (AsyncClient's shared reads, producer/reads.py); each entry (the worker
+coalesces a request's tokens over its stream interval) becomes one chunk, and the chunks of one read leave in
+one write.
 A response silent for `keepalive_s` gets a `: ping` comment, also before its first event (a job waiting in a
 backlog), which then starts the response.
 """

@@ -8,15 +8,26 @@ import redis
 
 from producer import ops
 from producer.errors import RedisFullError
+from producer.reads import SharedReads, Subscription
 from protocol import JobError, Result, TokenEvent
 from protocol.commands import execute_async
-from protocol.connection import connect_async, refresh_master_async
+from protocol.connection import connect_async, is_cluster, refresh_master_async
 
 
 class AsyncClient(ops.ClientBase):
-    """Talks to one spool deployment through Redis without blocking the event loop."""
+    """Talks to one spool deployment through Redis without blocking the event loop.
+
+    shared_reads=True: the verbs waiting at the same time (result(), stream()) share one blocking XREAD on one
+    connection instead of one each (producer/reads.py): for a process waiting on many requests at once. Not on
+    Redis Cluster (an XREAD cannot span hash slots), where it is ignored.
+    """
 
     _connect = staticmethod(connect_async)
+
+    def __init__(self, *args: Any, shared_reads: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.shared_reads = (SharedReads(self.redis, self.ctx.defaults.block_ms)
+                             if shared_reads and not is_cluster(self.redis) else None)
 
     async def enqueue(self, prompt: str | None = None, **job: Any) -> str:
         """Validate one job, XADD it to its priority's stream and mark it queued; returns its id (see Client)."""
@@ -53,6 +64,8 @@ class AsyncClient(ops.ClientBase):
 
     async def aclose(self) -> None:
         """Release the connection pool."""
+        if self.shared_reads is not None:
+            await self.shared_reads.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -75,21 +88,40 @@ class AsyncClient(ops.ClientBase):
 
     async def _drive(self, steps: ops.Steps, value: list[Any]) -> AsyncIterator[TokenEvent]:
         """Run a verb's round trips and yield its events; its return value is appended to `value`."""
-        item = ops.advance(steps, None)
-        while not isinstance(item, ops.Finished):
-            if isinstance(item, ops.RoundTrip):
-                try:
-                    reply = await execute_async(self.redis, item.cmds, item.transaction)
-                except redis.exceptions.OutOfMemoryError as e:
-                    full = RedisFullError.from_error(e)
-                    full.__cause__ = e
-                    steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
-                    raise full from e
-            else:
-                reply = None
-                yield item
-            item = ops.advance(steps, reply)
-        value.append(item.value)
+        subscriptions: dict[str, Subscription] = {}  # the verb's streams in the shared reads
+        try:
+            item = ops.advance(steps, None)
+            while not isinstance(item, ops.Finished):
+                if isinstance(item, ops.RoundTrip):
+                    try:
+                        reply = await self._round_trip(item, subscriptions)
+                    except redis.exceptions.OutOfMemoryError as e:
+                        full = RedisFullError.from_error(e)
+                        full.__cause__ = e
+                        steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
+                        raise full from e
+                else:
+                    reply = None
+                    yield item
+                item = ops.advance(steps, reply)
+            value.append(item.value)
+        finally:
+            for sub in subscriptions.values():
+                self.shared_reads.release(sub)  # type: ignore[union-attr]
+
+    async def _round_trip(self, trip: ops.RoundTrip, subscriptions: dict[str, Subscription]) -> list[Any]:
+        """One round trip's replies; a blocking read of one stream goes to the shared reads when they are on."""
+        read = ops.blocking_read(trip) if self.shared_reads is not None else None
+        if read is None:
+            return await execute_async(self.redis, trip.cmds, trip.transaction)
+        key, last, count, block_ms = read
+        sub = subscriptions.get(key)
+        if sub is None:
+            sub = subscriptions[key] = self.shared_reads.subscribe(key, last, count)  # type: ignore[union-attr]
+        first = await self.shared_reads.read(sub, last, block_ms)  # type: ignore[union-attr]
+        # What rides behind the read (result_steps' GET) is sent once it returns, as Redis would run it.
+        rest = await execute_async(self.redis, trip.cmds[1:]) if len(trip.cmds) > 1 else []
+        return [first, *rest]
 
     async def _run(self, steps: ops.Steps) -> Any:
         value: list[Any] = []

@@ -37,6 +37,18 @@ class RoundTrip:
 Steps = Generator["RoundTrip | TokenEvent", Any, Any]
 
 
+def blocking_read(trip: RoundTrip) -> tuple[str, Any, int, int] | None:
+    """(stream, last id, count, block ms) when a round trip opens with a blocking XREAD of one stream (what
+    result_steps and stream_steps wait with; commands after it are plain reads), else None."""
+    if trip.transaction or not trip.cmds:
+        return None
+    name, args, kw = trip.cmds[0]
+    if name != "xread" or kw.get("block") is None or len(args) != 1 or len(args[0]) != 1:
+        return None
+    ((key, last),) = args[0].items()
+    return key, last, kw.get("count") or XREAD_COUNT, kw["block"]
+
+
 @dataclass(slots=True)
 class Context:
     """What both clients share: key layout, validation limits, TTLs and timings."""

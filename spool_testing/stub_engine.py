@@ -8,6 +8,12 @@ while the worker talks to Redis between the two.
 
 Every token's id and text derive from its position (`token_text(i)`), so a test knows the exact output,
 and `produced[request id]` keeps the wall-clock time (epoch seconds) each token came out of `collect()`.
+
+With `max_num_batched_tokens`, prompts are prefilled too, as the real scheduler does it: each step has that
+token budget, running decodes take one token each first, then prompt chunks in arrival order take the rest;
+the step that finishes a prompt gives its first token, and a step lasts `step_s` plus `prefill_token_s` per
+prompt token in it (a GPU's prefill cost), so a run's length depends on when its requests arrived
+(bench/serve_load.py --sim).
 """
 from __future__ import annotations
 
@@ -37,19 +43,25 @@ class _Sequence:
     num_prompt_tokens: int
     generated: int = 0
     aborted: bool = False
+    prefill_left: int = 0  # prompt tokens not computed yet (only with a token budget)
 
 
 @dataclass(slots=True)
 class _Step:
     began: float  # perf_counter at launch
     sequences: list[_Sequence] = field(default_factory=list)
+    chunks: list[int] = field(default_factory=list)  # prompt tokens each sequence computes (token budget only)
+    duration: float = 0.0  # how long the step lasts on the "device"
 
 
 class StubEngine:
     """Generates `token_text(i)` for i = 0.. max_tokens-1 per choice; finish_reason 'length' (or 'abort')."""
 
-    def __init__(self, max_num_seqs: int = 512, step_s: float = 0.0, record_times: bool = False):
+    def __init__(self, max_num_seqs: int = 512, step_s: float = 0.0, record_times: bool = False,
+                 max_num_batched_tokens: int | None = None, prefill_token_s: float = 0.0):
         self.step_s = step_s
+        self.max_num_batched_tokens = max_num_batched_tokens  # None: no prefill, every sequence decodes
+        self.prefill_token_s = prefill_token_s
         self.record_times = record_times
         self.config = SimpleNamespace(model="stub-model", max_num_seqs=max_num_seqs, block_size=16,
                                       enable_prefix_caching=False)
@@ -80,7 +92,9 @@ class StubEngine:
         if request_id in self._sequences:
             raise ValueError(f"request {request_id!r} is already running")
         n_prompt = len(prompt.get("prompt_token_ids") or [])
-        self._sequences[request_id] = [_Sequence(request_id, i, params.max_tokens, n_prompt) for i in range(params.n)]
+        prefill = max(1, n_prompt) if self.max_num_batched_tokens else 0
+        self._sequences[request_id] = [_Sequence(request_id, i, params.max_tokens, n_prompt, prefill_left=prefill)
+                                       for i in range(params.n)]
         if self.record_times:
             self.produced[request_id] = []
 
@@ -116,22 +130,44 @@ class StubEngine:
 
     # -- steps -------------------------------------------------------------------------------------
     def launch(self) -> _Step:
-        """Begin a step over every running sequence."""
-        return _Step(time.perf_counter(), [s for seqs in self._sequences.values() for s in seqs])
+        """Begin a step over every running sequence (under the token budget, when there is one)."""
+        began = time.perf_counter()
+        running = [s for seqs in self._sequences.values() for s in seqs]
+        if not self.max_num_batched_tokens:
+            return _Step(began, running, [0] * len(running), self.step_s)
+        budget, step = self.max_num_batched_tokens, _Step(began)
+        # Decodes first, then prompt chunks in arrival order (dicts keep insertion order), as the scheduler does.
+        for seq in sorted(running, key=lambda q: q.prefill_left > 0):
+            if seq.aborted:
+                step.sequences.append(seq)
+                step.chunks.append(0)
+                continue
+            if budget <= 0:
+                continue
+            chunk = min(seq.prefill_left, budget)
+            step.sequences.append(seq)
+            step.chunks.append(chunk)
+            budget -= max(1, chunk)
+        step.duration = self.step_s + self.prefill_token_s * sum(step.chunks)
+        return step
 
     def collect(self, step: _Step) -> list[RequestDelta]:
         """Wait out the step time, then one token (or the abort) per sequence of the step."""
-        left = step.began + self.step_s - time.perf_counter()
+        left = step.began + step.duration - time.perf_counter()
         if left > 0:
             time.sleep(left)
         now = time.time()
         deltas: list[RequestDelta] = []
-        for seq in step.sequences:
+        for seq, chunk in zip(step.sequences, step.chunks):
             if seq.aborted:
                 deltas.append(RequestDelta(seq.request_id, seq.index, [], "", finished=True, finish_reason="abort",
                                            num_prompt_tokens=seq.num_prompt_tokens))
                 self._drop(seq)
                 continue
+            if chunk:
+                seq.prefill_left -= chunk
+                if seq.prefill_left > 0:
+                    continue  # a prompt chunk that does not finish its prompt samples nothing
             pos = seq.generated
             seq.generated += 1
             done = seq.generated >= seq.max_tokens

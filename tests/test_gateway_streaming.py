@@ -94,3 +94,36 @@ def test_the_openai_sdk_reads_through_keepalive_comments(served):
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     writer.join()
     assert text == "Hello!"
+
+
+def test_concurrent_streams_share_one_blocking_read(served):
+    """24 streamed requests waiting at once: the gateway holds one connection blocked in XREAD for all of them
+    (producer/reads.py), and each stream still gets its own chunks."""
+    r, gateway = served
+    rids = [f"many-{i}" for i in range(24)]
+    texts: dict[str, str] = {}
+
+    def one(rid: str) -> None:
+        body = {"model": MODEL, "messages": HI, "max_tokens": 2, "stream": True}
+        parts = []
+        with httpx2.stream("POST", gateway.base_url + "/chat/completions", json=body,
+                           headers={"x-request-id": rid}, timeout=30) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = orjson.loads(line[6:])
+                    parts += [c["delta"].get("content") or "" for c in chunk["choices"]]
+        texts[rid] = "".join(parts)
+
+    clients = [threading.Thread(target=one, args=(rid,), daemon=True) for rid in rids]
+    for t in clients:
+        t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(r.exists(KEYS.status(rid)) for rid in rids) < len(rids):
+        time.sleep(0.05)
+    time.sleep(0.5)  # every request now waits for its first event
+    blocked = [c for c in r.client_list() if c["cmd"] == "xread" and "b" in c["flags"]]
+    writers = [_write_later(r, rid, [[(f" {rid}", 1)], [("!", 2)]], pause_s=0.05) for rid in rids]
+    for t in writers + clients:
+        t.join(30)
+    assert len(blocked) == 1, blocked
+    assert texts == {rid: f" {rid}!" for rid in rids}
