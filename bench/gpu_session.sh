@@ -37,6 +37,16 @@ for stage in "$@"; do case $stage in
   tokso) # detokenized baseline and one json_schema on every request (issue 11), with this build's defaults
       run llama8b_tok 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --with-tokenizer --json "$OUT/llama8b_tok.json"
       run llama8b_so_one 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured one --json "$OUT/llama8b_so_one.json" ;;
+  tokso3) # issue 11 item 6 with Llama 3's real vocabulary (.vocab/llama3.tiktoken at the repo root: never in git;
+          # bench/tiktoken_tokenizer.py says where it comes from); each pair twice, alternated, to see the spread
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tokenizer-file .vocab/llama3.tiktoken"
+      for i in 1 2; do
+        run llama8b_tok3_$i 300 python3 bench/throughput.py $W --json "$OUT/llama8b_tok3_$i.json"
+        run llama8b_so3_one_$i 300 python3 bench/throughput.py $W --structured one --json "$OUT/llama8b_so3_one_$i.json"
+      done ;;
+  grammarhost) # the grammar's host cost on this host's CPUs (no GPU used): xgrammar per row, the engine's split step
+      run grammar_step3 300 python3 bench/grammar_step.py --tokenizer-file .vocab/llama3.tiktoken --threads 1 8 --json "$OUT/grammar_step3.json"
+      run host_so3 400 python3 bench/host_overhead.py --structured --schema bench --tokenizer-file .vocab/llama3.tiktoken --num-seqs 512 --steps 100 --async-scheduling on --device-ms 25 --json "$OUT/host_so3.json" ;;
   gpus1lite) W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"  # issue 14 item 4, one pair
       run cli_plain 420 python3 bench/worker_cli.py $W --json "$OUT/cli_plain.json"
       run cli_gpus0 420 python3 bench/worker_cli.py $W --worker-args "--gpus 0" --json "$OUT/cli_gpus0.json" ;;

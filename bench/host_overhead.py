@@ -377,7 +377,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None,
                     help="a synthetic tokenizer of this many ids (e.g. 128256) instead of the tiny one's 512")
     ap.add_argument("--tokenizer-file", type=Path, default=None,
-                    help="a real vocabulary: a tiktoken rank file (Llama 3's tokenizer.model, bench/tiktoken_tokenizer.py)")
+                    help="a real vocabulary: a tiktoken rank file (Llama 3's tokenizer.model; "
+                         "bench/tiktoken_tokenizer.py)")
     ap.add_argument("--schema", choices=sorted(SCHEMAS), default="strings",
                     help="--structured's schema: strings (the tiny vocabulary's) or bench (bench/throughput.py's; "
                          "needs --vocab or --tokenizer-file)")
@@ -395,7 +396,8 @@ def main() -> None:
         results = {(n, a): run(model_dir, n, args.steps, args.warmup, args.profile, args.gc, a, args.device_ms,
                                args.structured, args.schema, args.clock)
                    for n in args.num_seqs for a in modes}
-    print(f"\nhost µs per decode step ({args.clock} clock, mean over {args.steps} steps, gc {args.gc}, simulated device "
+    print(f"\nhost µs per decode step ({args.clock} clock, mean over {args.steps} steps, gc {args.gc}, "
+          f"simulated device "
           f"{args.device_ms} ms/step{f', one JSON schema ({args.schema}) per request' if args.structured else ''}; "
           "graph_in and mask are part of runner, accept of update)")
     print(f"{'seqs':>6} {'async':>5} " + " ".join(f"{k:>9}" for k in PHASES)

@@ -62,9 +62,11 @@ class SequenceGrammar:
             if cls._accept_pool is None:
                 cls._accept_pool = ThreadPoolExecutor(max_workers=host_threads(), thread_name_prefix="grammar-accept")
             step = -(-len(handles) // threads)
-            parts = [cls._accept_pool.submit(_batch_accept, handles[i:i + step], tokens[i:i + step])
-                     for i in range(0, len(handles), step)]
-            accepted = [ok for part in parts for ok in part.result()]
+            rest = [cls._accept_pool.submit(_batch_accept, handles[i:i + step], tokens[i:i + step])
+                    for i in range(step, len(handles), step)]
+            accepted = _batch_accept(handles[:step], tokens[:step])  # this thread takes the first chunk
+            for part in rest:
+                accepted += part.result()
         for g, token, ok in zip(grammars, tokens, accepted):
             if not ok:
                 g.error = f"the grammar rejected sampled token {token}"

@@ -21,7 +21,7 @@ from engine.token_bitmask import RowGrammar, bitmask_words, fill_rows
 
 
 class MaskFill:
-    """A bitmask filled (or being filled) for `grammars`, in order; result() waits for it."""
+    """A bitmask filled (or being filled) for `grammars`, in order; wait() blocks until it is done."""
 
     def __init__(self, grammars: list[RowGrammar], bitmask: torch.Tensor, future: Future | None):
         self.grammars = grammars

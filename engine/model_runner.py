@@ -13,11 +13,11 @@ from engine.attention import AttentionMetadata, pack_block_tables
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import SINGLE, TPGroup
+from engine.grammar_mask import MaskFill
 from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
 from engine.models.parallel_linear import kv_heads_per_rank
 from engine.models.rope import cos_sin_cache
-from engine.grammar_mask import MaskFill
 from engine.sampler import Sampler, SamplingRow
 from engine.step_types import ForwardInFlight, PendingStep, SchedulerOutput
 from kernels.ops import get_ops

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.grammar_mask import GrammarMasks, MaskFill
 from engine.sampling_ops import (
     NEG_INF,
     apply_min_p,
@@ -22,7 +23,6 @@ from engine.sampling_ops import (
     to_device,
     token_counts,
 )
-from engine.grammar_mask import GrammarMasks, MaskFill
 from engine.sampling_params import SamplingParams
 from engine.token_bitmask import RowGrammar, apply_token_bitmask, forbid_unless_only
 

@@ -83,7 +83,8 @@ def _tiktoken_encode(text: str, ranks: dict[bytes, int]) -> list[int]:
 
 
 def _write_ranks(path, ranks: dict[bytes, int]) -> None:
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])))
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_token_ids_are_tiktoken_s_on_random_text(tiny):
     alphabet = sorted(set(CORPUS)) + ["é", "\u00a0", "ß"]
     for _ in range(300):
         start = rng.randrange(len(CORPUS))
-        text = CORPUS[start:start + rng.randint(1, 40)] + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        noise = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        text = CORPUS[start:start + rng.randint(1, 40)] + noise
         assert tok.encode(text, add_special_tokens=False) == _tiktoken_encode(text, ranks), repr(text)
 
 
