@@ -94,9 +94,6 @@ for stage in "$@"; do case $stage in
   ksweep8bs64) run ksweep8_bs64 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --block-size 64 --json "$OUT/ksweep8_bs64.json" ;;
   fp8qtests) run gpu_fp8q_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_quant.py tests/test_fp8_weights.py tests/test_kernels.py tests/test_fp8_kv.py tests/test_async_grammar.py ;;
   fp8qbench) run fp8quant_bench 200 python3 bench/kernels.py --skip decode prefill small --json "$OUT/fp8quant.json" ;;
-  tokreal) # issue 11 with Llama 3's real vocabulary (.vocab/llama3.tiktoken carried from the dev machine, git-excluded)
-      run llama8b_tokreal 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tokenizer-file .vocab/llama3.tiktoken --json "$OUT/llama8b_tokreal.json"
-      run llama8b_soreal 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured one --tokenizer-file .vocab/llama3.tiktoken --json "$OUT/llama8b_soreal.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py
