@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from producer import ops
-from producer.errors import RedisFullError
+from producer.errors import refused_for_memory
 from producer.reads import SharedReads, Subscription
 from protocol import JobError, Result, TokenEvent
 from protocol.commands import execute_async
@@ -96,10 +96,7 @@ class AsyncClient(ops.ClientBase):
                     try:
                         reply = await self._round_trip(item, subscriptions)
                     except redis.exceptions.OutOfMemoryError as e:
-                        full = RedisFullError.from_error(e)
-                        full.__cause__ = e
-                        steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
-                        raise full from e
+                        raise refused_for_memory(steps, e) from e
                 else:
                     reply = None
                     yield item

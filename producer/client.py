@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from producer import ops
-from producer.errors import RedisFullError
+from producer.errors import refused_for_memory
 from protocol import JobError, Result, TokenEvent
 from protocol.commands import execute
 from protocol.connection import connect, refresh_master
@@ -79,10 +79,7 @@ class Client(ops.ClientBase):
                 try:
                     reply = execute(self.redis, item.cmds, item.transaction)
                 except redis.exceptions.OutOfMemoryError as e:
-                    full = RedisFullError.from_error(e)
-                    full.__cause__ = e
-                    steps.throw(full)  # the verb adds what it knows (enqueue_many: the ids sent) and re-raises
-                    raise full from e
+                    raise refused_for_memory(steps, e) from e
             else:
                 reply = yield item  # None: a plain iteration sends nothing back
             item = ops.advance(steps, reply)

@@ -21,3 +21,13 @@ class RedisFullError(redis.exceptions.OutOfMemoryError):
         return cls("Redis is out of memory (maxmemory reached, policy noeviction) and refused the write; nothing "
                    "was enqueued by it: free memory (collect or expire results, raise maxmemory) and send it again "
                    f"[{str(error).splitlines()[0] if str(error) else 'OOM'}]")
+
+
+def refused_for_memory(steps, error: redis.exceptions.OutOfMemoryError) -> RedisFullError:
+    """A verb's write hit maxmemory: tell the verb's generator (it adds what it knows, e.g. enqueue_many's ids
+    sent, and re-raises), then hand back the error for the caller to raise."""
+    full = RedisFullError.from_error(error)
+    full.__cause__ = error
+    steps.throw(full)
+    return full
+
