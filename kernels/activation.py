@@ -22,13 +22,13 @@ from kernels.fp8_quant import (
     MAX_BLOCK,
     QUANT_INPUT_DTYPES,
     TL_DTYPES,
-    interpreting,
     num_warps_for,
     quant_outputs,
     row_scale,
     tile_for,
     to_e4m3,
 )
+from kernels.interpreter import interpreting
 
 
 @triton.jit

@@ -18,25 +18,18 @@ producers (kernels.rms_norm.rms_norm_quant, kernels.activation.silu_and_mul_quan
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.fp8 import FP8_DTYPE, MIN_SCALE
-from kernels.kv_cache import _round_to_e4m3
+from kernels.interpreter import interpreting, round_to_e4m3
 
 MAX_BLOCK = 16384  # longest row kept in registers (16 warps: 32 float32 per thread)
 CHUNK = 4096  # tile of the two-pass path for longer rows
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 QUANT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 would divide in float64
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, whose float32 -> fp8 cast needs kernels.kv_cache's rounding emulation."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def num_warps_for(block: int) -> int:
@@ -61,7 +54,7 @@ def to_e4m3(y, scale, EMULATE: tl.constexpr):
     """float32 y / scale (IEEE division), saturated to +-448, as e4m3 rounded to nearest even."""
     v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
     if EMULATE:
-        v = _round_to_e4m3(v)
+        v = round_to_e4m3(v)
     return v.to(tl.float8e4nv)
 
 

@@ -10,31 +10,12 @@ block_id * block_size + row.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.fp8 import is_fp8
-
-
-@triton.jit
-def _round_to_e4m3(x):
-    """Round float32 x (already within +-448) to the nearest-even e4m3 value, still as float32.
-
-    Only for TRITON_INTERPRET: the CPU interpreter's float32 -> fp8 cast drops the carry when the mantissa
-    rounds up into the next binade (7.97 becomes 4.0, not 8.0); casting a value already on the e4m3 grid is
-    exact. GPUs cast with cvt.rn.satfinite and need none of this.
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    # normals: round the 23-bit mantissa to 3 bits, ties to even; an integer add carries into the exponent
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF).to(tl.float32, bitcast=True)
-    # subnormals (|x| < 2**-6) sit on a fixed 2**-9 grid: adding 2**14 (float32 ulp 2**-9) rounds to it
-    mag = tl.abs(x)
-    sub = (mag + 16384.0) - 16384.0
-    sub = tl.where(x < 0, -sub, sub)
-    return tl.where(mag < 0.015625, sub, normal)
+from kernels.interpreter import interpreting, round_to_e4m3
 
 
 @triton.jit
@@ -42,7 +23,7 @@ def _quantize(x, scale, FP8: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
     if FP8:
         x = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0)  # saturate: kernels.fp8.FP8_MAX
         if EMULATE_ROUNDING:
-            x = _round_to_e4m3(x)
+            x = round_to_e4m3(x)
     return x
 
 
@@ -104,6 +85,6 @@ def write_kv_cache(
         k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale),
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         hk, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d),
-        PAGE=k_cache.shape[1], FP8=fp8, EMULATE_ROUNDING=fp8 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        PAGE=k_cache.shape[1], FP8=fp8, EMULATE_ROUNDING=fp8 and interpreting(),
         num_warps=4,
     )

@@ -47,7 +47,6 @@ bf16 dots run in fp32 because the interpreter mis-multiplies bf16.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import FP8_DTYPE, is_fp8
+from kernels.interpreter import interpreting
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +71,6 @@ class AttnConfig:
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
 _MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 2  # programs per SM that keep HBM busy (each has a ~32 KB K+V tile in flight; ~4 fit)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -386,7 +382,7 @@ def paged_attention(
         part_acc = torch.empty((t, hq, num_splits, d), dtype=torch.float32, device=q.device)
         part_m = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
-    interp = _interpreting()
+    interp = interpreting()
     _paged_attn_kernel[(tiles, hk, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
         block_tables, seq_lens, query_start_loc, scale * float(k_scale) * 1.4426950408889634, float(v_scale),

@@ -20,12 +20,12 @@ from kernels.fp8 import MIN_SCALE
 from kernels.fp8_quant import (
     QUANT_INPUT_DTYPES,
     TL_DTYPES,
-    interpreting,
     num_warps_for,
     quant_outputs,
     row_scale,
     to_e4m3,
 )
+from kernels.interpreter import interpreting
 
 
 @triton.jit
