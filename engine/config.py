@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A model directory or engine setting that spool cannot run with."""
 
 
+def priority_rows(max_num_seqs: int, priority_reserve: float) -> int:
+    """Rows priority-0 work may run beyond max_num_seqs beside bulk work (the scheduler's reserve of rows)."""
+    return int(max_num_seqs * priority_reserve)
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """The decoder shape, read from a Hugging Face config.json."""
@@ -166,7 +171,7 @@ class EngineConfig:
     def max_running_seqs(self) -> int:
         """Most sequences one step may hold: max_num_seqs, plus the priority-0 rows beside bulk work (the
         scheduler's max_rows; the runner sizes its decode graphs for it)."""
-        return self.max_num_seqs + int(self.max_num_seqs * self.priority_reserve)
+        return self.max_num_seqs + priority_rows(self.max_num_seqs, self.priority_reserve)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from engine.block_manager import BlockManager
+from engine.config import priority_rows
 from engine.sequence import Sequence, SeqStatus
 from engine.step_types import RunnerOutput, ScheduledChunk, SchedulerOutput
 
@@ -52,9 +53,9 @@ class Scheduler:
     ):
         self.block_manager = block_manager
         # What admitting work of priority > 0 must leave free for priority-0 work: KV blocks; and the rows
-        # priority-0 work may add beyond max_num_seqs beside it (EngineConfig.max_running_seqs: keep equal).
+        # priority-0 work may add beyond max_num_seqs beside it (EngineConfig.max_running_seqs sizes graphs so).
         self.reserved_blocks = int(block_manager.num_blocks * priority_reserve)
-        self.reserved_seqs = int(max_num_seqs * priority_reserve)
+        self.reserved_seqs = priority_rows(max_num_seqs, priority_reserve)
         self.max_num_seqs = max_num_seqs
         self.max_rows = max_num_seqs + self.reserved_seqs  # running sequences of all priorities together
         # Bulk prompt tokens per step while interactive requests keep arriving (0: no cap), and how long after
