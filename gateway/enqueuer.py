@@ -13,7 +13,7 @@ import asyncio
 from typing import Any
 
 from protocol import JobError
-from protocol.commands import ALREADY_ENQUEUED, ENQUEUED, enqueue_flow, execute_async
+from protocol.commands import ALREADY_ENQUEUED, ENQUEUED, enqueue_flow, run_flow_async
 from protocol.defaults import Defaults
 from protocol.keys import Keys
 
@@ -84,18 +84,11 @@ class Enqueuer:
         the jobs it XADDed (only those: a job already enqueued before needed no WAIT, as in a flow of its own)."""
         self.flows += 1
         flow = enqueue_flow(self.keys, self.defaults, jobs, durable=self.durable)
-        replies, claims = None, None
         try:
-            while True:
-                replies = await execute_async(self.redis, flow.send(replies))
-                if claims is None:
-                    claims = [int(r) for r in replies]  # the first round trip: the ENQUEUE claims
-        except StopIteration as stop:
-            return stop.value, None
+            return await run_flow_async(self.redis, flow), None
         except JobError as e:
-            if e.code != "not_replicated" or claims is None:
+            if e.code != "not_replicated":
                 raise
-            return claims, (f"the job is enqueued on the master, but no replica acknowledged it within "
-                            f"{self.defaults.durable_timeout_ms} ms (WAIT 1): it exists and will run unless the "
-                            "master fails before replicating it; check the replicas (INFO replication)")
-
+            return e.claims, (f"the job is enqueued on the master, but no replica acknowledged it within "
+                              f"{self.defaults.durable_timeout_ms} ms (WAIT 1): it exists and will run unless the "
+                              "master fails before replicating it; check the replicas (INFO replication)")

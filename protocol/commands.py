@@ -84,8 +84,8 @@ def enqueue_flow(keys: Keys, defaults: Defaults, jobs: list[tuple[str, str, byte
     `durable`, on the same connection, so it covers these XADDs); 3. MARK_QUEUED. Each step is sent only after
     the one before succeeded, so a status reads `queued` only once its entry exists, on one Redis or on a
     cluster. `prior` commands ride in the first round trip (their replies are dropped). With `durable`, a job
-    no replica acknowledged raises JobError `not_replicated` after all three steps: the job is enqueued
-    on the master and may still run, but a failover right now could lose it.
+    no replica acknowledged raises JobError `not_replicated` after all three steps (its `claims`: the claim
+    replies): the job is enqueued on the master and may still run, but a failover right now could lose it.
     """
     prior = prior or []
     replies = yield [*prior, *(enqueue_cmd(keys, defaults, id, raw) for id, _, raw in jobs)]
@@ -108,6 +108,7 @@ def enqueue_flow(keys: Keys, defaults: Defaults, jobs: list[tuple[str, str, byte
                        f"fails before replicating them; check the replicas (INFO replication)",
                        ids[0] if len(ids) == 1 else None)
         error.enqueued = [id for (id, _, _), claim in zip(jobs, claims) if claim != DUPLICATE_ID]
+        error.claims = claims  # what the flow would have returned: a caller answering per job still needs them
         raise error
     return claims
 
