@@ -70,24 +70,27 @@ def test_many_waiting_results_share_reads_and_connections(redis_url, r):
     assert subs == {}  # every verb released its stream
 
 
+async def wait_beside_a_blocked_read(url: str, r, rid: str):
+    """A waiter on a quiet stream holds the shared XREAD; `rid` finishes meanwhile and is then waited for:
+    (its result, seconds that wait took, the client, closed)."""
+    async with AsyncClient(url, defaults=SLOW, shared_reads=True) as c:
+        quiet = asyncio.ensure_future(c.result("quiet", timeout=20))
+        await asyncio.sleep(0.3)  # the XREAD now blocks on the quiet stream alone
+        finish(r, rid, text="Hello")  # already done when its waiter comes
+        t0 = time.monotonic()
+        res = await c.result(rid, timeout=20)
+        took = time.monotonic() - t0
+        quiet.cancel()
+        await asyncio.gather(quiet, return_exceptions=True)
+    return res, took, c
+
+
 def test_a_new_waiter_is_not_held_up_by_the_block(redis_url, r):
     """A waiter that subscribes while the shared XREAD blocks (on another stream) gets its entry at once: CLIENT
     UNBLOCK ends the XREAD so that the next one names the new stream."""
-    async def main():
-        async with AsyncClient(redis_url, defaults=SLOW, shared_reads=True) as c:
-            quiet = asyncio.ensure_future(c.result("quiet", timeout=20))
-            await asyncio.sleep(0.3)  # the XREAD now blocks on the quiet stream alone
-            finish(r, "prompt", text="Hello")  # already done when its waiter comes
-            t0 = time.monotonic()
-            res = await c.result("prompt", timeout=20)
-            took = time.monotonic() - t0
-            quiet.cancel()
-            await asyncio.gather(quiet, return_exceptions=True)
-            return res, took, c.shared_reads._subs
-
-    res, took, subs = asyncio.run(main())
+    res, took, c = asyncio.run(wait_beside_a_blocked_read(redis_url, r, "prompt"))
     assert res.text == "Hello" and took < 1.0, took
-    assert subs == {}  # a cancelled wait releases its stream too
+    assert c.shared_reads._subs == {}  # a cancelled wait releases its stream too
 
 
 def test_stream_through_shared_reads_matches_plain_reads(redis_url, r):
@@ -118,20 +121,8 @@ def test_shared_reads_fall_back_to_short_blocks_without_client_unblock(redis_ser
     r.execute_command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all", "-client")
     url = f"redis://limited:pw@127.0.0.1:{redis_server.port}/0"
 
-    async def main():
-        async with AsyncClient(url, defaults=SLOW, shared_reads=True) as c:
-            quiet = asyncio.ensure_future(c.result("quiet", timeout=20))
-            await asyncio.sleep(0.3)
-            finish(r, "late", text="Hello")
-            t0 = time.monotonic()
-            res = await c.result("late", timeout=20)
-            took = time.monotonic() - t0
-            quiet.cancel()
-            await asyncio.gather(quiet, return_exceptions=True)
-            return res, took, c.shared_reads._can_unblock
-
-    res, took, can_unblock = asyncio.run(main())
-    assert res.text == "Hello" and took < 1.0 and can_unblock is False
+    res, took, c = asyncio.run(wait_beside_a_blocked_read(url, r, "late"))
+    assert res.text == "Hello" and took < 1.0 and c.shared_reads._can_unblock is False
 
 
 def test_a_full_buffer_leaves_its_stream_to_redis(redis_url, r):
