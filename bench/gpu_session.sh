@@ -18,6 +18,11 @@ for stage in "$@"; do case $stage in
   gtests) run gpu_engine_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu_engine.py ;;
   sotests) run gpu_async_grammar_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_async_grammar.py ;;
   fp8tests) run gpu_fp8_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_gpu_fp8_kv.py ;;
+  gaptrace) # where the GPU waits for the host in pure decode: phases labelled, idle gaps attributed, chrome traces
+      L="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --skip-prefill-window"
+      run trace_bf16 300 python3 bench/profile_step.py $L --trace "$OUT/tr_bf16" --json "$OUT/trace_bf16.json"
+      run trace_fp8all 300 python3 bench/profile_step.py $L --quantization fp8 --kv-cache-dtype fp8 --trace "$OUT/tr_fp8" --json "$OUT/trace_fp8all.json"
+      run trace_qwen3 300 python3 bench/profile_step.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --skip-prefill-window --trace "$OUT/tr_qwen3" --json "$OUT/trace_qwen3.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

@@ -9,10 +9,16 @@ run unprofiled (the profiler slows the host), and the GPU busy time is also give
 wall time per step, the GPU's busy share (union of kernel intervals), the host's CUDA runtime calls that can
 block (synchronize, memcpy, malloc/free), and the kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or
 launch gaps sit on the critical path; the kernel table says what to make faster.
+
+--trace DIR labels the engine's host phases (schedule, runner launch, wait for tokens, update, detokenize and
+deltas) with record_function ranges, writes each window's chrome trace to DIR (gzip), and attributes the GPU's
+idle gaps to the host phases that ran during them: the phase that keeps the GPU waiting is the one to shorten.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
 import json
 import sys
 import time
@@ -65,7 +71,69 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile_window(eng, steps: int, label: str, top: int) -> dict:
+# Host phases labelled with --trace: (owner attribute path on the engine, or a class, method name, label).
+_PHASES = (("", "launch", "launch"), ("", "collect", "collect"), ("scheduler", "schedule", "schedule"),
+           ("scheduler", "update_from_output", "update"), ("runner", "launch", "runner.launch"),
+           ("", "_deltas", "detok+deltas"))
+
+
+def label_phases(eng) -> None:
+    """Wrap the engine's host phases in record_function ranges (instance attributes: nothing else changes)."""
+    from engine.step_types import PendingStep
+
+    for owner_name, meth, label in _PHASES:
+        owner = getattr(eng, owner_name) if owner_name else eng
+        fn = getattr(owner, meth)
+
+        def wrapped(*a, _fn=fn, _label=label, **k):
+            with torch.profiler.record_function(f"phase:{_label}"):
+                return _fn(*a, **k)
+        setattr(owner, meth, wrapped)
+    if not getattr(PendingStep, "_phase_labelled", False):
+        orig = PendingStep.result
+
+        @functools.wraps(orig)
+        def result(self):
+            with torch.profiler.record_function("phase:wait"):
+                return orig(self)
+        PendingStep.result = result
+        PendingStep._phase_labelled = True
+
+
+def gap_attribution(prof, steps: int, min_gap_us: float = 5.0) -> dict:
+    """GPU idle gaps (between kernels, > min_gap_us) and, per host phase, how much of them it overlapped."""
+    kernels = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    phases = [(ev.name[6:], ev.time_range.start, ev.time_range.end) for ev in prof.events()
+              if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("phase:")]
+    gaps, end = [], None
+    for s, e in kernels:
+        if end is not None and s - end > min_gap_us:
+            gaps.append((end, s))
+        end = e if end is None else max(end, e)
+    by_phase: dict[str, float] = defaultdict(float)
+    ended_by: dict[str, float] = defaultdict(float)
+    for g0, g1 in gaps:
+        inner = None  # the innermost phase running when the gap ended (it queued the kernel that ended it)
+        for name, p0, p1 in phases:
+            ov = min(g1, p1) - max(g0, p0)
+            if ov > 0:
+                by_phase[name] += ov
+            if p0 <= g1 <= p1 and (inner is None or p1 - p0 < inner[2] - inner[1]):
+                inner = (name, p0, p1)
+        ended_by[inner[0] if inner else "(no phase)"] += g1 - g0
+    total = sum(g1 - g0 for g0, g1 in gaps)
+    print(f"  GPU idle gaps > {min_gap_us:.0f} us: {len(gaps) / steps:.1f}/step, {total / steps / 1e3:.3f} ms/step")
+    for name, us in sorted(by_phase.items(), key=lambda kv: -kv[1]):
+        print(f"    host in {name:<14} during gaps {us / steps / 1e3:8.3f} ms/step")
+    for name, us in sorted(ended_by.items(), key=lambda kv: -kv[1]):
+        print(f"    gap ended by a launch in {name:<14} {us / steps / 1e3:8.3f} ms/step")
+    return {"gap_ms_per_step": round(total / steps / 1e3, 3), "gaps_per_step": len(gaps) / steps,
+            "host_phase_during_gaps_ms_per_step": {n: round(us / steps / 1e3, 3) for n, us in by_phase.items()},
+            "gap_ended_by_ms_per_step": {n: round(us / steps / 1e3, 3) for n, us in ended_by.items()}}
+
+
+def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = None) -> dict:
     """Profile `steps` engine steps; print and return the breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -83,6 +151,14 @@ def profile_window(eng, steps: int, label: str, top: int) -> dict:
             seqs.append(len(eng.scheduler.running))
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
+    gaps = None
+    if trace is not None:
+        trace.mkdir(parents=True, exist_ok=True)
+        raw = trace / f"{label.split()[0]}.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as f, gzip.open(f"{raw}.gz", "wb") as g:
+            g.writelines(f)
+        raw.unlink()
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
     for ev in prof.events():
@@ -114,6 +190,8 @@ def profile_window(eng, steps: int, label: str, top: int) -> dict:
         print(f"  {g:<12} {us / steps / 1e3:8.3f} ms/step  {100 * us / kernel_sum:5.1f}%")
     for name, (us, n) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:6]:
         print(f"  host {name:<28} {us / steps / 1e3:8.3f} ms/step  {n / steps:6.1f} calls/step")
+    if trace is not None:
+        gaps = gap_attribution(prof, steps)
     print("  top kernels (ms/step, launches/step):")
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {us / steps / 1e3:8.3f}  {n / steps:6.1f}  {name[:110]}")
@@ -122,6 +200,7 @@ def profile_window(eng, steps: int, label: str, top: int) -> dict:
             "gpu_busy_ms_per_step": round(busy / steps / 1e3, 3), "gpu_busy_share": round(busy / wall_us, 3),
             "groups_ms_per_step": {g: round(us / steps / 1e3, 3) for g, us in groups.items()},
             "host_cuda_calls_ms_per_step": {n: round(us / steps / 1e3, 3) for n, (us, _) in runtime.items()},
+            "gaps": gaps,
             "top_kernels": [{"name": n, "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": c / steps}
                             for n, (us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
 
@@ -137,6 +216,9 @@ def main() -> int:
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
                    help="a JSON schema on every request (as bench/throughput.py; implies a tokenizer)")
     p.add_argument("--json", type=Path, help="write the breakdowns here")
+    p.add_argument("--trace", type=Path, help="label host phases, attribute GPU idle gaps to them, and write "
+                                              "each window's chrome trace (gzip) to this folder")
+    p.add_argument("--skip-prefill-window", action="store_true", help="profile only the pure decode window")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench/profile_step.py needs a CUDA GPU", file=sys.stderr)
@@ -153,9 +235,13 @@ def main() -> int:
     for i, (prompt, n) in enumerate(zip(wl.prompts, wl.output_lens)):
         eng.add_request(f"p{i}", {"prompt_token_ids": prompt},
                         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=_schema(args, i)))
+    if args.trace is not None:
+        label_phases(eng)
     for _ in range(10):
         eng.step()
-    windows = [profile_window(eng, 5, "prefill + decode (steps 15-19)", args.top)]
+    windows = []
+    if not args.skip_prefill_window:
+        windows.append(profile_window(eng, 5, "prefill + decode (steps 15-19)", args.top, args.trace))
     # Step until nothing is waiting or prefilling: every running sequence then decodes one token per step.
     for _ in range(10_000):
         if not eng.scheduler.waiting and not eng._grammars and all(s.num_computed_tokens >= s.num_prompt_tokens
@@ -164,7 +250,7 @@ def main() -> int:
         eng.step()
     for _ in range(3):
         eng.step()
-    windows.append(profile_window(eng, args.decode_steps, "pure decode", args.top))
+    windows.append(profile_window(eng, args.decode_steps, "pure decode", args.top, args.trace))
     while eng.has_unfinished_requests():
         eng.step()
     if args.json:
