@@ -23,6 +23,8 @@ for stage in "$@"; do case $stage in
       run trace_bf16 300 python3 bench/profile_step.py $L --trace "$OUT/tr_bf16" --json "$OUT/trace_bf16.json"
       run trace_fp8all 300 python3 bench/profile_step.py $L --quantization fp8 --kv-cache-dtype fp8 --trace "$OUT/tr_fp8" --json "$OUT/trace_fp8all.json"
       run trace_qwen3 300 python3 bench/profile_step.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --skip-prefill-window --trace "$OUT/tr_qwen3" --json "$OUT/trace_qwen3.json" ;;
+  attnwl) run attn_wl 480 python3 bench/attn_workload.py --decode-sweep --json "$OUT/attn_wl.json" ;;
+  newkvtests) run gpu_new_kv_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_fp8_kv.py -k "prefill or new_kv or mixed" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

@@ -66,6 +66,7 @@ class AttnConfig:
     num_warps: int
     num_stages: int
     fp8_f16_dot: bool = True  # fp8 caches with bf16 q: widen K/V to fp16 (one cvt per 2 values), q to fp16 once
+    new_kv_tma: bool = True  # k/v_new tiles (prefill) by bulk tensor copies where the device has them (Hopper+)
 
 
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
@@ -137,31 +138,71 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
         s = _mm(q, k, None, IEEE, UPCAST)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             s = tl.where((offs_n[None, :] <= q_pos[:, None]) & in_ctx[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units (qk_scale > 0 keeps -inf, max order)
-        # A row may see no key yet (split range past its causal limit): exponentiate against 0
-        # then, so exp2 gives 0 instead of NaN, while m_i stays -inf.
-        if MASKED:
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, MASKED, IEEE, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, s, v, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold one tile of unscaled scores s [BLOCK_M, BLOCK_N] (-inf where masked) and its V into (acc, l, m)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units (qk_scale > 0 keeps -inf, max order)
+    # A row may see no key yet (split range past its causal limit): exponentiate against 0
+    # then, so exp2 gives 0 instead of NaN, while m_i stays -inf.
+    if MASKED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.math.exp2(s * qk_scale - m_ref[:, None])  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scale, stride_nt, stride_nd,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys lo..hi of the step's own tokens, read from the contiguous k/v_new rows of the sequence (row j is
+    its query j's key): no page gather, and with TMA one bulk tensor copy per tile. Row qi sees keys j <= qi."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if TMA:  # rows past q_len read as zeros (the descriptor's bounds); the causal mask drops them anyway
+        k_desc = tl.make_tensor_descriptor(kn_base, shape=[q_len, HEAD_DIM], strides=[stride_nt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(vn_base, shape=[q_len, HEAD_DIM], strides=[stride_nt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if TMA:
+            k = k_desc.load([start, 0]).T
+            v = v_desc.load([start, 0])
         else:
-            m_ref = m_new
-        p = tl.math.exp2(s * qk_scale - m_ref[:, None])  # one FMA per score
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
-        m_i = m_new
+            k_off = offs_n[None, :] * stride_nt + offs_d[:, None] * stride_nd
+            v_off = offs_n[:, None] * stride_nt + offs_d[None, :] * stride_nd
+            if MASKED:
+                k = tl.load(kn_base + k_off, mask=(offs_n < q_len)[None, :], other=0.0)
+                v = tl.load(vn_base + v_off, mask=(offs_n < q_len)[:, None], other=0.0)
+            else:
+                k = tl.load(kn_base + k_off)
+                v = tl.load(vn_base + v_off)
+        s = _mm(q, k, None, IEEE, UPCAST)
+        if MASKED:
+            s = tl.where(offs_n[None, :] <= qi[:, None], s, float("-inf"))
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, MASKED, IEEE, UPCAST)
     return acc, l_i, m_i
 
 
 # Batch-dependent ints stay unspecialized so changing batches never trigger recompiles.
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _paged_attn_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale, num_seqs, num_splits,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, kn_ptr, vn_ptr,
+    bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale, new_qk_scale, num_seqs, num_splits,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_bt,
+    stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr, NEW_KV: tl.constexpr, TMA: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -197,7 +238,38 @@ def _paged_attn_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
     if F16_DOT:  # fp8 K/V widen to q's dtype inside the loop: make that fp16, the one-instruction conversion
-        q = q.to(tl.float16)
+        q_kv = q.to(tl.float16)
+    else:
+        q_kv = q
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+
+    if NEW_KV:  # the cached prefix from the pages (every row sees all of it), then the step's own keys
+        prefix = ctx - q_len
+        whole = prefix // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, 0, whole, prefix, q_pos, qk_scale,
+                                    stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST)
+        acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, whole, prefix, prefix, q_pos,
+                                    qk_scale, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
+        acc = acc * v_scale  # the cache's V scale (1 unless fp8); the new rows are unscaled
+        kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
+        vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
+        n_mid = (q0 + 1) // BLOCK_N * BLOCK_N  # keys <= q0 are visible to every row of the tile
+        n_end = tl.minimum(q0 + BLOCK_Q, q_len)
+        acc, l_i, m_i = _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, 0, n_mid, new_qk_scale,
+                                      stride_knt, stride_knd, BLOCK_N, HEAD_DIM, False, TMA, IEEE, UPCAST)
+        acc, l_i, m_i = _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, n_mid, n_end, new_qk_scale,
+                                      stride_knt, stride_knd, BLOCK_N, HEAD_DIM, True, TMA, IEEE, UPCAST)
+        out = acc / l_i[:, None]
+        o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        return
 
     first_pos = ctx - q_len + q0  # keys <= first_pos are visible to every row of the tile
     kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)  # one past the last row's position
@@ -209,17 +281,10 @@ def _paged_attn_kernel(
         lo = 0
         hi = kv_end
     mid = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, hi), lo)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base = k_ptr + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + kvh.to(tl.int64) * stride_vh
-    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                                 BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST)
-    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
+    acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                                 BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
 
@@ -318,6 +383,36 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None
         raise ValueError(f"paged_attention: all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
+def _check_new_kv(q, k_cache, k_new, v_new) -> None:
+    t, _, d = q.shape
+    want = (t, k_cache.shape[2], d)
+    if v_new is None or k_new.shape != want or v_new.shape != want or k_new.dtype != q.dtype or v_new.dtype != q.dtype:
+        raise ValueError(f"paged_attention: k_new and v_new must both be {want} {q.dtype}, got "
+                         f"{None if k_new is None else (tuple(k_new.shape), k_new.dtype)} and "
+                         f"{None if v_new is None else (tuple(v_new.shape), v_new.dtype)}")
+    if k_new.device != q.device or v_new.device != q.device:
+        raise ValueError("paged_attention: k_new and v_new must be on q's device")
+
+
+def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for descriptors the kernel builds on the device (triton.set_allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ok(k_new: torch.Tensor, v_new: torch.Tensor, interp: bool) -> bool:
+    """Bulk tensor copies need Hopper or later (or the interpreter), unit head_dim stride, 16-byte rows/bases."""
+    if not interp:
+        if k_new.device.type != "cuda" or torch.cuda.get_device_capability(k_new.device)[0] < 9:
+            return False
+    esz = k_new.element_size()
+    for t in (k_new, v_new):
+        if t.stride(2) != 1 or (t.stride(0) * esz) % 16 or (t.stride(1) * esz) % 16 or t.data_ptr() % 16:
+            return False
+    if not interp:
+        triton.set_allocator(_tma_alloc)  # per thread (a context variable): set on the launching thread
+    return True
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -334,8 +429,14 @@ def paged_attention(
     config: AttnConfig | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton paged attention with kernels.reference.paged_attention's semantics; returns [T, Hq, D].
+
+    k_new / v_new [T, Hk, D] (q's dtype; views into the fused qkv are fine): the step's own keys and values,
+    already written to the caches. In a step with a prompt chunk (max_query_len > 1) each sequence's new keys
+    are read from them, contiguous, instead of through the pages (see the reference for the fp8 case).
 
     Pass max_query_len / max_seq_len (host ints) to avoid device syncs: without them
     max_query_len is read back from query_start_loc, and max_seq_len from seq_lens when split-KV
@@ -363,6 +464,10 @@ def paged_attention(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     decode = max_query_len <= 1
+    new_kv = k_new is not None and not decode
+    if new_kv:
+        _check_new_kv(q, k_cache, k_new, v_new)
+        num_splits = 1  # the prefix-then-own-keys order has no split-KV form: one program per query tile
     cfg = config or default_config(decode, d, group, q.dtype, is_fp8(k_cache.dtype))
     block_q = 1 if decode else max(1, cfg.block_m // group)
     if cfg.block_m < block_q * group or cfg.block_m < 16:
@@ -383,15 +488,21 @@ def paged_attention(
         part_m = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
     interp = interpreting()
+    tma = new_kv and cfg.new_kv_tma and _tma_ok(k_new, v_new, interp)
+    if not new_kv:
+        k_new = v_new = q  # unused
+    log2e = 1.4426950408889634
     _paged_attn_kernel[(tiles, hk, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_m, part_l,
-        block_tables, seq_lens, query_start_loc, scale * float(k_scale) * 1.4426950408889634, float(v_scale),
+        q, k_cache, v_cache, out, part_acc, part_m, part_l, k_new, v_new,
+        block_tables, seq_lens, query_start_loc, scale * float(k_scale) * log2e, float(v_scale), scale * log2e,
         s, num_splits,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=page, HEAD_DIM=d,
         SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query_per_seq,
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
         F16_DOT=cfg.fp8_f16_dot and is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
+        NEW_KV=new_kv, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

@@ -147,8 +147,17 @@ def paged_attention(
     max_seq_len: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole paged context.
+
+    k_new / v_new [T, Hk, D]: the step's own keys and values (row i of q's rows is the token whose key is
+    row i), which the caller has also written to the caches. In a step with a prompt chunk (some sequence
+    has more than one query) every sequence's last query_len keys and values are taken from them rather
+    than from the cache, as the Triton kernel reads them contiguously there: the same values for a cache of
+    q's dtype, the unquantized ones for an fp8 cache (as SGLang's extend attention). Pure decode steps read
+    the cache only.
 
     q [T, Hq, D]; block_tables [S, max_blocks] int32; seq_lens [S] (context incl. new tokens);
     query_start_loc [S+1]. Query i of a sequence with L new tokens and context C sits at position
@@ -163,14 +172,19 @@ def paged_attention(
     out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
+    use_new = k_new is not None and max(b - a for a, b in zip(qsl, qsl[1:])) > 1
     for s, ctx in enumerate(lens):
         start, end = qsl[s], qsl[s + 1]
         qlen = end - start
         if qlen == 0:
             continue
         qs = q[start:end].float().transpose(0, 1)  # [Hq, L, D]
-        ks = dequantized_kv(k_cache, block_tables[s], ctx, k_scale).transpose(0, 1)  # [Hk, C, D]
-        vs = dequantized_kv(v_cache, block_tables[s], ctx, v_scale).transpose(0, 1)
+        ks = dequantized_kv(k_cache, block_tables[s], ctx, k_scale)  # [C, Hk, D]
+        vs = dequantized_kv(v_cache, block_tables[s], ctx, v_scale)
+        if use_new:
+            ks[ctx - qlen:] = k_new[start:end].float()
+            vs[ctx - qlen:] = v_new[start:end].float()
+        ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)  # [Hk, C, D]
         if group > 1:
             ks = ks.repeat_interleave(group, dim=0)
             vs = vs.repeat_interleave(group, dim=0)

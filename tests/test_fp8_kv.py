@@ -114,11 +114,23 @@ def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, 
     return q, k8, v8, bt.to(device), seq_lens.to(device), qsl.to(device), k_hi, v_hi
 
 
-def check_fp8_attention(seqs, hq, hk, d, bs, dtype, k_scale=0.02, v_scale=0.1, device=DEVICE, **kw):
+def new_rows(cache_hi, bt, seqs, bs):
+    """The unquantized K or V rows of each sequence's new tokens, [T, Hk, D] (what the engine passes as k/v_new)."""
+    hk, d = cache_hi.shape[2:]
+    slots = [(bt[s, : math.ceil(c / bs)].long()[:, None] * bs + torch.arange(bs, device=bt.device)).flatten()[c - ql:c]
+             for s, (ql, c) in enumerate(seqs)]
+    return cache_hi.view(-1, hk, d)[torch.cat(slots)]
+
+
+def check_fp8_attention(seqs, hq, hk, d, bs, dtype, k_scale=0.02, v_scale=0.1, device=DEVICE, new_kv=False, **kw):
+    """new_kv: pass the new tokens' unquantized K/V as k/v_new (prompt steps read them instead of the fp8 rows)."""
     q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device)
     scale = d**-0.5
-    what = f"fp8 paged_attention {seqs} hq={hq} hk={hk} d={d} bs={bs} {dtype} {kw}"
-    ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, scale, k_scale=k_scale, v_scale=v_scale)
+    what = f"fp8 paged_attention {seqs} hq={hq} hk={hk} d={d} bs={bs} {dtype} new_kv={new_kv} {kw}"
+    if new_kv:
+        kw = kw | {"k_new": new_rows(k_hi, bt, seqs, bs), "v_new": new_rows(v_hi, bt, seqs, bs)}
+    ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, scale, k_scale=k_scale, v_scale=v_scale,
+                                    k_new=kw.get("k_new"), v_new=kw.get("v_new"))
     out = T.paged_attention(q, k8, v8, bt, sl, qsl, scale, k_scale=k_scale, v_scale=v_scale, **kw)
     assert_close(out, ref, dtype, what)
     exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, scale)  # what a bf16/fp32 cache would give
@@ -143,6 +155,16 @@ def test_fp8_decode(dtype, group, d):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_fp8_prefill_and_cached_prefix(dtype, group, d):
     check_fp8_attention(MIXED, 2 * group, 2, d, 16 if d == 64 else 32, dtype)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fp8_prompt_steps_read_their_own_keys_unquantized(dtype, tma):
+    """k/v_new: the prefix comes from the fp8 pages (k/v scales applied), the step's own keys from k/v_new."""
+    cfg = AttnConfig(block_m=32, block_n=16, num_warps=4, num_stages=2, new_kv_tma=tma)
+    with_new = check_fp8_attention(MIXED, 8, 2, 64, 16, dtype, new_kv=True, config=cfg)
+    without = check_fp8_attention(MIXED, 8, 2, 64, 16, dtype, config=cfg)
+    assert with_new < without  # fewer quantized keys: closer to the unquantized attention
 
 
 def test_fp8_small_tiles_splits_and_unit_scales():
@@ -212,6 +234,7 @@ def test_gpu_fp8_decode_split_kv(batch, ctx):
 @pytest.mark.parametrize("d,bs", [(128, 16), (64, 32)])
 def test_gpu_fp8_prefill_2048(prefix, d, bs):
     check_fp8_attention([(2048, 2048 + prefix)], 32, 8, d, bs, torch.bfloat16, device="cuda")
+    check_fp8_attention([(2048, 2048 + prefix)], 32, 8, d, bs, torch.bfloat16, device="cuda", new_kv=True)
 
 
 @gpu
@@ -219,6 +242,7 @@ def test_gpu_fp8_prefill_2048(prefix, d, bs):
 def test_gpu_fp8_mixed_chunked_prefill():
     seqs = [(512, 3000), (2048, 2048), (1, 777)] + [(1, 4096)] * 30 + [(17, 4113), (0, 5)]
     check_fp8_attention(seqs, 32, 8, 128, 16, torch.bfloat16, device="cuda")
+    check_fp8_attention(seqs, 32, 8, 128, 16, torch.bfloat16, device="cuda", new_kv=True)
 
 
 @gpu

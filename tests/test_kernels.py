@@ -161,6 +161,58 @@ def test_paged_attention_auto_split():
     check_attention(DECODE, 4, 1, 64, 16, torch.float16, max_query_len=1, max_seq_len=1 << 17)
 
 
+def new_kv_of(q, hk):
+    """The fused qkv's k and v parts (views) for a make_batch q."""
+    qkv = q._base if q._base is not None else q
+    hq = q.shape[1]
+    return qkv[:, hq:hq + hk], qkv[:, hq + hk:hq + 2 * hk]
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged_attention_new_kv_from_the_step(dtype, group, tma):
+    """Prompt chunks read their own keys from k/v_new (contiguous), the prefix from the pages; decode rows too."""
+    seqs = MIXED + [(70, 70), (33, 97)]  # several query tiles, a partial prefix page, a diagonal mid-tile
+    q, kc, vc, bt, sl, qsl = make_batch(seqs, 2 * group, 2, 64, 16, dtype)
+    kn, vn = new_kv_of(q, 2)
+    scale = 64**-0.5
+    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, scale, k_new=kn, v_new=vn)
+    for cfg in (AttnConfig(block_m=32, block_n=16, num_warps=4, num_stages=2, new_kv_tma=tma), None):
+        out = T.paged_attention(q, kc, vc, bt, sl, qsl, scale, k_new=kn, v_new=vn, config=cfg)
+        assert_close(out, ref, dtype, f"new kv {dtype} group={group} tma={tma} {cfg}")
+    # k/v_new differ from the cache here, so reading them changed the result (they were not ignored)
+    assert rel_err(ref, reference.paged_attention(q, kc, vc, bt, sl, qsl, scale)) > 0.05
+
+
+def test_paged_attention_new_kv_equals_the_cache_it_was_written_to():
+    """With the new rows written to the cache (as the engine does), both reads give the same attention;
+    pure decode steps read only the cache (k/v_new ignored)."""
+    seqs = MIXED
+    q, kc, vc, bt, sl, qsl = make_batch(seqs, 8, 2, 64, 16, torch.bfloat16)
+    kn, vn = new_kv_of(q, 2)
+    slots = torch.cat([(bt[s, : math.ceil(c / 16)].long()[:, None] * 16 + torch.arange(16)).flatten()[c - ql:c]
+                       for s, (ql, c) in enumerate(seqs)])
+    reference.write_kv_cache(kn, vn, kc, vc, slots)
+    scale = 64**-0.5
+    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, scale)
+    assert torch.equal(reference.paged_attention(q, kc, vc, bt, sl, qsl, scale, k_new=kn, v_new=vn), ref)
+    assert_close(T.paged_attention(q, kc, vc, bt, sl, qsl, scale, k_new=kn, v_new=vn), ref, torch.bfloat16, "written")
+    dq, dkc, dvc, dbt, dsl, dqsl = make_batch(DECODE, 8, 2, 64, 16, torch.float16)
+    junk = torch.full((dq.shape[0], 2, 64), 1e4, dtype=torch.float16)
+    assert torch.equal(T.paged_attention(dq, dkc, dvc, dbt, dsl, dqsl, scale, k_new=junk, v_new=junk),
+                       T.paged_attention(dq, dkc, dvc, dbt, dsl, dqsl, scale))
+
+
+def test_paged_attention_new_kv_bad_inputs():
+    q, kc, vc, bt, sl, qsl = make_batch([(3, 5)], 4, 2, 64, 16, torch.float16)
+    kn, vn = new_kv_of(q, 2)
+    with pytest.raises(ValueError, match="k_new and v_new"):
+        T.paged_attention(q, kc, vc, bt, sl, qsl, 0.1, k_new=kn.float(), v_new=vn)
+    with pytest.raises(ValueError, match="k_new and v_new"):
+        T.paged_attention(q, kc, vc, bt, sl, qsl, 0.1, k_new=kn, v_new=None)
+
+
 def test_paged_attention_bad_inputs():
     q, kc, vc, bt, sl, qsl = make_batch([(1, 5)], 4, 2, 64, 16, torch.float16)
     with pytest.raises(TypeError, match="dtypes"):
@@ -326,6 +378,21 @@ def test_gpu_decode_split_kv(batch, ctx, group):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_prefill_2048(dtype, d, bs):
     check_attention([(2048, 2048)], 32, 8, d, bs, dtype, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_prefill_new_kv(dtype, tma):
+    seqs = [(2048, 2048), (512, 3000), (1, 777), (700, 700), (17, 4113)]
+    q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, dtype, "cuda")
+    kn, vn = new_kv_of(q, 8)
+    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn)
+    cfg = _pa.default_config(False, 128, 4, dtype)
+    cfg = AttnConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, new_kv_tma=tma)
+    out = T.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, config=cfg)
+    assert_close(out, ref, dtype, f"gpu new kv {dtype} tma={tma}")
 
 
 @gpu

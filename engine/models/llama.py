@@ -76,6 +76,7 @@ class Attention(nn.Module):
         o = self.ops.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
+            k_new=k, v_new=v,  # prompt steps read their own keys contiguously (unquantized with an fp8 cache)
         )  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 

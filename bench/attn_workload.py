@@ -1,0 +1,193 @@
+"""Paged attention at the bulk workload's own shapes, and the prefill path's variants. Needs a CUDA GPU.
+
+  python bench/attn_workload.py [--json OUT] [--skip decode prefill] [--decode-sweep]
+
+bench/kernels.py times the issue's fixed shapes (decode B=64 x 4096, one 2048-token prefill). This times what a
+llama3-8b bulk step actually runs (32/8 heads, d128):
+- decode: 512 sequences whose contexts are the workload's prompts U[128,1024] plus a few decoded tokens
+  (ragged, short: per-program fixed costs weigh more than at 4096), bf16 and fp8 KV, GB/s of K/V read and
+  % of the device copy rate; --decode-sweep times tiles x warps x stages for each KV dtype.
+- prefill: 2048 new tokens after 0 or 2048 cached ones, and an 8,192-token step of ~14 fresh prompts
+  U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
+  pointers or by bulk tensor copies (TMA), bf16 and fp8 KV, with SDPA causal on 2048 contiguous tokens as the
+  yardstick (issue 17's 90% target).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+HQ, HK, D = 32, 8, 128
+FP8 = torch.float8_e4m3fn
+
+
+def bench(fn, rep: int = 100) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def paged(ctxs: list[int], qlens: list[int], bs: int, dtype, kv: str, gen):
+    """Random pages for sequences of context ctxs (incl. their qlens new tokens); q, k/v_new views of one qkv."""
+    nb = [math.ceil(c / bs) for c in ctxs]
+    total = sum(nb) + 1
+    kc = torch.randn(total, bs, HK, D, device="cuda", dtype=dtype, generator=gen)
+    vc = torch.randn_like(kc)
+    if kv == "fp8":
+        kc, vc = kc.to(FP8), vc.to(FP8)
+    perm = torch.randperm(total - 1, device="cuda", generator=gen).to(torch.int32) + 1
+    bt = torch.zeros(len(ctxs), max(nb), dtype=torch.int32, device="cuda")
+    at = 0
+    for i, n in enumerate(nb):
+        bt[i, :n] = perm[at:at + n]
+        at += n
+    t = sum(qlens)
+    qkv = torch.randn(t, HQ + 2 * HK, D, device="cuda", dtype=dtype, generator=gen)
+    q, kn, vn = qkv[:, :HQ], qkv[:, HQ:HQ + HK], qkv[:, HQ + HK:]
+    sl = torch.tensor(ctxs, dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device="cuda")
+    return q, kc, vc, bt, sl, qsl, kn, vn
+
+
+def copy_gbs() -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), 200)
+    return 2 * n / ms / 1e6
+
+
+def decode_section(a, res: dict, rows: list) -> None:
+    from kernels.paged_attention import AttnConfig, default_config, paged_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ctxs = (torch.randint(128, 1025, (512,), generator=torch.Generator().manual_seed(0)) + 16).tolist()
+    cp = copy_gbs()
+    res["copy_GB/s"] = cp
+    res["decode"] = {}
+    for bs in a.block_sizes:
+        for kv in ("bf16", "fp8"):
+            b = paged(ctxs, [1] * len(ctxs), bs, torch.bfloat16, kv, gen)
+            moved = 2 * sum(ctxs) * HK * D * (1 if kv == "fp8" else 2)
+            base = default_config(True, D, HQ // HK, torch.bfloat16, kv == "fp8")
+            grid = [base]
+            if a.decode_sweep and bs == a.block_sizes[0]:
+                if kv == "fp8":
+                    shapes = list(itertools.product((64, 128), (2, 4), (3, 4, 6, 8))) + [(32, w, st) for w in (1, 2)
+                                                                                          for st in (4, 8)]
+                else:
+                    shapes = list(itertools.product((64, 128), (2, 4), (3, 4, 6)))
+                grid += [AttnConfig(base.block_m, bn, w, st) for bn, w, st in shapes
+                         if (bn, w, st) != (base.block_n, base.num_warps, base.num_stages)]
+            out = res["decode"][f"{kv}_bs{bs}"] = []
+            for cfg in grid:
+                try:
+                    ms = bench(lambda: paged_attention(*b[:6], D**-0.5, max_query_len=1, max_seq_len=1040,
+                                                       config=cfg))
+                except Exception as e:  # out of registers / shared memory
+                    print(f"decode {kv} bs{bs} {cfg}: {type(e).__name__}", file=sys.stderr)
+                    continue
+                gbs = moved / ms / 1e6
+                out.append({"block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                            "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
+            out.sort(key=lambda r: r["ms"])
+            for r in [r for r in out if r["default"]] + [r for r in out if not r["default"]][:4]:
+                rows.append(f"decode 512 x U[128,1024] {kv} KV bs{bs} bn={r['block_n']} w={r['num_warps']} "
+                            f"st={r['num_stages']}{' (default)' if r['default'] else ''}: {r['ms'] * 1e3:.1f} us, "
+                            f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy")
+            del b
+
+
+def prefill_section(a, res: dict, rows: list) -> None:
+    import torch.nn.functional as F
+
+    from kernels import reference
+    from kernels.paged_attention import AttnConfig, default_config, paged_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    n = 2048
+    qs = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ks = torch.randn(1, HK, n, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    vs = torch.randn_like(ks)
+    flops = lambda pre, m: 4 * HQ * D * (m * pre + m * (m + 1) / 2)  # noqa: E731
+    sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True), 200)
+    sdpa = flops(0, n) / sdpa_ms / 1e9
+    res["sdpa_causal_2048_TFLOP/s"] = sdpa
+    rows.append(f"sdpa causal 2048 (contiguous): {sdpa_ms * 1e3:.1f} us = {sdpa:.1f} TFLOP/s")
+    rng = torch.Generator().manual_seed(2)
+    step_lens, tot = [], 0  # one 8,192-token prefill step of fresh prompts U[128,1024]
+    while tot < 8192:
+        ln = min(int(torch.randint(128, 1025, (1,), generator=rng)), 8192 - tot)
+        step_lens.append(ln)
+        tot += ln
+    cases = [("2048+0", [n], [n]), ("2048+2048", [2 * n], [n]), (f"step {len(step_lens)} prompts", step_lens, step_lens)]
+    base = default_config(False, D, HQ // HK, torch.bfloat16)
+    variants = [("pages", None, base)]
+    for cfg in [base, AttnConfig(128, 128, 8, 2), AttnConfig(128, 128, 8, 3), AttnConfig(64, 64, 4, 4),
+                AttnConfig(128, 64, 4, 3), AttnConfig(128, 64, 8, 4)]:
+        for tma in (True, False):
+            variants.append((f"new_kv {'tma' if tma else 'ptr'} bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
+                             f"st={cfg.num_stages}", tma, AttnConfig(cfg.block_m, cfg.block_n, cfg.num_warps,
+                                                                     cfg.num_stages, new_kv_tma=tma)))
+    res["prefill"] = {}
+    for (label, ctxs, qlens), kv in itertools.product(cases, ("bf16", "fp8")):
+        b = paged(ctxs, qlens, a.block_sizes[0], torch.bfloat16, kv, gen)
+        fl = sum(flops(c - q, q) for c, q in zip(ctxs, qlens))
+        ref = reference.paged_attention(*b[:6], D**-0.5, k_new=b[6], v_new=b[7]).float() if label == "2048+0" else None
+        out = res["prefill"][f"{label} {kv}"] = []
+        for name, tma, cfg in variants:
+            kw = {} if tma is None else {"k_new": b[6], "v_new": b[7]}
+            try:
+                ms = bench(lambda: paged_attention(*b[:6], D**-0.5, max_query_len=max(qlens), max_seq_len=max(ctxs),
+                                                   config=cfg, **kw))
+                err = None
+                if ref is not None and tma is not None:
+                    o = paged_attention(*b[:6], D**-0.5, max_query_len=max(qlens), config=cfg, **kw).float()
+                    err = float((o - ref).norm() / ref.norm())
+            except Exception as e:
+                print(f"prefill {label} {kv} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                continue
+            tf = fl / ms / 1e9
+            out.append({"variant": name, "ms": ms, "TFLOP/s": tf, "pct_of_sdpa_causal_2048": 100 * tf / sdpa,
+                        "rel_err": err})
+        out.sort(key=lambda r: r["ms"])
+        pages = [r for r in out if r["variant"] == "pages"]
+        for r in pages + [r for r in out if r["variant"] != "pages"][:3]:
+            rows.append(f"prefill {label} {kv} KV {r['variant']}: {r['ms'] * 1e3:.1f} us, {r['TFLOP/s']:.1f} TFLOP/s "
+                        f"= {r['pct_of_sdpa_causal_2048']:.0f}% of sdpa" +
+                        ("" if r["rel_err"] is None else f", rel err {r['rel_err']:.1e}"))
+        del b
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill"])
+    p.add_argument("--decode-sweep", action="store_true", help="time tile shapes for decode (first block size)")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64], help="KV page sizes (prefill: the first)")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/attn_workload.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    res: dict = {"device": torch.cuda.get_device_name()}
+    rows: list[str] = []
+    if "decode" not in a.skip:
+        decode_section(a, res, rows)
+    if "prefill" not in a.skip:
+        prefill_section(a, res, rows)
+    print("\n".join(rows))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
