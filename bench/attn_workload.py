@@ -69,16 +69,32 @@ def decode_section(a, res: dict, rows: list) -> None:
     from kernels.paged_attention import AttnConfig, default_config, paged_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    ctxs = (torch.randint(128, 1025, (512,), generator=torch.Generator().manual_seed(0)) + 16).tolist()
+    if a.decode_uniform:
+        ctxs = [a.decode_uniform[1]] * a.decode_uniform[0]
+        shape = f"{a.decode_uniform[0]} x {a.decode_uniform[1]}"
+    else:
+        ctxs = (torch.randint(128, 1025, (512,), generator=torch.Generator().manual_seed(0)) + 16).tolist()
+        shape = "512 x U[128,1024]"
     cp = copy_gbs()
     res["copy_GB/s"] = cp
+    if a.decode_uniform:  # the yardstick: SDPA decode on contiguous bf16 K/V of the same shape
+        import torch.nn.functional as F
+
+        b_, c_ = a.decode_uniform
+        qs = torch.randn(b_, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ks = torch.randn(b_, HK, c_, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        vs = torch.randn_like(ks)
+        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), 200)
+        res["sdpa_decode_ms"] = sdpa_ms
+        rows.append(f"sdpa decode {b_} x {c_} bf16 (contiguous): {sdpa_ms * 1e3:.1f} us")
+        del qs, ks, vs
     res["decode"] = {}
     for bs in a.block_sizes:
         for kv in ("bf16", "fp8"):
             b = paged(ctxs, [1] * len(ctxs), bs, torch.bfloat16, kv, gen)
             moved = 2 * sum(ctxs) * HK * D * (1 if kv == "fp8" else 2)
             base = default_config(True, D, HQ // HK, torch.bfloat16, kv == "fp8")
-            grid = [base]
+            grid = [base] + [AttnConfig(base.block_m, *c) for c in a.decode_configs]
             if a.decode_sweep and bs == a.block_sizes[0]:
                 if kv == "fp8":
                     shapes = list(itertools.product((64, 128), (2, 4), (3, 4, 6, 8))) + [(32, w, st) for w in (1, 2)
@@ -100,9 +116,10 @@ def decode_section(a, res: dict, rows: list) -> None:
                             "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
             out.sort(key=lambda r: r["ms"])
             for r in [r for r in out if r["default"]] + [r for r in out if not r["default"]][:4]:
-                rows.append(f"decode 512 x U[128,1024] {kv} KV bs{bs} bn={r['block_n']} w={r['num_warps']} "
+                vs_sdpa = f", x{res['sdpa_decode_ms'] / r['ms']:.3f} of sdpa" if "sdpa_decode_ms" in res else ""
+                rows.append(f"decode {shape} {kv} KV bs{bs} bn={r['block_n']} w={r['num_warps']} "
                             f"st={r['num_stages']}{' (default)' if r['default'] else ''}: {r['ms'] * 1e3:.1f} us, "
-                            f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy")
+                            f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy{vs_sdpa}")
             del b
 
 
@@ -172,6 +189,10 @@ def main() -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill"])
     p.add_argument("--decode-sweep", action="store_true", help="time tile shapes for decode (first block size)")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64], help="KV page sizes (prefill: the first)")
+    p.add_argument("--decode-uniform", type=int, nargs=2, metavar=("SEQS", "CTX"),
+                   help="decode SEQS sequences of CTX tokens each instead of the workload's contexts")
+    p.add_argument("--decode-configs", nargs="*", default=[], type=lambda v: tuple(map(int, v.split(","))),
+                   metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():

@@ -25,6 +25,10 @@ for stage in "$@"; do case $stage in
       run trace_qwen3 300 python3 bench/profile_step.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --skip-prefill-window --trace "$OUT/tr_qwen3" --json "$OUT/trace_qwen3.json" ;;
   attnwl) run attn_wl 480 python3 bench/attn_workload.py --decode-sweep --json "$OUT/attn_wl.json" ;;
   newkvtests) run gpu_new_kv_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py tests/test_fp8_kv.py -k "prefill or new_kv or mixed" ;;
+  attnfp8) # fp8 decode tiles at the shape and the workload's, and a prefill check (this session's candidates)
+      run attn_fp8_b64 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --decode-uniform 64 4096 --decode-configs 32,1,4 32,2,8 --json "$OUT/attn_fp8_b64.json"
+      run attn_fp8_wl 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --decode-configs 32,1,4 32,2,8 --json "$OUT/attn_fp8_wl.json" ;;
+  llamafp8all64) run llama8b_fp8all_bs64 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --engine-arg block_size=64 --json "$OUT/llama8b_fp8all_bs64.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

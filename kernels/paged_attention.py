@@ -66,7 +66,9 @@ class AttnConfig:
     num_warps: int
     num_stages: int
     fp8_f16_dot: bool = True  # fp8 caches with bf16 q: widen K/V to fp16 (one cvt per 2 values), q to fp16 once
-    new_kv_tma: bool = True  # k/v_new tiles (prefill) by bulk tensor copies where the device has them (Hopper+)
+    # k/v_new tiles (prefill) by bulk tensor copies (TMA, Hopper+) instead of pointer loads. Off: on the H200 the
+    # pointer loads were as fast or faster at 2048 (+0) and on a real 8k-token step (bench/RESULTS.md, fourth session).
+    new_kv_tma: bool = False
 
 
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
