@@ -21,6 +21,15 @@ tile is BLOCK_N tokens spanning several pages; page ids are gathered from the bl
 token. Tiles entirely below the tile's first query position run without masks; the rest (causal
 diagonal, partial last page) run masked; tiles past the last query's position are skipped.
 
+Prompt steps (max_query_len > 1) given the step's own keys and values (k_new / v_new, the fused qkv's views,
+also written to the caches) read them contiguously: a query tile first takes its sequence's cached prefix
+through the pages (every key visible, unmasked but for the prefix's partial last tile), then its own chunk's
+keys 0 .. its last query from k/v_new (unmasked below the tile's first query, causal on the diagonal), by
+pointer loads or, with AttnConfig.new_kv_tma, bulk tensor copies. No per-token page gather for the new keys,
+and with an fp8 cache they stay unquantized (k_scale and v_scale apply to the prefix only; as SGLang's extend
+attention). Such steps never split KV. On the H200 this took prefill of 2048 fresh tokens from 56% to 76% of
+SDPA causal (bf16 KV) and from 46% to 72% (fp8 KV); bench/attn_workload.py.
+
 Finding the sequence of a tile needs no host sync: in decode (max_query_len <= 1) tile s is
 sequence s; otherwise the grid has T // BLOCK_Q + S tile slots (an upper bound on
 sum_s cdiv(L_s, BLOCK_Q)) and sequence s owns slots from query_start_loc[s] // BLOCK_Q + s, found
