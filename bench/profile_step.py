@@ -77,6 +77,11 @@ _PHASES = (("", "launch", "launch"), ("", "collect", "collect"), ("scheduler", "
            ("", "_deltas", "detok+deltas"))
 
 
+def _is_gpu_work(ev) -> bool:
+    """A kernel, copy or memset on the device; not the device-side mirror of a record_function range."""
+    return ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith("phase:")
+
+
 def label_phases(eng) -> None:
     """Wrap the engine's host phases in record_function ranges (instance attributes: nothing else changes)."""
     from engine.step_types import PendingStep
@@ -103,7 +108,7 @@ def label_phases(eng) -> None:
 def gap_attribution(prof, steps: int, min_gap_us: float = 5.0) -> dict:
     """GPU idle gaps (between kernels, > min_gap_us) and, per host phase, how much of them it overlapped."""
     kernels = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
-                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+                     if _is_gpu_work(ev))
     phases = [(ev.name[6:], ev.time_range.start, ev.time_range.end) for ev in prof.events()
               if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("phase:")]
     gaps, end = [], None
@@ -162,7 +167,7 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
     for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
+        if not _is_gpu_work(ev):
             continue
         dur = ev.time_range.end - ev.time_range.start
         intervals.append((ev.time_range.start, ev.time_range.end))
