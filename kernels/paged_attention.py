@@ -16,13 +16,14 @@ Layouts (any strides unless noted; the head_dim stride is normally 1):
 Work split: one program = (query tile, KV head, KV split). A query tile is BLOCK_Q tokens of one
 sequence times the GROUP = Hq // Hk query heads that share the KV head, flattened into BLOCK_M
 rows (row r -> token r // GROUP, head r % GROUP), so each K/V tile is loaded once per head group
-and feeds tl.dot with M = BLOCK_M >= 16 (padded rows are masked). Decode uses BLOCK_Q = 1. A KV
+and feeds tl.dot with M = BLOCK_M >= 16 (padded rows are masked). Decode uses BLOCK_Q = 1: one-query
+sequences always run in a launch of decode tiles, also beside prompt chunks (a second launch). A KV
 tile is BLOCK_N tokens spanning several pages; page ids are gathered from the block table per
 token. Tiles entirely below the tile's first query position run without masks; the rest (causal
 diagonal, partial last page) run masked; tiles past the last query's position are skipped.
 
-Prompt steps (max_query_len > 1) given the step's own keys and values (k_new / v_new, the fused qkv's views,
-also written to the caches) read them contiguously: a query tile first takes its sequence's cached prefix
+Prompt chunks (sequences with more than one query) given the step's own keys and values (k_new / v_new, the
+fused qkv's views, also written to the caches) read them contiguously: a query tile first takes its sequence's cached prefix
 through the pages (every key visible, unmasked but for the prefix's partial last tile), then its own chunk's
 keys 0 .. its last query from k/v_new (unmasked below the tile's first query, causal on the diagonal), by
 pointer loads or, with AttnConfig.new_kv_tma, bulk tensor copies. No per-token page gather for the new keys,
@@ -218,10 +219,12 @@ def _paged_attn_kernel(
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if ONE_QUERY_PER_SEQ:  # decode: tile s is sequence s, which has 0 or 1 queries
+    if ONE_QUERY_PER_SEQ:  # decode tiles: tile s is sequence s, served if it has exactly one query
         seq = tile
         q_start = tl.load(qsl_ptr + seq)
         q_len = tl.load(qsl_ptr + seq + 1) - q_start
+        if q_len > 1:  # a prompt chunk: the other launch's
+            return
         q0 = 0
     else:
         seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
@@ -233,7 +236,7 @@ def _paged_attn_kernel(
             local = tile - (q_start // BLOCK_Q + seq)
         # Later query tiles see more keys: launch them first so the last wave holds the short ones.
         q0 = (tl.cdiv(q_len, BLOCK_Q) - 1 - local) * BLOCK_Q
-        if local * BLOCK_Q >= q_len:
+        if local * BLOCK_Q >= q_len or q_len <= 1:  # past the chunk, or a one-query row (decode tiles serve it)
             return
     if q0 >= q_len:
         return
@@ -446,13 +449,18 @@ def paged_attention(
     """Triton paged attention with kernels.reference.paged_attention's semantics; returns [T, Hq, D].
 
     k_new / v_new [T, Hk, D] (q's dtype; views into the fused qkv are fine): the step's own keys and values,
-    already written to the caches. In a step with a prompt chunk (max_query_len > 1) each sequence's new keys
-    are read from them, contiguous, instead of through the pages (see the reference for the fp8 case).
+    already written to the caches. Sequences with more than one query read their new keys from them,
+    contiguous, instead of through the pages (see the reference for the fp8 case).
+
+    A step with a prompt chunk (max_query_len > 1) runs two launches: the chunks with prefill tiles, then the
+    one-query rows (the decodes riding along) with decode tiles, which read a row's context at decode speed
+    instead of through a 128-row tile holding one query.
 
     Pass max_query_len / max_seq_len (host ints) to avoid device syncs: without them
     max_query_len is read back from query_start_loc, and max_seq_len from seq_lens when split-KV
-    is considered. num_splits / config override the heuristics (benchmarks, tuning). fp8 caches are
-    read as stored * k_scale / v_scale; other caches ignore the scales.
+    is considered. num_splits / config override the heuristics (benchmarks, tuning); in a prompt step they
+    apply to the prompt chunks' launch. fp8 caches are read as stored * k_scale / v_scale; other caches
+    ignore the scales.
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     if not is_fp8(k_cache.dtype):
@@ -460,31 +468,45 @@ def paged_attention(
     elif not (k_scale > 0 and v_scale > 0):
         raise ValueError(f"paged_attention: fp8 scales must be > 0, got k {k_scale}, v {v_scale}")
     t, hq, d = q.shape
-    _, page, hk, _ = k_cache.shape
-    group = hq // hk
-    s = seq_lens.shape[0]
     if out is None:
         out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    if t == 0 or s == 0:
+    if t == 0 or seq_lens.shape[0] == 0:
         return out
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    decode = max_query_len <= 1
-    new_kv = k_new is not None and not decode
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale, float(k_scale), float(v_scale))
+    if max_query_len <= 1:
+        _launch(*args, True, config, num_splits, max_seq_len, None, None)
+        return out
+    new_kv = k_new is not None
     if new_kv:
         _check_new_kv(q, k_cache, k_new, v_new)
         num_splits = 1  # the prefix-then-own-keys order has no split-KV form: one program per query tile
-    cfg = config or default_config(decode, d, group, q.dtype, is_fp8(k_cache.dtype))
-    block_q = 1 if decode else max(1, cfg.block_m // group)
+    # Prompt chunks first: a split launch's merge rewrites every row, and the one-query launch after it (never
+    # split) rewrites its own rows.
+    _launch(*args, False, config, num_splits, max_seq_len, k_new if new_kv else None, v_new if new_kv else None)
+    _launch(*args, True, None, 1, max_seq_len, None, None)
+    return out
+
+
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale, k_scale, v_scale,
+            one_query: bool, config: AttnConfig | None, num_splits: int | None, max_seq_len: int | None,
+            k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> None:
+    """One kernel launch: the one-query sequences (decode tiles; sequence s is tile s) or the longer ones."""
+    t, hq, d = q.shape
+    _, page, hk, _ = k_cache.shape
+    group = hq // hk
+    s = seq_lens.shape[0]
+    cfg = config or default_config(one_query, d, group, q.dtype, is_fp8(k_cache.dtype))
+    block_q = 1 if one_query else max(1, cfg.block_m // group)
     if cfg.block_m < block_q * group or cfg.block_m < 16:
         raise ValueError(f"paged_attention: block_m {cfg.block_m} cannot hold {group} heads (>= 16 rows)")
-    one_query_per_seq = decode  # every sequence has 0 or 1 queries: tile s is sequence s, no search
-    tiles = s if decode else (t if block_q == 1 else t // block_q + s)
+    tiles = s if one_query else (t if block_q == 1 else t // block_q + s)
     if num_splits is None:
         if tiles * hk >= _PROGRAMS_PER_SM * _num_sms(q.device):
             num_splits = 1
@@ -499,18 +521,19 @@ def paged_attention(
         part_m = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty((t, hq, num_splits), dtype=torch.float32, device=q.device)
     interp = interpreting()
+    new_kv = k_new is not None
     tma = new_kv and cfg.new_kv_tma and _tma_ok(k_new, v_new, interp)
     if not new_kv:
         k_new = v_new = q  # unused
     log2e = 1.4426950408889634
     _paged_attn_kernel[(tiles, hk, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l, k_new, v_new,
-        block_tables, seq_lens, query_start_loc, scale * float(k_scale) * log2e, float(v_scale), scale * log2e,
+        block_tables, seq_lens, query_start_loc, scale * k_scale * log2e, v_scale, scale * log2e,
         s, num_splits,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE=page, HEAD_DIM=d,
-        SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query_per_seq,
+        SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query,
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
         F16_DOT=cfg.fp8_f16_dot and is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
         NEW_KV=new_kv, TMA=tma,
@@ -521,4 +544,3 @@ def paged_attention(
             part_acc, part_m, part_l, out, *out.stride(), num_splits,
             SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=d, num_warps=4,
         )
-    return out

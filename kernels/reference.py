@@ -153,11 +153,10 @@ def paged_attention(
     """Causal attention of each sequence's new queries over its whole paged context.
 
     k_new / v_new [T, Hk, D]: the step's own keys and values (row i of q's rows is the token whose key is
-    row i), which the caller has also written to the caches. In a step with a prompt chunk (some sequence
-    has more than one query) every sequence's last query_len keys and values are taken from them rather
-    than from the cache, as the Triton kernel reads them contiguously there: the same values for a cache of
-    q's dtype, the unquantized ones for an fp8 cache (as SGLang's extend attention). Pure decode steps read
-    the cache only.
+    row i), which the caller has also written to the caches. A sequence with more than one query (a prompt
+    chunk) takes its last query_len keys and values from them rather than from the cache, as the Triton
+    kernel reads them contiguously there: the same values for a cache of q's dtype, the unquantized ones for
+    an fp8 cache (as SGLang's extend attention). One-query sequences (decodes) read the cache only.
 
     q [T, Hq, D]; block_tables [S, max_blocks] int32; seq_lens [S] (context incl. new tokens);
     query_start_loc [S+1]. Query i of a sequence with L new tokens and context C sits at position
@@ -172,7 +171,6 @@ def paged_attention(
     out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    use_new = k_new is not None and max(b - a for a, b in zip(qsl, qsl[1:])) > 1
     for s, ctx in enumerate(lens):
         start, end = qsl[s], qsl[s + 1]
         qlen = end - start
@@ -181,7 +179,7 @@ def paged_attention(
         qs = q[start:end].float().transpose(0, 1)  # [Hq, L, D]
         ks = dequantized_kv(k_cache, block_tables[s], ctx, k_scale)  # [C, Hk, D]
         vs = dequantized_kv(v_cache, block_tables[s], ctx, v_scale)
-        if use_new:
+        if k_new is not None and qlen > 1:
             ks[ctx - qlen:] = k_new[start:end].float()
             vs[ctx - qlen:] = v_new[start:end].float()
         ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)  # [Hk, C, D]
