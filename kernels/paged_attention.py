@@ -172,16 +172,16 @@ def _softmax_step(acc, l_i, m_i, s, v, qk_scale, MASKED: tl.constexpr, IEEE: tl.
 
 
 @triton.jit
-def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scale, stride_nt, stride_nd,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scale, stride_knt, stride_knd,
+                  stride_vnt, stride_vnd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Keys lo..hi of the step's own tokens, read from the contiguous k/v_new rows of the sequence (row j is
     its query j's key): no page gather, and with TMA one bulk tensor copy per tile. Row qi sees keys j <= qi."""
     offs_d = tl.arange(0, HEAD_DIM)
     if TMA:  # rows past q_len read as zeros (the descriptor's bounds); the causal mask drops them anyway
-        k_desc = tl.make_tensor_descriptor(kn_base, shape=[q_len, HEAD_DIM], strides=[stride_nt, 1],
+        k_desc = tl.make_tensor_descriptor(kn_base, shape=[q_len, HEAD_DIM], strides=[stride_knt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(vn_base, shape=[q_len, HEAD_DIM], strides=[stride_nt, 1],
+        v_desc = tl.make_tensor_descriptor(vn_base, shape=[q_len, HEAD_DIM], strides=[stride_vnt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -189,8 +189,8 @@ def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scal
             k = k_desc.load([start, 0]).T
             v = v_desc.load([start, 0])
         else:
-            k_off = offs_n[None, :] * stride_nt + offs_d[:, None] * stride_nd
-            v_off = offs_n[:, None] * stride_nt + offs_d[None, :] * stride_nd
+            k_off = offs_n[None, :] * stride_knt + offs_d[:, None] * stride_knd
+            v_off = offs_n[:, None] * stride_vnt + offs_d[None, :] * stride_vnd
             if MASKED:
                 k = tl.load(kn_base + k_off, mask=(offs_n < q_len)[None, :], other=0.0)
                 v = tl.load(vn_base + v_off, mask=(offs_n < q_len)[:, None], other=0.0)
@@ -277,9 +277,11 @@ def _paged_attn_kernel(
         n_mid = (q0 + 1) // BLOCK_N * BLOCK_N  # keys <= q0 are visible to every row of the tile
         n_end = tl.minimum(q0 + BLOCK_Q, q_len)
         acc, l_i, m_i = _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, 0, n_mid, new_qk_scale,
-                                      stride_knt, stride_knd, BLOCK_N, HEAD_DIM, False, TMA, IEEE, UPCAST)
+                                      stride_knt, stride_knd, stride_vnt, stride_vnd,
+                                      BLOCK_N, HEAD_DIM, False, TMA, IEEE, UPCAST)
         acc, l_i, m_i = _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, n_mid, n_end, new_qk_scale,
-                                      stride_knt, stride_knd, BLOCK_N, HEAD_DIM, True, TMA, IEEE, UPCAST)
+                                      stride_knt, stride_knd, stride_vnt, stride_vnd,
+                                      BLOCK_N, HEAD_DIM, True, TMA, IEEE, UPCAST)
         out = acc / l_i[:, None]
         o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -183,6 +183,10 @@ def test_paged_attention_new_kv_from_the_step(dtype, group, tma):
         assert_close(out, ref, dtype, f"new kv {dtype} group={group} tma={tma} {cfg}")
     # k/v_new differ from the cache here, so reading them changed the result (they were not ignored)
     assert rel_err(ref, reference.paged_attention(q, kc, vc, bt, sl, qsl, scale)) > 0.05
+    # as in the engine: k a contiguous tensor of its own (rotary or a q/k norm made it), v still a view of qkv
+    out = T.paged_attention(q, kc, vc, bt, sl, qsl, scale, k_new=kn.contiguous(), v_new=vn,
+                            config=AttnConfig(block_m=32, block_n=16, num_warps=4, num_stages=2, new_kv_tma=tma))
+    assert_close(out, ref, dtype, f"new kv, k contiguous and v a view, {dtype} tma={tma}")
 
 
 def test_paged_attention_new_kv_equals_the_cache_it_was_written_to():
