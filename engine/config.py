@@ -150,8 +150,11 @@ class EngineConfig:
     # While priority-0 requests keep arriving (one within interactive_window_s), a step carries at most this many
     # prompt tokens of worse priority, so steps stay short and an interactive first token never waits behind a
     # long bulk prefill step (0: no cap). Offline runs (every request priority 0) are never capped.
-    interactive_prefill_tokens: int = 2048
+    interactive_prefill_tokens: int = 4096
     interactive_window_s: float = 10.0
+    # Meanwhile bulk prompt chunks and bulk decodes take turns in separate steps, and an interactive request's
+    # first step carries no bulk work: a decode row beside prompt chunks costs twice the attention (scheduler.py).
+    interactive_split_steps: bool = True
     # Host memory for the KV of preempted sequences (engine/swap.py). None: 4 GiB on CUDA, none on the CPU.
     swap_space_bytes: int | None = None
     swap_min_tokens: int = 128  # preempted sequences with fewer computed tokens are recomputed, not swapped
