@@ -156,6 +156,9 @@ def main() -> int:
     p.add_argument("--interactive-prefill-tokens", type=int, default=None,
                    help="EngineConfig.interactive_prefill_tokens: bulk prompt tokens per step while interactive "
                         "jobs keep arriving (0: no cap)")
+    p.add_argument("--interactive-split-steps", choices=("on", "off"), default=None,
+                   help="EngineConfig.interactive_split_steps: while the cap holds, bulk prompt chunks and bulk "
+                        "decodes in separate steps (default: the engine's, on)")
     p.add_argument("--swap-space-bytes", type=int, default=None,
                    help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
     p.add_argument("--sim", action="store_true",
@@ -177,7 +180,9 @@ def main() -> int:
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
     extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes),
-                               ("interactive_prefill_tokens", args.interactive_prefill_tokens)) if v is not None}
+                               ("interactive_prefill_tokens", args.interactive_prefill_tokens),
+                               ("interactive_split_steps", None if args.interactive_split_steps is None
+                                else args.interactive_split_steps == "on")) if v is not None}
     engine_kwargs = dict(device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                          async_scheduling=async_scheduling(args), **extra)
@@ -186,9 +191,11 @@ def main() -> int:
 
         engine_kwargs.update(load_format="dummy", async_scheduling=args.async_scheduling != "off",
                              swap_space_bytes=args.swap_space_bytes or 0)
-        with timed_runner():
+        with timed_runner() as made:
             llm = LLM(str(path), **engine_kwargs)
+        sim = made.runner
     else:
+        sim = None
         llm = LLM(str(path), **engine_kwargs)
     eng = llm.engine
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in wl.output_lens]
@@ -196,23 +203,29 @@ def main() -> int:
     eng.block_manager.reset_prefix_cache()
     out_tokens = sum(wl.output_lens)
     offline_s, offline_steps, plain = 0.0, None, None
+    device_s: list[float | None] = [None, None]  # --sim: simulated device time of the offline and plain passes
     state = Path(tempfile.mkdtemp(prefix="spool-e2e-"))
     url = ensure_local_redis(state)
     if not args.probes_only:
         _sync()
         steps_before = eng.stats.num_steps
+        busy_before = sim.busy_s if sim else 0.0
         t0 = time.perf_counter()
         llm.generate([{"prompt_token_ids": q} for q in wl.prompts], params)
         _sync()
         offline_s = time.perf_counter() - t0
         offline_steps = eng.stats.num_steps - steps_before
         eng.block_manager.reset_prefix_cache()
+        busy_before, device_s[0] = (sim.busy_s, sim.busy_s - busy_before) if sim else (0.0, None)
         plain = run_through_redis(eng, url, wl, "plain", probe_every_ms=0, vocab=vocab,
                                   metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
+        device_s[1] = sim.busy_s - busy_before if sim else None
         eng.block_manager.reset_prefix_cache()
     preemptions_before = eng.scheduler.num_preemptions
+    busy_before = sim.busy_s if sim else 0.0
     probed = run_through_redis(eng, url, wl, "probed", args.interactive_every_ms, vocab,
                                metrics_port=args.metrics_port, scrape_every_s=args.scrape_every_s)
+    device_s.append(sim.busy_s - busy_before if sim else None)
     stop_local_redis(state)
 
     res = {
@@ -225,11 +238,14 @@ def main() -> int:
         "redis_over_offline": None if plain is None else round(offline_s / plain.wall_s, 3),
         "redis_with_probes_output_tok_per_s": round(out_tokens / probed.wall_s, 1),
         "steps_offline_plain_probed": [offline_steps, None if plain is None else plain.steps, probed.steps],
+        # --sim only: the simulated device's busy seconds in each pass (noise-free, unlike the wall clock)
+        "sim_device_s_offline_plain_probed": [None if s is None else round(s, 3) for s in device_s],
         "interactive_probes": len(probed.ttft_ms),
         "probed_run_preemptions": eng.scheduler.num_preemptions - preemptions_before,
         "swapped_out_total": eng.scheduler.num_swapped_out,
         "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
         "interactive_prefill_tokens": getattr(eng.config, "interactive_prefill_tokens", None),
+        "interactive_split_steps": getattr(eng.config, "interactive_split_steps", None),
         "probed_over_plain": None if plain is None else round(plain.wall_s / probed.wall_s, 3),
         # ttft_ms: the worker's first-token stamp minus the entry's time (as before); client_ttft_ms: what the
         # probe's client saw, from its enqueue call to the first token event read from the stream.

@@ -152,6 +152,11 @@ class EngineConfig:
     # long bulk prefill step (0: no cap). Offline runs (every request priority 0) are never capped.
     interactive_prefill_tokens: int = 2048
     interactive_window_s: float = 10.0
+    # Meanwhile bulk prompt chunks and bulk decodes take turns in separate steps, and an interactive request's
+    # first step carries no bulk work (scheduler.py). Off: measured in the CPU simulation only (bench/RESULTS.md,
+    # fourth session); the attention kernel now runs decode rows beside prompt chunks at decode cost, the
+    # penalty this worked around.
+    interactive_split_steps: bool = False
     # Host memory for the KV of preempted sequences (engine/swap.py). None: 4 GiB on CUDA, none on the CPU.
     swap_space_bytes: int | None = None
     swap_min_tokens: int = 128  # preempted sequences with fewer computed tokens are recomputed, not swapped

@@ -99,6 +99,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, eos,
             config.priority_reserve, config.interactive_prefill_tokens, config.interactive_window_s,
+            config.interactive_split_steps,
         )
         swap_bytes = config.resolve_swap_space_bytes(self.runner.device)
         self.swap_space = SwapSpace(self.runner.kv_caches) if swap_bytes >= self.runner.bytes_per_block else None

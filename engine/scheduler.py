@@ -18,6 +18,9 @@ Interactive (priority-0) work beside bulk (priority > 0) work:
   interactive_prefill_tokens bulk prompt tokens: steps stay short, so a new interactive request never waits
   behind a long bulk prefill step (with async scheduling it waits for the step in flight and the one queued
   behind it before its own).
+- Optionally (interactive_split_steps, off) bulk prompt chunks and bulk decodes take turns instead of sharing
+  steps meanwhile, and the step that starts an interactive request carries no bulk work at all
+  (_split_step_kind).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class Scheduler:
         priority_reserve: float = 0.0,
         interactive_prefill_tokens: int = 0,
         interactive_window_s: float = 0.0,
+        interactive_split_steps: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.block_manager = block_manager
@@ -64,6 +68,10 @@ class Scheduler:
         self.interactive_window_s = interactive_window_s
         self.clock = clock
         self._best_arrived_at = float("-inf")  # clock() when the last priority-0 sequence was added
+        # While the cap holds: bulk prompt steps and bulk decode steps take turns (_split_step_kind).
+        self.interactive_split_steps = interactive_split_steps
+        self._last_was_prompt_step = False
+        self._worse_prompt_left = False  # the last step that could carry bulk prompts left one half-computed
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -261,14 +269,68 @@ class Scheduler:
         With async scheduling a new interactive request waits for the step in flight and the one already
         queued behind it, then its own step (which carries no worse prompt chunks: _held_back_priority). At
         8,192 tokens a bulk prefill step takes ~200 ms on an H200 with llama3-8b, so those two steps put
-        ~400 ms under the request's first token; capped at 2,048 prompt tokens they take ~70 ms. The cap
-        holds for interactive_window_s after each priority-0 arrival, so the steps are already short when
-        the next one comes; it costs more, shorter bulk prefill steps (a few ms of overhead each).
+        ~400 ms under the request's first token; capped at 2,048 prompt tokens they take ~70 ms (split from the
+        decodes at 4,096: _split_step_kind, ~100 ms and ~25 ms). The cap holds for interactive_window_s after each
+        priority-0 arrival, so the steps are already short when the next one comes; it costs more, shorter
+        bulk prefill steps.
         """
         cap = self.interactive_prefill_tokens
         if cap <= 0 or self.clock() - self._best_arrived_at >= self.interactive_window_s:
             return self.max_num_batched_tokens
         return cap
+
+    def _split_step_kind(self, held_back: int | None, worse_prompt: int) -> tuple[bool, bool]:
+        """(no worse prompt chunks, no worse decodes) for this step while the interactive cap holds.
+
+        Written when a decode row in a step with prompt chunks ran through the prefill attention tiles (32 query
+        slots for its one query) at ~2x its decode-only cost (~80 vs ~34 ns per context token on an H200,
+        spool_testing/timed_runner.py StepCost), so the cap's many short mixed steps cost bulk ~10%; the kernel
+        now runs such rows with decode tiles (kernels/paged_attention.py), and this is off by default. With it,
+        while the cap holds, a step carries worse-priority prompt chunks or worse-priority
+        decodes, in turns (decode steps replay CUDA graphs); priority-0 work joins either. The step that starts a
+        waiting priority-0 request (held_back 0) carries neither, when that request can start: it is short, and
+        its first token is the next thing the device computes. Outside the cap (no interactive traffic, offline)
+        steps mix as before.
+
+        Beside a narrow bulk batch the extra decode steps' fixed cost about cancels the rows' saved attention
+        (bench/schedule_sim.py, cap 2,048, a probe per 500 ms: bulk time +1.0% / -0.1% / -1.2% / -6.1% against
+        mixed steps at 128 / 192 / 256 / 512 bulk requests; +2.8% at 128 with a probe per 200 ms, where TTFT
+        p90 halved, 37 vs 71 ms). A floor on the bulk rows for splitting (tried: 160) put mixed steps back at
+        the start of every batch, and with them TTFT p90 at cap 4,096 from ~107 to ~188 ms.
+        """
+        if not self.interactive_split_steps or worse_prompt >= self.max_num_batched_tokens:
+            return False, False
+        if held_back is not None and held_back <= 0:
+            head = self.waiting[0]
+            if self._has_row(head) and self.block_manager.can_allocate(
+                    head.seq_id, min(head.num_tokens, self.max_num_batched_tokens), None, self._reserve(head)):
+                self._last_was_prompt_step = True  # worse decodes sat out: they go next
+                return True, True
+            return True, False
+        prompts, decodes = self._worse_prompt_work(), self._worse_decodes_running()
+        if prompts and (not decodes or not self._last_was_prompt_step):
+            self._last_was_prompt_step = True
+            return False, True
+        self._last_was_prompt_step = False
+        return True, False
+
+    def _worse_prompt_work(self) -> bool:
+        """A worse-priority prompt chunk could run now: one left half-computed, or a waiting one that fits."""
+        if self._worse_prompt_left:
+            return True
+        if not self.waiting or self.waiting[-1].priority <= 0:
+            return False
+        seq = self.waiting[self._num_best(self.waiting)]  # the next one to start
+        return not self._class_full(seq) and self.block_manager.can_allocate(
+            seq.seq_id, min(seq.num_tokens, self.interactive_prefill_tokens), None, self._reserve(seq))
+
+    def _worse_decodes_running(self) -> bool:
+        """The oldest running worse-priority sequence is past its prompt (then it, at least, decodes)."""
+        best = self._num_best(self.running)
+        if best == len(self.running):
+            return False
+        seq = self.running[best]
+        return seq.num_computed_tokens >= seq.num_prompt_tokens
 
     # -- the step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -284,6 +346,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         held_back = self._held_back_priority()
         worse_prompt = self._worse_prompt_budget()  # prompt tokens of priority > 0 left for this step
+        no_worse_prompts, no_worse_decodes = self._split_step_kind(held_back, worse_prompt)
+        if no_worse_prompts:
+            worse_prompt = 0
+        worse_prompt_left = False  # a worse-priority prompt stays half-computed after this step
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -293,7 +359,10 @@ class Scheduler:
                 continue
             num_new = min(scheduled_tokens - seq.num_computed_tokens, budget)
             if num_new > 1 and held_back is not None and seq.priority > held_back:
-                i += 1  # a worse-priority prompt chunk sits this step out; decode tokens never do
+                i += 1  # a worse-priority prompt chunk sits this step out (decodes too when split: below)
+                continue
+            if num_new == 1 and no_worse_decodes and seq.priority > 0:
+                i += 1  # a bulk decode sits out a prompt step (or an interactive request's first step)
                 continue
             if num_new > 1 and seq.priority > 0:
                 num_new = min(num_new, worse_prompt)
@@ -311,6 +380,7 @@ class Scheduler:
             if not scheduled:
                 break
             self._emit(out, seq, num_new)
+            worse_prompt_left |= seq.priority > 0 and seq.num_computed_tokens < seq.num_prompt_tokens
             budget -= num_new
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_rows:
@@ -333,7 +403,10 @@ class Scheduler:
             self.waiting.pop(0)
             self._start_running(seq, num_cached)
             self._emit(out, seq, num_new)
+            worse_prompt_left |= seq.priority > 0 and seq.num_computed_tokens < seq.num_prompt_tokens
             budget -= num_new
+        if not no_worse_prompts:
+            self._worse_prompt_left = worse_prompt_left
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
 

@@ -41,8 +41,8 @@ class _Clock:
         return self.now
 
 
-def _scheduler(clock, cap=64, window=5.0, budget=256, max_num_seqs=16, reserve=0.0) -> Scheduler:
-    return Scheduler(BlockManager(4096, 16), max_num_seqs, budget, 4096, [2], reserve, cap, window, clock)
+def _scheduler(clock, cap=64, window=5.0, budget=256, max_num_seqs=16, reserve=0.0, split=False) -> Scheduler:
+    return Scheduler(BlockManager(4096, 16), max_num_seqs, budget, 4096, [2], reserve, cap, window, split, clock)
 
 
 _arrivals = iter(range(1_000_000))
@@ -123,13 +123,92 @@ def test_no_cap_when_disabled():
     assert _bulk_prompt_tokens(_step(sched)) == 256 - 3  # all but the three decodes (i0, b0, b1)
 
 
+def _kind(chunks) -> str:
+    """P: the step carries bulk prompt chunks, D: bulk decodes, PD: both, -: no bulk work."""
+    prompts = _bulk_prompt_tokens(chunks) > 0
+    decodes = any(seq.priority > 0 and len(c.token_ids) == 1 for c, seq in chunks)
+    return ("P" if prompts else "") + ("D" if decodes else "") or "-"
+
+
+def test_while_capped_bulk_prompts_and_bulk_decodes_take_turns():
+    clock = _Clock()
+    sched = _scheduler(clock, cap=64, split=True)
+    for i in range(12):
+        sched.add(_seq(f"b{i}", 100, BULK, max_tokens=50))
+    assert _kind(_step(sched)) == "P"  # no interactive request yet: the whole budget (b0, b1 and part of b2)
+    assert _kind(_step(sched)) == "PD"  # uncapped steps mix prompt chunks and decodes
+    sched.add(_seq("i0", 20, INTERACTIVE, max_tokens=30))
+    chunks = _step(sched)
+    assert [(c.seq_id, len(c.token_ids)) for c, _ in chunks] == [("i0#0", 20)]  # its step: no bulk work at all
+    kinds = []
+    for _ in range(8):
+        clock.now += 0.5
+        chunks = _step(sched)
+        assert "i0#0" in [c.seq_id for c, _ in chunks]  # interactive decodes run in every step
+        assert _bulk_prompt_tokens(chunks) <= 64
+        kinds.append(_kind(chunks))
+    assert kinds == ["D", "P"] * 4  # the bulk decodes that sat out i0's step go first
+    clock.now += 5.0  # the window has passed: steps mix again, at the whole budget
+    chunks = _step(sched)
+    assert _kind(chunks) == "PD" and _bulk_prompt_tokens(chunks) > 64
+
+
+def test_split_steps_only_alternate_while_both_kinds_have_work():
+    clock = _Clock()
+    sched = _scheduler(clock, cap=64, split=True)
+    sched.add(_seq("i0", 20, INTERACTIVE, max_tokens=40))  # the cap holds from here on
+    for i in range(3):
+        sched.add(_seq(f"b{i}", 100, BULK, max_tokens=6))
+    kinds = []
+    while any(s.priority == BULK for s in sched.seqs.values()):
+        kinds.append(_kind(_step(sched)))
+    # Nothing decodes until b0's prompt is done (prompt steps back to back), then turns; once every prompt is in,
+    # decode steps back to back. Never both in one step, never a step without bulk work while some is left.
+    assert kinds[:3] == ["P", "P", "D"]
+    assert set(kinds) == {"P", "D"}
+    assert kinds[-5:] == ["D"] * 5  # b2's last five tokens
+
+
+def test_an_interactive_request_that_cannot_start_holds_no_bulk_decode_back():
+    """The step of a waiting interactive request skips the bulk decodes only if that request starts in it;
+    otherwise (its class's rows are full) the decodes run, or nothing would progress."""
+    clock = _Clock()
+    sched = _scheduler(clock, cap=64, max_num_seqs=2, reserve=0.5, split=True)  # 2 rows each class, 3 in all
+    sched.add(_seq("i0", 20, INTERACTIVE, max_tokens=50))
+    sched.add(_seq("i1", 20, INTERACTIVE, max_tokens=50))
+    sched.add(_seq("b0", 30, BULK, max_tokens=50))
+    _step(sched)
+    _step(sched)
+    sched.add(_seq("i2", 20, INTERACTIVE, max_tokens=50))  # priority-0 rows are full: it waits
+    chunks = _step(sched)
+    assert {c.seq_id for c, _ in chunks} == {"i0#0", "i1#0", "b0#0"}
+    assert all(len(c.token_ids) == 1 for c, _ in chunks)
+
+
+def test_split_steps_start_a_waiting_worse_priority_request_beside_a_still_worse_one():
+    """Held back for a priority-1 request beside priority-2 work (the engine has any number of priorities): split
+    steps treat it as bulk, so its prompt runs in a prompt step, not never."""
+    clock = _Clock()
+    sched = _scheduler(clock, cap=64, split=True)
+    sched.add(_seq("i0", 20, INTERACTIVE, max_tokens=100))  # the cap holds
+    for i in range(2):
+        sched.add(_seq(f"c{i}", 30, 2, max_tokens=100))
+    for _ in range(3):
+        _step(sched)
+    sched.add(_seq("b0", 30, BULK, max_tokens=5))
+    started = [any(c.seq_id == "b0#0" for c, _ in _step(sched)) for _ in range(2)]
+    assert any(started)
+
+
 def test_engine_config_carries_the_cap_to_the_scheduler(tiny_llama):
     from engine import LLMEngine
 
     eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", interactive_prefill_tokens=512,
-                                interactive_window_s=3.0)
-    assert (eng.scheduler.interactive_prefill_tokens, eng.scheduler.interactive_window_s) == (512, 3.0)
-    assert LLMEngine.from_kwargs(str(tiny_llama), device="cpu").scheduler.interactive_prefill_tokens == 2048
+                                interactive_window_s=3.0, interactive_split_steps=False)
+    s = eng.scheduler
+    assert (s.interactive_prefill_tokens, s.interactive_window_s, s.interactive_split_steps) == (512, 3.0, False)
+    s = LLMEngine.from_kwargs(str(tiny_llama), device="cpu").scheduler
+    assert (s.interactive_prefill_tokens, s.interactive_split_steps) == (2048, False)
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -240,21 +319,26 @@ def test_a_running_worker_freezes_after_admitting_and_releases_when_it_stops(red
 # -- the real engine and worker on the simulated device ---------------------------------------------
 
 
-FAST = StepCost(overhead_s=0.0002, weights_s=0.0003, per_token_s=2e-6, per_decode_s=2e-6)
+FAST = StepCost(overhead_s=0.0002, weights_s=0.0003, per_token_s=2e-6, decode_ctx_s=2e-9, mixed_decode_ctx_s=4e-9,
+                prompt_pair_s=1e-9)
 
 
 def test_timed_runner_queues_steps_behind_each_other_at_their_cost():
     from engine.step_types import ScheduledChunk, SchedulerOutput
 
-    runner = TimedRunner(StepCost(overhead_s=0.01, weights_s=0.0, per_token_s=0.001, per_decode_s=0.002), 100)
+    runner = TimedRunner(StepCost(overhead_s=0.01, weights_s=0.0, per_token_s=0.001, decode_ctx_s=0.002,
+                                  mixed_decode_ctx_s=0.003, prompt_pair_s=0.0001), 100)
 
-    def sched(lengths):
-        chunks = [ScheduledChunk(f"s{i}", [1] * n, 0, None, True, None, [], [], None, None)
+    def sched(lengths, start=0):
+        chunks = [ScheduledChunk(f"s{i}", [1] * n, start, None, True, None, [], [], None, None)
                   for i, n in enumerate(lengths)]
         return SchedulerOutput(chunks=chunks, num_batched_tokens=sum(lengths))
 
-    assert runner.cost.seconds(sched([10])) == pytest.approx(0.01 + 0.01)
-    assert runner.cost.seconds(sched([1, 1])) == pytest.approx(0.01 + 0.002 + 0.004)
+    assert runner.cost.seconds(sched([10])) == pytest.approx(0.01 + 0.01 + 55 * 0.0001)  # 55 causal pairs
+    assert runner.cost.seconds(sched([10], start=5)) == pytest.approx(0.01 + 0.01 + 105 * 0.0001)  # + 10 x 5
+    # Decode rows pay per context token, more beside a prompt chunk (the prefill tiles).
+    assert runner.cost.seconds(sched([1, 1], start=4)) == pytest.approx(0.01 + 0.002 + 2 * 5 * 0.002)
+    assert runner.cost.seconds(sched([1, 10], start=4)) == pytest.approx(0.01 + 0.011 + 5 * 0.003 + 95 * 0.0001)
     t0 = time.perf_counter()
     first, second = runner.launch(sched([20])), runner.launch(sched([20]))
     assert time.perf_counter() - t0 < 0.01  # launches return at once
@@ -289,3 +373,18 @@ def test_bulk_through_the_worker_takes_the_offline_steps_on_the_simulated_device
     assert eng.stats.num_steps - before == offline_steps
     for i in (0, 63):
         assert client.result(f"b{i}", timeout=5).token_ids == offline[i].outputs[0].token_ids
+
+
+def test_split_steps_cost_bulk_less_device_time_beside_probes_on_the_calibrated_cost():
+    """bench/schedule_sim.py on the H200-fitted StepCost: 256 bulk requests beside one probe every 300 ms, at
+    the same cap. Mixed steps pay every bulk decode row's attention at the prefill tiles' rate; split steps
+    do not, and the probes' first steps carry no bulk work."""
+    from bench.schedule_sim import Workload, simulate
+
+    wl = Workload(num_requests=256, probe_every_s=0.3)
+    mixed = simulate(StepCost(), wl, 2048, split=False)
+    split = simulate(StepCost(), wl, 2048, split=True)
+    assert split["mixed_decode_rows"] < mixed["mixed_decode_rows"] / 3
+    assert split["device_s"] < 0.99 * mixed["device_s"]
+    assert split["ttft_ms_p90"] < mixed["ttft_ms_p90"]
+    assert split["probes"] == mixed["probes"] >= 20
