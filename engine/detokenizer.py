@@ -7,6 +7,13 @@ a trailing run of U+FFFD is held back. Unlike the classic algorithm, text before
 right away and the window slides even while a partial character is pending, so a model that emits
 invalid bytes for a long stretch never grows the window (every step stays O(window), not O(output)).
 
+Byte-level BPE fast path (Llama 3, Qwen, GPT-2 style: the backend's decoder is ByteLevel): such a decode is the
+bytes of each token, concatenated, then decoded as UTF-8 with U+FFFD for invalid sequences. A token whose own
+decode is non-empty valid text (`_token_pieces`) begins on a character boundary, so decoding the window plus
+that token gives the window's text plus the token's text; while nothing is pending, add_tokens appends such
+pieces without calling the tokenizer, and sliding the window over them needs no decode either. Any other token
+(part of a character, an added or special token) takes the general path above. The outputs are identical.
+
 Known, inherent differences from `tokenizer.decode(output_ids)`:
 - The last few prompt tokens seed the window (as in vLLM), so the first output token keeps its leading
   space under SentencePiece/Metaspace decoders, which strip it at the start of a decode.
@@ -64,6 +71,54 @@ def _decode_fn(tokenizer, skip_special_tokens: bool):
     )
 
 
+# Per tokenizer object, and skip_special_tokens: id -> its text when the fast path may append it, else None.
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """True when the backend's decoder is exactly ByteLevel (per-token bytes, concatenated, decoded as UTF-8)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and type(decoder).__name__ == "ByteLevel"
+
+
+def _token_pieces(tokenizer, skip_special_tokens: bool) -> "_Pieces | None":
+    """The shared per-token text cache of a byte-level tokenizer (None for any other decoder)."""
+    try:
+        by_skip = _PIECES[tokenizer]
+    except KeyError:
+        by_skip = {}
+        try:
+            _PIECES[tokenizer] = by_skip
+        except TypeError:
+            pass
+    except TypeError:
+        by_skip = {}
+    if skip_special_tokens not in by_skip:
+        by_skip[skip_special_tokens] = _Pieces(tokenizer, skip_special_tokens) if _is_byte_level(tokenizer) else None
+    return by_skip[skip_special_tokens]
+
+
+class _Pieces(dict):
+    """id -> the token's text when it may be appended to a byte-level window as is, else None; filled on first
+    sight of each id (one decode call each). Added tokens (special or not) are never fast: their decode goes
+    through the added vocabulary, not the byte-level model."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool):
+        super().__init__()
+        self._decode = _decode_fn(tokenizer, skip_special_tokens)
+        self._added = frozenset(tokenizer.backend_tokenizer.get_added_tokens_decoder())
+
+    def __missing__(self, token: int) -> str | None:
+        piece = None
+        if token not in self._added:
+            text = self._decode([token])
+            if text and REPLACEMENT not in text:  # a whole, valid UTF-8 string on its own
+                piece = text
+        self[token] = piece
+        return piece
+
+
 def _pending_len(text: str) -> int:
     """How many trailing characters of a window's text may still change when more tokens arrive."""
     n = 0
@@ -97,6 +152,8 @@ class IncrementalDetokenizer:
                 self._ids.append(t)
         self._ids.reverse()
         self._taken = len(self._decode(self._ids)) if self._ids else 0
+        self._wlen = self._taken  # len(decode(self._ids)): the window's whole text
+        self._pieces = _token_pieces(tokenizer, skip_special_tokens)  # byte-level fast path (or None)
         self._stop = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
         self._include_stop = include_stop_str_in_output
@@ -111,10 +168,16 @@ class IncrementalDetokenizer:
             token_ids = [t for t in token_ids if t not in self._skip]
         if self.stopped is not None or not token_ids:
             return None  # text after a stop string is never shown; skipped ids change nothing
+        pieces = self._pieces
+        if pieces is not None and not self._pending and self._wlen == self._taken:
+            parts = [pieces[t] for t in token_ids]
+            if None not in parts:
+                return self._append_pieces(token_ids, "".join(parts), check_stop)
+        old_len = len(self.output_text)
         self._ids.extend(token_ids)
         text = self._decode(self._ids)
+        self._wlen = len(text)
         pending = _pending_len(text)
-        old_len = len(self.output_text)
         end = len(text) - pending
         if end > self._taken:
             self.output_text += text[self._taken:end]
@@ -126,12 +189,42 @@ class IncrementalDetokenizer:
             return self._check_stop(old_len)
         return None
 
+    def add_token(self, token: int, check_stop: bool = True) -> str | None:
+        """add_tokens([token]); on the byte-level fast path without building a list (the engine's per-step call)."""
+        pieces = self._pieces
+        if (pieces is not None and not self._pending and self._wlen == self._taken and self.stopped is None
+                and token not in self._skip):
+            piece = pieces[token]
+            if piece is not None:
+                return self._append_pieces((token,), piece, check_stop)
+        return self.add_tokens([token], check_stop)
+
+    def _append_pieces(self, token_ids: Sequence[int], added: str, check_stop: bool) -> str | None:
+        """The byte-level fast path (module docstring): nothing is pending and the window's text is all taken, so
+        the window plus these tokens decodes to its text plus `added`, their pieces joined."""
+        old_len = len(self.output_text)
+        self._ids.extend(token_ids)
+        self.output_text += added
+        self._taken = self._wlen = self._wlen + len(added)
+        if len(self._ids) > _SLIDE_AT:
+            self._slide()
+        if check_stop and self._stop:
+            return self._check_stop(old_len)
+        return None
+
     def _slide(self) -> None:
         """Drop old ids from the window, re-anchoring `_taken` in the shorter window's text."""
         keep = _CONTEXT_PENDING if self._pending else _CONTEXT
         if len(self._ids) <= keep:
             return
         ids = self._ids[-keep:]
+        pieces = self._pieces
+        if pieces is not None and not self._pending:
+            parts = [pieces[t] for t in ids]
+            if None not in parts:  # the shorter window's text is its pieces' (module docstring): no decode
+                self._ids = ids
+                self._taken = self._wlen = sum(map(len, parts))
+                return
         text = self._decode(ids)
         # Valid only if the shorter window ends with the same held tail, held by the same rule;
         # otherwise keep the long window one more step (correctness over speed).
@@ -140,6 +233,7 @@ class IncrementalDetokenizer:
         if len(text) < len(self._pending):
             return
         self._ids = ids
+        self._wlen = len(text)
         self._taken = len(text) - len(self._pending)
 
     def _check_stop(self, old_len: int) -> str | None:
