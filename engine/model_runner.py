@@ -212,12 +212,10 @@ class ModelRunner:
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
         feed_rows, feed_src = device_feed(sched, previous)
-        if decode_only and self.graphs is not None and self.graphs.fits(
-            len(chunks), max(len(c.block_table) for c in chunks)
-        ):
+        max_blocks = max(len(c.block_table) for c in chunks) if decode_only and self.graphs is not None else 0
+        if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max_blocks):
             feed = self._feed_tensors(feed_rows, feed_src, previous) if feed_rows else None  # one token per chunk
-            hidden = self.graphs.run([c.token_ids[0] for c in chunks], [c.start_pos for c in chunks],
-                                     [c.block_table for c in chunks], self.block_size, feed)  # [S, hidden]
+            hidden = self.graphs.run(chunks, max_blocks, self.block_size, feed)  # [S, hidden]
             logits = self.model.compute_logits(hidden)  # [S, vocab]
         else:
             meta = self._metadata(
