@@ -199,6 +199,30 @@ class IncrementalDetokenizer:
                 return self._append_pieces((token,), piece, check_stop)
         return self.add_tokens([token], check_stop)
 
+    def add_token_delta(self, token: int, check_stop: bool = True) -> str:
+        """add_token(token, check_stop) then get_delta(False) in one call: the text this token lets out. Whether a
+        stop string ended the text shows in `stopped` (then the rest comes from get_delta(True))."""
+        pieces = self._pieces
+        if (pieces is not None and not self._pending and self._wlen == self._taken and self.stopped is None
+                and token not in self._skip):
+            piece = pieces[token]
+            if piece is not None:  # the byte-level fast path, as _append_pieces
+                text = self.output_text
+                old_len = len(text)
+                self._ids.append(token)
+                self.output_text = text = text + piece
+                self._taken = self._wlen = self._wlen + len(piece)
+                if len(self._ids) > _SLIDE_AT:
+                    self._slide()
+                if not self._stop and self._emitted == old_len:  # nothing held back: the delta is the piece
+                    self._emitted = len(text)
+                    return piece
+                if check_stop and self._stop:
+                    self._check_stop(old_len)
+                return self.get_delta(False)
+        self.add_tokens([token], check_stop)
+        return self.get_delta(False)
+
     def _append_pieces(self, token_ids: Sequence[int], added: str, check_stop: bool) -> str | None:
         """The byte-level fast path (module docstring): nothing is pending and the window's text is all taken, so
         the window plus these tokens decodes to its text plus `added`, their pieces joined."""

@@ -434,12 +434,11 @@ class LLMEngine:
             # Stop strings count only once min_tokens are out (vLLM semantics).
             min_tokens = p.min_tokens
             check = not min_tokens or len(seq.token_ids) - len(seq.prompt_token_ids) >= min_tokens
-            stop_str = detok.add_token(token, check)
-            if stop_str is not None:
-                self.scheduler.finish(seq, "stop", stop_str)
-                append(self._finish_delta(req, seq, [token]))
+            text = detok.add_token_delta(token, check)
+            if detok.stopped is not None:  # a stop string ended the text (a running sequence's detokenizer had none)
+                self.scheduler.finish(seq, "stop", detok.stopped)
+                append(self._finish_delta(req, seq, [token], text_before=text))
                 continue
-            text = detok.get_delta(False)
             out.text = detok.output_text
             append(RequestDelta(req.request_id, index, [token], text, False, None, None, None, None,
                                 len(seq.prompt_token_ids)))
@@ -499,10 +498,12 @@ class LLMEngine:
         return RequestDelta(req.request_id, seq.index, [token], text, False, None, None, new_lp, None,
                             seq.num_prompt_tokens)
 
-    def _finish_delta(self, req: _Request, seq: Sequence, tokens: list[int], new_lp=None) -> RequestDelta:
+    def _finish_delta(self, req: _Request, seq: Sequence, tokens: list[int], new_lp=None,
+                      text_before: str = "") -> RequestDelta:
+        """A completion's last delta (text_before: its text already taken from the detokenizer this step)."""
         out = req.outputs[seq.index]
         detok = req.detoks[seq.index]
-        text = detok.get_delta(True) if detok is not None else ""
+        text = text_before + detok.get_delta(True) if detok is not None else text_before
         out.text = detok.output_text if detok is not None else ""
         out.finish_reason = seq.finish_reason
         out.stop_reason = seq.stop_reason

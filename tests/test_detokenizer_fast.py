@@ -87,3 +87,26 @@ def test_other_decoders_take_the_general_path():
     d = IncrementalDetokenizer(tok, [])
     d.add_tokens([1, 2, 1])
     assert d._pieces is None and d.output_text == tok.decode([1, 2, 1])
+
+
+@pytest.mark.parametrize("stops", [[], STOPS])
+def test_add_token_delta_is_add_token_then_get_delta(tiny_tokenizer, stops):
+    """The engine's one-call step: the same deltas and stop strings, token by token, fast path or not."""
+    tok, rng = tiny_tokenizer, random.Random(5 + len(stops))
+    text_ids = tok.encode("the café 日本語 🙂 x\n ab ½ end", add_special_tokens=False)
+    for _ in range(300):
+        ids = [rng.choice(text_ids) if rng.random() < 0.7 else rng.randrange(len(tok)) for _ in range(40)]
+        prompt, skip, include = tok.encode("Hi"), rng.random() < 0.5, rng.random() < 0.5
+        for fast in (True, False):
+            a = IncrementalDetokenizer(tok, prompt, skip, stops, include)
+            b = IncrementalDetokenizer(tok, prompt, skip, stops, include)
+            if not fast:
+                a._pieces = b._pieces = None
+            for i, t in enumerate(ids):
+                check = i >= 3
+                got = (a.add_token_delta(t, check), a.stopped)
+                found = b.add_token(t, check)
+                assert got == (b.get_delta(False), found)
+                if found is not None:
+                    break
+            assert a.get_delta(True) == b.get_delta(True) and a.output_text == b.output_text
