@@ -1,6 +1,7 @@
 """Offline API mirroring vLLM's: LLM(model=PATH, **config).generate(prompts, sampling_params)."""
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -68,6 +69,10 @@ class LLM:
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         for rid, prompt, p in zip(ids, prompts, params):
             eng.add_request(rid, prompt, p)
+        # The requests' objects live until they finish and are then freed by reference counting (no cycles): out
+        # of the cyclic collector's way, full collections during the steps walk only per-step garbage, as the
+        # worker's GcPacer does after each admission (worker/gc_pacing.py). O(1).
+        gc.freeze()
         reqs = {rid: eng.requests[rid] for rid in ids}
         done, total, t0, last = 0, len(ids), time.monotonic(), 0.0
         while eng.has_unfinished_requests():

@@ -71,3 +71,30 @@ def test_fast_paths_match_general_paths(tiny_llama, async_scheduling, monkeypatc
     assert fast == slow
     reasons = {d[6] for d in fast if d[5]}
     assert {"stop", "length", "abort"} <= reasons  # the workload reaches every ending
+
+
+def test_generate_freezes_its_requests_out_of_the_collector(tiny_llama):
+    """LLM.generate moves the admitted requests' objects out of the cyclic GC's reach (as the worker does), so
+    full collections during its steps do not walk them."""
+    import gc
+
+    from engine import LLM
+
+    llm = LLM(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=4)
+    seen = []
+    real_step = llm.engine.step
+
+    def step():
+        req = next(iter(llm.engine.requests.values()), None)
+        if req is not None and not seen:
+            seen.append(not gc.is_tracked(req) or req not in gc.get_objects())
+        return real_step()
+
+    llm.engine.step = step
+    try:
+        outs = llm.generate([[5, 6, 7]] * 3, SamplingParams(max_tokens=3, ignore_eos=True))
+    finally:
+        gc.unfreeze()
+        gc.freeze()  # leave the session's heap as frozen as LLMEngine leaves it
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3, 3]
+    assert seen == [True]  # gc.get_objects() lists only unfrozen objects
