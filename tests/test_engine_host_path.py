@@ -73,21 +73,26 @@ def test_fast_paths_match_general_paths(tiny_llama, async_scheduling, monkeypatc
     assert {"stop", "length", "abort"} <= reasons  # the workload reaches every ending
 
 
-def test_generate_freezes_its_requests_out_of_the_collector(tiny_llama):
+def test_generate_keeps_the_collector_out_of_its_steps(tiny_llama):
     """LLM.generate moves the admitted requests' objects out of the cyclic GC's reach (as the worker does), so
-    full collections during its steps do not walk them."""
+    full collections during its steps do not walk them, and raises the young threshold while it steps
+    (engine/step_gc.py)."""
     import gc
 
     from engine import LLM
 
+    from engine.step_gc import GEN0_PER_ROW
+
     llm = LLM(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=4)
-    seen = []
+    seen, thresholds = [], []
     real_step = llm.engine.step
+    before = gc.get_threshold()
 
     def step():
         req = next(iter(llm.engine.requests.values()), None)
         if req is not None and not seen:
             seen.append(not gc.is_tracked(req) or req not in gc.get_objects())
+        thresholds.append(gc.get_threshold())
         return real_step()
 
     llm.engine.step = step
@@ -98,3 +103,7 @@ def test_generate_freezes_its_requests_out_of_the_collector(tiny_llama):
         gc.freeze()  # leave the session's heap as frozen as LLMEngine leaves it
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3, 3]
     assert seen == [True]  # gc.get_objects() lists only unfrozen objects
+    # Young collections left to real growth while it steps; the thresholds are the caller's again after.
+    rows = llm.engine.config.max_running_seqs
+    assert thresholds and all(t == (max(before[0], GEN0_PER_ROW * rows), *before[1:]) for t in thresholds)
+    assert gc.get_threshold() == before
