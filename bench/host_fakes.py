@@ -129,10 +129,11 @@ class FakeSampling:
         self.gen = torch.Generator().manual_seed(seed)
         self._pos = 0
         sampler._sample = self
+        sampler._argmax = lambda logits: self(logits, [None] * logits.shape[0])  # Sampler.launch_greedy
 
     def __call__(self, logits: torch.Tensor, rows: list, mask=None) -> torch.Tensor:
-        grammar = [i for i, r in enumerate(rows) if r.grammar is not None]
-        min_tok = [i for i, r in enumerate(rows) if len(r.output_token_ids) < r.params.min_tokens]
+        grammar = [i for i, r in enumerate(rows) if r is not None and r.grammar is not None]
+        min_tok = [i for i, r in enumerate(rows) if r is not None and len(r.output_token_ids) < r.params.min_tokens]
         bitmask = None
         if grammar:  # the host work, real (a started fill is passed on; older engines took no `mask`)
             args = (rows, grammar, min_tok) if mask is None else (rows, grammar, min_tok, mask)

@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/host_overhead.py                      # 256 and 512 running sequences
   .venv/bin/python bench/host_overhead.py --num-seqs 512 --steps 300 --profile 30
-  .venv/bin/python bench/host_overhead.py --gc off               # or freeze: see --help
+  .venv/bin/python bench/host_overhead.py --gc off               # or freeze, offline: see --help
   .venv/bin/python bench/host_overhead.py --async-scheduling both --device-ms 15   # sync vs async, simulated GPU
   .venv/bin/python bench/host_overhead.py --structured --async-scheduling both --device-ms 15   # a JSON schema
   .venv/bin/python bench/host_overhead.py --structured --schema bench --tokenizer-file .vocab/llama3.tiktoken \
@@ -59,6 +59,7 @@ Full collections are rare (about one per 200-300 steps at 512 sequences) but sca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import io
@@ -81,6 +82,7 @@ from engine.config import EngineConfig  # noqa: E402
 from bench.host_fakes import FAKE_SAMPLING_FROM_VOCAB, FakeSampling, SimulatedDevice, fake_device  # noqa: E402
 from bench.workload import integer_array_schema  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.step_gc import step_gc  # noqa: E402
 from spool_testing.tiny_model import _corpus, build_tiny_model  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -325,10 +327,13 @@ def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: in
         raise SystemExit(f"--steps too large: outputs are capped at {max_output} tokens")
     timer.laps.clear()
     gc.collect()  # every run starts its timed steps from the same collector state
+    offline = contextlib.ExitStack()
     if gc_mode == "freeze":
         gc.freeze()  # what a long-running process can do once its engine is built (objects now alive: never scanned)
     elif gc_mode == "off":
         gc.disable()
+    elif gc_mode == "offline":
+        offline.enter_context(step_gc(engine.config.max_running_seqs))  # what LLM.generate runs its steps under
     full_before = timer.gc.full
     num_deltas = 0
     for _ in range(steps):
@@ -352,6 +357,7 @@ def run(model_dir: Path, num_seqs: int, steps: int, warmup: int, profile_top: in
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(profile_top)
         print(f"\n--- cProfile, {num_seqs} sequences, {profile_steps} steps, by tottime ---")
         print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:20000])
+    offline.close()
     timer.gc.close()
     timer._restore()
     gc.enable()
@@ -366,8 +372,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20, help="untimed decode steps after the prefill")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N cProfile functions")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
-                    help="Python's collector during the timed steps: as is, after gc.freeze(), or disabled")
+    ap.add_argument("--gc", choices=("on", "freeze", "off", "offline"), default="on",
+                    help="Python's collector during the timed steps: as is, after gc.freeze(), disabled, or as "
+                         "LLM.generate runs its steps (engine/step_gc.py)")
     ap.add_argument("--async-scheduling", choices=("on", "off", "both"), default="both",
                     help="the engine's async scheduling (engine/async_step.py): on, off, or each in turn")
     ap.add_argument("--device-ms", type=float, default=0.0,

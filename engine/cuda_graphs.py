@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.attention import AttentionMetadata, pack_block_tables
+from engine.attention import AttentionMetadata
+
+if TYPE_CHECKING:  # an annotation only
+    from engine.step_types import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +93,40 @@ class DecodeGraphs:
         return bool(self.graphs) and num_seqs <= self.max_bs and max_blocks <= self.width
 
     def run(
-        self, tokens: list[int], positions: list[int], tables: Sequence[Sequence[int]], block_size: int,
+        self, chunks: Sequence[ScheduledChunk], max_blocks: int, block_size: int,
         feed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the smallest fitting graph for one token per sequence; returns hidden states [B, hidden].
+        """Replay the smallest fitting graph for decode chunks (one token each); returns hidden states [B, hidden].
 
-        feed = (rows [2, K] int64: input rows, source rows; sampled ids [R] int64), both on the device: input
-        ids that only the device knows yet (async scheduling), copied in after the staged ones.
+        max_blocks: the longest block table among the chunks. feed = (rows [2, K] int64: input rows, source rows;
+        sampled ids [R] int64), both on the device: input ids that only the device knows yet (async
+        scheduling), copied in after the staged ones.
         """
-        b = len(tokens)
+        b = len(chunks)
         bs = next(s for s in self.sizes if s >= b)
         k = self._next
         self._next ^= 1
         if self._staged[k] is not None:
             self._staged[k].synchronize()  # that set's copies (two steps ago) have left: in practice no wait
         vec, tab, lens = self._staging[k]
-        vec[0, :b] = torch.tensor(tokens, dtype=torch.int64)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        vec[1, :b] = pos
-        # Only the columns in use: the kernel never reads a row past its own sequence's last block, so stale
-        # entries beyond them are harmless, and padding every row to max_model_len would cost milliseconds.
-        packed = pack_block_tables(tables)  # [b, maxb]
-        maxb = packed.shape[1]
-        tab[:b, :maxb] = packed
+        # The block tables packed to max_blocks columns (zero-padded), one slice copy per table. Only the columns
+        # in use are staged: the kernel never reads a row past its own sequence's last block, so stale entries
+        # beyond them are harmless, and padding every row to max_model_len would cost milliseconds.
+        maxb = max_blocks
+        flat = array("i", bytes(4 * maxb * b))
+        o = 0
+        for c in chunks:
+            table = c.block_table
+            flat[o:o + len(table)] = table
+            o += maxb
+        ids = array("q", [c.token_ids[0] for c in chunks])
+        ids.extend([c.start_pos for c in chunks])
+        vec[:2, :b] = torch.frombuffer(ids, dtype=torch.int64).view(2, b)
+        tab[:b, :maxb] = torch.frombuffer(flat, dtype=torch.int32).view(b, maxb)
+        pos = vec[1, :b]
         rows = tab[:b].gather(1, (pos // block_size).view(b, 1).to(torch.int64)).view(b).to(torch.int64)
         vec[2, :b] = rows * block_size + pos % block_size
-        lens[:b] = (pos + 1).to(torch.int32)
+        lens[:b] = pos + 1  # seq_lens
         if bs > b:  # padding rows: write no KV, attend to one (ignored) slot
             vec[:, b:bs] = 0
             vec[2, b:bs] = -1

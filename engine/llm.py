@@ -9,6 +9,7 @@ from typing import Sequence as Seq
 from engine.llm_engine import LLMEngine, PromptInput
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step_gc import step_gc
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,13 @@ class LLM:
             eng.add_request(rid, prompt, p)
         reqs = {rid: eng.requests[rid] for rid in ids}
         done, total, t0, last = 0, len(ids), time.monotonic(), 0.0
-        while eng.has_unfinished_requests():
-            for d in eng.step():
-                if d.finished and reqs[d.request_id].num_finished == len(reqs[d.request_id].outputs):
-                    done += 1
-            if use_tqdm and time.monotonic() - last > 1.0:
-                last = time.monotonic()
-                log.info("generate: %d/%d requests done, %.1f s", done, total, last - t0)
+        # The collector out of the steps' way: the admitted requests frozen, young collections left to real growth.
+        with step_gc(eng.config.max_running_seqs):
+            while eng.has_unfinished_requests():
+                for d in eng.step():
+                    if d.finished and reqs[d.request_id].num_finished == len(reqs[d.request_id].outputs):
+                        done += 1
+                if use_tqdm and time.monotonic() - last > 1.0:
+                    last = time.monotonic()
+                    log.info("generate: %d/%d requests done, %.1f s", done, total, last - t0)
         return [reqs[rid].to_output() for rid in ids]

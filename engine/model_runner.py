@@ -18,7 +18,7 @@ from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
 from engine.models.parallel_linear import kv_heads_per_rank
 from engine.models.rope import cos_sin_cache
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplingRow, is_plain_greedy
 from engine.step_types import ForwardInFlight, PendingStep, SchedulerOutput
 from kernels.ops import get_ops
 
@@ -212,12 +212,10 @@ class ModelRunner:
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
         feed_rows, feed_src = device_feed(sched, previous)
-        if decode_only and self.graphs is not None and self.graphs.fits(
-            len(chunks), max(len(c.block_table) for c in chunks)
-        ):
+        max_blocks = max(len(c.block_table) for c in chunks) if decode_only and self.graphs is not None else 0
+        if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max_blocks):
             feed = self._feed_tensors(feed_rows, feed_src, previous) if feed_rows else None  # one token per chunk
-            hidden = self.graphs.run([c.token_ids[0] for c in chunks], [c.start_pos for c in chunks],
-                                     [c.block_table for c in chunks], self.block_size, feed)  # [S, hidden]
+            hidden = self.graphs.run(chunks, max_blocks, self.block_size, feed)  # [S, hidden]
             logits = self.model.compute_logits(hidden)  # [S, vocab]
         else:
             meta = self._metadata(
@@ -259,6 +257,9 @@ class ModelRunner:
         if logits is None:
             return PendingStep([], None)
         chunks = forward.sched.chunks
+        seq_ids = [chunks[i].seq_id for i in sample_rows]
+        if _all_plain_greedy(chunks, sample_rows):  # the common decode batch: no per-row state to build
+            return PendingStep(seq_ids, self.sampler.launch_greedy(logits))
         rows = []
         eos = self.model_cfg.eos_token_ids
         for i in sample_rows:
@@ -270,4 +271,20 @@ class ModelRunner:
             out_ids = c.all_token_ids[len(c.prompt_token_ids):] if needs_history else []
             grammar = c.grammar if not unmasked or c.seq_id not in unmasked else None
             rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id, grammar))
-        return PendingStep([chunks[i].seq_id for i in sample_rows], self.sampler.launch(logits, rows, mask))
+        return PendingStep(seq_ids, self.sampler.launch(logits, rows, mask))
+
+
+def _all_plain_greedy(chunks: list, sample_rows: list[int]) -> bool:
+    """Every sampled chunk is a bare argmax (engine.sampler.is_plain_greedy, no grammar). Rows of one request
+    share its params object, so a run of them is checked once."""
+    last = None
+    for i in sample_rows:
+        c = chunks[i]
+        if c.grammar is not None:
+            return False
+        p = c.params
+        if p is not last:
+            if not is_plain_greedy(p):
+                return False
+            last = p
+    return True

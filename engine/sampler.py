@@ -75,15 +75,30 @@ class Sampler:
         return self.masks.start(grammars)
 
     @torch.inference_mode()
+    def launch_greedy(self, logits: torch.Tensor) -> "PendingSample":
+        """launch() for rows that are all plain greedy (is_plain_greedy: argmax, no logprobs), without rows."""
+        self._check_logits(logits, logits.shape[0])
+        tokens = self._argmax(logits[:, : self.vocab_size])  # [R] int64
+        flat, event = self._to_host(tokens.to(torch.float64))
+        return PendingSample(flat, event, logits.shape[0], [], 0, tokens)
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """launch_greedy's device work (a hook: bench/host_fakes.py replaces it at a real vocabulary)."""
+        return logits.argmax(dim=-1)
+
+    def _check_logits(self, logits: torch.Tensor, num_rows: int) -> None:
+        if logits.dim() != 2 or logits.shape[0] != num_rows or logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {num_rows} rows x vocab {self.vocab_size}")
+        if logits.device.type != self.device.type or self.device.index not in (None, logits.device.index):
+            raise ValueError(f"logits on {logits.device}, sampler on {self.device}")
+
+    @torch.inference_mode()
     def launch(self, logits: torch.Tensor, rows: list[SamplingRow], mask: MaskFill | None = None) -> "PendingSample":
         """Queue the sampling on the logits' device; the tokens reach the host when result() is called.
 
         `mask`: a fill from start_mask() for these rows' grammars (else they are filled here).
         """
-        if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
-            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows x vocab {self.vocab_size}")
-        if logits.device.type != self.device.type or self.device.index not in (None, logits.device.index):
-            raise ValueError(f"logits on {logits.device}, sampler on {self.device}")
+        self._check_logits(logits, len(rows))
         if not rows:
             return PendingSample(torch.zeros(0, dtype=torch.float64), None, 0, [], 0)
         logits = logits[:, : self.vocab_size]  # [R, V]; columns past the vocabulary are lm_head padding
@@ -233,16 +248,20 @@ class Sampler:
             raw = logits.to(torch.float32).log_softmax(dim=-1)  # [L, V]: the unprocessed distribution
             lp, rank, top_lp, top_ids = gather_logprobs(raw, tokens, num_top)
             parts += [lp.double(), rank.double(), top_lp.double().flatten(), top_ids.double().flatten()]
-        flat = torch.cat(parts)
-        event = None
-        if flat.device.type == "cuda":
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            flat = host
+        flat, event = self._to_host(torch.cat(parts))
         wanted = [(i, rows[i].params.logprobs) for i in lp_rows]
         return PendingSample(flat, event, num_rows, wanted, num_top, sampled)
+
+    @staticmethod
+    def _to_host(flat: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start the async copy of a device vector into pinned host memory: (host tensor, event after the copy)."""
+        if flat.device.type != "cuda":
+            return flat, None
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
 
 @dataclass(slots=True)
@@ -278,6 +297,14 @@ class PendingSample:
                     values[tid], order[tid] = tops[j * num_top + m], m + 1
             logprobs[i], ranks[i] = values, order
         return SamplerOutput(token_ids, logprobs, ranks)
+
+
+def is_plain_greedy(p: SamplingParams) -> bool:
+    """Sampling p is a bare argmax of the raw logits: greedy, no logit_bias, min_tokens, penalties or logprobs
+    (Sampler.launch_greedy). A row with a grammar is never plain, whatever its params."""
+    return (p.greedy and p.logprobs is None and not p.logit_bias
+            and p.min_tokens == 0 and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0)
 
 
 def _has_penalty(p: SamplingParams) -> bool:

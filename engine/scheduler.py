@@ -350,6 +350,8 @@ class Scheduler:
         if no_worse_prompts:
             worse_prompt = 0
         worse_prompt_left = False  # a worse-priority prompt stays half-computed after this step
+        track_left = self.interactive_split_steps  # only split steps read worse_prompt_left
+        allocate, emit = self.block_manager.allocate, self._emit  # per running sequence: no attribute chains
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -371,7 +373,7 @@ class Scheduler:
                     continue
                 worse_prompt -= num_new
             scheduled = True
-            while not self.block_manager.allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
+            while not allocate(seq.seq_id, seq.num_computed_tokens + num_new, seq.token_ids):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -379,8 +381,9 @@ class Scheduler:
                     break
             if not scheduled:
                 break
-            self._emit(out, seq, num_new)
-            worse_prompt_left |= seq.priority > 0 and seq.num_computed_tokens < seq.num_prompt_tokens
+            emit(out, seq, num_new)
+            if track_left:
+                worse_prompt_left |= seq.priority > 0 and seq.num_computed_tokens < seq.num_prompt_tokens
             budget -= num_new
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_rows:
@@ -465,21 +468,23 @@ class Scheduler:
         """Schedule seq's next num_new tokens: a chunk in `out`, and seq's progress moved past them."""
         start = seq.num_computed_tokens
         end = seq.num_computed_tokens = start + num_new
-        tokens = seq.token_ids[start:end]
+        token_ids, seq_id, pending = seq.token_ids, seq.seq_id, seq.num_pending_tokens
+        tokens = token_ids[start:end]
+        chunks = out.chunks
         if len(tokens) < num_new:
             # Async scheduling: the last token was sampled by the step still in flight. A placeholder holds its
             # place; the runner copies the real id from that step's sampled-token tensor on the device.
             tokens.append(0)
-            out.device_input_rows.append(len(out.chunks))
-        sample = end == len(seq.token_ids) + seq.num_pending_tokens
+            out.device_input_rows.append(len(chunks))
+        sample = end == len(token_ids) + pending
         # Fields in declaration order: keyword arguments would cost ~0.2 µs more per sequence and step.
-        out.chunks.append(ScheduledChunk(
-            seq.seq_id, tokens, start, self.block_manager.block_table_array(seq.seq_id),
-            sample, seq.params, seq.prompt_token_ids, seq.token_ids, seq.seed, seq.grammar,
+        chunks.append(ScheduledChunk(
+            seq_id, tokens, start, self.block_manager.block_table_array(seq_id),
+            sample, seq.params, seq.prompt_token_ids, token_ids, seq.seed, seq.grammar,
         ))
         out.seqs.append(seq)
         out.generations.append(seq.generation)
-        seq.num_pending_tokens += sample  # back to 0 when update_from_output applies this step
+        seq.num_pending_tokens = pending + sample  # back to 0 when update_from_output applies this step
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
         """Append sampled tokens, apply token-level stop rules; returns the sequences that got a token."""
@@ -487,31 +492,37 @@ class Scheduler:
         advancing: list[tuple[Sequence, int]] = []  # structured-output sequences and their new token
         sampled = result.sampled
         bs = self.block_manager.block_size
+        finished, running, eos = SeqStatus.FINISHED, SeqStatus.RUNNING, self.eos_token_ids
         for chunk, seq, generation in zip(sched.chunks, sched.seqs, sched.generations):
             token = None
             if chunk.sample:
                 seq.num_pending_tokens -= 1
                 token = sampled.get(chunk.seq_id)
-            if seq.status is SeqStatus.FINISHED:
+            if seq.status is finished:
                 # Aborted or stopped while the step ran (async scheduling: stopped by the step before it). Its
                 # token is dropped; the KV slot it wrote belonged to blocks already freed, never hashed.
                 continue
+            token_ids = seq.token_ids
             if token is not None:
                 # Also for a sequence preempted since this step was launched (async scheduling): the token is
                 # real, and the recompute covers it as it covers the rest of the sequence.
-                seq.token_ids.append(token)
+                token_ids.append(token)
                 updated.append(seq)
             # Blocks that just became full of tokens this step computed can now serve later prompts (only while
             # the sequence still holds the blocks this step wrote). Earlier blocks were registered when they
             # filled, so a chunk that fills none has nothing to register.
-            end = chunk.start_pos + len(chunk.token_ids)
-            if end // bs > chunk.start_pos // bs and generation == seq.generation and seq.status is SeqStatus.RUNNING:
-                self.block_manager.cache_blocks(seq.seq_id, seq.token_ids, end)
+            start = chunk.start_pos
+            end = start + len(chunk.token_ids)
+            if end // bs > start // bs and generation == seq.generation and seq.status is running:
+                self.block_manager.cache_blocks(seq.seq_id, token_ids, end)
             if token is not None:
-                self._check_token_stop(seq, token)
+                # _check_token_stop can only end the sequence on an EOS or stop id, or at its length limit
+                # (max_num_tokens: prompt + max_tokens, within max_model_len): skip the call otherwise.
+                if token in eos or len(token_ids) >= seq.max_num_tokens or token in seq.params.stop_token_ids:
+                    self._check_token_stop(seq, token)
                 # Still unfinished: running, or preempted since this step was launched (async scheduling);
                 # either way the matcher must have accepted every output token.
-                if seq.grammar is not None and seq.status is not SeqStatus.FINISHED:
+                if seq.grammar is not None and seq.status is not finished:
                     advancing.append((seq, token))
         if advancing:
             self._advance_grammars(advancing)

@@ -84,6 +84,8 @@ class PendingStep:
             return out
         res = self.sample.result()
         out.sampled = dict(zip(self.seq_ids, res.token_ids))
+        if res.logprobs.count(None) == len(res.logprobs):  # no row has logprobs (the common step): a C-speed check
+            return out
         for sid, logprobs, ranks in zip(self.seq_ids, res.logprobs, res.ranks):
             if logprobs is not None:
                 out.logprobs[sid] = logprobs

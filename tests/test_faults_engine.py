@@ -120,16 +120,28 @@ def test_a_collect_that_fails_half_way_loses_no_job_and_no_kv_block(tiny_llama, 
 
     client, history = Client(redis_server.url), History()
     engine = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=8)
-    on_token = engine._on_token
+    add_request = engine.add_request
     failures = []
 
-    def on_token_or_fail(seq, logprobs, ranks):
-        if seq.request_id == "half0" and seq.num_output_tokens >= 5 and not failures:
-            failures.append(seq.request_id)
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected: a detokenizer that chokes")
-        return on_token(seq, logprobs, ranks)
+    def add_and_arm(request_id, *args, **kwargs):
+        """half0's detokenizer chokes on its 5th token (whichever of its methods the engine calls)."""
+        add_request(request_id, *args, **kwargs)
+        if request_id != "half0":
+            return
+        detok, seen = engine.requests[request_id].detoks[0], []
 
-    engine._on_token = on_token_or_fail  # the engine calls self._on_token: this instance's fault only
+        def choking(real):
+            def call(token, check_stop=True):
+                seen.append(token)
+                if len(seen) >= 5 and not failures:
+                    failures.append(request_id)
+                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected: a detokenizer that chokes")
+                return real(token, check_stop)
+            return call
+
+        detok.add_token, detok.add_token_delta = choking(detok.add_token), choking(detok.add_token_delta)
+
+    engine.add_request = add_and_arm  # the worker calls engine.add_request: this instance's fault only
     with running_worker(engine, redis_server.url, name="half") as w:
         ids = _enqueue(client, history, "half", 6)
         wait_for(lambda: count_results(client.redis, KEYS, ids) == len(ids), 60, what="all results")

@@ -8,7 +8,9 @@ counting: cycles among them are practically absent (22 objects collected in a wh
 each admission everything alive is frozen (gc.freeze, O(1)), as LLMEngine freezes its start-up heap, and
 collections walk only what is newer. A cycle that forms among frozen objects would be kept until the next
 full collection, which runs when the worker is idle, at most every `full_every_s`; a stopping worker hands
-everything back to the collector (release).
+everything back to the collector (release). While the loop runs, the young generation's threshold is raised to
+`young_threshold` (the worker: engine.step_gc's per-row figure times the engine's rows), so the few objects per
+sequence that each step makes and frees do not start several young collections per step.
 """
 from __future__ import annotations
 
@@ -23,17 +25,22 @@ class GcPacer:
     Active only while the worker loop runs (Worker.run): a worker driven tick by tick (tests) freezes nothing.
     """
 
-    def __init__(self, full_every_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, full_every_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 young_threshold: int = 0):
         self.full_every_s = full_every_s
         self.clock = clock
+        self.young_threshold = young_threshold
         self.active = False
         self._next_full = 0.0
+        self._thresholds: tuple[int, ...] | None = None  # the collector's thresholds before activate()
         self.full_collections = 0
 
     def activate(self) -> None:
         """The worker loop starts."""
         self.active = True
         self._next_full = self.clock() + self.full_every_s
+        self._thresholds = gc.get_threshold()
+        gc.set_threshold(max(self._thresholds[0], self.young_threshold), *self._thresholds[1:])
 
     def admitted(self) -> None:
         """Jobs were just handed to the engine: freeze everything alive, them included."""
@@ -51,6 +58,8 @@ class GcPacer:
         if self.active:
             self.active = False
             gc.unfreeze()
+            if self._thresholds is not None:
+                gc.set_threshold(*self._thresholds)
 
     def collect_all(self) -> None:
         """Unfreeze, collect everything, freeze what survives (the engine's start-up heap included)."""

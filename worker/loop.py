@@ -20,6 +20,7 @@ import orjson
 import redis
 
 from engine import LLMEngine
+from engine.step_gc import GEN0_PER_ROW
 from protocol import PRIORITY_RANK, Defaults, Job, Keys, Limits, validate_id
 from protocol.commands import as_str, entry_field
 from protocol.connection import TRANSIENT_ERRORS, refresh_master
@@ -80,7 +81,9 @@ class Worker:
         self.watchdog = StepWatchdog(settings.step_timeout_s)  # a hung step ends the process (worker.watchdog)
         self._ready: list = []  # the last collected step's deltas, published during the next step
         self._awaiting_first: set[str] = set()  # interactive jobs in flight whose first output is not written yet
-        self.gc = GcPacer()  # full collections off the step path (worker.gc_pacing)
+        # Collections off the step path (worker.gc_pacing); the young threshold sized for the engine's rows.
+        rows = getattr(engine.config, "max_running_seqs", engine.config.max_num_seqs)
+        self.gc = GcPacer(young_threshold=GEN0_PER_ROW * rows)
         self.started = time.time()
         self._next_heartbeat = 0.0
         self._cancels_last = "$"
