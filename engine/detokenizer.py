@@ -266,8 +266,9 @@ class IncrementalDetokenizer:
         return self.add_tokens([token], check_stop)
 
     def add_token_delta(self, token: int, check_stop: bool = True) -> str:
-        """add_token(token, check_stop) then get_delta(False) in one call: the text this token lets out. Whether a
-        stop string ended the text shows in `stopped` (then the rest comes from get_delta(True))."""
+        """add_token(token, check_stop) then get_delta(False): the text this token lets out (the whole-token fast
+        path inlined, the rest through add_token). Whether a stop string ended the text shows in `stopped` (then
+        the rest comes from get_delta(True))."""
         pieces = self._pieces
         if (pieces is not None and not self._pending and self._wlen == self._taken and self.stopped is None
                 and token not in self._skip):
@@ -286,14 +287,7 @@ class IncrementalDetokenizer:
                 if check_stop and self._stop:
                     self._check_stop(old_len)
                 return self.get_delta(False)
-        if pieces is not None and self.stopped is None and token not in self._skip:
-            old_len = len(self.output_text)
-            added = self._split_char(token)
-            if added is not None:
-                if added and check_stop and self._stop:
-                    self._check_stop(old_len)
-                return self.get_delta(False)
-        self.add_tokens([token], check_stop)
+        self.add_token(token, check_stop)  # a character split over tokens, or the general path
         return self.get_delta(False)
 
     def _split_char(self, token: int) -> str | None:
