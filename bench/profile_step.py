@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.shapes import add_model_flags, model_source  # noqa: E402
-from bench.throughput import _schema, add_throughput_engine_flags, build_llm  # noqa: E402
-from bench.workload import add_engine_flags, add_workload_flags, make_workload  # noqa: E402
+from bench.shapes import model_source  # noqa: E402
+from bench.throughput import _schema, add_bench_engine_flags, build_llm  # noqa: E402
+from bench.workload import make_workload  # noqa: E402
 
 # First matching pattern names the kernel's group (lower-case substring match on the kernel name).
 _GROUPS = (
@@ -212,10 +212,7 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    add_workload_flags(p)
-    add_engine_flags(p)
-    add_throughput_engine_flags(p)
+    add_bench_engine_flags(p)
     p.add_argument("--decode-steps", type=int, default=10, help="decode steps in the second window")
     p.add_argument("--top", type=int, default=15, help="kernels listed per window")
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",

@@ -173,6 +173,14 @@ def _summary(name: str, wall: float, n: int, prompt_tokens: int, out_tokens: int
             "total_tok_per_s": round((prompt_tokens + out_tokens) / wall, 1)}
 
 
+def add_bench_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Everything build_llm and make_workload read: the model, the workload and the engine's options."""
+    add_model_flags(p)
+    add_workload_flags(p)
+    add_engine_flags(p)
+    add_throughput_engine_flags(p)
+
+
 def add_throughput_engine_flags(p: argparse.ArgumentParser) -> None:
     """The engine options build_llm reads, beyond bench.workload's add_engine_flags."""
     p.add_argument("--dtype", default="auto")
@@ -188,10 +196,7 @@ def add_throughput_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    add_workload_flags(p)
-    add_engine_flags(p)
-    add_throughput_engine_flags(p)
+    add_bench_engine_flags(p)
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")
