@@ -56,19 +56,15 @@ def _group(name: str) -> str:
     return "other"
 
 
-def _busy_us(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
-    total, cur_s, cur_e = 0.0, None, None
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end) intervals as disjoint intervals, in order."""
+    out: list[tuple[float, float]] = []
     for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
         else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
+            out.append((s, e))
+    return out
 
 
 # Host phases labelled with --trace: (owner attribute path on the engine, or a class, method name, label).
@@ -105,17 +101,12 @@ def label_phases(eng) -> None:
         PendingStep._phase_labelled = True
 
 
-def gap_attribution(prof, steps: int, min_gap_us: float = 5.0) -> dict:
-    """GPU idle gaps (between kernels, > min_gap_us) and, per host phase, how much of them it overlapped."""
-    kernels = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
-                     if _is_gpu_work(ev))
+def gap_attribution(prof, busy: list[tuple[float, float]], steps: int, min_gap_us: float = 5.0) -> dict:
+    """GPU idle gaps between the busy intervals (_merged kernels, > min_gap_us) and, per host phase, how much of
+    them it overlapped."""
     phases = [(ev.name[6:], ev.time_range.start, ev.time_range.end) for ev in prof.events()
               if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("phase:")]
-    gaps, end = [], None
-    for s, e in kernels:
-        if end is not None and s - end > min_gap_us:
-            gaps.append((end, s))
-        end = e if end is None else max(end, e)
+    gaps = [(e0, s1) for (_, e0), (s1, _) in zip(busy, busy[1:]) if s1 - e0 > min_gap_us]
     by_phase: dict[str, float] = defaultdict(float)
     ended_by: dict[str, float] = defaultdict(float)
     for g0, g1 in gaps:
@@ -181,7 +172,8 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
             r = runtime[ev.name]
             r[0] += ev.time_range.end - ev.time_range.start
             r[1] += 1
-    busy = _busy_us(intervals)
+    merged = _merged(intervals)
+    busy = sum(e - s for s, e in merged)
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
     groups: dict[str, float] = defaultdict(float)
     for name, (us, _) in kernels.items():
@@ -196,7 +188,7 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
     for name, (us, n) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:6]:
         print(f"  host {name:<28} {us / steps / 1e3:8.3f} ms/step  {n / steps:6.1f} calls/step")
     if trace is not None:
-        gaps = gap_attribution(prof, steps)
+        gaps = gap_attribution(prof, merged, steps)
     print("  top kernels (ms/step, launches/step):")
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {us / steps / 1e3:8.3f}  {n / steps:6.1f}  {name[:110]}")
