@@ -31,6 +31,7 @@ from bench.workload import (  # noqa: E402
     integer_array_schema,
     make_workload,
 )
+from spool_testing.jit_watch import jit_compiles  # noqa: E402
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
@@ -50,10 +51,13 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    with jit_compiles() as compiled:  # a compile inside the clock is a bench (or engine) defect: reported
+        outs = llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    if compiled:
+        print(f"warning: {len(compiled)} Triton kernel compiles inside the timed run: {sorted(set(compiled))}")
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     reasons: dict[str, int] = {}
     for o in outs:
@@ -71,7 +75,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
                tokenizer=_tokenizer_label(args),
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
-               tensor_parallel_size=args.tensor_parallel_size)
+               tensor_parallel_size=args.tensor_parallel_size, jit_compiles_in_run=compiled)
     eng.shutdown()  # tensor parallel: stop the other ranks before the peer needs their GPUs' memory
     del llm, eng, outs
     gc.collect()

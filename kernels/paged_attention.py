@@ -204,8 +204,9 @@ def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scal
     return acc, l_i, m_i
 
 
-# Batch-dependent ints stay unspecialized so changing batches never trigger recompiles.
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+# Batch-dependent ints stay unspecialized so changing batches never trigger recompiles (Triton specializes an
+# int on == 1 and % 16 == 0): the block table's row stride is the step's longest table, so it changes too.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, kn_ptr, vn_ptr,
     bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale, new_qk_scale, num_seqs, num_splits,

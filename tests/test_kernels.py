@@ -26,6 +26,7 @@ import kernels.paged_attention as _pa  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.paged_attention import AttnConfig, choose_num_splits  # noqa: E402
 from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+from spool_testing.jit_watch import jit_compiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not isinstance(_pa._paged_attn_kernel, InterpretedFunction):
@@ -397,6 +398,27 @@ def test_gpu_prefill_new_kv(dtype, tma):
     cfg = AttnConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, new_kv_tma=tma)
     out = T.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, config=cfg)
     assert_close(out, ref, dtype, f"gpu new kv {dtype} tma={tma}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("one_query", [True, False], ids=["decode", "prompt"])
+def test_gpu_block_table_width_never_recompiles(one_query):
+    """A step's block table is as wide as its longest sequence, so its row stride changes from step to step;
+    new widths (1, multiples of 16, others) reuse the compiled kernel instead of compiling mid-run."""
+    compiled_per_call = []
+    for ctxs in ([100, 37], [16, 9], [256, 250], [512, 3], [1000, 77]):  # table widths 7, 1, 16, 32, 63
+        seqs = [(1 if one_query else min(c, 40), c) for c in ctxs]
+        q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
+        bt = bt[:, :-2].contiguous()  # make_batch pads two columns; the engine's tables fit the longest exactly
+        kn, vn = (None, None) if one_query else new_kv_of(q, 8)
+        ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn)
+        with jit_compiles() as compiled:
+            out = T.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, num_splits=1)
+            torch.cuda.synchronize()
+        assert_close(out, ref, torch.bfloat16, f"width {bt.shape[1]}")
+        compiled_per_call.append(compiled)
+    assert not any(compiled_per_call[1:]), f"recompiled for a new block table width: {compiled_per_call}"
 
 
 @gpu
