@@ -30,8 +30,9 @@ def assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Te
     """Identical e4m3 codes and float32 scales (the shapes included).
 
     one_step_per_million > 0 lets that many codes per million be one e4m3 step off (same sign): for producers
-    whose own fp16 output may round the other way at a tie in the fused kernel (measured on the H200: 1 code
-    of 2,097,152 for fp16 rms_norm_quant at T=512, none in bf16).
+    whose own fp16/bf16 output may round the other way at a tie in the fused kernel (measured on the H200: 1 code
+    of 2,097,152 for fp16 rms_norm_quant at T=512; in bf16 none in the third session, 2 of 8,388,608 at T=2048
+    in the fifth).
     """
     (q, s), (rq, rs) = got, want
     assert q.dtype == rq.dtype == FP8_DTYPE and s.dtype == rs.dtype == torch.float32, what
@@ -197,7 +198,7 @@ def test_gpu_quantize_per_token_real_shapes(k, dtype):
 @pytest.mark.parametrize("t", [1, 512, 2048])
 def test_gpu_fused_producers_real_shapes(t, dtype):
     hidden, inter = 4096, 14336
-    tol = 2.0 if dtype == torch.float16 else 0.0  # codes per million one step off (see assert_same_fp8)
+    tol = 2.0  # codes per million one step off, in either dtype (see assert_same_fp8)
     x = torch.randn(t, hidden, device="cuda").to(dtype)
     r = torch.randn(t, hidden, device="cuda").to(dtype)
     w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
