@@ -10,9 +10,10 @@ wall time per step, the GPU's busy share (union of kernel intervals), the host's
 block (synchronize, memcpy, malloc/free), and the kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or
 launch gaps sit on the critical path; the kernel table says what to make faster.
 
---trace DIR labels the engine's host phases (schedule, runner launch, wait for tokens, update, detokenize and
-deltas) with record_function ranges, writes each window's chrome trace to DIR (gzip), and attributes the GPU's
-idle gaps to the host phases that ran during them: the phase that keeps the GPU waiting is the one to shorten.
+--trace DIR labels the engine's host phases (schedule, runner launch with its metadata build and the model's
+eager forward, wait for tokens, update, detokenize and deltas) with record_function ranges, prints each phase's
+host time per step, writes each window's chrome trace to DIR (gzip), and attributes the GPU's idle gaps to the
+host phases that ran during them: the phase that keeps the GPU waiting is the one to shorten.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 # Host phases labelled with --trace: (owner attribute path on the engine, or a class, method name, label).
 _PHASES = (("", "launch", "launch"), ("", "collect", "collect"), ("scheduler", "schedule", "schedule"),
            ("scheduler", "update_from_output", "update"), ("runner", "launch", "runner.launch"),
-           ("", "_deltas", "detok+deltas"))
+           ("", "_deltas", "detok+deltas"), ("runner", "_metadata", "metadata"), ("runner.model", "forward", "forward"))
 
 
 def _is_gpu_work(ev) -> bool:
@@ -83,7 +84,7 @@ def label_phases(eng) -> None:
     from engine.step_types import PendingStep
 
     for owner_name, meth, label in _PHASES:
-        owner = getattr(eng, owner_name) if owner_name else eng
+        owner = functools.reduce(getattr, owner_name.split("."), eng) if owner_name else eng
         fn = getattr(owner, meth)
 
         def wrapped(*a, _fn=fn, _label=label, **k):
@@ -119,12 +120,18 @@ def gap_attribution(prof, busy: list[tuple[float, float]], steps: int, min_gap_u
                 inner = (name, p0, p1)
         ended_by[inner[0] if inner else "(no phase)"] += g1 - g0
     total = sum(g1 - g0 for g0, g1 in gaps)
+    host: dict[str, float] = defaultdict(float)  # each phase's own host time (phases nest: launch holds schedule)
+    for name, p0, p1 in phases:
+        host[name] += p1 - p0
+    print("  host time by phase (ms/step): " + ", ".join(f"{n} {us / steps / 1e3:.2f}" for n, us in
+                                                      sorted(host.items(), key=lambda kv: -kv[1])))
     print(f"  GPU idle gaps > {min_gap_us:.0f} us: {len(gaps) / steps:.1f}/step, {total / steps / 1e3:.3f} ms/step")
     for name, us in sorted(by_phase.items(), key=lambda kv: -kv[1]):
         print(f"    host in {name:<14} during gaps {us / steps / 1e3:8.3f} ms/step")
     for name, us in sorted(ended_by.items(), key=lambda kv: -kv[1]):
         print(f"    gap ended by a launch in {name:<14} {us / steps / 1e3:8.3f} ms/step")
     return {"gap_ms_per_step": round(total / steps / 1e3, 3), "gaps_per_step": len(gaps) / steps,
+            "host_phase_ms_per_step": {n: round(us / steps / 1e3, 3) for n, us in host.items()},
             "host_phase_during_gaps_ms_per_step": {n: round(us / steps / 1e3, 3) for n, us in by_phase.items()},
             "gap_ended_by_ms_per_step": {n: round(us / steps / 1e3, 3) for n, us in ended_by.items()}}
 
