@@ -29,6 +29,25 @@ for stage in "$@"; do case $stage in
       run attn_fp8_b64 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --decode-uniform 64 4096 --decode-configs 32,1,4 32,2,8 --json "$OUT/attn_fp8_b64.json"
       run attn_fp8_wl 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --decode-configs 32,1,4 32,2,8 --json "$OUT/attn_fp8_wl.json" ;;
   llamafp8all64) run llama8b_fp8all_bs64 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --engine-arg block_size=64 --json "$OUT/llama8b_fp8all_bs64.json" ;;
+  bs64prof) # fifth session: why block 64 runs fp8 weights + fp8 KV end to end slower although its kernels are faster
+      L="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8"
+      run prof_fp8all_bs16 240 python3 bench/profile_step.py $L --json "$OUT/prof_fp8all_bs16.json"
+      run prof_fp8all_bs64 240 python3 bench/profile_step.py $L --engine-arg block_size=64 --json "$OUT/prof_fp8all_bs64.json" ;;
+  bs64) # fifth session: block 64 end to end, with the JIT compiles inside each timed run reported
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      run llama8b_fp8all_bs64 300 python3 bench/throughput.py $W --quantization fp8 --kv-cache-dtype fp8 --engine-arg block_size=64 --json "$OUT/llama8b_fp8all_bs64.json"
+      run llama8b_bs64 300 python3 bench/throughput.py $W --engine-arg block_size=64 --json "$OUT/llama8b_bs64.json" ;;
+  prefilltrace) # fifth session: where the mixed prefill steps wait (GPU busy ~80-90% of their wall), host time by phase
+      L="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --decode-steps 5"
+      run trace_pf_fp8all 300 python3 bench/profile_step.py $L --quantization fp8 --kv-cache-dtype fp8 --trace "$OUT/trpf" --json "$OUT/trace_pf_fp8all.json"
+      run trace_pf_bf16 300 python3 bench/profile_step.py $L --trace "$OUT/trpf" --json "$OUT/trace_pf_bf16.json" ;;
+  bs64pairs) # fifth session: block 16 (the default) / block 64, bf16 llama3-8b and qwen3-0.6b, same call
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      Q="--shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024"
+      for bs in 16 64; do
+        run llama8b_bs$bs 300 python3 bench/throughput.py $W --engine-arg block_size=$bs --json "$OUT/llama8b_bs$bs.json"
+        run qwen3_bs$bs 400 python3 bench/throughput.py $Q --engine-arg block_size=$bs --json "$OUT/qwen3_bs$bs.json"
+      done ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
