@@ -14,6 +14,7 @@ from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import SINGLE, TPGroup
 from engine.grammar_mask import MaskFill
+from engine.logits_rows import compute_logits, load_logits_kernels
 from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
 from engine.models.parallel_linear import kv_heads_per_rank
@@ -67,6 +68,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, rows, max_model_len,
                                        self.block_size, self.device)
             self.graphs.capture()
+        load_logits_kernels(self.model, model_cfg.hidden_size, self.dtype, self.device, config.max_running_seqs)
 
     @property
     def bytes_per_block(self) -> int:
@@ -216,7 +218,7 @@ class ModelRunner:
         if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max_blocks):
             feed = self._feed_tensors(feed_rows, feed_src, previous) if feed_rows else None  # one token per chunk
             hidden = self.graphs.run(chunks, max_blocks, self.block_size, feed)  # [S, hidden]
-            logits = self.model.compute_logits(hidden)  # [S, vocab]
+            logits = compute_logits(self.model, hidden)  # [S, vocab]
         else:
             meta = self._metadata(
                 [c.token_ids for c in chunks], [c.start_pos for c in chunks], [c.block_table for c in chunks],
@@ -230,7 +232,7 @@ class ModelRunner:
             hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
             if not sample_rows:
                 return ForwardInFlight(sched, [], None)
-            logits = self.model.compute_logits(hidden[meta.logits_indices])  # [S, vocab]
+            logits = compute_logits(self.model, hidden[meta.logits_indices])  # [S, vocab]
         # logits is None on a tensor-parallel rank other than 0: rank 0 samples
         return ForwardInFlight(sched, sample_rows, logits)
 
