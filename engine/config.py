@@ -130,7 +130,9 @@ class EngineConfig:
     tokenizer: str | None = None
     device: str = "auto"  # "cpu" | "cuda" | "cuda:N" | "auto"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    block_size: int = 16
+    # Tokens per KV block. 64 measured faster than 16 on the H200 (fifth session: fp8 weights + fp8 KV +5.3%, qwen3-0.6b
+    # +5.3%, llama3-8b bf16 +0.5%); prefix-cache hits count whole blocks, so many short shared prefixes may want 16.
+    block_size: int = 64
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_bytes: int = 1 << 30
