@@ -7,7 +7,7 @@ Adds the whole workload to one engine and steps it. Two windows are profiled: st
 with the first decodes) and, once every request is decoding, 10 pure decode steps; each window's steps are first
 run unprofiled (the profiler slows the host), and the GPU busy time is also given as a share of that wall. For each window it prints the
 wall time per step, the GPU's busy share (union of kernel intervals), the host's CUDA runtime calls that can
-block (synchronize, memcpy, malloc/free), and the kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or
+block (synchronize, memcpy, malloc/free, kernel launches: a full launch queue blocks), and the kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or
 launch gaps sit on the critical path; the kernel table says what to make faster.
 
 --trace DIR labels the engine's host phases (schedule, runner launch with its metadata build and the model's
@@ -71,7 +71,8 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 # Host phases labelled with --trace: (owner attribute path on the engine, or a class, method name, label).
 _PHASES = (("", "launch", "launch"), ("", "collect", "collect"), ("scheduler", "schedule", "schedule"),
            ("scheduler", "update_from_output", "update"), ("runner", "launch", "runner.launch"),
-           ("", "_deltas", "detok+deltas"), ("runner", "_metadata", "metadata"), ("runner.model", "forward", "forward"))
+           ("", "_deltas", "detok+deltas"), ("runner", "_metadata", "metadata"), ("runner.model", "forward", "forward"),
+           ("runner.model", "compute_logits", "logits"), ("runner.sampler", "launch_greedy", "sample"))
 
 
 def _is_gpu_work(ev) -> bool:
@@ -172,13 +173,14 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
         k = kernels[ev.name]
         k[0] += dur
         k[1] += 1
-    runtime: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # host-side CUDA runtime calls that may block
+    runtime: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0])  # host CUDA calls that may block: sum, n, max
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("cuda") and any(
-                k in ev.name for k in ("Synchronize", "Memcpy", "Malloc", "Free", "HostAlloc", "Query")):
+                k in ev.name for k in ("Synchronize", "Memcpy", "Malloc", "Free", "HostAlloc", "Query", "Launch")):
             r = runtime[ev.name]
             r[0] += ev.time_range.end - ev.time_range.start
             r[1] += 1
+            r[2] = max(r[2], ev.time_range.end - ev.time_range.start)
     merged = _merged(intervals)
     busy = sum(e - s for s, e in merged)
     span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) if intervals else 0.0
@@ -192,8 +194,9 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
           f"GPU busy / unprofiled wall {100 * busy / plain_us:.1f}%")
     for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {g:<12} {us / steps / 1e3:8.3f} ms/step  {100 * us / kernel_sum:5.1f}%")
-    for name, (us, n) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:6]:
-        print(f"  host {name:<28} {us / steps / 1e3:8.3f} ms/step  {n / steps:6.1f} calls/step")
+    for name, (us, n, longest) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:8]:
+        print(f"  host {name:<28} {us / steps / 1e3:8.3f} ms/step  {n / steps:6.1f} calls/step  "
+              f"longest {longest / 1e3:.3f} ms")
     if trace is not None:
         gaps = gap_attribution(prof, merged, steps)
     print("  top kernels (ms/step, launches/step):")
@@ -203,7 +206,7 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
             "unprofiled_wall_ms_per_step": round(plain_us / steps / 1e3, 3),
             "gpu_busy_ms_per_step": round(busy / steps / 1e3, 3), "gpu_busy_share": round(busy / wall_us, 3),
             "groups_ms_per_step": {g: round(us / steps / 1e3, 3) for g, us in groups.items()},
-            "host_cuda_calls_ms_per_step": {n: round(us / steps / 1e3, 3) for n, (us, _) in runtime.items()},
+            "host_cuda_calls_ms_per_step": {n: round(us / steps / 1e3, 3) for n, (us, _, _) in runtime.items()},
             "gaps": gaps,
             "top_kernels": [{"name": n, "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": c / steps}
                             for n, (us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
