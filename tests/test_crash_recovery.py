@@ -43,9 +43,13 @@ def test_sigkill_one_of_two_workers_loses_nothing(tiny_llama, redis_server, tmp_
         jobs = [{"id": f"k{i}", "prompt": f"crash test {i}", "max_tokens": 30 + i % 20, "ignore_eos": True,
                  "temperature": 0.8, "seed": i, "stream": i % 2 == 0} for i in range(200)]
         ids = client.enqueue_many(jobs)
-        # Kill w1 once both are really working: it then holds max_num_seqs jobs mid-generation.
-        wait_for(lambda: count_results(r, KEYS, ids) >= 30, 60, what="30 results")
-        pending = r.xpending_range(KEYS.jobs(), KEYS.group, "-", "+", 100, consumername="w1")
+        # Kill w1 once both are really working: it then holds max_num_seqs jobs mid-generation. (On a loaded
+        # machine w1 may start after w2 has done the first 30, so wait for w1's own jobs too.)
+        def w1_pending():
+            return r.xpending_range(KEYS.jobs(), KEYS.group, "-", "+", 100, consumername="w1")
+
+        wait_for(lambda: count_results(r, KEYS, ids) >= 30 and w1_pending(), 60, what="30 results, w1 holding jobs")
+        pending = w1_pending()
         assert pending, "w1 held no jobs when killed: the test would prove nothing"
         w1.kill()
         killed_with = [p["message_id"] for p in pending]
