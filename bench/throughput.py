@@ -7,7 +7,8 @@
   python bench/throughput.py --shape llama3-8b ... --tokenizer-file .vocab/llama3.tiktoken [--structured one]
       (Llama 3's real vocabulary instead of the synthetic one: bench/tiktoken_tokenizer.py says where to get it)
   python bench/throughput.py --shape llama3-8b ... --tensor-parallel-size 2   (sharded over cuda:0 and cuda:1)
-Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file.
+Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file, with `jit_compiles_in_run`:
+the Triton kernels compiled inside the timed run (spool_testing/jit_watch.py), which should be none.
 """
 from __future__ import annotations
 
