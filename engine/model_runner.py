@@ -214,8 +214,9 @@ class ModelRunner:
         sample_rows = [i for i, c in enumerate(chunks) if c.sample]
         decode_only = len(sample_rows) == len(chunks) == sched.num_batched_tokens
         feed_rows, feed_src = device_feed(sched, previous)
-        max_blocks = max(len(c.block_table) for c in chunks) if decode_only and self.graphs is not None else 0
-        if decode_only and self.graphs is not None and self.graphs.fits(len(chunks), max_blocks):
+        use_graphs = decode_only and self.graphs is not None
+        max_blocks = max(len(c.block_table) for c in chunks) if use_graphs else 0
+        if use_graphs and self.graphs.fits(len(chunks), max_blocks):
             feed = self._feed_tensors(feed_rows, feed_src, previous) if feed_rows else None  # one token per chunk
             hidden = self.graphs.run(chunks, max_blocks, self.block_size, feed)  # [S, hidden]
             logits = compute_logits(self.model, hidden)  # [S, vocab]
