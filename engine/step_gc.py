@@ -21,13 +21,20 @@ from collections.abc import Iterator
 GEN0_PER_ROW = 16
 
 
+def raise_young_threshold(threshold: int) -> tuple[int, ...]:
+    """Raise the young generation's threshold to at least `threshold`; returns the thresholds before, for
+    gc.set_threshold(*before) (step_gc here, the worker's GcPacer)."""
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], threshold), *old[1:])
+    return old
+
+
 @contextlib.contextmanager
 def step_gc(max_rows: int) -> Iterator[None]:
     """Freeze what is alive now, and raise the young threshold to GEN0_PER_ROW * max_rows until the block ends
     (the previous thresholds are restored; frozen objects stay frozen, as after LLMEngine's start-up)."""
     gc.freeze()
-    old = gc.get_threshold()
-    gc.set_threshold(max(old[0], GEN0_PER_ROW * max_rows), *old[1:])
+    old = raise_young_threshold(GEN0_PER_ROW * max_rows)
     try:
         yield
     finally:

@@ -18,6 +18,8 @@ import gc
 import time
 from collections.abc import Callable
 
+from engine.step_gc import raise_young_threshold
+
 
 class GcPacer:
     """Freezes admitted jobs' objects out of the collector's way; collects everything while idle.
@@ -39,8 +41,7 @@ class GcPacer:
         """The worker loop starts."""
         self.active = True
         self._next_full = self.clock() + self.full_every_s
-        self._thresholds = gc.get_threshold()
-        gc.set_threshold(max(self._thresholds[0], self.young_threshold), *self._thresholds[1:])
+        self._thresholds = raise_young_threshold(self.young_threshold)
 
     def admitted(self) -> None:
         """Jobs were just handed to the engine: freeze everything alive, them included."""
