@@ -5,13 +5,14 @@
 
 Adds the whole workload to one engine and steps it. Two windows are profiled: steps 15-19 (prefill chunks mixed
 with the first decodes) and, once every request is decoding, 10 pure decode steps; each window's steps are first
-run unprofiled (the profiler slows the host), and the GPU busy time is also given as a share of that wall. For each window it prints the
-wall time per step, the GPU's busy share (union of kernel intervals), the host's CUDA runtime calls that can
-block (synchronize, memcpy, malloc/free, kernel launches: a full launch queue blocks), and the kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or
-launch gaps sit on the critical path; the kernel table says what to make faster.
+run unprofiled (the profiler slows the host), and the GPU busy time is also given as a share of that wall. For each
+window it prints the wall time per step, the GPU's busy share (union of kernel intervals), the host's CUDA runtime
+calls that can block (synchronize, memcpy, malloc/free, kernel launches: a full launch queue blocks), and the
+kernels by total time, grouped under readable names. A GPU busy share well under 100% means host time or launch
+gaps sit on the critical path; the kernel table says what to make faster.
 
---trace DIR labels the engine's host phases (schedule, runner launch with its metadata build and the model's
-eager forward, wait for tokens, update, detokenize and deltas) with record_function ranges, prints each phase's
+--trace DIR labels the engine's host phases (schedule, runner launch with its metadata build, the model's eager
+forward, the LM head and the sampling, wait for tokens, update, detokenize and deltas) with record_function ranges, prints each phase's
 host time per step, writes each window's chrome trace to DIR (gzip), and attributes the GPU's idle gaps to the
 host phases that ran during them: the phase that keeps the GPU waiting is the one to shorten.
 """
@@ -68,7 +69,8 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-# Host phases labelled with --trace: (owner attribute path on the engine, or a class, method name, label).
+# Host phases labelled with --trace: (the owner's dotted attribute path on the engine, "" for the engine itself;
+# the method; the label).
 _PHASES = (("", "launch", "launch"), ("", "collect", "collect"), ("scheduler", "schedule", "schedule"),
            ("scheduler", "update_from_output", "update"), ("runner", "launch", "runner.launch"),
            ("", "_deltas", "detok+deltas"), ("runner", "_metadata", "metadata"), ("runner.model", "forward", "forward"),
