@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, pack_block_tables
 
 if TYPE_CHECKING:  # an annotation only
     from engine.step_types import ScheduledChunk
@@ -109,20 +109,14 @@ class DecodeGraphs:
         if self._staged[k] is not None:
             self._staged[k].synchronize()  # that set's copies (two steps ago) have left: in practice no wait
         vec, tab, lens = self._staging[k]
-        # The block tables packed to max_blocks columns (zero-padded), one slice copy per table. Only the columns
-        # in use are staged: the kernel never reads a row past its own sequence's last block, so stale entries
-        # beyond them are harmless, and padding every row to max_model_len would cost milliseconds.
+        # The block tables packed to max_blocks columns (zero-padded). Only the columns in use are staged: the
+        # kernel never reads a row past its own sequence's last block, so stale entries beyond them are
+        # harmless, and padding every row to max_model_len would cost milliseconds.
         maxb = max_blocks
-        flat = array("i", bytes(4 * maxb * b))
-        o = 0
-        for c in chunks:
-            table = c.block_table
-            flat[o:o + len(table)] = table
-            o += maxb
         ids = array("q", [c.token_ids[0] for c in chunks])
         ids.extend([c.start_pos for c in chunks])
         vec[:2, :b] = torch.frombuffer(ids, dtype=torch.int64).view(2, b)
-        tab[:b, :maxb] = torch.frombuffer(flat, dtype=torch.int32).view(b, maxb)
+        tab[:b, :maxb] = pack_block_tables([c.block_table for c in chunks], maxb)
         pos = vec[1, :b]
         rows = tab[:b].gather(1, (pos // block_size).view(b, 1).to(torch.int64)).view(b).to(torch.int64)
         vec[2, :b] = rows * block_size + pos % block_size
