@@ -48,6 +48,10 @@ for stage in "$@"; do case $stage in
         run llama8b_bs$bs 300 python3 bench/throughput.py $W --engine-arg block_size=$bs --json "$OUT/llama8b_bs$bs.json"
         run qwen3_bs$bs 400 python3 bench/throughput.py $Q --engine-arg block_size=$bs --json "$OUT/qwen3_bs$bs.json"
       done ;;
+  timelines) # sixth session: a whole run's seconds by step kind and batch size (bench/step_timeline.py): where
+      # qwen3-0.6b's ~6.4 s go beyond the kernels' ~5 s, and llama3-8b bf16's beside it
+      run qwen3_timeline 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --timeline --json "$OUT/qwen3_timeline.json"
+      run llama8b_timeline 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --timeline --json "$OUT/llama8b_timeline.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

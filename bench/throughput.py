@@ -9,6 +9,8 @@
   python bench/throughput.py --shape llama3-8b ... --tensor-parallel-size 2   (sharded over cuda:0 and cuda:1)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file, with `jit_compiles_in_run`:
 the Triton kernels compiled inside the timed run (spool_testing/jit_watch.py), which should be none.
+--timeline also times every step of the run (bench/step_timeline.py) and prints the run's seconds by step kind:
+mixed steps and decode-only steps by batch size (the JSON adds the per-step lists).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from bench.workload import (  # noqa: E402
     integer_array_schema,
     make_workload,
 )
+from bench.step_timeline import StepTimeline, format_groups  # noqa: E402
 from spool_testing.jit_watch import jit_compiles  # noqa: E402
 
 
@@ -49,9 +52,12 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     compile_s = _time_first_compile(llm, args) if args.structured != "none" else None
     llm.engine.block_manager.reset_prefix_cache()
     steps_before = llm.engine.stats.num_steps  # the warm-up's steps are not the workload's
+    timeline = StepTimeline().attach(llm.engine) if args.timeline else None
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
+    if timeline is not None:
+        timeline.start()
     with jit_compiles() as compiled:  # a compile inside the clock is a bench (or engine) defect: reported
         outs = llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params)
         if torch.cuda.is_available():
@@ -77,6 +83,9 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                tokenizer=_tokenizer_label(args),
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
                tensor_parallel_size=args.tensor_parallel_size, jit_compiles_in_run=compiled)
+    if timeline is not None:
+        res["timeline"] = timeline.to_json()
+        print(format_groups(res["timeline"]["groups"]), flush=True)
     eng.shutdown()  # tensor parallel: stop the other ranks before the peer needs their GPUs' memory
     del llm, eng, outs
     gc.collect()
@@ -205,6 +214,9 @@ def main() -> int:
     p.add_argument("--peer", action="store_true", help="also run transformers generate_batch and print the ratio")
     p.add_argument("--peer-only", action="store_true", help="run only the transformers peer")
     p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--timeline", action="store_true",
+                   help="time every step of spool's run and report the wall by step kind and batch size "
+                        "(bench/step_timeline.py)")
     p.add_argument("--with-tokenizer", action="store_true",
                    help="give a --shape a tokenizer of its vocabulary (implied by --structured and "
                         "--tokenizer-file; synthetic unless --tokenizer-file): outputs are detokenized, as in a real "
@@ -221,7 +233,7 @@ def main() -> int:
           f"{wl.prompt_tokens} prompt tokens, {sum(wl.output_lens)} output tokens", flush=True)
     results = [] if args.peer_only else [run_spool(path, load_format, wl, args)]
     if results:
-        print(json.dumps(results[0]), flush=True)
+        print(json.dumps({k: v for k, v in results[0].items() if k != "timeline"}), flush=True)
     if args.peer or args.peer_only:
         results.append(run_peer(path, load_format, wl, args))
         print(json.dumps(results[-1]), flush=True)
