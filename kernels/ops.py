@@ -25,6 +25,7 @@ class Ops:
     fused_add_rms_norm_quant: Callable
     silu_and_mul_quant: Callable
     rotary_embedding: Callable
+    qk_norm_rotary: Callable
     write_kv_cache: Callable
     paged_attention: Callable
 
@@ -38,6 +39,7 @@ TORCH_OPS = Ops(
     fused_add_rms_norm_quant=reference.fused_add_rms_norm_quant,
     silu_and_mul_quant=reference.silu_and_mul_quant,
     rotary_embedding=reference.rotary_embedding,
+    qk_norm_rotary=reference.qk_norm_rotary,
     write_kv_cache=reference.write_kv_cache,
     paged_attention=reference.paged_attention,
 )

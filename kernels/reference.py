@@ -93,6 +93,14 @@ def rotary_embedding(
     return rot(q), rot(k)
 
 
+def qk_norm_rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    eps: float, cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm, then rotary: q [T, Hq, D], k [T, Hk, D], weights [D]; new (q, k)."""
+    return rotary_embedding(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin_cache)
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     k_scale: float = 1.0, v_scale: float = 1.0,

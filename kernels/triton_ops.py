@@ -5,6 +5,7 @@ from kernels.activation import silu_and_mul, silu_and_mul_quant
 from kernels.kv_cache import write_kv_cache
 from kernels.ops import Ops
 from kernels.paged_attention import paged_attention
+from kernels.qk_norm_rotary import qk_norm_rotary
 from kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_quant, rms_norm, rms_norm_quant
 from kernels.rotary import rotary_embedding
 
@@ -17,6 +18,7 @@ TRITON_OPS = Ops(
     fused_add_rms_norm_quant=fused_add_rms_norm_quant,
     silu_and_mul_quant=silu_and_mul_quant,
     rotary_embedding=rotary_embedding,
+    qk_norm_rotary=qk_norm_rotary,
     write_kv_cache=write_kv_cache,
     paged_attention=paged_attention,
 )

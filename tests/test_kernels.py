@@ -323,6 +323,49 @@ def test_rotary(d, hq, hk, dtype, llama3, inplace):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d,hq,hk", [(64, 4, 4), (128, 16, 8), (128, 3, 1), (32, 5, 2)])
+def test_qk_norm_rotary(d, hq, hk, dtype):
+    """Qwen3's q/k norm + rotary on views into a fused qkv equals rms_norm then rotary_embedding."""
+    t, max_pos = 13, 4096
+    cache = rope_cache(d, max_pos, base=1000000.0).to(DEVICE)
+    pos = torch.randint(0, max_pos, (t,)).to(DEVICE)
+    qkv = (3 * torch.randn(t, hq + 2 * hk, d)).to(dtype).to(DEVICE)
+    q, k = qkv[:, :hq], qkv[:, hq : hq + hk]
+    qw = (1 + 0.1 * torch.randn(d)).to(dtype).to(DEVICE)
+    kw = (1 + 0.1 * torch.randn(d)).to(dtype).to(DEVICE)
+    ref_q, ref_k = reference.qk_norm_rotary(pos, q, k, qw, kw, 1e-6, cache)
+    out_q, out_k = T.qk_norm_rotary(pos, q, k, qw, kw, 1e-6, cache)
+    assert out_q.shape == (t, hq, d) and out_k.shape == (t, hk, d) and out_q.is_contiguous()
+    assert out_q.dtype == out_k.dtype == dtype
+    # bf16 rounds three times on the way (normed row, weight product, rotation); the interpreter truncates each
+    # (~9e-3 here, the same as rms_norm then rotary_embedding through the Triton ops), the GPU rounds to nearest.
+    tol = 2e-2 if dtype == torch.bfloat16 and DEVICE == "cpu" else TOL[dtype]
+    assert rel_err(out_q, ref_q) <= tol and rel_err(out_k, ref_k) <= tol, (rel_err(out_q, ref_q), rel_err(out_k, ref_k))
+    assert not (out_q.isnan().any() or out_k.isnan().any())
+    # The reference is the two ops it fuses.
+    want_q, want_k = reference.rotary_embedding(pos, reference.rms_norm(q, qw, 1e-6), reference.rms_norm(k, kw, 1e-6),
+                                                cache)
+    assert torch.equal(ref_q, want_q) and torch.equal(ref_k, want_k)
+
+
+def test_qk_norm_rotary_promotes_to_the_weights_dtype_and_takes_no_tokens():
+    cache = rope_cache(64, 128).to(DEVICE)
+    q = torch.randn(4, 2, 64).to(torch.bfloat16).to(DEVICE)
+    k = torch.randn(4, 1, 64).to(torch.bfloat16).to(DEVICE)
+    w = torch.randn(64, device=DEVICE)  # float32 weights: the norm's output is float32, as in the reference
+    pos = torch.arange(4, device=DEVICE)
+    ref_q, ref_k = reference.qk_norm_rotary(pos, q, k, w, w, 1e-5, cache)
+    out_q, out_k = T.qk_norm_rotary(pos, q, k, w, w, 1e-5, cache)
+    assert out_q.dtype == ref_q.dtype == torch.float32
+    assert_close(out_q, ref_q, torch.bfloat16, "promoted q")
+    assert_close(out_k, ref_k, torch.bfloat16, "promoted k")
+    eq, ek = T.qk_norm_rotary(pos[:0], q[:0], k[:0], w, w, 1e-5, cache)
+    assert eq.shape == (0, 2, 64) and ek.shape == (0, 1, 64)
+    with pytest.raises(ValueError, match="weights must both be"):
+        T.qk_norm_rotary(pos, q, k, w[:32], w, 1e-5, cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hk,d,bs", [(1, 64, 16), (2, 128, 32), (8, 128, 16), (3, 64, 32)])
 def test_write_kv_cache(hk, d, bs, dtype):
     t, num_blocks = 9, 6
@@ -448,6 +491,11 @@ def test_gpu_small_kernels_real_shapes(dtype):
     q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
     for got, want in zip(T.rotary_embedding(pos, q, k, cache), reference.rotary_embedding(pos, q, k, cache)):
         assert_close(got, want, dtype, "rotary")
+    qw = (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype)
+    kw = (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype)
+    for got, want in zip(T.qk_norm_rotary(pos, q, k, qw, kw, 1e-6, cache),
+                         reference.qk_norm_rotary(pos, q, k, qw, kw, 1e-6, cache)):
+        assert_close(got, want, dtype, "qk_norm_rotary")
     kc = torch.zeros(400, 16, hk, d, device="cuda", dtype=dtype)
     vc = torch.zeros_like(kc)
     ref_kc, ref_vc = kc.clone(), vc.clone()

@@ -67,10 +67,10 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.ops.rms_norm(q, self.q_norm, self.eps)
-            k = self.ops.rms_norm(k, self.k_norm, self.eps)
-        q, k = self.ops.rotary_embedding(meta.positions, q, k, cos_sin)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k, then rotary, in one kernel
+            q, k = self.ops.qk_norm_rotary(meta.positions, q, k, self.q_norm, self.k_norm, self.eps, cos_sin)
+        else:
+            q, k = self.ops.rotary_embedding(meta.positions, q, k, cos_sin)
         k_cache, v_cache = kv
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         o = self.ops.paged_attention(
@@ -150,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden [S, hidden] -> logits [S, vocab] in float32 (padded to a multiple of the ranks; None on ranks
-        other than 0, which gathers them)."""
+        """hidden [S, hidden] -> logits [S, vocab] in the model's dtype (padded to a multiple of the ranks; None on
+        ranks other than 0, which gathers them)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return head.logits(hidden)
