@@ -54,7 +54,7 @@ def spool_logits(path: Path, hf, ids: list[int], backend: str = "auto", kv_cache
     r = llm.engine.runner
     meta = r._metadata([ids], [0], [list(range(-(-len(ids) // r.block_size)))], [0])
     with torch.inference_mode():
-        out = r.model.compute_logits(r.model(meta, r.kv_caches, r.cos_sin)[meta.logits_indices])[0]
+        out = r.model.compute_logits(r.model(meta, r.kv_caches, r.cos_sin)[meta.logits_indices])[0].float()
     del llm, r
     torch.cuda.empty_cache()
     return out

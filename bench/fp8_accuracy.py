@@ -41,7 +41,7 @@ def last_logits(llm: LLM, prompts: list[list[int]], batch: int = 8) -> torch.Ten
             start += n
         meta = r._metadata(chunk, [0] * len(chunk), tables, list(range(len(chunk))))
         with torch.inference_mode():
-            out.append(r.model.compute_logits(r.model(meta, r.kv_caches, r.cos_sin)[meta.logits_indices]).cpu())
+            out.append(r.model.compute_logits(r.model(meta, r.kv_caches, r.cos_sin)[meta.logits_indices]).float().cpu())
     return torch.cat(out)
 
 

@@ -135,7 +135,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[meta.logits_indices])
             if logits is not None:  # only rank 0 holds logits and samples
                 rows = max(self.config.max_running_seqs, len(lens))
-                torch.softmax(logits.new_empty(rows, logits.shape[1]), dim=-1)
+                # the sampler's float32 working copy and its softmax, at the most rows a step samples
+                torch.softmax(logits.new_empty(rows, logits.shape[1], dtype=torch.float32), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del kv, hidden, logits

@@ -33,7 +33,7 @@ def _logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
         runner.model(meta, runner.kv_caches, runner.cos_sin)
         meta = runner._metadata([prompt[-1:]], [len(prompt) - 1], [blocks], [0])
         hidden = runner.model(meta, runner.kv_caches, runner.cos_sin)
-        return runner.model.compute_logits(hidden[meta.logits_indices])[0]
+        return runner.model.compute_logits(hidden[meta.logits_indices])[0].float()
 
 
 def test_kv_cache_dtype_validation(tiny_llama):

@@ -69,7 +69,7 @@ def last_logits(llm: LLM, prompts=PROMPTS) -> torch.Tensor:
         start += n
     meta = r._metadata(prompts, [0] * len(prompts), tables, list(range(len(prompts))))
     with torch.inference_mode():
-        return r.model.compute_logits(r.model(meta, r.kv_caches, r.cos_sin)[meta.logits_indices])
+        return r.model.compute_logits(r.model(meta, r.kv_caches, r.cos_sin)[meta.logits_indices]).float()
 
 
 def fp8_layers(llm: LLM) -> dict[str, torch.nn.Module]:
