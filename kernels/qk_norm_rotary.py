@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.rotary import check_rotary_args
+
 
 @triton.jit
 def _norm_rotate(ptr, out_ptr, w_ptr, tok, stride_t, stride_h, stride_d, num_heads, cos, sin, eps,
@@ -69,26 +71,16 @@ def qk_norm_rotary(
     eps: float, cos_sin_cache: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q', k') = rotary of the per-head RMSNorms of q [T, Hq, D] and k [T, Hk, D]; see the module docstring."""
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"qk_norm_rotary: want q [T, Hq, D], k [T, Hk, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_rotary_args("qk_norm_rotary", positions, q, k, cos_sin_cache, q_weight, k_weight)
     t, hq, d = q.shape
     hk = k.shape[1]
     if q_weight.shape != (d,) or k_weight.shape != (d,) or q_weight.dtype != k_weight.dtype:
         raise ValueError(f"qk_norm_rotary: q/k weights must both be [{d}] of one dtype, got "
                          f"{tuple(q_weight.shape)} {q_weight.dtype}, {tuple(k_weight.shape)} {k_weight.dtype}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or d % 2:
-        raise ValueError(f"qk_norm_rotary: cos_sin_cache must be [max_pos, {d}] (even head_dim), "
-                         f"got {tuple(cos_sin_cache.shape)}")
-    if cos_sin_cache.dtype != torch.float32:
-        raise TypeError(f"qk_norm_rotary: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
-    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"qk_norm_rotary: positions must be int [{t}], got {positions.dtype} {tuple(positions.shape)}")
     out_dtype = torch.promote_types(q_weight.dtype, q.dtype)
-    if k.dtype != q.dtype or q.dtype not in _TL or out_dtype not in _TL:
-        raise TypeError(f"qk_norm_rotary: q and k must share a float32/float16/bfloat16 dtype (weights too), "
-                        f"got {q.dtype}, {k.dtype}, weights {q_weight.dtype}")
-    if len({x.device for x in (positions, q, k, q_weight, k_weight, cos_sin_cache)}) != 1:
-        raise ValueError("qk_norm_rotary: all tensors must be on one device")
+    if q.dtype not in _TL or out_dtype not in _TL:
+        raise TypeError(f"qk_norm_rotary: q, k and the weights must be float32/float16/bfloat16, got {q.dtype}, "
+                        f"weights {q_weight.dtype}")
     q_out = torch.empty((t, hq, d), dtype=out_dtype, device=q.device)
     k_out = torch.empty((t, hk, d), dtype=out_dtype, device=q.device)
     if t == 0:

@@ -49,6 +49,25 @@ def _rotary_kernel(
             num_k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
 
+def check_rotary_args(name: str, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, *others: torch.Tensor) -> None:
+    """The layouts the module docstring names (q, k of one float dtype; `others` on their device too), or a
+    one-line error naming the op."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"{name}: want q [T, Hq, D], k [T, Hk, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    t, _, d = q.shape
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or d % 2:
+        raise ValueError(f"{name}: cos_sin_cache must be [max_pos, {d}] (even head_dim), got {tuple(cos_sin_cache.shape)}")
+    if cos_sin_cache.dtype != torch.float32:
+        raise TypeError(f"{name}: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: positions must be int [{t}], got {positions.dtype} {tuple(positions.shape)}")
+    if k.dtype != q.dtype or not q.is_floating_point():
+        raise TypeError(f"{name}: q and k must share a float dtype, got {q.dtype}, {k.dtype}")
+    if len({x.device for x in (positions, q, k, cos_sin_cache, *others)}) != 1:
+        raise ValueError(f"{name}: all tensors must be on one device")
+
+
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, *, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,21 +76,8 @@ def rotary_embedding(
     Out of place by default (like the reference); inplace=True rotates q and k in their own
     storage (e.g. inside a fused qkv tensor) and returns them.
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"rotary_embedding: want q [T, Hq, D], k [T, Hk, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_rotary_args("rotary_embedding", positions, q, k, cos_sin_cache)
     t, hq, d = q.shape
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or d % 2:
-        raise ValueError(f"rotary_embedding: cos_sin_cache must be [max_pos, {d}] (even head_dim), "
-                         f"got {tuple(cos_sin_cache.shape)}")
-    if cos_sin_cache.dtype != torch.float32:
-        raise TypeError(f"rotary_embedding: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
-    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"rotary_embedding: positions must be int [{t}], "
-                         f"got {positions.dtype} {tuple(positions.shape)}")
-    if k.dtype != q.dtype or not q.is_floating_point():
-        raise TypeError(f"rotary_embedding: q and k must share a float dtype, got {q.dtype}, {k.dtype}")
-    if len({x.device for x in (positions, q, k, cos_sin_cache)}) != 1:
-        raise ValueError("rotary_embedding: all tensors must be on one device")
     q_out = q if inplace else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = k if inplace else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
