@@ -365,6 +365,27 @@ def test_qk_norm_rotary_promotes_to_the_weights_dtype_and_takes_no_tokens():
         T.qk_norm_rotary(pos, q, k, w[:32], w, 1e-5, cache)
 
 
+def test_rotary_ops_name_themselves_in_one_line_errors():
+    cache = rope_cache(64, 32).to(DEVICE)
+    q, k = torch.randn(3, 2, 64, device=DEVICE), torch.randn(3, 1, 64, device=DEVICE)
+    pos, w = torch.arange(3, device=DEVICE), torch.ones(64, device=DEVICE)
+    cases = [
+        (dict(q=q[:, :, :32]), ValueError, "want q \\[T, Hq, D\\], k \\[T, Hk, D\\]"),
+        (dict(cache=cache.double()), TypeError, "cos_sin_cache must be float32"),
+        (dict(cache=cache[:, :32]), ValueError, "cos_sin_cache must be \\[max_pos, 64\\]"),
+        (dict(pos=pos.float()), ValueError, "positions must be int \\[3\\]"),
+        (dict(k=k.double()), TypeError, "q and k must share a float dtype"),
+    ]
+    for change, err, msg in cases:
+        a = dict(pos=pos, q=q, k=k, cache=cache) | change
+        with pytest.raises(err, match=f"^rotary_embedding: {msg}"):
+            T.rotary_embedding(a["pos"], a["q"], a["k"], a["cache"])
+        with pytest.raises(err, match=f"^qk_norm_rotary: {msg}"):
+            T.qk_norm_rotary(a["pos"], a["q"], a["k"], w, w, 1e-6, a["cache"])
+    with pytest.raises(TypeError, match="^qk_norm_rotary: q, k and the weights must be float32/float16/bfloat16"):
+        T.qk_norm_rotary(pos, q.double(), k.double(), w.double(), w.double(), 1e-6, cache)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hk,d,bs", [(1, 64, 16), (2, 128, 32), (8, 128, 16), (3, 64, 32)])
 def test_write_kv_cache(hk, d, bs, dtype):
