@@ -29,6 +29,7 @@ from kernels.fp8_quant import (
     to_e4m3,
 )
 from kernels.interpreter import interpreting
+from kernels.sizes import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -95,8 +96,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] and d:
-        block = min(1024, triton.next_power_of_2(d))
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
+        block = min(1024, next_power_of_2(d))
+        _silu_and_mul_kernel[(x2.shape[0], cdiv(d, block))](x2, out, x2.stride(0), out.stride(0), d,
                                                                      BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], d)
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from kernels.fp8 import FP8_DTYPE, MIN_SCALE
 from kernels.interpreter import interpreting, round_to_e4m3
+from kernels.sizes import next_power_of_2
 
 MAX_BLOCK = 16384  # longest row kept in registers (16 warps: 32 float32 per thread)
 CHUNK = 4096  # tile of the two-pass path for longer rows
@@ -39,7 +40,7 @@ def num_warps_for(block: int) -> int:
 
 def tile_for(k: int, max_block: int) -> tuple[int, bool]:
     """(BLOCK, ONE_TILE) for rows of k elements: the whole row when it fits max_block, else CHUNK-sized chunks."""
-    block = triton.next_power_of_2(k)
+    block = next_power_of_2(k)
     return (block, True) if block <= max_block else (min(CHUNK, max_block), False)
 
 

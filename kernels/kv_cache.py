@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kernels.fp8 import is_fp8
 from kernels.interpreter import interpreting, round_to_e4m3
+from kernels.sizes import next_power_of_2
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def write_kv_cache(
     _write_kv_kernel[(t,)](
         k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale),
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        hk, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d),
+        hk, HEAD_DIM=d, BLOCK_H=next_power_of_2(hk), BLOCK_D=next_power_of_2(d),
         PAGE=k_cache.shape[1], FP8=fp8, EMULATE_ROUNDING=fp8 and interpreting(),
         num_warps=4,
     )

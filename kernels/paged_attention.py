@@ -65,6 +65,7 @@ import triton.language as tl
 
 from kernels.fp8 import FP8_DTYPE, is_fp8
 from kernels.interpreter import interpreting
+from kernels.sizes import cdiv, next_power_of_2
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +345,7 @@ def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, 
     many bytes in flight.
     """
     wide = dtype == torch.float32  # fp32 tiles take twice the shared memory
-    group_rows = max(16, triton.next_power_of_2(group))
+    group_rows = max(16, next_power_of_2(group))
     if decode:
         block_n = max(16, (8192 if not wide else 4096) // head_dim)
         if wide:
@@ -363,8 +364,8 @@ def choose_num_splits(programs: int, max_seq_len: int, block_n: int, num_sms: in
     target = _PROGRAMS_PER_SM * num_sms
     if programs >= target:
         return 1
-    by_len = triton.cdiv(max_seq_len, max(_MIN_TOKENS_PER_SPLIT, block_n))
-    return max(1, min(triton.cdiv(target, programs), by_len, _MAX_SPLITS))
+    by_len = cdiv(max_seq_len, max(_MIN_TOKENS_PER_SPLIT, block_n))
+    return max(1, min(cdiv(target, programs), by_len, _MAX_SPLITS))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -545,5 +546,5 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
     if num_splits > 1:
         _merge_splits_kernel[(t, hq)](
             part_acc, part_m, part_l, out, *out.stride(), num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=d, num_warps=4,
+            SPLITS_P2=next_power_of_2(num_splits), HEAD_DIM=d, num_warps=4,
         )

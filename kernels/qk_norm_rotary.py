@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.rotary import check_rotary_args
+from kernels.sizes import next_power_of_2
 
 
 @triton.jit
@@ -89,8 +90,8 @@ def qk_norm_rotary(
     _qk_norm_rotary_kernel[(t,)](
         positions.contiguous(), q, k, q_weight.contiguous(), k_weight.contiguous(), q_out, k_out, cs, cs.stride(0),
         *q.stride(), *k.stride(), hq, hk, eps,
-        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
-        BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk), NORM_DTYPE=_TL[out_dtype],
+        HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2),
+        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), NORM_DTYPE=_TL[out_dtype],
         num_warps=4,
     )
     return q_out, k_out

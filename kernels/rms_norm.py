@@ -26,6 +26,7 @@ from kernels.fp8_quant import (
     to_e4m3,
 )
 from kernels.interpreter import interpreting
+from kernels.sizes import next_power_of_2
 
 
 @triton.jit
@@ -89,7 +90,7 @@ def _launch(x, res, weight, eps, out, res_out, add: bool, scale=None) -> None:
     n = x.shape[0]
     if n == 0:
         return
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     norm_dtype = torch.promote_types(weight.dtype, x.dtype)
     _rms_norm_kernel[(n,)](
         x, res if add else x, weight, out, res_out if add else out, out if scale is None else scale, x.stride(0),

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.sizes import next_power_of_2
+
 
 @triton.jit
 def _rotate(ptr, out_ptr, tok, stride_t, stride_h, stride_d, ostride_t, ostride_h, ostride_d,
@@ -87,7 +89,7 @@ def rotary_embedding(
     _rotary_kernel[(t,)](
         positions.contiguous(), q, k, q_out, k_out, cs, cs.stride(0),
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), hq, hk,
-        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2),
-        BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk), num_warps=4,
+        HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2),
+        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), num_warps=4,
     )
     return q_out, k_out
