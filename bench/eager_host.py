@@ -69,7 +69,7 @@ def measure(arch: str = "qwen3", steps: int = 300, profile: int = 0) -> dict:
     """Host µs per layer of one mixed step's eager forward (the fastest of five rounds of steps / 5 forwards), and
     the Triton launches per forward by kernel."""
     from engine import LLM
-    from tests.fixtures.models import build_tiny_model
+    from spool_testing.tiny_model import build_tiny_model
 
     path = build_tiny_model(Path(tempfile.mkdtemp()), arch, False)
     llm = LLM(str(path), device="cpu", kernel_backend="triton", block_size=16, num_kv_blocks=64)
