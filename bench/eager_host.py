@@ -92,12 +92,12 @@ def _measure(llm, counts: Counter, arch: str, steps: int, profile: int) -> dict:
     counts.clear()
     forward()
     launches = dict(counts)
-    rounds = []  # the fastest of five rounds: a shared machine's noise only ever adds time
+    rounds, per_round = [], max(1, steps // 5)  # the fastest of five rounds: a shared machine's noise only adds time
     for _ in range(5):
         t0 = time.perf_counter()
-        for _ in range(max(1, steps // 5)):
+        for _ in range(per_round):
             forward()
-        rounds.append((time.perf_counter() - t0) / max(1, steps // 5))
+        rounds.append((time.perf_counter() - t0) / per_round)
     us_per_layer = 1e6 * min(rounds) / layers
     if profile:
         prof = cProfile.Profile()

@@ -68,6 +68,7 @@ class StepTimeline:
 
     def summarize(self) -> list[dict]:
         """One entry per group: mixed steps, then decode-only steps by batch size (empty groups left out)."""
+        seconds = self.step_seconds()
         groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(self.prompt_tokens):
             if prompt:
@@ -80,7 +81,7 @@ class StepTimeline:
             groups.setdefault(key, []).append(i)
         out = []
         for key, idx in groups.items():
-            wall = sum(self.t[i] - (self.t[i - 1] if i else 0.0) for i in idx)
+            wall = sum(seconds[i] for i in idx)
             rows = sum(self.rows[i] for i in idx)
             out.append({
                 "group": key, "steps": len(idx), "wall_s": round(wall, 4),
@@ -92,9 +93,13 @@ class StepTimeline:
         order = ["mixed"] + [f"decode {lo}-{hi}" for lo, hi in ROW_BUCKETS] + ["empty"]
         return sorted(out, key=lambda g: order.index(g["group"]))
 
+    def step_seconds(self) -> list[float]:
+        """Each step's interval: from the previous step's return (or start()) to its own."""
+        return [t - prev for prev, t in zip([0.0, *self.t], self.t)]
+
     def to_json(self) -> dict:
         """The groups and the raw per-step lists (milliseconds between returns, rounded to microseconds)."""
-        step_ms = [round(1e3 * (t - (self.t[i - 1] if i else 0.0)), 3) for i, t in enumerate(self.t)]
+        step_ms = [round(1e3 * s, 3) for s in self.step_seconds()]
         return {"groups": self.summarize(),
                 "steps": {"ms": step_ms, "rows": self.rows, "ctx": self.ctx, "prompt_tokens": self.prompt_tokens}}
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import TL_DTYPES
 from kernels.rotary import check_rotary_args
 from kernels.sizes import next_power_of_2
 
@@ -64,7 +65,7 @@ def _qk_norm_rotary_kernel(
                  HALF, BLOCK_HK, BLOCK_HALF, NORM_DTYPE)
 
 
-_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def qk_norm_rotary(
@@ -79,7 +80,7 @@ def qk_norm_rotary(
         raise ValueError(f"qk_norm_rotary: q/k weights must both be [{d}] of one dtype, got "
                          f"{tuple(q_weight.shape)} {q_weight.dtype}, {tuple(k_weight.shape)} {k_weight.dtype}")
     out_dtype = torch.promote_types(q_weight.dtype, q.dtype)
-    if q.dtype not in _TL or out_dtype not in _TL:
+    if q.dtype not in _DTYPES or out_dtype not in _DTYPES:
         raise TypeError(f"qk_norm_rotary: q, k and the weights must be float32/float16/bfloat16, got {q.dtype}, "
                         f"weights {q_weight.dtype}")
     q_out = torch.empty((t, hq, d), dtype=out_dtype, device=q.device)
@@ -91,7 +92,7 @@ def qk_norm_rotary(
         positions.contiguous(), q, k, q_weight.contiguous(), k_weight.contiguous(), q_out, k_out, cs, cs.stride(0),
         *q.stride(), *k.stride(), hq, hk, eps,
         HALF=d // 2, BLOCK_HALF=next_power_of_2(d // 2),
-        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), NORM_DTYPE=_TL[out_dtype],
+        BLOCK_HQ=next_power_of_2(hq), BLOCK_HK=next_power_of_2(hk), NORM_DTYPE=TL_DTYPES[out_dtype],
         num_warps=4,
     )
     return q_out, k_out
