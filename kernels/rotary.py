@@ -59,7 +59,8 @@ def check_rotary_args(name: str, positions: torch.Tensor, q: torch.Tensor, k: to
         raise ValueError(f"{name}: want q [T, Hq, D], k [T, Hk, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
     t, _, d = q.shape
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d or d % 2:
-        raise ValueError(f"{name}: cos_sin_cache must be [max_pos, {d}] (even head_dim), got {tuple(cos_sin_cache.shape)}")
+        raise ValueError(f"{name}: cos_sin_cache must be [max_pos, {d}] (even head_dim), "
+                         f"got {tuple(cos_sin_cache.shape)}")
     if cos_sin_cache.dtype != torch.float32:
         raise TypeError(f"{name}: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
     if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
