@@ -1,4 +1,4 @@
-"""Host (Python) time of the eager forward pass per decoder layer, with every Triton launch stubbed out. CPU only.
+"""Host (Python) time of the eager forward pass per decoder layer, with every Triton launch stubbed out.
 
   .venv/bin/python bench/eager_host.py                  # a tiny Qwen3, a mixed step (2 prompt chunks, 14 decodes)
   .venv/bin/python bench/eager_host.py --arch llama --profile 25
@@ -8,7 +8,8 @@ Prompt and mixed steps run the model eagerly (decode-only steps replay CUDA grap
 step. When that host time exceeds the GPU's time for the step, the GPU waits. This measures it without a GPU: a
 tiny random model of the architecture runs the Triton backend's Python with each kernel's launch replaced by a
 no-op that only counts (the GEMMs still run, tiny, on the CPU). Triton's own launch cost (JITFunction.run) and the
-CUDA driver's are not included.
+CUDA driver's are not included; `--device cuda` adds them: the same forward with the real launches, whose extra
+time per launch is Triton's launch path on that host.
 """
 from __future__ import annotations
 
@@ -65,16 +66,22 @@ def stubbed_launches() -> Iterator[Counter]:
             setattr(module, name, kernel)
 
 
-def measure(arch: str = "qwen3", steps: int = 300, profile: int = 0) -> dict:
+def measure(arch: str = "qwen3", steps: int = 300, profile: int = 0, device: str = "cpu") -> dict:
     """Host µs per layer of one mixed step's eager forward (the fastest of five rounds of steps / 5 forwards), and
-    the Triton launches per forward by kernel."""
+    the Triton launches per forward by kernel. On CUDA it also runs the real launches: the difference is Triton's
+    own launch path (JITFunction.run and the driver), given per launch."""
     from engine import LLM
     from spool_testing.tiny_model import build_tiny_model
 
     path = build_tiny_model(Path(tempfile.mkdtemp()), arch, False)
-    llm = LLM(str(path), device="cpu", kernel_backend="triton", block_size=16, num_kv_blocks=64)
+    llm = LLM(str(path), device=device, kernel_backend="triton", block_size=16, num_kv_blocks=64)
     with stubbed_launches() as counts:
-        return _measure(llm, counts, arch, steps, profile)
+        res = _measure(llm, counts, arch, steps, profile)
+    if device != "cpu":
+        real = _measure(llm, Counter(), arch, steps, 0)["us_per_layer"]
+        per_layer = sum(res["launches_per_forward"].values()) / res["layers"]
+        res.update(real_us_per_layer=real, triton_us_per_launch=round((real - res["us_per_layer"]) / per_layer, 1))
+    return res
 
 
 def _measure(llm, counts: Counter, arch: str, steps: int, profile: int) -> dict:
@@ -97,6 +104,8 @@ def _measure(llm, counts: Counter, arch: str, steps: int, profile: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(per_round):
             forward()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()  # a tiny model's kernels take less than their host time: this waits little
         rounds.append((time.perf_counter() - t0) / per_round)
     us_per_layer = 1e6 * min(rounds) / layers
     if profile:
@@ -114,11 +123,16 @@ def main() -> int:
     p.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "mistral"], default="qwen3")
     p.add_argument("--steps", type=int, default=300, help="timed forward passes")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top N cProfile functions")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda: also time the real launches, to get Triton's launch cost per launch")
     args = p.parse_args()
     torch.set_num_threads(1)
-    res = measure(args.arch, args.steps, args.profile)
+    res = measure(args.arch, args.steps, args.profile, args.device)
     print(f"{res['arch']}: {res['us_per_layer']} us of host time per layer (eager mixed step, launches stubbed); "
           f"Triton launches per forward ({res['layers']} layers): {res['launches_per_forward']}")
+    if "real_us_per_layer" in res:
+        print(f"with the real launches: {res['real_us_per_layer']} us per layer, so Triton's launch path costs "
+              f"{res['triton_us_per_launch']} us per launch")
     return 0
 
 
