@@ -18,7 +18,7 @@ Interactive (priority-0) work beside bulk (priority > 0) work:
   interactive_prefill_tokens bulk prompt tokens: steps stay short, so a new interactive request never waits
   behind a long bulk prefill step (with async scheduling it waits for the step in flight and the one queued
   behind it before its own).
-- Optionally (interactive_split_steps, off) bulk prompt chunks and bulk decodes take turns instead of sharing
+- Meanwhile (interactive_split_steps, on by default) bulk prompt chunks and bulk decodes take turns instead of sharing
   steps meanwhile, and the step that starts an interactive request carries no bulk work at all
   (_split_step_kind).
 """

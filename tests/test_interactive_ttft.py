@@ -208,7 +208,7 @@ def test_engine_config_carries_the_cap_to_the_scheduler(tiny_llama):
     s = eng.scheduler
     assert (s.interactive_prefill_tokens, s.interactive_window_s, s.interactive_split_steps) == (512, 3.0, False)
     s = LLMEngine.from_kwargs(str(tiny_llama), device="cpu").scheduler
-    assert (s.interactive_prefill_tokens, s.interactive_split_steps) == (2048, False)
+    assert (s.interactive_prefill_tokens, s.interactive_split_steps) == (4096, True)
 
 
 # -- the worker ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ _HELP = {
                                   "(short steps for their first token; 0: no cap)",
     "interactive_window_s": "how long after an interactive job arrives the bulk prefill cap holds",
     "interactive_split_steps": "while the bulk prefill cap holds, run bulk prompt chunks and bulk decodes in "
-                               "separate steps, in turns (measured in simulation only; off by default)",
+                               "separate steps, in turns (on by default)",
     "swap_space_bytes": "host memory for preempted sequences' KV, in bytes (default: 4 GiB on CUDA, 0 on CPU)",
     "swap_min_tokens": "preempted sequences with fewer computed tokens are recomputed instead of swapped",
     "async_scheduling": "schedule the next step while the GPU computes this one (default: on for CUDA)",
