@@ -158,7 +158,7 @@ def main() -> int:
                         "jobs keep arriving (0: no cap)")
     p.add_argument("--interactive-split-steps", choices=("on", "off"), default=None,
                    help="EngineConfig.interactive_split_steps: while the cap holds, bulk prompt chunks and bulk "
-                        "decodes in separate steps (default: the engine's, off)")
+                        "decodes in separate steps (default: the engine's, on)")
     p.add_argument("--swap-space-bytes", type=int, default=None,
                    help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
     p.add_argument("--sim", action="store_true",

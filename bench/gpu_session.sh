@@ -92,7 +92,7 @@ for stage in "$@"; do case $stage in
   interactive) # issue 17 item 6: bulk + one interactive probe every 500 ms; before (no reserve, no swap) / after
       run e2e_probes_before 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --priority-reserve 0 --swap-space-bytes 0 --json "$OUT/e2e_probes_before.json"
       run e2e_probes_after 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/e2e_probes_after.json" ;;
-  interactivesplit) # issue 17 item 6, fourth session: mixed capped steps at 2048 (the default) / split steps at 4096
+  interactivesplit) # issue 17 item 6, fourth session: mixed capped steps at 2048 / split steps at 4096 (the default since the seventh session)
       W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
       for i in 1 2; do
         run e2e_mixed2048_$i 580 python3 bench/e2e.py $W --interactive-split-steps off --interactive-prefill-tokens 2048 --json "$OUT/e2e_mixed2048_$i.json"

@@ -18,8 +18,8 @@ Interactive (priority-0) work beside bulk (priority > 0) work:
   interactive_prefill_tokens bulk prompt tokens: steps stay short, so a new interactive request never waits
   behind a long bulk prefill step (with async scheduling it waits for the step in flight and the one queued
   behind it before its own).
-- Meanwhile (interactive_split_steps, on by default) bulk prompt chunks and bulk decodes take turns instead of sharing
-  steps meanwhile, and the step that starts an interactive request carries no bulk work at all
+- Meanwhile, by default (interactive_split_steps), bulk prompt chunks and bulk decodes take turns instead of
+  sharing steps, and the step that starts an interactive request carries no bulk work at all
   (_split_step_kind).
 """
 from __future__ import annotations
@@ -285,9 +285,9 @@ class Scheduler:
         Written when a decode row in a step with prompt chunks ran through the prefill attention tiles (32 query
         slots for its one query) at ~2x its decode-only cost (~80 vs ~34 ns per context token on an H200,
         spool_testing/timed_runner.py StepCost), so the cap's many short mixed steps cost bulk ~10%; the kernel
-        now runs such rows with decode tiles (kernels/paged_attention.py), and this is off by default. With it,
-        while the cap holds, a step carries worse-priority prompt chunks or worse-priority
-        decodes, in turns (decode steps replay CUDA graphs); priority-0 work joins either. The step that starts a
+        now runs such rows with decode tiles (kernels/paged_attention.py). It is on by default for its shorter TTFT
+        on an H200 at the same bulk ratio (EngineConfig.interactive_split_steps). With it, while the cap holds, a
+        step carries worse-priority prompt chunks or worse-priority decodes, in turns (decode steps replay CUDA graphs); priority-0 work joins either. The step that starts a
         waiting priority-0 request (held_back 0) carries neither, when that request can start: it is short, and
         its first token is the next thing the device computes. Outside the cap (no interactive traffic, offline)
         steps mix as before.
