@@ -287,10 +287,10 @@ class Scheduler:
         spool_testing/timed_runner.py StepCost), so the cap's many short mixed steps cost bulk ~10%; the kernel
         now runs such rows with decode tiles (kernels/paged_attention.py). It is on by default for its shorter TTFT
         on an H200 at the same bulk ratio (EngineConfig.interactive_split_steps). With it, while the cap holds, a
-        step carries worse-priority prompt chunks or worse-priority decodes, in turns (decode steps replay CUDA graphs); priority-0 work joins either. The step that starts a
-        waiting priority-0 request (held_back 0) carries neither, when that request can start: it is short, and
-        its first token is the next thing the device computes. Outside the cap (no interactive traffic, offline)
-        steps mix as before.
+        step carries worse-priority prompt chunks or worse-priority decodes, in turns (decode steps replay CUDA
+        graphs); priority-0 work joins either. The step that starts a waiting priority-0 request (held_back 0)
+        carries neither, when that request can start: it is short, and its first token is the next thing the
+        device computes. Outside the cap (no interactive traffic, offline) steps mix as before.
 
         Beside a narrow bulk batch the extra decode steps' fixed cost about cancels the rows' saved attention
         (bench/schedule_sim.py, cap 2,048, a probe per 500 ms: bulk time +1.0% / -0.1% / -1.2% / -6.1% against
