@@ -52,6 +52,17 @@ for stage in "$@"; do case $stage in
       # qwen3-0.6b's ~6.4 s go beyond the kernels' ~5 s, and llama3-8b bf16's beside it
       run qwen3_timeline 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --timeline --json "$OUT/qwen3_timeline.json"
       run llama8b_timeline 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --timeline --json "$OUT/llama8b_timeline.json" ;;
+  pwtests) run gpu_piecewise_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_piecewise.py tests/test_gpu_engine.py ;;
+  piecewise) # eighth session: steps with prompt tokens through piecewise CUDA graphs (default: size measured at
+      # start-up) vs eager (piecewise_graph_tokens=0), alternated, qwen3-0.6b twice, llama3-8b bf16 once
+      Q="--shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024"
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      for i in 1 2; do
+        run qwen3_pw_$i 400 python3 bench/throughput.py $Q --json "$OUT/qwen3_pw_$i.json"
+        run qwen3_eager_$i 400 python3 bench/throughput.py $Q --engine-arg piecewise_graph_tokens=0 --json "$OUT/qwen3_eager_$i.json"
+      done
+      run llama8b_pw 300 python3 bench/throughput.py $W --json "$OUT/llama8b_pw.json"
+      run llama8b_eager 300 python3 bench/throughput.py $W --engine-arg piecewise_graph_tokens=0 --json "$OUT/llama8b_eager.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,8 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                structured=args.structured, first_compile_s=compile_s, finish_reasons=reasons,
                tokenizer=_tokenizer_label(args),
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
-               tensor_parallel_size=args.tensor_parallel_size, jit_compiles_in_run=compiled)
+               tensor_parallel_size=args.tensor_parallel_size, jit_compiles_in_run=compiled,
+               piecewise_graph_tokens=getattr(getattr(eng.runner, "piecewise", None), "max_tokens", 0))
     if timeline is not None:
         res["timeline"] = timeline.to_json()
         print(format_groups(res["timeline"]["groups"]), flush=True)
@@ -224,6 +226,8 @@ def main() -> int:
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
                    help="a JSON schema on every request: the same one, or one per request (compiled each)")
     args = p.parse_args()
+    # the engine's start-up lines: KV cache size, graph captures, the piecewise graphs' host/GPU measurement
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with_tokenizer = args.with_tokenizer or args.structured != "none" or args.tokenizer_file is not None
     path, load_format = model_source(args, with_tokenizer)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]

@@ -164,6 +164,10 @@ class EngineConfig:
     swap_min_tokens: int = 128  # preempted sequences with fewer computed tokens are recomputed, not swapped
     kernel_backend: str = "auto"  # "auto" | "torch" | "triton"
     enforce_eager: bool = False  # True disables CUDA graphs
+    # Steps with prompt tokens, up to this many tokens, replay piecewise CUDA graphs: every layer's work but attention
+    # (engine/piecewise_graphs.py). None: measured at start-up, the size below which an eager step's host time
+    # exceeds its GPU time (all sizes for a small model, ~1-2k tokens for an 8B one); 0: never.
+    piecewise_graph_tokens: int | None = None
     quantization: str | None = None  # None | "fp8" (W8A8); an FP8 checkpoint runs in fp8 either way
 
     def __post_init__(self) -> None:
@@ -245,6 +249,8 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization must be in [0.05, 0.99]")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.piecewise_graph_tokens is not None and self.piecewise_graph_tokens < 0:
+            raise ConfigError(f"piecewise_graph_tokens must be >= 0 (0: off), got {self.piecewise_graph_tokens}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ConfigError(f"load_format must be auto, safetensors or dummy (got {self.load_format!r})")
         if (self.swap_space_bytes is not None and self.swap_space_bytes < 0) or self.swap_min_tokens < 1:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from engine.models.kv_scales import read_kv_scales
 from engine.models.loader import build_model
 from engine.models.parallel_linear import kv_heads_per_rank
 from engine.models.rope import cos_sin_cache
+from engine.piecewise_graphs import PiecewiseGraphs
 from engine.sampler import Sampler, SamplingRow, is_plain_greedy
 from engine.step_types import ForwardInFlight, PendingStep, SchedulerOutput
 from kernels.ops import get_ops
@@ -62,12 +64,17 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", self.num_blocks, self.block_size,
                  str(kv_dtype).removeprefix("torch."), self.num_blocks * self.bytes_per_block / 2**20)
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None  # steps with prompt tokens (engine/piecewise_graphs.py)
         if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
             # Up to max_running_seqs: the priority-0 rows beside a full bulk batch replay graphs too.
             rows = min(config.max_num_seqs, 512) + config.max_running_seqs - config.max_num_seqs
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, rows, max_model_len,
                                        self.block_size, self.device)
             self.graphs.capture()
+            tokens = self._piecewise_tokens()
+            if tokens:
+                self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, self.cos_sin, tokens, self.device)
+                self.piecewise.capture()
         load_logits_kernels(self.model, model_cfg.hidden_size, self.dtype, self.device, config.max_running_seqs)
 
     @property
@@ -114,27 +121,33 @@ class ModelRunner:
             raise ConfigError("no memory left for the KV cache: lower max_num_batched_tokens or raise the budget")
         return blocks
 
+    def _max_step_tokens(self) -> int:
+        """The most tokens one step can carry."""
+        return min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+
+    def _prompt_batch(self, n: int, distinct_blocks: bool) -> tuple[AttentionMetadata, int]:
+        """A step of n prompt tokens in sequences of up to max_model_len, and the KV blocks it spans. Its blocks are
+        distinct (0..) or all block 0, which any cache has (the attention reads are the same amount)."""
+        seq_len = min(n, self.max_model_len)
+        nblk = -(-seq_len // self.block_size)
+        lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
+        tables = [list(range(i * nblk, (i + 1) * nblk)) if distinct_blocks else [0] * nblk for i in range(len(lens))]
+        meta = self._metadata([[0] * ln for ln in lens], [0] * len(lens), tables, list(range(len(lens))))
+        return meta, len(lens) * nblk
+
     def _profile_free_bytes(self) -> int:
         """Run a forward pass at max_num_batched_tokens; the KV cache gets what remains under the utilization cap."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
-        seq_len = min(n, self.max_model_len)
-        num_seqs = -(-n // seq_len)
-        nblk = -(-seq_len // self.block_size)
-        shape = (num_seqs * nblk, self.block_size, self.num_kv_heads, self.model_cfg.head_dim)
+        meta, blocks = self._prompt_batch(self._max_step_tokens(), distinct_blocks=True)
+        shape = (blocks, self.block_size, self.num_kv_heads, self.model_cfg.head_dim)
         kv = [(torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device),) * 2
               for _ in range(self.model_cfg.num_layers)]
-        lens = [seq_len] * (n // seq_len) + ([n % seq_len] if n % seq_len else [])
-        meta = self._metadata(
-            [[0] * ln for ln in lens], [0] * len(lens),
-            [list(range(i * nblk, (i + 1) * nblk)) for i in range(len(lens))], list(range(len(lens))),
-        )
         with torch.inference_mode():
             hidden = self.model(meta, kv, self.cos_sin)
             logits = self.model.compute_logits(hidden[meta.logits_indices])
             if logits is not None:  # only rank 0 holds logits and samples
-                rows = max(self.config.max_running_seqs, len(lens))
+                rows = max(self.config.max_running_seqs, meta.seq_lens.shape[0])
                 # the sampler's float32 working copy and its softmax, at the most rows a step samples
                 torch.softmax(logits.new_empty(rows, logits.shape[1], dtype=torch.float32), dim=-1)
         torch.cuda.synchronize(self.device)
@@ -143,6 +156,50 @@ class ModelRunner:
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
         return int(total * self.config.gpu_memory_utilization - peak)
+
+    def _piecewise_tokens(self) -> int:
+        """Up to how many tokens steps with prompt tokens replay piecewise graphs (0: none); the same on every rank.
+
+        config.piecewise_graph_tokens, or when None the token count below which an eager step is host-bound
+        (_host_bound_tokens). Above it the GPU hides the eager launches and padding to a bucket would only cost.
+        """
+        n = self._max_step_tokens()
+        tokens = self.config.piecewise_graph_tokens
+        if tokens is None:
+            tokens = self._host_bound_tokens(n)
+        tokens = min(tokens, n)
+        return self.tp.all_reduce_min(tokens if tokens >= 64 else 0)
+
+    @torch.inference_mode()
+    def _host_bound_tokens(self, n: int) -> int:
+        """Measure an eager forward of n prompt tokens: the host's time to launch it and the GPU's time to run it.
+
+        The GPU time is taken with the launches queued behind a sleep kernel, so the GPU never waits for the host.
+        Host time hardly depends on the token count and GPU time grows with it, so steps of fewer than
+        n * host / gpu tokens are host-bound (an estimate on the safe side for padding: a small step's GPU time
+        is above the straight line). The step writes no KV (slots -1) and reads block 0.
+        """
+        meta, _ = self._prompt_batch(n, distinct_blocks=False)
+        meta.slot_mapping.fill_(-1)
+        for _ in range(2):  # compile and warm up
+            self.model(meta, self.kv_caches, self.cos_sin)
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.model(meta, self.kv_caches, self.cos_sin)
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(4e9 * host) + 1_000_000)  # cycles: twice the host time at up to 2 GHz
+        start.record()
+        self.model(meta, self.kv_caches, self.cos_sin)
+        end.record()
+        torch.cuda.synchronize(self.device)
+        gpu = start.elapsed_time(end) / 1000
+        torch.cuda.empty_cache()
+        tokens = int(n * host / gpu) if gpu > 0 else n
+        log.info("eager step of %d prompt tokens: host %.1f ms, GPU %.1f ms: piecewise graphs up to %d tokens",
+                 n, host * 1e3, gpu * 1e3, min(tokens, n))
+        return tokens
 
     def _metadata(
         self, chunks: list[list[int]], starts: list[int], tables: Sequence[Sequence[int]], sample_rows: list[int]
@@ -231,7 +288,10 @@ class ModelRunner:
                 ends = list(itertools.accumulate(len(c.token_ids) for c in chunks))
                 idx, tokens = self._feed_tensors([ends[i] - 1 for i in feed_rows], feed_src, previous)
                 meta.input_ids.index_copy_(0, idx[0], tokens.index_select(0, idx[1]))  # on the device, in order
-            hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
+            if self.piecewise is not None and self.piecewise.fits(meta.num_tokens):
+                hidden = self.piecewise.run(meta)  # [T, hidden]
+            else:
+                hidden = self.model(meta, self.kv_caches, self.cos_sin)  # [T, hidden]
             if not sample_rows:
                 return ForwardInFlight(sched, [], None)
             logits = compute_logits(self.model, hidden[meta.logits_indices])  # [S, vocab]

@@ -157,6 +157,7 @@ def paged_attention(
     v_scale: float = 1.0,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole paged context.
 
@@ -171,12 +172,12 @@ def paged_attention(
     C - L + i and sees keys 0 .. C - L + i. GQA: query head h reads KV head h // (Hq // Hk).
     Computed in float32; returns [T, Hq, D] in q's dtype. max_query_len / max_seq_len are hints
     that kernels use for launch sizing; the reference ignores them. fp8 caches are read as
-    stored * k_scale (K) and stored * v_scale (V).
+    stored * k_scale (K) and stored * v_scale (V). out: a [T, Hq, D] tensor of q's dtype to write (and return).
     """
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for s, ctx in enumerate(lens):

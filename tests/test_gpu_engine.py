@@ -27,6 +27,7 @@ def test_fp32_cuda_greedy_matches_transformers(model_factory, arch, eager):
               max_num_batched_tokens=64, num_kv_blocks=256)
     assert llm.engine.runner.ops.name == "triton"
     assert (llm.engine.runner.graphs is None) == eager
+    assert (llm.engine.runner.piecewise is None) == eager  # host-bound at any size: steps with prompts replay too
     prompts = _prompts(8, seed=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))

@@ -54,13 +54,16 @@ class Attention(nn.Module):
         self.q_norm = empty_param(self.head_dim) if cfg.qk_norm else None
         self.k_norm = empty_param(self.head_dim) if cfg.qk_norm else None
 
-    def forward(
+    def project(
         self,
         x,  # [T, hidden], or its (fp8 [T, hidden], scale [T, 1]) when qkv_proj.takes_fp8_input
-        meta: AttentionMetadata,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         cos_sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before attention reads the cache: the qkv projection, rotary (after the q/k norms), and the
+        write of k and v into the paged cache. Returns q [T, Hq, D], k and v [T, Hk, D]."""
         qkv = self.qkv_proj(x)  # [T, (Hq + 2Hk) * D]
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -68,17 +71,35 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k, then rotary, in one kernel
-            q, k = self.ops.qk_norm_rotary(meta.positions, q, k, self.q_norm, self.k_norm, self.eps, cos_sin)
+            q, k = self.ops.qk_norm_rotary(positions, q, k, self.q_norm, self.k_norm, self.eps, cos_sin)
         else:
-            q, k = self.ops.rotary_embedding(meta.positions, q, k, cos_sin)
+            q, k = self.ops.rotary_embedding(positions, q, k, cos_sin)
         k_cache, v_cache = kv
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        o = self.ops.paged_attention(
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, self.k_scale, self.v_scale)
+        return q, k, v
+
+    def attend(
+        self, q, k, v, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Paged attention of q over each sequence's cached context: [T, Hq, D] (into out when given)."""
+        k_cache, v_cache = kv
+        return self.ops.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
             k_new=k, v_new=v,  # prompt steps read their own keys contiguously (unquantized with an fp8 cache)
-        )  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.q_size))
+            out=out,
+        )
+
+    def forward(
+        self,
+        x,  # [T, hidden], or its (fp8 [T, hidden], scale [T, 1]) when qkv_proj.takes_fp8_input
+        meta: AttentionMetadata,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        q, k, v = self.project(x, meta.positions, meta.slot_mapping, kv, cos_sin)
+        o = self.attend(q, k, v, meta, kv)  # [T, Hq, D]
+        return self.o_proj(o.reshape(o.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -110,7 +131,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = empty_param(cfg.hidden_size)
         self.post_attention_layernorm = empty_param(cfg.hidden_size)
 
-    def forward(self, x, residual, meta, kv, cos_sin):
+    def attn_in(self, x, residual, positions, slot_mapping, kv, cos_sin):
+        """The layer up to attention: the input norm (adding the residual) and self_attn.project.
+        Returns (q, k, v, residual); residual None means x is the embedding (the first layer)."""
         # Each norm's output feeds one projection: quantized in the norm's kernel when that projection takes fp8.
         fp8_qkv = self.self_attn.qkv_proj.takes_fp8_input
         if residual is None:
@@ -119,11 +142,21 @@ class DecoderLayer(nn.Module):
         else:
             add_norm = self.ops.fused_add_rms_norm_quant if fp8_qkv else self.ops.fused_add_rms_norm
             h, residual = add_norm(x, residual, self.input_layernorm, self.eps)
-        h = self.self_attn(h, meta, kv, cos_sin)
+        q, k, v = self.self_attn.project(h, positions, slot_mapping, kv, cos_sin)
+        return q, k, v, residual
+
+    def attn_out(self, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after attention: o_proj, the post-attention norm (adding the residual) and the MLP.
+        o [T, Hq, D] -> (x, residual)."""
+        h = self.self_attn.o_proj(o.reshape(o.shape[0], self.self_attn.q_size))
         fp8_mlp = self.mlp.gate_up_proj.takes_fp8_input
         add_norm = self.ops.fused_add_rms_norm_quant if fp8_mlp else self.ops.fused_add_rms_norm
         h, residual = add_norm(h, residual, self.post_attention_layernorm, self.eps)
         return self.mlp(h), residual
+
+    def forward(self, x, residual, meta, kv, cos_sin):
+        q, k, v, residual = self.attn_in(x, residual, meta.positions, meta.slot_mapping, kv, cos_sin)
+        return self.attn_out(self.self_attn.attend(q, k, v, meta, kv), residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -146,6 +179,10 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, meta, kv, cos_sin)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's output plus its residual, RMS-normed: the hidden states the LM head reads."""
         x, _ = self.ops.fused_add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
         return x
 

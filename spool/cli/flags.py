@@ -36,6 +36,9 @@ _HELP = {
     "async_scheduling": "schedule the next step while the GPU computes this one (default: on for CUDA)",
     "kernel_backend": "auto | torch | triton (auto: triton on CUDA)",
     "enforce_eager": "disable CUDA graphs",
+    "piecewise_graph_tokens": "steps with prompt tokens up to this many replay piecewise CUDA graphs (attention "
+                              "eager between them); default: measured at start-up, the size below which eager "
+                              "steps are host-bound; 0: off",
     "quantization": "fp8: W8A8 FP8 projections (per-channel weight, per-token activation scales; needs compute "
                     "capability >= 8.9 on CUDA); FP8 checkpoints run in fp8 without it",
     "grammar_compile_timeout_s": "seconds a structured-output request waits for its grammar to compile before it "

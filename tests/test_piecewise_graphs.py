@@ -1,0 +1,134 @@
+"""Piecewise graphs (engine/piecewise_graphs.py) on the CPU, where the segments run without capture: the same
+static buffers, padding to a bucket and eager attention between segments as on CUDA. The segmented forward must
+equal the model's own forward, hidden states and KV cache writes both, for steps of every kind."""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.config import ConfigError, EngineConfig
+from engine.model_runner import ModelRunner
+from engine.piecewise_graphs import PiecewiseGraphs, token_buckets
+
+
+def test_token_buckets_pad_little():
+    sizes = token_buckets(8192)
+    assert sizes[:3] == [64, 128, 256] and sizes[-1] == 8192
+    assert all(b > a for a, b in zip(sizes, sizes[1:]))
+    assert all(b - a <= (256 if b <= 4096 else 512) for a, b in zip(sizes, sizes[1:]))
+    assert token_buckets(100) == [64, 100]
+    assert token_buckets(64) == [64]
+    assert token_buckets(5000) == token_buckets(8192)[:token_buckets(8192).index(4608) + 1] + [5000]
+
+
+def _llm(path):
+    from engine import LLM
+
+    return LLM(str(path), device="cpu", dtype="float32", block_size=16, max_num_seqs=8, max_num_batched_tokens=300,
+               num_kv_blocks=64)
+
+
+def mixed_steps(rng: random.Random, block: int, num_blocks: int, scale: int = 1):
+    """Mixed steps over random block tables: prompt chunks (some after a cached prefix) beside decode rows; prompt
+    chunks of up to 60 * scale tokens."""
+    blocks = list(range(num_blocks))
+    for n_prompt, n_decode in ((1, 0), (2, 3), (1, 5), (3, 1), (0, 7), (1, 2)):
+        rng.shuffle(blocks)
+        chunks, starts, tables, used = [], [], [], 0
+        for s in range(n_prompt + n_decode):
+            start = rng.randrange(0, 40) if s >= n_prompt or rng.random() < 0.5 else 0
+            qlen = 1 if s >= n_prompt else rng.randrange(2, 60 * scale)
+            need = -(-(start + qlen) // block)
+            tables.append(blocks[used:used + need])
+            used += need
+            chunks.append([rng.randrange(1, 200) for _ in range(qlen)])
+            starts.append(start)
+        yield chunks, starts, tables
+
+
+@torch.inference_mode()
+def assert_segmented_forward_equal(runner, pw: PiecewiseGraphs, steps, tol: float) -> set[int]:
+    """Each step through pw.run gives the model's own hidden states and KV writes (from the same cache), and its
+    padding rows write no KV. Returns the buckets the steps used."""
+    seen = set()
+    for chunks, starts, tables in steps:
+        if sum(map(len, chunks)) > pw.max_tokens:
+            continue
+        meta = runner._metadata(chunks, starts, tables, list(range(len(chunks))))
+        seen.add(next(s for s in pw.sizes if s >= meta.num_tokens))
+        before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+        want = runner.model(meta, runner.kv_caches, runner.cos_sin)
+        want_kv = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+        for (k, v), (k0, v0) in zip(runner.kv_caches, before):  # back to the cache before the step
+            k.copy_(k0)
+            v.copy_(v0)
+        got = pw.run(meta)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        written = torch.zeros(runner.num_blocks * runner.block_size, dtype=torch.bool, device=got.device)
+        written[meta.slot_mapping] = True
+        for (k, v), (wk, wv), (k0, _) in zip(runner.kv_caches, want_kv, before):
+            torch.testing.assert_close(k.float(), wk.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(v.float(), wv.float(), rtol=tol, atol=tol)
+            untouched = ~written.view(k.shape[:2])  # padding rows wrote nothing
+            assert torch.equal(k[untouched], k0[untouched])
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_segmented_forward_equals_the_model(model_factory, arch):
+    llm = _llm(model_factory(arch, tie=arch == "qwen2"))
+    runner = llm.engine.runner
+    pw = PiecewiseGraphs(runner.model, runner.kv_caches, runner.cos_sin, 300, "cpu")
+    assert pw.sizes == [64, 128, 256, 300]
+    for k, v in runner.kv_caches:
+        k.normal_(generator=torch.Generator().manual_seed(2))
+        v.normal_(generator=torch.Generator().manual_seed(3))
+    seen = assert_segmented_forward_equal(runner, pw, mixed_steps(random.Random(1), runner.block_size, 64), 1e-5)
+    assert len(seen) >= 2  # steps padded into more than one bucket
+
+
+def test_engine_with_piecewise_steps_generates_the_same(tiny_llama):
+    """The runner sends steps with prompt tokens through PiecewiseGraphs when it has them: same tokens, with
+    async scheduling's device-fed ids too."""
+    from engine import SamplingParams
+
+    rng = random.Random(5)
+    prompts = [{"prompt_token_ids": [rng.randrange(1, 300) for _ in range(rng.randrange(3, 120))]} for _ in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    outs = []
+    for piecewise in (False, True):
+        llm = _llm(tiny_llama)
+        runner = llm.engine.runner
+        if piecewise:
+            runner.piecewise = PiecewiseGraphs(runner.model, runner.kv_caches, runner.cos_sin, 300, "cpu")
+            calls = []
+            run = runner.piecewise.run
+            runner.piecewise.run = lambda meta: calls.append(meta.num_tokens) or run(meta)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+    assert outs[0] == outs[1]
+    assert calls and max(calls) > 1
+
+
+def _runner_stub(setting, max_tokens=8192, tokens_measured=0):
+    cfg = SimpleNamespace(piecewise_graph_tokens=setting)
+    tp = SimpleNamespace(all_reduce_min=lambda v: v)
+    return SimpleNamespace(config=cfg, tp=tp, _max_step_tokens=lambda: max_tokens,
+                           _host_bound_tokens=lambda n: tokens_measured)
+
+
+def test_piecewise_tokens_setting_and_measurement():
+    assert ModelRunner._piecewise_tokens(_runner_stub(0)) == 0
+    assert ModelRunner._piecewise_tokens(_runner_stub(2048)) == 2048
+    assert ModelRunner._piecewise_tokens(_runner_stub(20000)) == 8192  # never above a step's most tokens
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=1500)) == 1500
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=10**6)) == 8192
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=40)) == 0  # below the smallest bucket
+
+
+def test_negative_setting_is_a_config_error():
+    with pytest.raises(ConfigError, match="piecewise_graph_tokens must be >= 0"):
+        EngineConfig(model="m", piecewise_graph_tokens=-1).validate()
