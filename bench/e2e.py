@@ -161,6 +161,9 @@ def main() -> int:
                         "decodes in separate steps (default: the engine's, on)")
     p.add_argument("--swap-space-bytes", type=int, default=None,
                    help="EngineConfig.swap_space_bytes: host memory for preempted KV (0: always recompute)")
+    p.add_argument("--piecewise-graph-tokens", type=int, default=None,
+                   help="EngineConfig.piecewise_graph_tokens: steps with prompt tokens up to this many replay "
+                        "piecewise CUDA graphs (0: eager; default: measured at start-up)")
     p.add_argument("--sim", action="store_true",
                    help="no model: the real engine and worker on a simulated device whose step time follows "
                         "the scheduled tokens (spool_testing/timed_runner.py, calibrated to the H200 llama3-8b "
@@ -181,6 +184,7 @@ def main() -> int:
     wl = make_workload(args, vocab)
     extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes),
                                ("interactive_prefill_tokens", args.interactive_prefill_tokens),
+                               ("piecewise_graph_tokens", args.piecewise_graph_tokens),
                                ("interactive_split_steps", None if args.interactive_split_steps is None
                                 else args.interactive_split_steps == "on")) if v is not None}
     engine_kwargs = dict(device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
@@ -246,6 +250,7 @@ def main() -> int:
         "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
         "interactive_prefill_tokens": getattr(eng.config, "interactive_prefill_tokens", None),
         "interactive_split_steps": getattr(eng.config, "interactive_split_steps", None),
+        "piecewise_graph_tokens": getattr(getattr(eng.runner, "piecewise", None), "max_tokens", 0),
         "probed_over_plain": None if plain is None else round(plain.wall_s / probed.wall_s, 3),
         # ttft_ms: the worker's first-token stamp minus the entry's time (as before); client_ttft_ms: what the
         # probe's client saw, from its enqueue call to the first token event read from the stream.

@@ -63,6 +63,13 @@ for stage in "$@"; do case $stage in
       done
       run llama8b_pw 300 python3 bench/throughput.py $W --json "$OUT/llama8b_pw.json"
       run llama8b_eager 300 python3 bench/throughput.py $W --engine-arg piecewise_graph_tokens=0 --json "$OUT/llama8b_eager.json" ;;
+  piecewise2) # eighth session: fp8 weights + fp8 KV, and the Redis path with interactive probes (their first steps
+      # are small prompt steps, host-bound on llama3-8b too), piecewise graphs at the measured size vs none
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      run llama8b_fp8all_pw 300 python3 bench/throughput.py $W --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/llama8b_fp8all_pw.json"
+      run llama8b_fp8all_eager 300 python3 bench/throughput.py $W --quantization fp8 --kv-cache-dtype fp8 --engine-arg piecewise_graph_tokens=0 --json "$OUT/llama8b_fp8all_eager.json"
+      run e2e_pw 580 python3 bench/e2e.py $W --json "$OUT/e2e_pw.json"
+      run e2e_eager 580 python3 bench/e2e.py $W --piecewise-graph-tokens 0 --json "$OUT/e2e_eager.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
