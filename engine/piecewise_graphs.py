@@ -100,10 +100,15 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up and capture every bucket's segments, largest bucket first, all in one memory pool."""
+        """Warm up and capture every bucket's segments, largest bucket first, all in one memory pool.
+
+        Captured with CUDAGraph.capture_begin/capture_end on one side stream rather than `torch.cuda.graph`, whose
+        every entry runs gc.collect() and empty_cache(): at hundreds of segments that is seconds of start-up.
+        """
         t0 = time.perf_counter()
         reserved = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
         n = len(self.model.layers) + 1
         for t in reversed(self.sizes):
             prev = None
@@ -114,15 +119,21 @@ class PiecewiseGraphs:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the warm-up's activations: the capture allocates its own in the pool
             graphs, outs, prev = [], [], None
-            for i in range(n):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._segment(i, t, prev)
-                graphs.append(graph)
-                outs.append(out)
-                prev = (out[4], out[3]) if i < n - 1 else None
-                if i:  # the previous segment's outputs are captured as consumed: let later captures reuse them
-                    outs[i - 1] = tuple(map(weak_view, outs[i - 1]))
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for i in range(n):
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(pool=pool)
+                    try:
+                        out = self._segment(i, t, prev)
+                    finally:
+                        graph.capture_end()
+                    graphs.append(graph)
+                    outs.append(out)
+                    prev = (out[4], out[3]) if i < n - 1 else None
+                    if i:  # the previous segment's outputs are captured as consumed: let later captures reuse them
+                        outs[i - 1] = tuple(map(weak_view, outs[i - 1]))
+            torch.cuda.current_stream().wait_stream(stream)
             outs[-1] = weak_view(outs[-1])
             self.graphs[t], self.outputs[t] = graphs, outs
         torch.cuda.synchronize()
