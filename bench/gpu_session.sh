@@ -63,11 +63,12 @@ for stage in "$@"; do case $stage in
       done
       run llama8b_pw 300 python3 bench/throughput.py $W --json "$OUT/llama8b_pw.json"
       run llama8b_eager 300 python3 bench/throughput.py $W --engine-arg piecewise_graph_tokens=0 --json "$OUT/llama8b_eager.json" ;;
-  piecewise2) # eighth session: fp8 weights + fp8 KV, and the Redis path with interactive probes (their first steps
-      # are small prompt steps, host-bound on llama3-8b too), piecewise graphs at the measured size vs none
+  piecewise2) # eighth session: qwen3's step timeline, and the Redis path with interactive probes (their first
+      # steps are small prompt steps, host-bound on llama3-8b too), piecewise graphs at the measured size vs none
       W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
-      run llama8b_fp8all_pw 300 python3 bench/throughput.py $W --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/llama8b_fp8all_pw.json"
-      run llama8b_fp8all_eager 300 python3 bench/throughput.py $W --quantization fp8 --kv-cache-dtype fp8 --engine-arg piecewise_graph_tokens=0 --json "$OUT/llama8b_fp8all_eager.json"
+      Q="--shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024"
+      run qwen3_pw_tl 400 python3 bench/throughput.py $Q --timeline --json "$OUT/qwen3_pw_tl.json"
+      run qwen3_eager_tl 400 python3 bench/throughput.py $Q --timeline --engine-arg piecewise_graph_tokens=0 --json "$OUT/qwen3_eager_tl.json"
       run e2e_pw 580 python3 bench/e2e.py $W --json "$OUT/e2e_pw.json"
       run e2e_eager 580 python3 bench/e2e.py $W --piecewise-graph-tokens 0 --json "$OUT/e2e_eager.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
