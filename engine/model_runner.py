@@ -167,6 +167,8 @@ class ModelRunner:
         tokens = self.config.piecewise_graph_tokens
         if tokens is None:
             tokens = self._host_bound_tokens(n)
+            if tokens < n:
+                tokens -= tokens % 64  # a measured size, on the buckets' grid
         tokens = min(tokens, n)
         return self.tp.all_reduce_min(tokens if tokens >= 64 else 0)
 

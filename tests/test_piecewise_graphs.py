@@ -124,7 +124,8 @@ def test_piecewise_tokens_setting_and_measurement():
     assert ModelRunner._piecewise_tokens(_runner_stub(0)) == 0
     assert ModelRunner._piecewise_tokens(_runner_stub(2048)) == 2048
     assert ModelRunner._piecewise_tokens(_runner_stub(20000)) == 8192  # never above a step's most tokens
-    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=1500)) == 1500
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=1500)) == 1472  # on the 64 grid
+    assert ModelRunner._piecewise_tokens(_runner_stub(1500)) == 1500  # as set
     assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=10**6)) == 8192
     assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=40)) == 0  # below the smallest bucket
 
