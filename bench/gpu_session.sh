@@ -71,6 +71,10 @@ for stage in "$@"; do case $stage in
       run qwen3_eager_tl 400 python3 bench/throughput.py $Q --timeline --engine-arg piecewise_graph_tokens=0 --json "$OUT/qwen3_eager_tl.json"
       run e2e_pw 580 python3 bench/e2e.py $W --json "$OUT/e2e_pw.json"
       run e2e_eager 580 python3 bench/e2e.py $W --piecewise-graph-tokens 0 --json "$OUT/e2e_eager.json" ;;
+  e2epw) # eighth session: a second e2e pair, eager first this time
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      run e2e_eager2 580 python3 bench/e2e.py $W --piecewise-graph-tokens 0 --json "$OUT/e2e_eager2.json"
+      run e2e_pw2 580 python3 bench/e2e.py $W --json "$OUT/e2e_pw2.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

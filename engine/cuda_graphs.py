@@ -75,6 +75,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Warm up and capture every bucket, largest first, sharing one memory pool."""
         t0 = time.perf_counter()
+        self.slot_mapping.fill_(-1)  # the warm-up runs write no KV (after steps ran, the buffer holds real slots)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
             meta = self._meta(bs)

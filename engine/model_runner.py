@@ -70,12 +70,19 @@ class ModelRunner:
             rows = min(config.max_num_seqs, 512) + config.max_running_seqs - config.max_num_seqs
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, rows, max_model_len,
                                        self.block_size, self.device)
-            self.graphs.capture()
             tokens = self._piecewise_tokens()
             if tokens:
                 self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, self.cos_sin, tokens, self.device)
-                self.piecewise.capture()
+            self.capture_graphs()
         load_logits_kernels(self.model, model_cfg.hidden_size, self.dtype, self.device, config.max_running_seqs)
+
+    def capture_graphs(self) -> None:
+        """(Re)capture the decode and piecewise CUDA graphs. Scalars the kernels take as arguments (the fp8 KV
+        scales) are baked into a capture: after changing them, capture again."""
+        if self.graphs is not None:
+            self.graphs.capture()
+        if self.piecewise is not None:
+            self.piecewise.capture()
 
     @property
     def bytes_per_block(self) -> int:

@@ -106,6 +106,7 @@ class PiecewiseGraphs:
         every entry runs gc.collect() and empty_cache(): at hundreds of segments that is seconds of start-up.
         """
         t0 = time.perf_counter()
+        self.slot_mapping.fill_(-1)  # the warm-up runs write no KV (after steps ran, the buffer holds real slots)
         reserved = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()

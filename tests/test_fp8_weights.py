@@ -446,8 +446,10 @@ def test_cuda_graphs_with_fp8_weights(model_factory):
 def test_fused_quantizing_producers_on_cuda(tiny_llama, monkeypatch, eager):
     """On the card (Triton kernels; decode through CUDA graphs unless eager): the fused producers give the
     logits and tokens of the unfused path, whose projections quantize with kernels.fp8_quant."""
+    # Prompt steps eager (piecewise_graph_tokens 0): the check counts the quantizing ops that eager forwards call.
+    # tests/test_gpu_piecewise.py checks the piecewise graphs with FP8 projections against eager forwards.
     check_fused_equals_unfused(tiny_llama, monkeypatch, PROMPTS, 16, device="cuda", kernel_backend="triton",
-                               num_kv_blocks=64, enforce_eager=eager, max_num_seqs=8)
+                               num_kv_blocks=64, enforce_eager=eager, max_num_seqs=8, piecewise_graph_tokens=0)
 
 
 @pytest.mark.gpu

@@ -41,7 +41,8 @@ def test_fp8_kv_cuda_graphs_match_eager(tiny_llama, dtype):
         for layer in runner.model.layers:  # non-trivial scales: the captured graphs must carry them
             layer.self_attn.k_scale, layer.self_attn.v_scale = 0.05, 0.03
         if not eager:
-            runner.graphs.capture()  # recapture with the scales set above
+            assert runner.piecewise is not None
+            runner.capture_graphs()  # recapture, decode and piecewise graphs, with the scales set above
         outs.append(_greedy(llm, prompts))
     assert outs[0] == outs[1]
 
