@@ -166,7 +166,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True disables CUDA graphs
     # Steps with prompt tokens, up to this many tokens, replay piecewise CUDA graphs: every layer's work but attention
     # (engine/piecewise_graphs.py). None: measured at start-up, the size below which an eager step's host time
-    # exceeds its GPU time (all sizes for a small model, ~1-2k tokens for an 8B one); 0: never.
+    # exceeds its GPU time (all sizes for a small model, ~1-2k tokens for an 8B one); 0: never. On an H200
+    # (bench/RESULTS.md, eighth session): bulk beside interactive probes 94.3% vs 91.1-92.8% eager, qwen3-0.6b
+    # +7.1% on a slow host, bulk runs otherwise within noise.
     piecewise_graph_tokens: int | None = None
     quantization: str | None = None  # None | "fp8" (W8A8); an FP8 checkpoint runs in fp8 either way
 
