@@ -82,7 +82,13 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture()
         if self.piecewise is not None:
-            self.piecewise.capture()
+            try:
+                self.piecewise.capture()
+            except torch.OutOfMemoryError:  # the KV cache was sized without their pool: run those steps eagerly
+                self.piecewise = None
+                torch.cuda.empty_cache()
+                log.warning("no memory left for the piecewise CUDA graphs: steps with prompt tokens run eagerly "
+                            "(lower gpu_memory_utilization to have them)")
 
     @property
     def bytes_per_block(self) -> int:

@@ -133,3 +133,16 @@ def test_piecewise_tokens_setting_and_measurement():
 def test_negative_setting_is_a_config_error():
     with pytest.raises(ConfigError, match="piecewise_graph_tokens must be >= 0"):
         EngineConfig(model="m", piecewise_graph_tokens=-1).validate()
+
+
+def test_no_memory_for_piecewise_graphs_means_eager_steps(monkeypatch, caplog):
+    """Their pool is not in the KV cache's sizing: an OOM while capturing them leaves those steps eager."""
+    class _Graphs:
+        def capture(self):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    runner = SimpleNamespace(graphs=None, piecewise=_Graphs())
+    ModelRunner.capture_graphs(runner)
+    assert runner.piecewise is None
+    assert "no memory left for the piecewise CUDA graphs" in caplog.text
