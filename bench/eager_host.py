@@ -6,9 +6,9 @@
 Eager steps (prompt and mixed steps above the piecewise graphs' size, engine/piecewise_graphs.py, or every one
 with piecewise_graph_tokens=0; decode-only steps replay CUDA graphs) pay each layer's op wrappers (argument
 checks, output allocation, launch-size arithmetic) and torch's module calls on the host every step. When that
-host time exceeds the GPU's time for the step, the GPU waits; the engine measures both at start-up. This measures it without a GPU: a
-tiny random model of the architecture runs the Triton backend's Python with each kernel's launch replaced by a
-no-op that only counts (the GEMMs still run, tiny, on the CPU). Triton's own launch cost (JITFunction.run) and the
+host time exceeds the GPU's time for the step, the GPU waits; the engine measures both at start-up. This
+measures the host time without a GPU: a tiny random model of the architecture runs the Triton backend's Python
+with each kernel's launch replaced by a no-op that only counts (the GEMMs still run, tiny, on the CPU). Triton's own launch cost (JITFunction.run) and the
 CUDA driver's are not included; `--device cuda` adds them: the same forward with the real launches, whose extra
 time per launch is Triton's launch path on that host.
 """
