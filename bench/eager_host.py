@@ -8,9 +8,9 @@ with piecewise_graph_tokens=0; decode-only steps replay CUDA graphs) pay each la
 checks, output allocation, launch-size arithmetic) and torch's module calls on the host every step. When that
 host time exceeds the GPU's time for the step, the GPU waits; the engine measures both at start-up. This
 measures the host time without a GPU: a tiny random model of the architecture runs the Triton backend's Python
-with each kernel's launch replaced by a no-op that only counts (the GEMMs still run, tiny, on the CPU). Triton's own launch cost (JITFunction.run) and the
-CUDA driver's are not included; `--device cuda` adds them: the same forward with the real launches, whose extra
-time per launch is Triton's launch path on that host.
+with each kernel's launch replaced by a no-op that only counts (the GEMMs still run, tiny, on the CPU).
+Triton's own launch cost (JITFunction.run) and the CUDA driver's are not included; `--device cuda` adds them:
+the same forward with the real launches, whose extra time per launch is Triton's launch path on that host.
 """
 from __future__ import annotations
 
