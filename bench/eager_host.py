@@ -109,6 +109,7 @@ def _measure(llm, counts: Counter, arch: str, steps: int, profile: int) -> dict:
             torch.cuda.synchronize()  # a tiny model's kernels take less than their host time: this waits little
         rounds.append((time.perf_counter() - t0) / per_round)
     us_per_layer = 1e6 * min(rounds) / layers
+    attn_us = _attention_us_per_layer(runner, meta, per_round)
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -116,7 +117,29 @@ def _measure(llm, counts: Counter, arch: str, steps: int, profile: int) -> dict:
             forward()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(profile)
-    return {"arch": arch, "layers": layers, "us_per_layer": round(us_per_layer, 1), "launches_per_forward": launches}
+    return {"arch": arch, "layers": layers, "us_per_layer": round(us_per_layer, 1),
+            "attention_us_per_layer": round(attn_us, 1), "launches_per_forward": launches}
+
+
+def _attention_us_per_layer(runner, meta, per_round: int) -> float:
+    """Host µs per layer of attention alone (Attention.attend into a given output): what a piecewise-graph step
+    (engine/piecewise_graphs.py) still runs eagerly per layer, beside its graph replays."""
+    attn = runner.model.layers[0].self_attn
+    t = meta.num_tokens
+    q = torch.zeros(t, attn.num_heads, attn.head_dim, dtype=runner.dtype, device=runner.device)
+    k = torch.zeros(t, attn.num_kv_heads, attn.head_dim, dtype=runner.dtype, device=runner.device)
+    o = torch.empty_like(q)
+    layers = [(layer.self_attn, kv) for layer, kv in zip(runner.model.layers, runner.kv_caches)]
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(per_round):
+            for a, kv in layers:
+                a.attend(q, k, k, meta, kv, out=o)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - t0) / per_round)
+    return 1e6 * min(rounds) / len(layers)
 
 
 def main() -> int:
@@ -131,6 +154,8 @@ def main() -> int:
     res = measure(args.arch, args.steps, args.profile, args.device)
     print(f"{res['arch']}: {res['us_per_layer']} us of host time per layer (eager mixed step, launches stubbed); "
           f"Triton launches per forward ({res['layers']} layers): {res['launches_per_forward']}")
+    print(f"attention alone (what a piecewise-graph step runs eagerly per layer): {res['attention_us_per_layer']} "
+          "us per layer")
     if "real_us_per_layer" in res:
         print(f"with the real launches: {res['real_us_per_layer']} us per layer, so Triton's launch path costs "
               f"{res['triton_us_per_launch']} us per launch")

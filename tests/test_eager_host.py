@@ -17,6 +17,7 @@ def test_qwen3_layer_launches_one_kernel_for_q_k_norm_and_rotary():
     res = measure("qwen3", steps=5)
     n = res["layers"]
     assert res["us_per_layer"] > 0
+    assert 0 < res["attention_us_per_layer"] < res["us_per_layer"]  # piecewise steps keep only attention eager
     # Per layer: two norms (the first layer's input norm has no residual to add), q/k norm + rotary, the KV write,
     # two attention launches (prompt chunks, then the decode rows beside them), SiLU-and-mul; one final norm.
     assert res["launches_per_forward"] == {"_rms_norm_kernel": 2 * n + 1, "_qk_norm_rotary_kernel": n,
