@@ -187,33 +187,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _host_bound_tokens(self, n: int) -> int:
-        """Measure an eager forward of n prompt tokens: the host's time to launch it and the GPU's time to run it.
-
-        The GPU time is taken with the launches queued behind a sleep kernel, so the GPU never waits for the host.
-        Host time hardly depends on the token count and GPU time grows with it, so steps of fewer than
-        n * host / gpu tokens are host-bound (an estimate on the safe side for padding: a small step's GPU time
-        is above the straight line). The step writes no KV (slots -1) and reads block 0.
+        """Measure an eager forward of n prompt tokens: the host's time to launch it (the median of three) and the
+        GPU's time to run it, taken with the launches queued behind a sleep kernel so the GPU never waits for the
+        host. The step writes no KV (slots -1) and reads block 0. Returns host_bound_tokens() of them.
         """
         meta, _ = self._prompt_batch(n, distinct_blocks=False)
         meta.slot_mapping.fill_(-1)
         for _ in range(2):  # compile and warm up
             self.model(meta, self.kv_caches, self.cos_sin)
-        torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        self.model(meta, self.kv_caches, self.cos_sin)
-        host = time.perf_counter() - t0
+        host = []
+        for _ in range(3):
+            torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            self.model(meta, self.kv_caches, self.cos_sin)
+            host.append(time.perf_counter() - t0)
         torch.cuda.synchronize(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(4e9 * host) + 1_000_000)  # cycles: twice the host time at up to 2 GHz
+        torch.cuda._sleep(int(4e9 * max(host)) + 1_000_000)  # cycles: twice the host time at up to 2 GHz
         start.record()
         self.model(meta, self.kv_caches, self.cos_sin)
         end.record()
         torch.cuda.synchronize(self.device)
         gpu = start.elapsed_time(end) / 1000
         torch.cuda.empty_cache()
-        tokens = int(n * host / gpu) if gpu > 0 else n
-        log.info("eager step of %d prompt tokens: host %.1f ms, GPU %.1f ms: piecewise graphs up to %d tokens",
-                 n, host * 1e3, gpu * 1e3, min(tokens, n))
+        tokens = host_bound_tokens(n, host, gpu)
+        log.info("eager step of %d prompt tokens: host %.1f ms (median of %s), GPU %.1f ms: piecewise graphs up "
+                 "to %d tokens", n, sorted(host)[1] * 1e3, ", ".join(f"{h * 1e3:.1f}" for h in host), gpu * 1e3,
+                 min(tokens, n))
         return tokens
 
     def _metadata(
@@ -351,6 +351,14 @@ class ModelRunner:
             grammar = c.grammar if not unmasked or c.seq_id not in unmasked else None
             rows.append(SamplingRow(p, c.prompt_token_ids, out_ids, c.seed, eos, c.seq_id, grammar))
         return PendingStep(seq_ids, self.sampler.launch(logits, rows, mask))
+
+
+def host_bound_tokens(n: int, host_s: list[float], gpu_s: float) -> int:
+    """The token count below which an eager step is host-bound, from a step of n tokens: host time (the median of
+    host_s) hardly depends on the token count and GPU time grows with it, so n * host / gpu. An estimate on the
+    safe side for padding: a small step's GPU time lies above the straight line."""
+    host = sorted(host_s)[len(host_s) // 2]
+    return int(n * host / gpu_s) if gpu_s > 0 else n
 
 
 def _all_plain_greedy(chunks: list, sample_rows: list[int]) -> bool:

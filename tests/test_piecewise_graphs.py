@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, host_bound_tokens
 from engine.piecewise_graphs import PiecewiseGraphs, token_buckets
 
 
@@ -146,3 +146,36 @@ def test_no_memory_for_piecewise_graphs_means_eager_steps(monkeypatch, caplog):
     ModelRunner.capture_graphs(runner)
     assert runner.piecewise is None
     assert "no memory left for the piecewise CUDA graphs" in caplog.text
+
+
+def test_host_bound_tokens_from_the_median_host_time():
+    assert host_bound_tokens(8192, [0.030, 0.011, 0.022], 0.022) == 8192  # median 22 ms: every size
+    assert host_bound_tokens(8192, [0.022, 0.200, 0.021], 0.175) == int(8192 * 0.022 / 0.175)  # one slow sample
+    assert host_bound_tokens(64, [0.01], 0.0) == 64
+
+
+def test_start_up_measurement_runs_its_steps(tiny_llama, monkeypatch):
+    """The measurement's own code on the CPU, with CUDA's timing calls stood in: three host samples, one GPU
+    timing of 2 ms behind the sleep, no KV written."""
+    class _Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    for name, fake in (("synchronize", lambda device=None: None), ("_sleep", lambda cycles: None),
+                       ("empty_cache", lambda: None), ("Event", _Event)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    llm = _llm(tiny_llama)
+    runner = llm.engine.runner
+    before = [k.clone() for k, _ in runner.kv_caches]
+    seen = []
+    monkeypatch.setattr("engine.model_runner.host_bound_tokens", lambda n, host, gpu: seen.append((n, host, gpu)) or 7)
+    assert ModelRunner._host_bound_tokens(runner, 256) == 7
+    (n, host, gpu), = seen
+    assert n == 256 and len(host) == 3 and all(h > 0 for h in host) and gpu == 0.002
+    assert all(torch.equal(k, k0) for (k, _), k0 in zip(runner.kv_caches, before))
