@@ -250,7 +250,7 @@ def main() -> int:
         "async_scheduling": eng.async_scheduling, "priority_reserve": eng.config.priority_reserve,
         "interactive_prefill_tokens": getattr(eng.config, "interactive_prefill_tokens", None),
         "interactive_split_steps": getattr(eng.config, "interactive_split_steps", None),
-        "piecewise_graph_tokens": getattr(getattr(eng.runner, "piecewise", None), "max_tokens", 0),
+        "piecewise_graph_tokens": getattr(eng.runner, "piecewise_graph_tokens", 0),  # --sim: none
         "probed_over_plain": None if plain is None else round(plain.wall_s / probed.wall_s, 3),
         # ttft_ms: the worker's first-token stamp minus the entry's time (as before); client_ttft_ms: what the
         # probe's client saw, from its enqueue call to the first token event read from the stream.

@@ -84,7 +84,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
                tokenizer=_tokenizer_label(args),
                kv_tokens=eng.block_manager.num_blocks * eng.runner.block_size, engine_args=_extra_engine_kwargs(args),
                tensor_parallel_size=args.tensor_parallel_size, jit_compiles_in_run=compiled,
-               piecewise_graph_tokens=getattr(getattr(eng.runner, "piecewise", None), "max_tokens", 0))
+               piecewise_graph_tokens=eng.runner.piecewise_graph_tokens)
     if timeline is not None:
         res["timeline"] = timeline.to_json()
         print(format_groups(res["timeline"]["groups"]), flush=True)

@@ -91,6 +91,11 @@ class ModelRunner:
                             "(lower gpu_memory_utilization to have them)")
 
     @property
+    def piecewise_graph_tokens(self) -> int:
+        """The most tokens a step with prompt tokens may have to replay piecewise graphs (0: none captured)."""
+        return 0 if self.piecewise is None else self.piecewise.max_tokens
+
+    @property
     def bytes_per_block(self) -> int:
         """KV bytes one block takes across all layers (K and V): fp8 caches hold twice the tokens of bf16."""
         c = self.model_cfg

@@ -83,14 +83,14 @@ class PiecewiseGraphs:
         return num_tokens <= self.max_tokens
 
     def _segment(self, i: int, t: int, prev):
-        """Segment i at t tokens: layer i-1 after attention (from prev = (attention output, residual)), then layer
-        i up to attention. Returns (q, k, v, residual, an empty attention output), or the hidden states for
-        i == num_layers."""
+        """Segment i at t tokens: layer i-1 after attention (from prev, segment i-1's outputs, its attention output
+        filled), then layer i up to attention. Returns (q, k, v, residual, an empty attention output), or the hidden
+        states for i == num_layers."""
         m = self.model
         if i == 0:
             x, residual = m.embed_tokens(self.input_ids[:t]), None
         else:
-            o, residual = prev
+            *_, residual, o = prev
             x, residual = m.layers[i - 1].attn_out(o, residual)
         if i == len(m.layers):
             return m.final_norm(x, residual)
@@ -114,9 +114,8 @@ class PiecewiseGraphs:
         for t in reversed(self.sizes):
             prev = None
             for i in range(n):  # eager warm-up: Triton compiles and cuBLAS picks its kernels outside the capture
-                out = self._segment(i, t, prev)
-                prev = (out[4], out[3]) if i < n - 1 else None
-            del out, prev
+                prev = self._segment(i, t, prev)
+            del prev
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the warm-up's activations: the capture allocates its own in the pool
             graphs, outs, prev = [], [], None
@@ -131,7 +130,7 @@ class PiecewiseGraphs:
                         graph.capture_end()
                     graphs.append(graph)
                     outs.append(out)
-                    prev = (out[4], out[3]) if i < n - 1 else None
+                    prev = out
                     if i:  # the previous segment's outputs are captured as consumed: let later captures reuse them
                         outs[i - 1] = tuple(map(weak_view, outs[i - 1]))
             torch.cuda.current_stream().wait_stream(stream)
@@ -159,9 +158,9 @@ class PiecewiseGraphs:
             else:
                 graphs[i].replay()
                 out = outs[i]
-            q, k, v, residual, o = out
+            q, k, v, _, o = out
             layer.self_attn.attend(q[:t], k[:t], v[:t], meta, self.kv_caches[i], out=o[:t])
-            prev = (o, residual)
+            prev = out
         if graphs is None:
             return self._segment(len(layers), bs, prev)[:t]
         graphs[-1].replay()

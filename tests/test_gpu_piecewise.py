@@ -65,15 +65,13 @@ def test_replayed_segments_with_fp8_weights_and_kv(tiny_llama):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_engine_with_piecewise_graphs_generates_as_eager(model_factory, async_scheduling):
     """fp32, greedy: the same tokens with piecewise graphs as with none, prompts long enough for several buckets."""
-    from engine import SamplingParams
+    from engine import LLM, SamplingParams
 
     rng = random.Random(11)
     prompts = [{"prompt_token_ids": [rng.randrange(10, 500) for _ in range(rng.randrange(5, 400))]} for _ in range(24)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     outs = []
     for tokens in (0, 600):
-        from engine import LLM
-
         llm = LLM(str(model_factory("qwen3")), device="cuda", dtype="float32", block_size=16, max_num_seqs=16,
                   max_num_batched_tokens=600, num_kv_blocks=512, piecewise_graph_tokens=tokens,
                   async_scheduling=async_scheduling)
@@ -89,4 +87,4 @@ def test_start_up_measurement_picks_a_size(tiny_llama):
 
     llm = LLM(str(tiny_llama), device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=16,
               max_num_batched_tokens=1024, num_kv_blocks=256)
-    assert llm.engine.runner.piecewise is not None and llm.engine.runner.piecewise.max_tokens == 1024
+    assert llm.engine.runner.piecewise_graph_tokens == 1024
