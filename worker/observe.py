@@ -22,10 +22,11 @@ class ObservedFinisher(Finisher):
     def final(self, rid: str, result: Result, stream: str, entry_id: str, **kwargs: Any) -> None:
         """Queue the final write (Finisher.final), then report it."""
         super().final(rid, result, stream, entry_id, **kwargs)
-        if self.job_log is not None:
-            self.job_log.on_final(result, stream)
+        # Metrics first: whoever reads the job's log line and then scrapes (a test, an operator) finds it counted.
         if self.metrics is not None:
             self.metrics.on_final(result, stream)
+        if self.job_log is not None:
+            self.job_log.on_final(result, stream)
 
     def dead_letter(self, *args: Any, **kwargs: Any) -> None:
         """Queue the dead letter (Finisher.dead_letter), then count it."""
