@@ -15,6 +15,7 @@ llama3-8b bulk step actually runs (32/8 heads, d128):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -95,6 +96,8 @@ def decode_section(a, res: dict, rows: list) -> None:
             moved = 2 * sum(ctxs) * HK * D * (1 if kv == "fp8" else 2)
             base = default_config(True, D, HQ // HK, torch.bfloat16, kv == "fp8")
             grid = [base] + [AttnConfig(base.block_m, *c) for c in a.decode_configs]
+            if a.warp_specialize:
+                grid.append(dataclasses.replace(base, warp_specialize=True))
             if a.decode_sweep and bs == a.block_sizes[0]:
                 if kv == "fp8":
                     shapes = list(itertools.product((64, 128), (2, 4), (3, 4, 6, 8))) + [(32, w, st) for w in (1, 2)
@@ -113,12 +116,14 @@ def decode_section(a, res: dict, rows: list) -> None:
                     continue
                 gbs = moved / ms / 1e6
                 out.append({"block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                            "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
+                            "warp_specialize": cfg.warp_specialize, "ms": ms, "GB/s": gbs,
+                            "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
             out.sort(key=lambda r: r["ms"])
             for r in [r for r in out if r["default"]] + [r for r in out if not r["default"]][:4]:
                 vs_sdpa = f", x{res['sdpa_decode_ms'] / r['ms']:.3f} of sdpa" if "sdpa_decode_ms" in res else ""
+                tags = (' ws' if r['warp_specialize'] else '') + (' (default)' if r['default'] else '')
                 rows.append(f"decode {shape} {kv} KV bs{bs} bn={r['block_n']} w={r['num_warps']} "
-                            f"st={r['num_stages']}{' (default)' if r['default'] else ''}: {r['ms'] * 1e3:.1f} us, "
+                            f"st={r['num_stages']}{tags}: {r['ms'] * 1e3:.1f} us, "
                             f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy{vs_sdpa}")
             del b
 
@@ -154,6 +159,11 @@ def prefill_section(a, res: dict, rows: list) -> None:
             variants.append((f"new_kv {'tma' if tma else 'ptr'} bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
                              f"st={cfg.num_stages}", tma, AttnConfig(cfg.block_m, cfg.block_n, cfg.num_warps,
                                                                      cfg.num_stages, new_kv_tma=tma)))
+    if a.warp_specialize:
+        for tma, cfg in ((False, base), (True, AttnConfig(128, 128, 8, 2)), (True, base)):
+            variants.append((f"new_kv {'tma' if tma else 'ptr'} ws bm={cfg.block_m} bn={cfg.block_n} "
+                             f"w={cfg.num_warps} st={cfg.num_stages}", tma,
+                             dataclasses.replace(cfg, new_kv_tma=tma, warp_specialize=True)))
     res["prefill"] = {}
     for (label, ctxs, qlens), kv in itertools.product(cases, ("bf16", "fp8")):
         b = paged(ctxs, qlens, a.block_sizes[0], torch.bfloat16, kv, gen)
@@ -193,6 +203,8 @@ def main() -> int:
                    help="decode SEQS sequences of CTX tokens each instead of the workload's contexts")
     p.add_argument("--decode-configs", nargs="*", default=[], type=lambda v: tuple(map(int, v.split(","))),
                    metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
+    p.add_argument("--warp-specialize", action="store_true",
+                   help="also time the default tiles with warp-specialized KV loops (AttnConfig.warp_specialize)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():

@@ -75,6 +75,19 @@ for stage in "$@"; do case $stage in
       W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
       run e2e_eager2 580 python3 bench/e2e.py $W --piecewise-graph-tokens 0 --json "$OUT/e2e_eager2.json"
       run e2e_pw2 580 python3 bench/e2e.py $W --json "$OUT/e2e_pw2.json" ;;
+  ncuattn) # ninth session: Nsight Compute on the paged kernel (fp8 / bf16 decode at the workload's contexts and the
+      # issue's shape, bf16 prefill 2048 with k/v_new), plus the compiled TTGIR/PTX of each variant
+      S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats"
+      S="$S --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats --section LaunchStats"
+      for c in "decode-workload fp8" "decode-workload bf16" "decode fp8" "prefill bf16"; do set -- $c
+        run ncu_$1_$2 240 ncu --clock-control none --profile-from-start off -k regex:'paged_attn|flash|attention|fmha' \
+          $S python3 bench/profile_attn.py --case $1 --kv $2 --launches 1 --triton-dump "$OUT/ttgir_$1_$2"
+      done ;;
+  attnws) # ninth session: warp-specialized KV loops (AttnConfig.warp_specialize) beside the default tiles, workload
+      # shapes and the issue's decode shape (B=64 x 4096, vs SDPA)
+      run attn_ws 420 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 --json "$OUT/attn_ws.json"
+      run attn_ws_issue 300 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 64 --skip prefill \
+        --decode-uniform 64 4096 --json "$OUT/attn_ws_issue.json" ;;
   kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

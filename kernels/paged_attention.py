@@ -80,6 +80,9 @@ class AttnConfig:
     # k/v_new tiles (prefill) by bulk tensor copies (TMA, Hopper+) instead of pointer loads. Off: on the H200 the
     # pointer loads were as fast or faster at 2048 (+0) and on a real 8k-token step (bench/RESULTS.md, fourth session).
     new_kv_tma: bool = False
+    # KV loops as tl.range(..., warp_specialize=True): Triton splits loads and math into warp groups where the
+    # backend supports it. Off: an experiment (bench/attn_workload.py times it), not measured faster yet.
+    warp_specialize: bool = False
 
 
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
@@ -120,9 +123,9 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk_scale,
                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, WS: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         in_ctx = offs_n < ctx
         if PAGE >= BLOCK_N:  # the tile lies in one page (tiles start at multiples of BLOCK_N): one id, no gather
@@ -175,7 +178,7 @@ def _softmax_step(acc, l_i, m_i, s, v, qk_scale, MASKED: tl.constexpr, IEEE: tl.
 @triton.jit
 def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scale, stride_knt, stride_knd,
                   stride_vnt, stride_vnd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, WS: tl.constexpr):
     """Keys lo..hi of the step's own tokens, read from the contiguous k/v_new rows of the sequence (row j is
     its query j's key): no page gather, and with TMA one bulk tensor copy per tile. Row qi sees keys j <= qi."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -184,7 +187,7 @@ def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scal
                                            block_shape=[BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(vn_base, shape=[q_len, HEAD_DIM], strides=[stride_vnt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         offs_n = start + tl.arange(0, BLOCK_N)
         if TMA:
             k = k_desc.load([start, 0]).T
@@ -217,6 +220,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr, NEW_KV: tl.constexpr, TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -269,10 +273,10 @@ def _paged_attn_kernel(
         whole = prefix // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, 0, whole, prefix, q_pos, qk_scale,
                                     stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST)
+                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, whole, prefix, prefix, q_pos,
                                     qk_scale, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
+                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS)
         acc = acc * v_scale  # the cache's V scale (1 unless fp8); the new rows are unscaled
         kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
         vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
@@ -280,10 +284,10 @@ def _paged_attn_kernel(
         n_end = tl.minimum(q0 + BLOCK_Q, q_len)
         acc, l_i, m_i = _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, 0, n_mid, new_qk_scale,
                                       stride_knt, stride_knd, stride_vnt, stride_vnd,
-                                      BLOCK_N, HEAD_DIM, False, TMA, IEEE, UPCAST)
+                                      BLOCK_N, HEAD_DIM, False, TMA, IEEE, UPCAST, WS)
         acc, l_i, m_i = _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, n_mid, n_end, new_qk_scale,
                                       stride_knt, stride_knd, stride_vnt, stride_vnd,
-                                      BLOCK_N, HEAD_DIM, True, TMA, IEEE, UPCAST)
+                                      BLOCK_N, HEAD_DIM, True, TMA, IEEE, UPCAST, WS)
         out = acc / l_i[:, None]
         o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -301,10 +305,10 @@ def _paged_attn_kernel(
     mid = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, hi), lo)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST)
+                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST)
+                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS)
 
     if not SPLIT:
         out = acc * (v_scale / l_i)[:, None]
@@ -540,7 +544,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
         SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query,
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
         F16_DOT=cfg.fp8_f16_dot and is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
-        NEW_KV=new_kv, TMA=tma,
+        NEW_KV=new_kv, TMA=tma, WS=cfg.warp_specialize and not interp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
