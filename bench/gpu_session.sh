@@ -83,6 +83,20 @@ for stage in "$@"; do case $stage in
         run ncu_$1_$2 240 ncu --clock-control none --profile-from-start off -k regex:'paged_attn|flash|attention|fmha' \
           $S python3 bench/profile_attn.py --case $1 --kv $2 --launches 1 --triton-dump "$OUT/ttgir_$1_$2"
       done ;;
+  fp8v) # ninth session: fp8 V stored keys-fastest (kernels.kv_layout) vs row-major, kernels then end to end, alternated
+      run attn_fp8v 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --warp-specialize \
+        --json "$OUT/attn_fp8v.json"
+      run attn_fp8v_issue 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --warp-specialize \
+        --decode-uniform 64 4096 --json "$OUT/attn_fp8v_issue.json"
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8"
+      run llama8b_fp8all_keysV 300 python3 bench/throughput.py $W --json "$OUT/llama8b_fp8all_keysV.json"
+      run llama8b_fp8all_rowV 300 python3 bench/throughput.py $W --fp8-v-row-major --json "$OUT/llama8b_fp8all_rowV.json" ;;
+  ncufp8) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats"
+      S="$S --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats --section LaunchStats"
+      for kv in fp8 fp8-rowV; do
+        run ncu_decode-workload_$kv 200 ncu --clock-control none --profile-from-start off -k regex:'paged_attn' $S \
+          python3 bench/profile_attn.py --case decode-workload --kv $kv --launches 1 --triton-dump "$OUT/ttgir_$kv"
+      done ;;
   attnws) # ninth session: warp-specialized KV loops (AttnConfig.warp_specialize) beside the default tiles, workload
       # shapes and the issue's decode shape (B=64 x 4096, vs SDPA)
       run attn_ws 420 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 --json "$OUT/attn_ws.json"

@@ -23,6 +23,7 @@ from engine.models.rope import cos_sin_cache
 from engine.piecewise_graphs import PiecewiseGraphs
 from engine.sampler import Sampler, SamplingRow, is_plain_greedy
 from engine.step_types import ForwardInFlight, PendingStep, SchedulerOutput
+from kernels.kv_layout import allocate_kv_cache
 from kernels.ops import get_ops
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ class ModelRunner:
         self.cos_sin = cos_sin_cache(model_cfg, max_model_len, self.device)
         self.sampler = Sampler(model_cfg.vocab_size, self.device)
         self.num_blocks = tp.all_reduce_min(self._decide_num_blocks())  # rank 0's block ids index every rank
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, model_cfg.head_dim)
         kv_dtype = self.kv_cache_dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_dtype, device=self.device), torch.zeros(shape, dtype=kv_dtype, device=self.device))
+            allocate_kv_cache(self.num_blocks, self.block_size, self.num_kv_heads, model_cfg.head_dim, kv_dtype,
+                              self.device)
             for _ in range(model_cfg.num_layers)
         ]
         log.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", self.num_blocks, self.block_size,

@@ -2,11 +2,12 @@
 
 Computes kernels.reference.write_kv_cache. One program per token copies all Hk x D values of K
 and of V (cast to the cache dtype); slots < 0 (padding tokens) write nothing. An fp8 (e4m3) cache
-stores x / scale saturated to +-448 (kernels.fp8); other caches ignore the scales.
+stores x / scale saturated to +-448, NaN as 0 (kernels.fp8); other caches ignore the scales.
 
 Layouts: k, v [T, Hk, D] any strides (views into a fused qkv tensor are fine); k/v_cache
 [num_blocks, block_size, Hk, D] any strides; slot_mapping [T] int64 or int32, slot =
-block_id * block_size + row.
+block_id * block_size + row. kernels.kv_layout.allocate_kv_cache makes the engine's caches (an fp8 V
+cache is stored keys-fastest: see there).
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from kernels.sizes import next_power_of_2
 @triton.jit
 def _quantize(x, scale, FP8: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
     if FP8:
-        x = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -448.0), 448.0)  # saturate: kernels.fp8.FP8_MAX
+        x = x.to(tl.float32) / scale
+        x = tl.where(x == x, x, 0.0)  # NaN as 0: an fp8 cache never holds NaN (kernels.kv_layout)
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)  # saturate: kernels.fp8.FP8_MAX
         if EMULATE_ROUNDING:
             x = round_to_e4m3(x)
     return x
@@ -89,3 +92,4 @@ def write_kv_cache(
         PAGE=k_cache.shape[1], FP8=fp8, EMULATE_ROUNDING=fp8 and interpreting(),
         num_warps=4,
     )
+

@@ -7,7 +7,8 @@ from the paged caches through block_tables[s]. Softmax is online, in float32, ba
 Layouts (any strides unless noted; the head_dim stride is normally 1):
   q            [T, Hq, D]                          may be a view into a fused qkv tensor
   k/v_cache    [num_blocks, block_size, Hk, D]     token t of seq s: block block_tables[s, t // bs], row t % bs;
-                                                   q's dtype, or float8_e4m3fn (stored x / k_scale, x / v_scale)
+                                                   q's dtype, or float8_e4m3fn (stored x / k_scale, x / v_scale);
+                                                   the engine's fp8 V is keys-fastest (kernels.kv_layout)
   block_tables [S, max_blocks] int32               row stride passed, column stride must be 1
   seq_lens [S], query_start_loc [S + 1]            int32 (int64 accepted)
   out          [T, Hq, D]                          q's dtype; contiguous unless `out=` is given
@@ -47,7 +48,12 @@ e4m3 pairs to fp16 pairs in one instruction (cvt.rn.f16x2.e4m3x2) while bf16 tak
 decode rates the conversions, not the bytes, were the limit (x0.99 of SDPA on bf16 KV instead of ~x2).
 q is rounded to fp16 once per program (exact for |q| in [2**-14, 65504]: fp16 has 3 more mantissa bits
 than bf16 but a narrower exponent; smaller magnitudes lose bits, larger ones would overflow, and no
-trained model's queries come near either end) and P is rounded to fp16 before P @ V. The dequantization x * scale is folded in where it costs
+trained model's queries come near either end) and P is rounded to fp16 before P @ V. Stored
+keys-fastest, fp8 V tiles reach the tensor cores 16 bytes per shared load instead of one byte
+(kernels.kv_layout says why). Masks are per page: a page holding a live key loads whole, so loads stay
+16 bytes wide along the keys too. An fp8 cache never holds NaN (kernels.kv_layout), so its dead rows in a
+live page need no zeroing: their scores are -inf and p is 0. Other caches may hold NaN there, so their V
+rows past the context load as 0. The dequantization x * scale is folded in where it costs
 nothing: k_scale into the softmax scale (q . (k8 * ks) = (q . k8) * ks) and v_scale into the final
 normalization (sum p (v8 * vs) = vs * sum p v8).
 
@@ -123,17 +129,24 @@ def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk_scale,
                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, WS: tl.constexpr):
+                MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, WS: tl.constexpr,
+                FINITE_V: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        # Every caller's lo is a multiple of BLOCK_N or equals hi (no iteration); the hint lets the compiler see
+        # that pages are PAGE aligned keys, so per-page masks and ids stay constant over whole loads.
+        start = tl.multiple_of(start, BLOCK_N)
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         in_ctx = offs_n < ctx
+        # Masks are per page (constant over PAGE keys): a page holding any live key loads whole, so loads stay wide
+        # along the keys too (a V cache stored keys-fastest, as fp8 caches are: see the module docstring).
+        page_live = offs_n // PAGE * PAGE < ctx
         if PAGE >= BLOCK_N:  # the tile lies in one page (tiles start at multiples of BLOCK_N): one id, no gather
             page = tl.load(bt_row + start // PAGE).to(tl.int64)  # start < hi <= ctx: a live page
             row = start % PAGE + tl.arange(0, BLOCK_N)
         else:
             if MASKED:
-                page = tl.load(bt_row + offs_n // PAGE, mask=in_ctx, other=0)
+                page = tl.load(bt_row + offs_n // PAGE, mask=page_live, other=0)
             else:
                 page = tl.load(bt_row + offs_n // PAGE)
             page = page.to(tl.int64)  # block offsets can pass 2**31 elements
@@ -143,9 +156,12 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
         v_row = page * stride_vb + row * stride_vt
         k_off = k_row[None, :] + offs_d[:, None] * stride_kd
         v_off = v_row[:, None] + offs_d[None, :] * stride_vd
-        if MASKED:  # rows past the context may hold NaN garbage: never let them reach the dots
-            k = tl.load(k_base + k_off, mask=in_ctx[None, :], other=0.0)
-            v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0)
+        if MASKED:
+            k = tl.load(k_base + k_off, mask=page_live[None, :], other=0.0)
+            if FINITE_V:  # every stored value is finite, so a dead row's p = 0 zeroes it: mask whole pages (wide loads)
+                v = tl.load(v_base + v_off, mask=page_live[:, None], other=0.0)
+            else:  # rows past the context may hold NaN garbage (0 * NaN = NaN): never let them reach the dots
+                v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0)
         else:
             k = tl.load(k_base + k_off)
             v = tl.load(v_base + v_off)
@@ -220,7 +236,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr, NEW_KV: tl.constexpr, TMA: tl.constexpr,
-    WS: tl.constexpr,
+    WS: tl.constexpr, FINITE_V: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -273,10 +289,10 @@ def _paged_attn_kernel(
         whole = prefix // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, 0, whole, prefix, q_pos, qk_scale,
                                     stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS)
+                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, whole, prefix, prefix, q_pos,
                                     qk_scale, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS)
+                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS, FINITE_V)
         acc = acc * v_scale  # the cache's V scale (1 unless fp8); the new rows are unscaled
         kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
         vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
@@ -303,12 +319,13 @@ def _paged_attn_kernel(
         lo = 0
         hi = kv_end
     mid = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, hi), lo)
+    mid = tl.multiple_of(mid, BLOCK_N)  # or mid == hi, where the masked loop has no iteration
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS)
+                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS)
+                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS, FINITE_V)
 
     if not SPLIT:
         out = acc * (v_scale / l_i)[:, None]
@@ -544,7 +561,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
         SPLIT=num_splits > 1, ONE_QUERY_PER_SEQ=one_query,
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
         F16_DOT=cfg.fp8_f16_dot and is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
-        NEW_KV=new_kv, TMA=tma, WS=cfg.warp_specialize and not interp,
+        NEW_KV=new_kv, TMA=tma, WS=cfg.warp_specialize and not interp, FINITE_V=is_fp8(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

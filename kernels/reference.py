@@ -121,8 +121,9 @@ def write_kv_cache(
     kr, vr = k.to(k_cache.dtype), v.to(v_cache.dtype)
     if as_bytes:
         kr, vr = kr.view(torch.uint8), vr.view(torch.uint8)
-    kc.view(nb * bs, hk, d).index_copy_(0, slot_mapping, kr)
-    vc.view(nb * bs, hk, d).index_copy_(0, slot_mapping, vr)
+    blk, row = slot_mapping // bs, slot_mapping % bs  # (block, row) indexing: any cache strides (fp8 V: keys-fastest)
+    kc[blk, row] = kr
+    vc[blk, row] = vr
 
 
 def gather_kv(

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 from kernels import reference  # noqa: E402
 from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize  # noqa: E402
+from kernels.kv_layout import allocate_kv_cache  # noqa: E402
 from kernels.paged_attention import AttnConfig  # noqa: E402
 from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
 
@@ -30,6 +31,14 @@ FP8_VS_UNQUANTIZED = 0.07
 
 def bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
+
+
+def keys_fastest(cache: torch.Tensor) -> torch.Tensor:
+    """The same fp8 cache stored as the engine stores fp8 V (kernels.kv_layout): [blocks, Hk, D, block_size]."""
+    nb, bs, hk, d = cache.shape
+    out = torch.empty((nb, hk, d, bs), dtype=cache.dtype, device=cache.device).permute(0, 3, 1, 2)
+    bytes_of(out).copy_(bytes_of(cache))
+    return out
 
 
 # ---------------------------------------------------------------- KV write
@@ -43,6 +52,7 @@ def test_write_kv_cache_fp8_matches_reference(hk, d, bs, dtype, k_scale, v_scale
     t, num_blocks = 11, 5
     kv = (torch.randn(t, 2 * hk + 1, d) * 3).to(dtype).to(DEVICE)
     kv[0, 0, :4] = torch.tensor([1e4, -1e4, 7.97 * k_scale, 1e-5])  # saturate both ways, round up a binade, subnormal
+    kv[1, :, 5] = float("nan")  # stored as 0: an fp8 cache never holds NaN (kernels.kv_layout)
     k, v = kv[:, :hk], kv[:, hk : 2 * hk]  # strided views, like the fused qkv
     slots = torch.randperm(num_blocks * bs)[:t]
     slots[[2, 7]] = -1
@@ -55,8 +65,14 @@ def test_write_kv_cache_fp8_matches_reference(hk, d, bs, dtype, k_scale, v_scale
     reference.write_kv_cache(k, v, ref_kc, ref_vc, slots, k_scale, v_scale)
     T.write_kv_cache(k, v, kc, vc, slots, k_scale, v_scale)
     assert torch.equal(bytes_of(kc), bytes_of(ref_kc)) and torch.equal(bytes_of(vc), bytes_of(ref_vc))
+    vc_keys = keys_fastest(torch.zeros_like(vc).view(torch.uint8).fill_(0x7F).view(FP8_DTYPE))  # the engine's V layout
+    T.write_kv_cache(k, v, kc, vc_keys, slots, k_scale, v_scale)
+    assert torch.equal(bytes_of(vc_keys), bytes_of(ref_vc))  # same codes at the same (block, row, head, dim)
     written = bytes_of(ref_kc).view(-1, hk, d)[slots[slots >= 0]]
     assert (written != 0x7F).all() and (written != 0xFF).all()  # no NaN written; saturation, not overflow
+    for cache in (ref_kc, ref_vc):
+        if slots[1] >= 0:
+            assert (bytes_of(cache).view(-1, hk, d)[slots[1], :, 5] == 0).all()  # NaN input stored as 0
     first = ref_kc.view(-1, hk, d)[slots[0]].float() if slots[0] >= 0 else None
     if first is not None:
         assert first[0, 0] == FP8_MAX and first[0, 1] == -FP8_MAX and first[0, 2] == 8.0
@@ -82,9 +98,11 @@ def test_write_kv_cache_rejects_bad_scale():
 # ---------------------------------------------------------------- paged attention over fp8 caches
 
 
-def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, seed=0):
+def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, seed=0, v_keys_fastest=True):
     """seqs: [(query_len, context_len)]. Returns q (a view into a fused qkv), the fp8 caches, metadata, and
-    the unquantized caches (q's dtype) holding the same K/V. Unused cache rows hold NaN codes."""
+    the unquantized caches (q's dtype) holding the same K/V. Unused K rows hold NaN codes; unused V rows hold
+    448, the largest finite code (an fp8 cache never holds NaN: kernels.kv_layout), so a dead row that reached
+    P @ V with any weight would show. V is stored keys-fastest, as the engine stores it, unless told not."""
     torch.manual_seed(seed)
     nblocks = [math.ceil(c / bs) for _, c in seqs]
     num_blocks = sum(nblocks) + 3  # block 0 and two more stay unused (NaN)
@@ -103,7 +121,7 @@ def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, 
     k8 = torch.zeros(k_hi.shape, dtype=FP8_DTYPE, device=device)
     v8 = torch.zeros_like(k8)
     bytes_of(k8).fill_(0x7F)
-    bytes_of(v8).fill_(0x7F)
+    bytes_of(v8).fill_(0x7E)
     bytes_of(k8).view(-1, hk, d)[slots] = bytes_of(quantize(k_hi.view(-1, hk, d)[slots], k_scale))
     bytes_of(v8).view(-1, hk, d)[slots] = bytes_of(quantize(v_hi.view(-1, hk, d)[slots], v_scale))
     qlens = [ql for ql, _ in seqs]
@@ -111,6 +129,8 @@ def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, 
     q = qkv[:, :hq]
     qsl = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
     seq_lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
+    if v_keys_fastest:
+        v8 = keys_fastest(v8)
     return q, k8, v8, bt.to(device), seq_lens.to(device), qsl.to(device), k_hi, v_hi
 
 
@@ -122,11 +142,14 @@ def new_rows(cache_hi, bt, seqs, bs):
     return cache_hi.view(-1, hk, d)[torch.cat(slots)]
 
 
-def check_fp8_attention(seqs, hq, hk, d, bs, dtype, k_scale=0.02, v_scale=0.1, device=DEVICE, new_kv=False, **kw):
+def check_fp8_attention(seqs, hq, hk, d, bs, dtype, k_scale=0.02, v_scale=0.1, device=DEVICE, new_kv=False,
+                        v_keys_fastest=True, **kw):
     """new_kv: pass the new tokens' unquantized K/V as k/v_new (prompt steps read them instead of the fp8 rows)."""
-    q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device)
+    q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device,
+                                                        v_keys_fastest=v_keys_fastest)
     scale = d**-0.5
-    what = f"fp8 paged_attention {seqs} hq={hq} hk={hk} d={d} bs={bs} {dtype} new_kv={new_kv} {kw}"
+    what = (f"fp8 paged_attention {seqs} hq={hq} hk={hk} d={d} bs={bs} {dtype} new_kv={new_kv} "
+            f"v_keys_fastest={v_keys_fastest} {kw}")
     if new_kv:
         kw = kw | {"k_new": new_rows(k_hi, bt, seqs, bs), "v_new": new_rows(v_hi, bt, seqs, bs)}
     ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, scale, k_scale=k_scale, v_scale=v_scale,
@@ -155,6 +178,21 @@ def test_fp8_decode(dtype, group, d):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_fp8_prefill_and_cached_prefix(dtype, group, d):
     check_fp8_attention(MIXED, 2 * group, 2, d, 16 if d == 64 else 32, dtype)
+
+
+@pytest.mark.parametrize("bs", [16, 64])
+def test_fp8_v_stored_row_major_still_reads_right(bs):
+    """Any V strides work: the row-major fp8 V of earlier builds (tiles within one page and across pages)."""
+    check_fp8_attention(DECODE, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=False, max_query_len=1)
+    check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=False)
+    check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=False, new_kv=True)
+
+
+def test_fp8_dead_rows_of_a_live_page_add_nothing():
+    """The last page is loaded whole: its rows past the context (448, the largest code) must get p = 0."""
+    seqs = [(1, 17), (1, 30), (5, 21)]
+    err = check_fp8_attention(seqs, 8, 2, 64, 16, torch.float32, max_query_len=5)
+    assert err < FP8_VS_UNQUANTIZED
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
@@ -199,7 +237,7 @@ def test_torch_backend_fp8_matches_triton():
     k = torch.randn(20, hk, d, device=DEVICE)
     v = torch.randn(20, hk, d, device=DEVICE)
     slots = torch.arange(20, device=DEVICE)
-    caches = [torch.zeros(3, bs, hk, d, dtype=FP8_DTYPE, device=DEVICE) for _ in range(4)]
+    caches = [c for _ in range(2) for c in allocate_kv_cache(3, bs, hk, d, FP8_DTYPE, DEVICE)]  # V keys-fastest
     TORCH_OPS.write_kv_cache(k, v, caches[0], caches[1], slots, 0.03, 0.05)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.03, 0.05)
     assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))
@@ -252,7 +290,7 @@ def test_gpu_fp8_write_kv_real_shapes():
     kv = torch.randn(t, 2 * hk, d, device="cuda", dtype=torch.bfloat16) * 4
     k, v = kv[:, :hk], kv[:, hk:]
     slots = torch.randperm(400 * 16, device="cuda")[:t]
-    caches = [torch.zeros(400, 16, hk, d, device="cuda", dtype=FP8_DTYPE) for _ in range(4)]
+    caches = [c for _ in range(2) for c in allocate_kv_cache(400, 16, hk, d, FP8_DTYPE, "cuda")]  # V keys-fastest
     reference.write_kv_cache(k, v, caches[0], caches[1], slots, 0.02, 0.04)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.02, 0.04)
     assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))

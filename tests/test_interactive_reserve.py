@@ -132,10 +132,13 @@ def _run(eng, requests) -> dict[str, list[int]]:
     return tokens
 
 
-def test_swap_round_trips_kv_bytes_exactly(tiny_llama):
-    """Every swapped-in block holds exactly the bytes its swapped-out block held."""
-    eng = _swap_engine(tiny_llama)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_swap_round_trips_kv_bytes_exactly(tiny_llama, kv_cache_dtype):
+    """Every swapped-in block holds exactly the bytes its swapped-out block held (fp8: V stored keys-fastest)."""
+    eng = _swap_engine(tiny_llama, kv_cache_dtype=kv_cache_dtype)
     space = eng.swap_space
+    if kv_cache_dtype == "fp8":
+        assert space.kv_caches[0][1].stride(1) == 1  # kernels.kv_layout: the row index is the fastest
     saved: dict[str, list] = {}
     checked = []
     apply = space.apply
@@ -146,8 +149,8 @@ def test_swap_round_trips_kv_bytes_exactly(tiny_llama):
         apply(sched)
         for seq_id, blocks in sched.swap_in:
             for (k, v), (k0, v0) in zip(space.kv_caches, saved.pop(seq_id)):
-                assert k[blocks].view(-1).view(torch.uint8).equal(k0.view(-1).view(torch.uint8))
-                assert v[blocks].view(-1).view(torch.uint8).equal(v0.view(-1).view(torch.uint8))
+                assert k[blocks].view(torch.uint8).equal(k0.view(torch.uint8))
+                assert v[blocks].view(torch.uint8).equal(v0.view(torch.uint8))
             checked.append(seq_id)
 
     space.apply = checking_apply
