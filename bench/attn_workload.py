@@ -5,8 +5,8 @@
 bench/kernels.py times the issue's fixed shapes (decode B=64 x 4096, one 2048-token prefill). This times what a
 llama3-8b bulk step actually runs (32/8 heads, d128):
 - decode: 512 sequences whose contexts are the workload's prompts U[128,1024] plus a few decoded tokens
-  (ragged, short: per-program fixed costs weigh more than at 4096), bf16 and fp8 KV (fp8: V keys-fastest as
-  the engine stores it, and "fp8-rowV", row-major as before the ninth session), GB/s of K/V read and
+  (ragged, short: per-program fixed costs weigh more than at 4096), bf16 and fp8 KV (fp8: V row-major as
+  the engine stores it, and "fp8-keysV", stored keys-fastest: kernels.kv_layout), GB/s of K/V read and
   % of the device copy rate; --decode-sweep times tiles x warps x stages for each KV dtype.
 - prefill: 2048 new tokens after 0 or 2048 cached ones, and an 8,192-token step of ~14 fresh prompts
   U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
@@ -47,10 +47,10 @@ def paged(ctxs: list[int], qlens: list[int], bs: int, dtype, kv: str, gen):
     vc = torch.randn_like(kc)
     if kv.startswith("fp8"):
         kc, vc = kc.to(FP8), vc.to(FP8)
-        if kv == "fp8":  # the engine's layout, V keys-fastest (kernels.kv_layout); "fp8-rowV": row-major as before
-            v_engine = allocate_kv_cache(total, bs, HK, D, FP8, "cuda")[1]
-            v_engine.view(torch.uint8).copy_(vc.view(torch.uint8))
-            vc = v_engine
+        if kv == "fp8-keysV":  # V stored keys-fastest (kernels.kv_layout); "fp8": row-major, as the engine has it
+            v_keys = allocate_kv_cache(total, bs, HK, D, FP8, "cuda", v_keys_fastest=True)[1]
+            v_keys.view(torch.uint8).copy_(vc.view(torch.uint8))
+            vc = v_keys
     perm = torch.randperm(total - 1, device="cuda", generator=gen).to(torch.int32) + 1
     bt = torch.zeros(len(ctxs), max(nb), dtype=torch.int32, device="cuda")
     at = 0
@@ -98,7 +98,7 @@ def decode_section(a, res: dict, rows: list) -> None:
         del qs, ks, vs
     res["decode"] = {}
     for bs in a.block_sizes:
-        for kv in ("bf16", "fp8", "fp8-rowV"):
+        for kv in ("bf16", "fp8", "fp8-keysV"):
             b = paged(ctxs, [1] * len(ctxs), bs, torch.bfloat16, kv, gen)
             fp8 = kv.startswith("fp8")
             moved = 2 * sum(ctxs) * HK * D * (1 if fp8 else 2)
@@ -174,13 +174,13 @@ def prefill_section(a, res: dict, rows: list) -> None:
                              dataclasses.replace(cfg, new_kv_tma=tma, warp_specialize=True)))
     defaults = {"pages", f"new_kv ptr bm={base.block_m} bn={base.block_n} w={base.num_warps} st={base.num_stages}"}
     res["prefill"] = {}
-    for (label, ctxs, qlens), kv in itertools.product(cases, ("bf16", "fp8", "fp8-rowV")):
+    for (label, ctxs, qlens), kv in itertools.product(cases, ("bf16", "fp8", "fp8-keysV")):
         b = paged(ctxs, qlens, a.block_sizes[0], torch.bfloat16, kv, gen)
         fl = sum(flops(c - q, q) for c, q in zip(ctxs, qlens))
         ref = reference.paged_attention(*b[:6], D**-0.5, k_new=b[6], v_new=b[7]).float() if label == "2048+0" else None
         out = res["prefill"][f"{label} {kv}"] = []
         for name, tma, cfg in variants:
-            if kv == "fp8-rowV" and name not in defaults:  # the old layout: only what the engine runs
+            if kv == "fp8-keysV" and name not in defaults:  # the experimental layout: the default tiles only
                 continue
             kw = {} if tma is None else {"k_new": b[6], "v_new": b[7]}
             try:

@@ -89,13 +89,19 @@ for stage in "$@"; do case $stage in
       run attn_fp8v_issue 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --warp-specialize \
         --decode-uniform 64 4096 --json "$OUT/attn_fp8v_issue.json"
       W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8"
-      run llama8b_fp8all_keysV 300 python3 bench/throughput.py $W --json "$OUT/llama8b_fp8all_keysV.json"
-      run llama8b_fp8all_rowV 300 python3 bench/throughput.py $W --fp8-v-row-major --json "$OUT/llama8b_fp8all_rowV.json" ;;
-  ncufp8) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats"
-      S="$S --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats --section LaunchStats"
-      for kv in fp8 fp8-rowV; do
-        run ncu_decode-workload_$kv 200 ncu --clock-control none --profile-from-start off -k regex:'paged_attn' $S \
-          python3 bench/profile_attn.py --case decode-workload --kv $kv --launches 1 --triton-dump "$OUT/ttgir_$kv"
+      run llama8b_fp8all_rowV 300 python3 bench/throughput.py $W --json "$OUT/llama8b_fp8all_rowV.json"
+      run llama8b_fp8all_keysV 300 python3 bench/throughput.py $W --fp8-v-keys-fastest --json "$OUT/llama8b_fp8all_keysV.json" ;;
+  ncufp8) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
+      S="$S --section Occupancy --section WarpStateStats --section InstructionStats --section SchedulerStats"
+      for bs in 16 64; do for kv in fp8 fp8-keysV; do
+        run ncu_decode-workload_${kv}_bs$bs 200 ncu --clock-control none --profile-from-start off -k regex:'paged_attn' $S \
+          python3 bench/profile_attn.py --case decode-workload --kv $kv --block-size $bs --launches 1
+      done; done ;;
+  ksweep8wl) # ninth session: decode tiles at the workload's contexts, block 64 (the default) and 16, fp8 V row-major
+      # and keys-fastest (bf16 too)
+      for bs in 64 16; do
+        run attn_sweep_bs$bs 300 python3 bench/attn_workload.py --skip prefill --block-sizes $bs --decode-sweep \
+          --json "$OUT/attn_sweep_bs$bs.json"
       done ;;
   attnws) # ninth session: warp-specialized KV loops (AttnConfig.warp_specialize) beside the default tiles, workload
       # shapes and the issue's decode shape (B=64 x 4096, vs SDPA)

@@ -76,8 +76,8 @@ def _dump_triton(dest: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["decode", "decode-workload", "prefill"], default="decode")
-    p.add_argument("--kv", choices=["bf16", "fp8", "fp8-rowV"], default="bf16",
-                   help="fp8: V keys-fastest as the engine stores it; fp8-rowV: V row-major (before the ninth session)")
+    p.add_argument("--kv", choices=["bf16", "fp8", "fp8-keysV"], default="bf16",
+                   help="fp8: V row-major as the engine stores it; fp8-keysV: V keys-fastest (kernels.kv_layout)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--launches", type=int, default=2)
     p.add_argument("--triton-dump", type=Path)

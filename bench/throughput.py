@@ -210,15 +210,13 @@ def add_throughput_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="any other EngineConfig field, e.g. --engine-arg block_size=32 (repeatable)")
 
 
-def _store_fp8_v_row_major() -> None:
-    """The engine allocates its caches through engine.model_runner.allocate_kv_cache: make fp8 V row-major there."""
+def _store_fp8_v_keys_fastest() -> None:
+    """The engine allocates its caches through engine.model_runner.allocate_kv_cache: store fp8 V keys-fastest."""
+    import functools
+
     import engine.model_runner as mr
 
-    def row_major(num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-
-    mr.allocate_kv_cache = row_major
+    mr.allocate_kv_cache = functools.partial(mr.allocate_kv_cache, v_keys_fastest=True)
 
 
 def main() -> int:
@@ -236,12 +234,11 @@ def main() -> int:
                         "deployment")
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
                    help="a JSON schema on every request: the same one, or one per request (compiled each)")
-    p.add_argument("--fp8-v-row-major", action="store_true",
-                   help="A/B only: store an fp8 V cache row-major, as before the ninth session, instead of "
-                        "keys-fastest (kernels.kv_layout)")
+    p.add_argument("--fp8-v-keys-fastest", action="store_true",
+                   help="A/B only: store an fp8 V cache keys-fastest (kernels.kv_layout) instead of row-major")
     args = p.parse_args()
-    if args.fp8_v_row_major:
-        _store_fp8_v_row_major()
+    if args.fp8_v_keys_fastest:
+        _store_fp8_v_keys_fastest()
     # the engine's start-up lines: KV cache size, graph captures, the piecewise graphs' host/GPU measurement
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     with_tokenizer = args.with_tokenizer or args.structured != "none" or args.tokenizer_file is not None

@@ -6,8 +6,7 @@ stores x / scale saturated to +-448, NaN as 0 (kernels.fp8); other caches ignore
 
 Layouts: k, v [T, Hk, D] any strides (views into a fused qkv tensor are fine); k/v_cache
 [num_blocks, block_size, Hk, D] any strides; slot_mapping [T] int64 or int32, slot =
-block_id * block_size + row. kernels.kv_layout.allocate_kv_cache makes the engine's caches (an fp8 V
-cache is stored keys-fastest: see there).
+block_id * block_size + row. kernels.kv_layout.allocate_kv_cache makes the engine's caches.
 """
 from __future__ import annotations
 

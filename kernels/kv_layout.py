@@ -7,14 +7,17 @@ from kernels.fp8 import is_fp8
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's K and V caches, zeroed, each indexed [num_blocks, block_size, Hk, D].
+                      device: torch.device | str, v_keys_fastest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V caches, zeroed, each indexed [num_blocks, block_size, Hk, D] and stored row-major.
 
-    An fp8 V cache is stored keys-fastest: [num_blocks, Hk, D, block_size] in memory, returned as the permuted
-    view. P @ V reduces over keys, and the tensor cores take an 8-bit operand only with its reduction dimension
-    contiguous (there is no 8-bit transposing ldmatrix), so a V tile stored row by row reached them one byte per
-    shared-memory load (128 loads per thread per 64-key tile); keys-fastest, it loads 16 bytes at a time. vLLM's
-    first PagedAttention kernels kept V this way too. Every kernel and the reference take the caches by strides.
+    v_keys_fastest (fp8 only; an experiment, off in the engine): store V as [num_blocks, Hk, D, block_size] in
+    memory, returned as the permuted view. P @ V reduces over keys, and the tensor cores take an 8-bit operand
+    only with its reduction dimension contiguous (there is no 8-bit transposing ldmatrix), so a row-major fp8 V
+    tile reaches them one byte per shared-memory load (128 loads per thread per 64-key tile); keys-fastest, 16
+    bytes at a time, and the decode kernel executes 37% fewer instructions. vLLM's first PagedAttention kernels
+    kept V this way. Measured on the H200 (bench/RESULTS.md, ninth session) it is nevertheless slower except for
+    short contexts at block 16: 2x slower at block 64, the engine's default. Every kernel and the reference take
+    the caches by strides, so either layout reads right.
 
     Zeroed, and written only by write_kv_cache (which stores NaN as 0 and saturates): an fp8 cache never holds
     NaN, which kernels.paged_attention relies on to load the last page of a context whole (a dead row's p is 0,
@@ -22,7 +25,7 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
     """
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k = torch.zeros(shape, dtype=dtype, device=device)
-    if is_fp8(dtype):
+    if v_keys_fastest and is_fp8(dtype):
         v = torch.zeros((num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype, device=device)
         v = v.permute(0, 3, 1, 2)
     else:

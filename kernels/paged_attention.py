@@ -7,8 +7,7 @@ from the paged caches through block_tables[s]. Softmax is online, in float32, ba
 Layouts (any strides unless noted; the head_dim stride is normally 1):
   q            [T, Hq, D]                          may be a view into a fused qkv tensor
   k/v_cache    [num_blocks, block_size, Hk, D]     token t of seq s: block block_tables[s, t // bs], row t % bs;
-                                                   q's dtype, or float8_e4m3fn (stored x / k_scale, x / v_scale);
-                                                   the engine's fp8 V is keys-fastest (kernels.kv_layout)
+                                                   q's dtype, or float8_e4m3fn (stored x / k_scale, x / v_scale)
   block_tables [S, max_blocks] int32               row stride passed, column stride must be 1
   seq_lens [S], query_start_loc [S + 1]            int32 (int64 accepted)
   out          [T, Hq, D]                          q's dtype; contiguous unless `out=` is given
@@ -48,12 +47,11 @@ e4m3 pairs to fp16 pairs in one instruction (cvt.rn.f16x2.e4m3x2) while bf16 tak
 decode rates the conversions, not the bytes, were the limit (x0.99 of SDPA on bf16 KV instead of ~x2).
 q is rounded to fp16 once per program (exact for |q| in [2**-14, 65504]: fp16 has 3 more mantissa bits
 than bf16 but a narrower exponent; smaller magnitudes lose bits, larger ones would overflow, and no
-trained model's queries come near either end) and P is rounded to fp16 before P @ V. Stored
-keys-fastest, fp8 V tiles reach the tensor cores 16 bytes per shared load instead of one byte
-(kernels.kv_layout says why). Masks are per page: a page holding a live key loads whole, so loads stay
-16 bytes wide along the keys too. An fp8 cache never holds NaN (kernels.kv_layout), so its dead rows in a
-live page need no zeroing: their scores are -inf and p is 0. Other caches may hold NaN there, so their V
-rows past the context load as 0. The dequantization x * scale is folded in where it costs
+trained model's queries come near either end) and P is rounded to fp16 before P @ V. Masks are per
+page: a page holding a live key loads whole, so loads stay 16 bytes wide along the keys too when V is
+stored keys-fastest (kernels.kv_layout). An fp8 cache never holds NaN (kernels.kv_layout), so its dead
+rows in a live page need no zeroing: their scores are -inf and p is 0. Other caches may hold NaN there,
+so their V rows past the context load as 0. The dequantization x * scale is folded in where it costs
 nothing: k_scale into the softmax scale (q . (k8 * ks) = (q . k8) * ks) and v_scale into the final
 normalization (sum p (v8 * vs) = vs * sum p v8).
 
@@ -139,7 +137,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         in_ctx = offs_n < ctx
         # Masks are per page (constant over PAGE keys): a page holding any live key loads whole, so loads stay wide
-        # along the keys too (a V cache stored keys-fastest, as fp8 caches are: see the module docstring).
+        # along the keys too (a V cache stored keys-fastest: kernels.kv_layout).
         page_live = offs_n // PAGE * PAGE < ctx
         if PAGE >= BLOCK_N:  # the tile lies in one page (tiles start at multiples of BLOCK_N): one id, no gather
             page = tl.load(bt_row + start // PAGE).to(tl.int64)  # start < hi <= ctx: a live page

@@ -121,7 +121,7 @@ def write_kv_cache(
     kr, vr = k.to(k_cache.dtype), v.to(v_cache.dtype)
     if as_bytes:
         kr, vr = kr.view(torch.uint8), vr.view(torch.uint8)
-    blk, row = slot_mapping // bs, slot_mapping % bs  # (block, row) indexing: any cache strides (fp8 V: keys-fastest)
+    blk, row = slot_mapping // bs, slot_mapping % bs  # (block, row) indexing: any cache strides
     kc[blk, row] = kr
     vc[blk, row] = vr
 

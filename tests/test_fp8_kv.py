@@ -34,7 +34,7 @@ def bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def keys_fastest(cache: torch.Tensor) -> torch.Tensor:
-    """The same fp8 cache stored as the engine stores fp8 V (kernels.kv_layout): [blocks, Hk, D, block_size]."""
+    """The same fp8 cache stored keys-fastest (kernels.kv_layout's v_keys_fastest): [blocks, Hk, D, block_size]."""
     nb, bs, hk, d = cache.shape
     out = torch.empty((nb, hk, d, bs), dtype=cache.dtype, device=cache.device).permute(0, 3, 1, 2)
     bytes_of(out).copy_(bytes_of(cache))
@@ -65,7 +65,7 @@ def test_write_kv_cache_fp8_matches_reference(hk, d, bs, dtype, k_scale, v_scale
     reference.write_kv_cache(k, v, ref_kc, ref_vc, slots, k_scale, v_scale)
     T.write_kv_cache(k, v, kc, vc, slots, k_scale, v_scale)
     assert torch.equal(bytes_of(kc), bytes_of(ref_kc)) and torch.equal(bytes_of(vc), bytes_of(ref_vc))
-    vc_keys = keys_fastest(torch.zeros_like(vc).view(torch.uint8).fill_(0x7F).view(FP8_DTYPE))  # the engine's V layout
+    vc_keys = keys_fastest(torch.zeros_like(vc).view(torch.uint8).fill_(0x7F).view(FP8_DTYPE))
     T.write_kv_cache(k, v, kc, vc_keys, slots, k_scale, v_scale)
     assert torch.equal(bytes_of(vc_keys), bytes_of(ref_vc))  # same codes at the same (block, row, head, dim)
     written = bytes_of(ref_kc).view(-1, hk, d)[slots[slots >= 0]]
@@ -98,11 +98,11 @@ def test_write_kv_cache_rejects_bad_scale():
 # ---------------------------------------------------------------- paged attention over fp8 caches
 
 
-def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, seed=0, v_keys_fastest=True):
+def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, seed=0, v_keys_fastest=False):
     """seqs: [(query_len, context_len)]. Returns q (a view into a fused qkv), the fp8 caches, metadata, and
     the unquantized caches (q's dtype) holding the same K/V. Unused K rows hold NaN codes; unused V rows hold
     448, the largest finite code (an fp8 cache never holds NaN: kernels.kv_layout), so a dead row that reached
-    P @ V with any weight would show. V is stored keys-fastest, as the engine stores it, unless told not."""
+    P @ V with any weight would show. V is row-major, as the engine stores it, or keys-fastest if asked."""
     torch.manual_seed(seed)
     nblocks = [math.ceil(c / bs) for _, c in seqs]
     num_blocks = sum(nblocks) + 3  # block 0 and two more stay unused (NaN)
@@ -143,7 +143,7 @@ def new_rows(cache_hi, bt, seqs, bs):
 
 
 def check_fp8_attention(seqs, hq, hk, d, bs, dtype, k_scale=0.02, v_scale=0.1, device=DEVICE, new_kv=False,
-                        v_keys_fastest=True, **kw):
+                        v_keys_fastest=False, **kw):
     """new_kv: pass the new tokens' unquantized K/V as k/v_new (prompt steps read them instead of the fp8 rows)."""
     q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device,
                                                         v_keys_fastest=v_keys_fastest)
@@ -181,18 +181,21 @@ def test_fp8_prefill_and_cached_prefix(dtype, group, d):
 
 
 @pytest.mark.parametrize("bs", [16, 64])
-def test_fp8_v_stored_row_major_still_reads_right(bs):
-    """Any V strides work: the row-major fp8 V of earlier builds (tiles within one page and across pages)."""
-    check_fp8_attention(DECODE, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=False, max_query_len=1)
-    check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=False)
-    check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=False, new_kv=True)
+def test_fp8_v_stored_keys_fastest_reads_right(bs):
+    """Any V strides work: V stored keys-fastest (kernels.kv_layout), tiles within one page and across pages."""
+    check_fp8_attention(DECODE, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=True, max_query_len=1)
+    check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=True)
+    check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=True, new_kv=True)
+    k, v = allocate_kv_cache(3, bs, 2, 64, FP8_DTYPE, DEVICE, v_keys_fastest=True)
+    assert v.shape == k.shape and v.stride(1) == 1 and k.is_contiguous()
 
 
 def test_fp8_dead_rows_of_a_live_page_add_nothing():
     """The last page is loaded whole: its rows past the context (448, the largest code) must get p = 0."""
     seqs = [(1, 17), (1, 30), (5, 21)]
-    err = check_fp8_attention(seqs, 8, 2, 64, 16, torch.float32, max_query_len=5)
-    assert err < FP8_VS_UNQUANTIZED
+    for keys_fastest_v in (False, True):
+        err = check_fp8_attention(seqs, 8, 2, 64, 16, torch.float32, max_query_len=5, v_keys_fastest=keys_fastest_v)
+        assert err < FP8_VS_UNQUANTIZED
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
@@ -237,7 +240,7 @@ def test_torch_backend_fp8_matches_triton():
     k = torch.randn(20, hk, d, device=DEVICE)
     v = torch.randn(20, hk, d, device=DEVICE)
     slots = torch.arange(20, device=DEVICE)
-    caches = [c for _ in range(2) for c in allocate_kv_cache(3, bs, hk, d, FP8_DTYPE, DEVICE)]  # V keys-fastest
+    caches = [c for _ in range(2) for c in allocate_kv_cache(3, bs, hk, d, FP8_DTYPE, DEVICE)]
     TORCH_OPS.write_kv_cache(k, v, caches[0], caches[1], slots, 0.03, 0.05)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.03, 0.05)
     assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))
@@ -290,7 +293,7 @@ def test_gpu_fp8_write_kv_real_shapes():
     kv = torch.randn(t, 2 * hk, d, device="cuda", dtype=torch.bfloat16) * 4
     k, v = kv[:, :hk], kv[:, hk:]
     slots = torch.randperm(400 * 16, device="cuda")[:t]
-    caches = [c for _ in range(2) for c in allocate_kv_cache(400, 16, hk, d, FP8_DTYPE, "cuda")]  # V keys-fastest
+    caches = [c for _ in range(2) for c in allocate_kv_cache(400, 16, hk, d, FP8_DTYPE, "cuda", v_keys_fastest=True)]
     reference.write_kv_cache(k, v, caches[0], caches[1], slots, 0.02, 0.04)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.02, 0.04)
     assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))

@@ -134,11 +134,9 @@ def _run(eng, requests) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_swap_round_trips_kv_bytes_exactly(tiny_llama, kv_cache_dtype):
-    """Every swapped-in block holds exactly the bytes its swapped-out block held (fp8: V stored keys-fastest)."""
+    """Every swapped-in block holds exactly the bytes its swapped-out block held, for either KV dtype."""
     eng = _swap_engine(tiny_llama, kv_cache_dtype=kv_cache_dtype)
     space = eng.swap_space
-    if kv_cache_dtype == "fp8":
-        assert space.kv_caches[0][1].stride(1) == 1  # kernels.kv_layout: the row index is the fastest
     saved: dict[str, list] = {}
     checked = []
     apply = space.apply
