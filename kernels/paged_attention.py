@@ -85,7 +85,8 @@ class AttnConfig:
     # pointer loads were as fast or faster at 2048 (+0) and on a real 8k-token step (bench/RESULTS.md, fourth session).
     new_kv_tma: bool = False
     # KV loops as tl.range(..., warp_specialize=True): Triton splits loads and math into warp groups where the
-    # backend supports it. Off: an experiment (bench/attn_workload.py times it), not measured faster yet.
+    # backend supports it. Off: on the H200 with Triton 3.6 it changed no decode time (bench/RESULTS.md, ninth
+    # session); bench/attn_workload.py --warp-specialize times it again on another toolchain.
     warp_specialize: bool = False
 
 
