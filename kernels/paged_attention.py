@@ -47,11 +47,10 @@ e4m3 pairs to fp16 pairs in one instruction (cvt.rn.f16x2.e4m3x2) while bf16 tak
 decode rates the conversions, not the bytes, were the limit (x0.99 of SDPA on bf16 KV instead of ~x2).
 q is rounded to fp16 once per program (exact for |q| in [2**-14, 65504]: fp16 has 3 more mantissa bits
 than bf16 but a narrower exponent; smaller magnitudes lose bits, larger ones would overflow, and no
-trained model's queries come near either end) and P is rounded to fp16 before P @ V. Masks are per
-page: a page holding a live key loads whole, so loads stay 16 bytes wide along the keys too when V is
-stored keys-fastest (kernels.kv_layout). An fp8 cache never holds NaN (kernels.kv_layout), so its dead
-rows in a live page need no zeroing: their scores are -inf and p is 0. Other caches may hold NaN there,
-so their V rows past the context load as 0. The dequantization x * scale is folded in where it costs
+trained model's queries come near either end) and P is rounded to fp16 before P @ V. An fp8 cache never
+holds NaN (kernels.kv_layout), so its masks are per page: a page holding a live key loads whole (its dead
+rows' scores are -inf and p is 0), and loads stay 16 bytes wide along the keys too when V is stored
+keys-fastest (kernels.kv_layout). Other caches may hold NaN past a context and keep per-key masks. The dequantization x * scale is folded in where it costs
 nothing: k_scale into the softmax scale (q . (k8 * ks) = (q . k8) * ks) and v_scale into the final
 normalization (sum p (v8 * vs) = vs * sum p v8).
 
@@ -132,20 +131,24 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
                 FINITE_V: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
-        # Every caller's lo is a multiple of BLOCK_N or equals hi (no iteration); the hint lets the compiler see
-        # that pages are PAGE aligned keys, so per-page masks and ids stay constant over whole loads.
-        start = tl.multiple_of(start, BLOCK_N)
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         in_ctx = offs_n < ctx
-        # Masks are per page (constant over PAGE keys): a page holding any live key loads whole, so loads stay wide
-        # along the keys too (a V cache stored keys-fastest: kernels.kv_layout).
-        page_live = offs_n // PAGE * PAGE < ctx
+        if FINITE_V:
+            # Every caller's lo is a multiple of BLOCK_N or equals hi (no iteration); the hint lets the compiler see
+            # that pages are PAGE aligned keys. Masks are per page (a page holding any live key loads whole), so
+            # they stay constant over whole loads and loads stay 16 bytes wide along the keys too (V stored
+            # keys-fastest: kernels.kv_layout). Other caches keep per-key masks: their kernel is unchanged.
+            start = tl.multiple_of(start, BLOCK_N)
+            offs_n = start + tl.arange(0, BLOCK_N)
+            live = offs_n // PAGE * PAGE < ctx
+        else:
+            live = in_ctx
         if PAGE >= BLOCK_N:  # the tile lies in one page (tiles start at multiples of BLOCK_N): one id, no gather
             page = tl.load(bt_row + start // PAGE).to(tl.int64)  # start < hi <= ctx: a live page
             row = start % PAGE + tl.arange(0, BLOCK_N)
         else:
             if MASKED:
-                page = tl.load(bt_row + offs_n // PAGE, mask=page_live, other=0)
+                page = tl.load(bt_row + offs_n // PAGE, mask=live, other=0)
             else:
                 page = tl.load(bt_row + offs_n // PAGE)
             page = page.to(tl.int64)  # block offsets can pass 2**31 elements
@@ -156,9 +159,9 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
         k_off = k_row[None, :] + offs_d[:, None] * stride_kd
         v_off = v_row[:, None] + offs_d[None, :] * stride_vd
         if MASKED:
-            k = tl.load(k_base + k_off, mask=page_live[None, :], other=0.0)
-            if FINITE_V:  # every stored value is finite, so a dead row's p = 0 zeroes it: mask whole pages (wide loads)
-                v = tl.load(v_base + v_off, mask=page_live[:, None], other=0.0)
+            k = tl.load(k_base + k_off, mask=live[None, :], other=0.0)
+            if FINITE_V:  # every stored value is finite, so a dead row's p = 0 zeroes it: whole pages (wide loads)
+                v = tl.load(v_base + v_off, mask=live[:, None], other=0.0)
             else:  # rows past the context may hold NaN garbage (0 * NaN = NaN): never let them reach the dots
                 v = tl.load(v_base + v_off, mask=in_ctx[:, None], other=0.0)
         else:
@@ -318,7 +321,8 @@ def _paged_attn_kernel(
         lo = 0
         hi = kv_end
     mid = tl.maximum(tl.minimum((first_pos + 1) // BLOCK_N * BLOCK_N, hi), lo)
-    mid = tl.multiple_of(mid, BLOCK_N)  # or mid == hi, where the masked loop has no iteration
+    if FINITE_V:
+        mid = tl.multiple_of(mid, BLOCK_N)  # or mid == hi, where the masked loop has no iteration
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
                                 stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                                 BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V)
@@ -357,7 +361,8 @@ def _merge_splits_kernel(part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, stride_o
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
 
 
-def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = False) -> AttnConfig:
+def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, kv_fp8: bool = False,
+                   v_keys_fastest_pages: bool = False) -> AttnConfig:
     """Tile sizes for q's dtype: decode streams ~16 KB K/V tiles; prefill uses 128-row tiles (64 for fp32).
 
     fp8 caches use the same token counts per tile (K/V widen in registers, so register use follows the
@@ -373,6 +378,10 @@ def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, 
         # Measured on H200 (bench/kernels.py --sweep, bench/RESULTS.md): 2 warps x 4 stages keeps more K/V
         # tiles in flight per SM than 4 x 3 and reaches copy bandwidth (101% vs 71%) at B=64, ctx=4096.
         # fp8 KV (same sweep, 2026-12-02 third session): 6 stages 146 µs vs 4 stages 173 µs at block 64.
+        if kv_fp8 and v_keys_fastest_pages:  # fp8 V stored keys-fastest in pages of >= 64 (kernels.kv_layout):
+            # 128-key tiles, 2 warps x 4 stages measured best at block 64 (B=64 x 4096: 144.5 us, x1.767 of SDPA,
+            # against 151.6 us row-major; the workload's contexts: 199.4 against 214.7 us; bench/RESULTS.md)
+            return AttnConfig(block_m=group_rows, block_n=min(128, 16384 // head_dim), num_warps=2, num_stages=4)
         return AttnConfig(block_m=group_rows, block_n=block_n, num_warps=2, num_stages=6 if kv_fp8 else 4)
     if wide:
         return AttnConfig(block_m=max(32, group_rows), block_n=32, num_warps=4, num_stages=2)
@@ -526,7 +535,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
     _, page, hk, _ = k_cache.shape
     group = hq // hk
     s = seq_lens.shape[0]
-    cfg = config or default_config(one_query, d, group, q.dtype, is_fp8(k_cache.dtype))
+    keys_fastest_pages = v_cache.stride(1) == 1 and v_cache.stride(3) != 1 and page >= 64
+    cfg = config or default_config(one_query, d, group, q.dtype, is_fp8(k_cache.dtype), keys_fastest_pages)
     block_q = 1 if one_query else max(1, cfg.block_m // group)
     if cfg.block_m < block_q * group or cfg.block_m < 16:
         raise ValueError(f"paged_attention: block_m {cfg.block_m} cannot hold {group} heads (>= 16 rows)")
