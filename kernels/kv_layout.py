@@ -15,9 +15,11 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
     only with its reduction dimension contiguous (there is no 8-bit transposing ldmatrix), so a row-major fp8 V
     tile reaches them one byte per shared-memory load (128 loads per thread per 64-key tile); keys-fastest, 16
     bytes at a time, and the decode kernel executes 37% fewer instructions. vLLM's first PagedAttention kernels
-    kept V this way. Measured on the H200 (bench/RESULTS.md, ninth session) it is nevertheless slower except for
-    short contexts at block 16: 2x slower at block 64, the engine's default. Every kernel and the reference take
-    the caches by strides, so either layout reads right.
+    kept V this way. Measured on the H200 (bench/RESULTS.md, ninth session): with 64-key tiles it is 2x slower at
+    block 64 (the engine's default) and lost end to end (12,119 vs 14,895 tok/s); with the 128-key tiles
+    paged_attention now picks for it at block >= 64 it is the fastest fp8 decode measured (B=64 x 4096: x1.767
+    of SDPA on bf16 KV, against x1.684 row-major), but that tile was not measured end to end, so the engine
+    stays row-major. Every kernel and the reference take the caches by strides, so either layout reads right.
 
     Zeroed, and written only by write_kv_cache (which stores NaN as 0 and saturates): an fp8 cache never holds
     NaN, which kernels.paged_attention relies on to load the last page of a context whole (a dead row's p is 0,
