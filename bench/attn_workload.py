@@ -74,7 +74,7 @@ def copy_gbs() -> float:
 
 
 def decode_section(a, res: dict, rows: list) -> None:
-    from kernels.paged_attention import AttnConfig, default_config, paged_attention
+    from kernels.paged_attention import AttnConfig, default_config, keys_fastest_pages, paged_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     if a.decode_uniform:
@@ -102,7 +102,7 @@ def decode_section(a, res: dict, rows: list) -> None:
             b = paged(ctxs, [1] * len(ctxs), bs, torch.bfloat16, kv, gen)
             fp8 = kv.startswith("fp8")
             moved = 2 * sum(ctxs) * HK * D * (1 if fp8 else 2)
-            base = default_config(True, D, HQ // HK, torch.bfloat16, fp8, kv == "fp8-keysV" and bs >= 64)
+            base = default_config(True, D, HQ // HK, torch.bfloat16, fp8, keys_fastest_pages(b[2]))
             grid = [base] + [AttnConfig(base.block_m, *c) for c in a.decode_configs]
             if a.warp_specialize:
                 grid.append(dataclasses.replace(base, warp_specialize=True))

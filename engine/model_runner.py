@@ -218,7 +218,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         tokens = host_bound_tokens(n, host, gpu)
         log.info("eager step of %d prompt tokens: host %.1f ms (median of %s), GPU %.1f ms: piecewise graphs up "
-                 "to %d tokens", n, sorted(host)[1] * 1e3, ", ".join(f"{h * 1e3:.1f}" for h in host), gpu * 1e3,
+                 "to %d tokens", n, _median(host) * 1e3, ", ".join(f"{h * 1e3:.1f}" for h in host), gpu * 1e3,
                  min(tokens, n))
         return tokens
 
@@ -363,8 +363,13 @@ def host_bound_tokens(n: int, host_s: list[float], gpu_s: float) -> int:
     """The token count below which an eager step is host-bound, from a step of n tokens: host time (the median of
     host_s) hardly depends on the token count and GPU time grows with it, so n * host / gpu. An estimate on the
     safe side for padding: a small step's GPU time lies above the straight line."""
-    host = sorted(host_s)[len(host_s) // 2]
+    host = _median(host_s)
     return int(n * host / gpu_s) if gpu_s > 0 else n
+
+
+def _median(xs: list[float]) -> float:
+    """The middle sample (the upper middle of an even count)."""
+    return sorted(xs)[len(xs) // 2]
 
 
 def _all_plain_greedy(chunks: list, sample_rows: list[int]) -> bool:

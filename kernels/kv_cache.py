@@ -91,4 +91,3 @@ def write_kv_cache(
         PAGE=k_cache.shape[1], FP8=fp8, EMULATE_ROUNDING=fp8 and interpreting(),
         num_warps=4,
     )
-

@@ -50,9 +50,9 @@ than bf16 but a narrower exponent; smaller magnitudes lose bits, larger ones wou
 trained model's queries come near either end) and P is rounded to fp16 before P @ V. An fp8 cache never
 holds NaN (kernels.kv_layout), so its masks are per page: a page holding a live key loads whole (its dead
 rows' scores are -inf and p is 0), and loads stay 16 bytes wide along the keys too when V is stored
-keys-fastest (kernels.kv_layout). Other caches may hold NaN past a context and keep per-key masks. The dequantization x * scale is folded in where it costs
-nothing: k_scale into the softmax scale (q . (k8 * ks) = (q . k8) * ks) and v_scale into the final
-normalization (sum p (v8 * vs) = vs * sum p v8).
+keys-fastest (kernels.kv_layout). Other caches may hold NaN past a context and keep per-key masks. The
+dequantization x * scale is folded in where it costs nothing: k_scale into the softmax scale
+(q . (k8 * ks) = (q . k8) * ks) and v_scale into the final normalization (sum p (v8 * vs) = vs * sum p v8).
 
 Numerics: fp16/bf16 dots on tensor cores with P rounded to the V dtype before P @ V (as in
 FlashAttention); fp32 dots use tf32x3 (~fp32 accuracy, not plain tf32). Under TRITON_INTERPRET
@@ -131,15 +131,14 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
                 FINITE_V: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        if FINITE_V:  # every caller's lo is a multiple of BLOCK_N or equals hi (no iteration): see `live`
+            start = tl.multiple_of(start, BLOCK_N)
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         in_ctx = offs_n < ctx
         if FINITE_V:
-            # Every caller's lo is a multiple of BLOCK_N or equals hi (no iteration); the hint lets the compiler see
-            # that pages are PAGE aligned keys. Masks are per page (a page holding any live key loads whole), so
-            # they stay constant over whole loads and loads stay 16 bytes wide along the keys too (V stored
-            # keys-fastest: kernels.kv_layout). Other caches keep per-key masks: their kernel is unchanged.
-            start = tl.multiple_of(start, BLOCK_N)
-            offs_n = start + tl.arange(0, BLOCK_N)
+            # Masks per page (a page holding any live key loads whole): with the alignment hint they stay constant
+            # over whole loads, so loads stay 16 bytes wide along the keys too (V stored keys-fastest:
+            # kernels.kv_layout). Other caches keep per-key masks: their kernel is unchanged.
             live = offs_n // PAGE * PAGE < ctx
         else:
             live = in_ctx
@@ -388,6 +387,11 @@ def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, 
     return AttnConfig(block_m=max(128, group_rows), block_n=64 if head_dim <= 128 else 32, num_warps=8, num_stages=3)
 
 
+def keys_fastest_pages(v_cache: torch.Tensor) -> bool:
+    """V stored keys-fastest (kernels.kv_layout) in pages of >= 64 tokens: default_config's 128-key fp8 tiles."""
+    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1 and v_cache.shape[1] >= 64
+
+
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, num_sms: int) -> int:
     """Split-KV factor: enough programs to fill the SMs, each split keeping >= 256 keys."""
     target = _PROGRAMS_PER_SM * num_sms
@@ -535,8 +539,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
     _, page, hk, _ = k_cache.shape
     group = hq // hk
     s = seq_lens.shape[0]
-    keys_fastest_pages = v_cache.stride(1) == 1 and v_cache.stride(3) != 1 and page >= 64
-    cfg = config or default_config(one_query, d, group, q.dtype, is_fp8(k_cache.dtype), keys_fastest_pages)
+    cfg = config or default_config(one_query, d, group, q.dtype, is_fp8(k_cache.dtype), keys_fastest_pages(v_cache))
     block_q = 1 if one_query else max(1, cfg.block_m // group)
     if cfg.block_m < block_q * group or cfg.block_m < 16:
         raise ValueError(f"paged_attention: block_m {cfg.block_m} cannot hold {group} heads (>= 16 rows)")

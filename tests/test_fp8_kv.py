@@ -35,8 +35,7 @@ def bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 def keys_fastest(cache: torch.Tensor) -> torch.Tensor:
     """The same fp8 cache stored keys-fastest (kernels.kv_layout's v_keys_fastest): [blocks, Hk, D, block_size]."""
-    nb, bs, hk, d = cache.shape
-    out = torch.empty((nb, hk, d, bs), dtype=cache.dtype, device=cache.device).permute(0, 3, 1, 2)
+    out = allocate_kv_cache(*cache.shape, cache.dtype, cache.device, v_keys_fastest=True)[1]
     bytes_of(out).copy_(bytes_of(cache))
     return out
 
