@@ -91,6 +91,37 @@ for stage in "$@"; do case $stage in
       W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8"
       run llama8b_fp8all_rowV 300 python3 bench/throughput.py $W --json "$OUT/llama8b_fp8all_rowV.json"
       run llama8b_fp8all_keysV 300 python3 bench/throughput.py $W --fp8-v-keys-fastest --json "$OUT/llama8b_fp8all_keysV.json" ;;
+  fp8v2) # tenth session: the llama3-8b fp8 weights + fp8 KV A/B, V keys-fastest (128-key tiles) vs row-major, two
+      # alternated pairs, and the decode kernel at the issue's shape beside SDPA
+      run attn_fp8v_issue 300 python3 bench/attn_workload.py --skip prefill --block-sizes 64 \
+        --decode-uniform 64 4096 --json "$OUT/attn_fp8v_issue.json"
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8"
+      for i in 1 2; do
+        run llama8b_fp8all_rowV_$i 300 python3 bench/throughput.py $W --json "$OUT/llama8b_fp8all_rowV_$i.json"
+        run llama8b_fp8all_keysV_$i 300 python3 bench/throughput.py $W --fp8-v-keys-fastest \
+          --json "$OUT/llama8b_fp8all_keysV_$i.json"
+      done ;;
+  fp8kv64tests) run gpu_fp8_kv_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_fp8_kv.py \
+        tests/test_fp8_kv.py tests/test_gpu_piecewise.py ;;
+  prefill8) # tenth session: prefill, fp8 V keys-fastest vs row-major (2048 new tokens after 0 / 2048 cached, a step)
+      run attn_prefill 300 python3 bench/attn_workload.py --skip decode --block-sizes 64 --json "$OUT/attn_prefill.json" ;;
+  probefirst) # tenth session: an interactive request's first step carries the bulk decodes (a candidate build) or
+      # no bulk work (the previous build, copied to .old/head), bench/e2e.py on llama3-8b bf16, alternated
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      i=0
+      for b in new old old new; do
+        i=$((i + 1)); if [ $b = new ]; then d=.; else d=.old/head; fi
+        run e2e_${b}_$i 580 bash -c "cd $d && PYTHONPATH=\$PWD:/tmp/site python3 bench/e2e.py $W --json $OUT/e2e_${b}_$i.json"
+      done ;;
+  graphmem) # tenth session: the KV cache sized after the CUDA graphs' memory (a dry capture), decode graphs captured
+      # without torch.cuda.graph's gc; this build against the previous one (.old/head), start-up lines in the logs
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      run llama8b_new 300 python3 bench/throughput.py $W --json "$OUT/llama8b_new.json"
+      run llama8b_old 300 bash -c "cd .old/head && PYTHONPATH=\$PWD:/tmp/site python3 bench/throughput.py $W --json $OUT/llama8b_old.json"
+      run llama8b_fp8all_new 300 python3 bench/throughput.py $W --quantization fp8 --kv-cache-dtype fp8 \
+        --json "$OUT/llama8b_fp8all_new.json"
+      run qwen3_new 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 \
+        --output-len 100 1024 --json "$OUT/qwen3_new.json" ;;
   ncufp8) S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
       S="$S --section Occupancy --section WarpStateStats --section InstructionStats --section SchedulerStats"
       for bs in 16 64; do for kv in fp8 fp8-keysV; do

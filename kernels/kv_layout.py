@@ -18,8 +18,11 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
     kept V this way. Measured on the H200 (bench/RESULTS.md, ninth session): with 64-key tiles it is 2x slower at
     block 64 (the engine's default) and lost end to end (12,119 vs 14,895 tok/s); with the 128-key tiles
     paged_attention now picks for it at block >= 64 it is the fastest fp8 decode measured (B=64 x 4096: x1.767
-    of SDPA on bf16 KV, against x1.684 row-major), but that tile was not measured end to end, so the engine
-    stays row-major. Every kernel and the reference take the caches by strides, so either layout reads right.
+    of SDPA on bf16 KV, against x1.684 row-major). Tenth session, end to end (llama3-8b fp8 weights + fp8 KV,
+    two alternated pairs): +0.4% and +0.7%, but the prefill kernel over a cached prefix reads it much slower
+    (2048 new tokens after 2048 cached: 430.8 us against 316.0 us row-major), and every chunk after a long
+    prompt's first, and every prefix-cache hit, runs that path; so the engine stays row-major. Every kernel
+    and the reference take the caches by strides, so either layout reads right.
 
     Zeroed, and written only by write_kv_cache (which stores NaN as 0 and saturates): an fp8 cache never holds
     NaN, which kernels.paged_attention relies on to load the last page of a context whole (a dead row's p is 0,

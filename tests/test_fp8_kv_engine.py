@@ -57,7 +57,8 @@ def test_fp8_kv_capacity(tiny_llama, dtype, ratio):
     assert k_cache.nbytes * 2 * len(fp8.kv_caches) == fp8.num_blocks * fp8.bytes_per_block
 
 
-def test_fp8_engine_equals_fake_quantized_fp32_cache(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("block_size", [8, 64])  # 64: the engine's default page
+def test_fp8_engine_equals_fake_quantized_fp32_cache(tiny_llama, monkeypatch, block_size):
     """The fp8 engine computes exactly what an fp32 cache holding the e4m3-rounded K/V (times the scales) gives:
     the cache write, the scales and the dequantizing reads are the only difference from the fp32 path."""
     from dataclasses import replace
@@ -65,7 +66,7 @@ def test_fp8_engine_equals_fake_quantized_fp32_cache(tiny_llama, monkeypatch):
     from kernels import reference
     from kernels.fp8 import quantize
 
-    kw = dict(device="cpu", block_size=8, max_num_seqs=8, num_kv_blocks=64)
+    kw = dict(device="cpu", block_size=block_size, max_num_seqs=8, num_kv_blocks=64)
     fp8 = LLM(str(tiny_llama), kv_cache_dtype="fp8", **kw)
     fake = LLM(str(tiny_llama), **kw)
     k_scale, v_scale = 0.5, 0.25

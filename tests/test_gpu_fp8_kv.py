@@ -27,15 +27,16 @@ def _greedy(llm, prompts, n=12):
 
 @requires_fp8_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fp8_kv_cuda_graphs_match_eager(tiny_llama, dtype):
+@pytest.mark.parametrize("block_size", [16, 64])  # 64: the engine's default page
+def test_fp8_kv_cuda_graphs_match_eager(tiny_llama, dtype, block_size):
     """Decode steps replayed from CUDA graphs over an fp8 cache give the eager path's tokens, with scales != 1."""
     from engine import LLM
 
     prompts = _prompts(8, seed=5)
     outs = []
     for eager in (True, False):
-        llm = LLM(str(tiny_llama), device="cuda", dtype=dtype, kv_cache_dtype="fp8", block_size=16, max_num_seqs=8,
-                  max_num_batched_tokens=64, num_kv_blocks=256, enforce_eager=eager)
+        llm = LLM(str(tiny_llama), device="cuda", dtype=dtype, kv_cache_dtype="fp8", block_size=block_size,
+                  max_num_seqs=8, max_num_batched_tokens=64, num_kv_blocks=256, enforce_eager=eager)
         runner = llm.engine.runner
         assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn and (runner.graphs is None) == eager
         for layer in runner.model.layers:  # non-trivial scales: the captured graphs must carry them
@@ -48,13 +49,14 @@ def test_fp8_kv_cuda_graphs_match_eager(tiny_llama, dtype):
 
 
 @requires_fp8_gpu
-def test_fp8_kv_triton_matches_torch_backend_on_cuda(tiny_llama):
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_fp8_kv_triton_matches_torch_backend_on_cuda(tiny_llama, block_size):
     """Triton fp8 kernels vs the torch reference backend, both on CUDA in fp32: same greedy tokens."""
     from engine import LLM
 
     prompts = _prompts(8, seed=6)
     runs = [_greedy(LLM(str(tiny_llama), device="cuda", dtype="float32", kv_cache_dtype="fp8", kernel_backend=b,
-                        block_size=16, max_num_seqs=8, num_kv_blocks=256, enforce_eager=True), prompts)
+                        block_size=block_size, max_num_seqs=8, num_kv_blocks=256, enforce_eager=True), prompts)
             for b in ("triton", "torch")]
     assert runs[0] == runs[1]
 
