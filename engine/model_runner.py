@@ -55,41 +55,82 @@ class ModelRunner:
         self._set_kv_scales()
         self.cos_sin = cos_sin_cache(model_cfg, max_model_len, self.device)
         self.sampler = Sampler(model_cfg.vocab_size, self.device)
-        self.num_blocks = tp.all_reduce_min(self._decide_num_blocks())  # rank 0's block ids index every rank
-        kv_dtype = self.kv_cache_dtype
-        self.kv_caches = [
-            allocate_kv_cache(self.num_blocks, self.block_size, self.num_kv_heads, model_cfg.head_dim, kv_dtype,
-                              self.device)
-            for _ in range(model_cfg.num_layers)
-        ]
-        log.info("KV cache: %d blocks of %d tokens, %s (%.1f MiB)", self.num_blocks, self.block_size,
-                 str(kv_dtype).removeprefix("torch."), self.num_blocks * self.bytes_per_block / 2**20)
+        use_graphs = self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager
         self.graphs: DecodeGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None  # steps with prompt tokens (engine/piecewise_graphs.py)
-        if self.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
-            # Up to max_running_seqs: the priority-0 rows beside a full bulk batch replay graphs too.
-            rows = min(config.max_num_seqs, 512) + config.max_running_seqs - config.max_num_seqs
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.cos_sin, rows, max_model_len,
-                                       self.block_size, self.device)
-            tokens = self._piecewise_tokens()
-            if tokens:
-                self.piecewise = PiecewiseGraphs(self.model, self.kv_caches, self.cos_sin, tokens, self.device)
+        graph_tokens, graph_bytes = 0, 0
+        if use_graphs:  # measured and tried over a one-block cache, before the KV cache is sized
+            scratch = self._allocate_kv(1)
+            graph_tokens = self._piecewise_tokens(scratch)
+            if config.num_kv_blocks is None:
+                graph_tokens, graph_bytes = self._graph_bytes(scratch, graph_tokens)
+            del scratch
+        self.num_blocks = tp.all_reduce_min(self._decide_num_blocks(graph_bytes))  # rank 0's ids index every rank
+        self.kv_caches = self._allocate_kv(self.num_blocks)
+        v_layout = "V row-major" if self.kv_caches[0][1].is_contiguous() else "V keys-fastest"  # kernels.kv_layout
+        log.info("KV cache: %d blocks of %d tokens, %s, %s (%.1f MiB)", self.num_blocks, self.block_size,
+                 str(self.kv_cache_dtype).removeprefix("torch."), v_layout,
+                 self.num_blocks * self.bytes_per_block / 2**20)
+        # Device memory the graphs took at start-up, and what the KV cache's sizing set aside for them.
+        self.graph_bytes, self.graph_bytes_set_aside = 0, graph_bytes
+        if use_graphs:
+            self.graphs, self.piecewise = self._make_graphs(self.kv_caches, graph_tokens)
+            free = torch.cuda.mem_get_info(self.device)[0]
             self.capture_graphs()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the warm-ups' activations, as in _graph_bytes
+            self.graph_bytes = max(0, free - torch.cuda.mem_get_info(self.device)[0])
+            log.info("CUDA graphs: %.0f MiB (%.0f MiB set aside for them)", self.graph_bytes / 2**20,
+                     graph_bytes / 2**20)
         load_logits_kernels(self.model, model_cfg.hidden_size, self.dtype, self.device, config.max_running_seqs)
+
+    def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's K and V caches of num_blocks blocks (kernels.kv_layout)."""
+        c = self.model_cfg
+        return [allocate_kv_cache(num_blocks, self.block_size, self.num_kv_heads, c.head_dim, self.kv_cache_dtype,
+                                  self.device) for _ in range(c.num_layers)]
+
+    def _make_graphs(self, kv_caches, piecewise_tokens: int) -> tuple[DecodeGraphs, PiecewiseGraphs | None]:
+        """The decode graphs and, for piecewise_tokens > 0, the piecewise graphs over kv_caches (not captured)."""
+        cfg = self.config
+        # Up to max_running_seqs: the priority-0 rows beside a full bulk batch replay graphs too.
+        rows = min(cfg.max_num_seqs, 512) + cfg.max_running_seqs - cfg.max_num_seqs
+        decode = DecodeGraphs(self.model, kv_caches, self.cos_sin, rows, self.max_model_len, self.block_size,
+                              self.device)
+        pieces = None
+        if piecewise_tokens:
+            pieces = PiecewiseGraphs(self.model, kv_caches, self.cos_sin, piecewise_tokens, self.device)
+        return decode, pieces
+
+    def _graph_bytes(self, scratch, piecewise_tokens: int) -> tuple[int, int]:
+        """Capture every CUDA graph once over the one-block scratch cache, then release them: the device memory
+        that took (their pools, and anything capturing allocates) is set aside before the KV cache is sized, so
+        gpu_memory_utilization holds with the graphs in (vLLM profiles its graphs' memory the same way). If the
+        piecewise graphs do not fit even then, steps with prompt tokens run eagerly. Returns (piecewise tokens,
+        bytes); every rank sets aside the same, the most any rank needed.
+        """
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        decode, pieces = self._make_graphs(scratch, piecewise_tokens)
+        decode.capture()
+        if pieces is not None and not _captured(pieces):
+            pieces, piecewise_tokens = None, 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-ups' activations: what stays is the graphs'
+        used = max(0, free - torch.cuda.mem_get_info(self.device)[0])
+        del decode, pieces
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return self.tp.all_reduce_min(piecewise_tokens), -self.tp.all_reduce_min(-used)
 
     def capture_graphs(self) -> None:
         """(Re)capture the decode and piecewise CUDA graphs. Scalars the kernels take as arguments (the fp8 KV
         scales) are baked into a capture: after changing them, capture again."""
         if self.graphs is not None:
             self.graphs.capture()
-        if self.piecewise is not None:
-            try:
-                self.piecewise.capture()
-            except torch.OutOfMemoryError:  # the KV cache was sized without their pool: run those steps eagerly
-                self.piecewise = None
-                torch.cuda.empty_cache()
-                log.warning("no memory left for the piecewise CUDA graphs: steps with prompt tokens run eagerly "
-                            "(lower gpu_memory_utilization to have them)")
+        if self.piecewise is not None and not _captured(self.piecewise):
+            self.piecewise = None
 
     @property
     def piecewise_graph_tokens(self) -> int:
@@ -124,12 +165,14 @@ class ModelRunner:
         for layer, (k_scale, v_scale) in zip(self.model.layers, scales):
             layer.self_attn.k_scale, layer.self_attn.v_scale = k_scale, v_scale
 
-    def _decide_num_blocks(self) -> int:
+    def _decide_num_blocks(self, graph_bytes: int = 0) -> int:
+        """config.num_kv_blocks, or what the memory left under gpu_memory_utilization holds (on CUDA: after the
+        weights, a full step's activations and graph_bytes for the CUDA graphs)."""
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         if self.device.type == "cuda":
-            free = self._profile_free_bytes()
+            free = self._profile_free_bytes() - graph_bytes
         else:
             # On the CPU a fixed byte budget, but never more than max_num_seqs full-length sequences can use.
             free = cfg.cpu_kv_cache_bytes
@@ -176,7 +219,7 @@ class ModelRunner:
         _, total = torch.cuda.mem_get_info(self.device)
         return int(total * self.config.gpu_memory_utilization - peak)
 
-    def _piecewise_tokens(self) -> int:
+    def _piecewise_tokens(self, kv_caches) -> int:
         """Up to how many tokens steps with prompt tokens replay piecewise graphs (0: none); the same on every rank.
 
         config.piecewise_graph_tokens, or when None the token count below which an eager step is host-bound
@@ -185,14 +228,14 @@ class ModelRunner:
         n = self._max_step_tokens()
         tokens = self.config.piecewise_graph_tokens
         if tokens is None:
-            tokens = self._host_bound_tokens(n)
+            tokens = self._host_bound_tokens(n, kv_caches)
             if tokens < n:
                 tokens -= tokens % 64  # a measured size, on the buckets' grid
         tokens = min(tokens, n)
         return self.tp.all_reduce_min(tokens if tokens >= 64 else 0)
 
     @torch.inference_mode()
-    def _host_bound_tokens(self, n: int) -> int:
+    def _host_bound_tokens(self, n: int, kv_caches) -> int:
         """Measure an eager forward of n prompt tokens: the host's time to launch it (the median of three) and the
         GPU's time to run it, taken with the launches queued behind a sleep kernel so the GPU never waits for the
         host. The step writes no KV (slots -1) and reads block 0. Returns host_bound_tokens() of them.
@@ -200,18 +243,18 @@ class ModelRunner:
         meta, _ = self._prompt_batch(n, distinct_blocks=False)
         meta.slot_mapping.fill_(-1)
         for _ in range(2):  # compile and warm up
-            self.model(meta, self.kv_caches, self.cos_sin)
+            self.model(meta, kv_caches, self.cos_sin)
         host = []
         for _ in range(3):
             torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
-            self.model(meta, self.kv_caches, self.cos_sin)
+            self.model(meta, kv_caches, self.cos_sin)
             host.append(time.perf_counter() - t0)
         torch.cuda.synchronize(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(int(4e9 * max(host)) + 1_000_000)  # cycles: twice the host time at up to 2 GHz
         start.record()
-        self.model(meta, self.kv_caches, self.cos_sin)
+        self.model(meta, kv_caches, self.cos_sin)
         end.record()
         torch.cuda.synchronize(self.device)
         gpu = start.elapsed_time(end) / 1000
@@ -365,6 +408,19 @@ def host_bound_tokens(n: int, host_s: list[float], gpu_s: float) -> int:
     safe side for padding: a small step's GPU time lies above the straight line."""
     host = _median(host_s)
     return int(n * host / gpu_s) if gpu_s > 0 else n
+
+
+def _captured(pieces: PiecewiseGraphs) -> bool:
+    """Capture the piecewise graphs; False, logged, if the device runs out of memory doing so (their steps then run
+    eagerly: nothing else depends on them)."""
+    try:
+        pieces.capture()
+        return True
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        log.warning("no memory left for the piecewise CUDA graphs: steps with prompt tokens run eagerly "
+                    "(lower gpu_memory_utilization to have them)")
+        return False
 
 
 def _median(xs: list[float]) -> float:

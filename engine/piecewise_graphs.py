@@ -23,6 +23,7 @@ import time
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.cuda_graphs import capture_graph, capture_stream
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +101,13 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up and capture every bucket's segments, largest bucket first, all in one memory pool.
-
-        Captured with CUDAGraph.capture_begin/capture_end on one side stream rather than `torch.cuda.graph`, whose
-        every entry runs gc.collect() and empty_cache(): at hundreds of segments that is seconds of start-up.
-        """
+        """Warm up and capture every bucket's segments, largest bucket first, all in one memory pool, on one side
+        stream (engine.cuda_graphs.capture_graph)."""
         t0 = time.perf_counter()
         self.slot_mapping.fill_(-1)  # the warm-up runs write no KV (after steps ran, the buffer holds real slots)
         reserved = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
+        stream = capture_stream()
         n = len(self.model.layers) + 1
         for t in reversed(self.sizes):
             prev = None
@@ -120,19 +118,13 @@ class PiecewiseGraphs:
             torch.cuda.empty_cache()  # the warm-up's activations: the capture allocates its own in the pool
             graphs, outs, prev = [], [], None
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for i in range(n):
-                    graph = torch.cuda.CUDAGraph()
-                    graph.capture_begin(pool=pool)
-                    try:
-                        out = self._segment(i, t, prev)
-                    finally:
-                        graph.capture_end()
-                    graphs.append(graph)
-                    outs.append(out)
-                    prev = out
-                    if i:  # the previous segment's outputs are captured as consumed: let later captures reuse them
-                        outs[i - 1] = tuple(map(weak_view, outs[i - 1]))
+            for i in range(n):
+                graph, out = capture_graph(lambda: self._segment(i, t, prev), pool, stream)
+                graphs.append(graph)
+                outs.append(out)
+                prev = out
+                if i:  # the previous segment's outputs are captured as consumed: let later captures reuse them
+                    outs[i - 1] = tuple(map(weak_view, outs[i - 1]))
             torch.cuda.current_stream().wait_stream(stream)
             outs[-1] = weak_view(outs[-1])
             self.graphs[t], self.outputs[t] = graphs, outs

@@ -117,17 +117,17 @@ def _runner_stub(setting, max_tokens=8192, tokens_measured=0):
     cfg = SimpleNamespace(piecewise_graph_tokens=setting)
     tp = SimpleNamespace(all_reduce_min=lambda v: v)
     return SimpleNamespace(config=cfg, tp=tp, _max_step_tokens=lambda: max_tokens,
-                           _host_bound_tokens=lambda n: tokens_measured)
+                           _host_bound_tokens=lambda n, kv_caches: tokens_measured)
 
 
 def test_piecewise_tokens_setting_and_measurement():
-    assert ModelRunner._piecewise_tokens(_runner_stub(0)) == 0
-    assert ModelRunner._piecewise_tokens(_runner_stub(2048)) == 2048
-    assert ModelRunner._piecewise_tokens(_runner_stub(20000)) == 8192  # never above a step's most tokens
-    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=1500)) == 1472  # on the 64 grid
-    assert ModelRunner._piecewise_tokens(_runner_stub(1500)) == 1500  # as set
-    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=10**6)) == 8192
-    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=40)) == 0  # below the smallest bucket
+    assert ModelRunner._piecewise_tokens(_runner_stub(0), None) == 0
+    assert ModelRunner._piecewise_tokens(_runner_stub(2048), None) == 2048
+    assert ModelRunner._piecewise_tokens(_runner_stub(20000), None) == 8192  # never above a step's most tokens
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=1500), None) == 1472  # on the 64 grid
+    assert ModelRunner._piecewise_tokens(_runner_stub(1500), None) == 1500  # as set
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=10**6), None) == 8192
+    assert ModelRunner._piecewise_tokens(_runner_stub(None, tokens_measured=40), None) == 0  # below the smallest bucket
 
 
 def test_negative_setting_is_a_config_error():
@@ -136,7 +136,8 @@ def test_negative_setting_is_a_config_error():
 
 
 def test_no_memory_for_piecewise_graphs_means_eager_steps(monkeypatch, caplog):
-    """Their pool is not in the KV cache's sizing: an OOM while capturing them leaves those steps eager."""
+    """An OOM while capturing them (a recapture, or a capture that needs more than the dry run measured) leaves
+    those steps eager."""
     class _Graphs:
         def capture(self):
             raise torch.OutOfMemoryError("CUDA out of memory")
@@ -145,6 +146,43 @@ def test_no_memory_for_piecewise_graphs_means_eager_steps(monkeypatch, caplog):
     runner = SimpleNamespace(graphs=None, piecewise=_Graphs())
     ModelRunner.capture_graphs(runner)
     assert runner.piecewise is None
+    assert "no memory left for the piecewise CUDA graphs" in caplog.text
+
+
+def test_graph_memory_measured_by_a_dry_capture(monkeypatch, caplog):
+    """_graph_bytes: what capturing every graph took off the device's free memory (the warm-ups' cache emptied
+    first), the most over the ranks; piecewise graphs that do not fit are dropped (0 tokens), the decode graphs'
+    memory still counted."""
+    free = [10_000]
+    emptied = []
+
+    class _Graphs:
+        def __init__(self, cost: int, oom: bool = False):
+            self.cost, self.oom = cost, oom
+
+        def capture(self):
+            if self.oom:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            free[0] -= self.cost + 50  # the graph's pool, and 50 of warm-up activations the cache releases
+            emptied.append(50)
+
+    def empty_cache():
+        free[0] += sum(emptied)
+        emptied.clear()
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 20_000))
+
+    def runner(piecewise_oom=False, other_rank_bytes=0):
+        tp = SimpleNamespace(all_reduce_min=lambda v: min(v, -other_rank_bytes) if v < 0 else v)
+        return SimpleNamespace(device="cuda", tp=tp, _make_graphs=lambda kv, tokens: (
+            _Graphs(300), _Graphs(700, oom=piecewise_oom) if tokens else None))
+
+    assert ModelRunner._graph_bytes(runner(), None, 1024) == (1024, 1000)
+    assert ModelRunner._graph_bytes(runner(), None, 0) == (0, 300)
+    assert ModelRunner._graph_bytes(runner(other_rank_bytes=5000), None, 1024) == (1024, 5000)
+    assert ModelRunner._graph_bytes(runner(piecewise_oom=True), None, 1024) == (0, 300)
     assert "no memory left for the piecewise CUDA graphs" in caplog.text
 
 
@@ -175,7 +213,7 @@ def test_start_up_measurement_runs_its_steps(tiny_llama, monkeypatch):
     before = [k.clone() for k, _ in runner.kv_caches]
     seen = []
     monkeypatch.setattr("engine.model_runner.host_bound_tokens", lambda n, host, gpu: seen.append((n, host, gpu)) or 7)
-    assert ModelRunner._host_bound_tokens(runner, 256) == 7
+    assert ModelRunner._host_bound_tokens(runner, 256, runner.kv_caches) == 7
     (n, host, gpu), = seen
     assert n == 256 and len(host) == 3 and all(h > 0 for h in host) and gpu == 0.002
     assert all(torch.equal(k, k0) for (k, _), k0 in zip(runner.kv_caches, before))

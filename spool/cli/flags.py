@@ -16,7 +16,7 @@ _HELP = {
     "dtype": "auto | float32 | bfloat16 | float16 (auto: the checkpoint's on CUDA, float32 on CPU)",
     "block_size": "tokens per KV cache block: 8 | 16 | 32 | 64 | 128",
     "num_kv_blocks": "KV cache blocks (default: sized from --gpu-memory-utilization or --cpu-kv-cache-bytes)",
-    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and the KV cache",
+    "gpu_memory_utilization": "fraction of GPU memory for weights, activations, CUDA graphs and the KV cache",
     "cpu_kv_cache_bytes": "KV cache size on the CPU, in bytes",
     "max_num_seqs": "most sequences in one batch (also the most jobs read from Redis at once)",
     "max_num_batched_tokens": "most tokens one engine step computes (prefill chunks plus decodes)",
