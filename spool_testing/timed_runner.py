@@ -45,7 +45,11 @@ class StepCost:
     - overhead 2.5 ms (launch, sampling, host gaps): the offline workload in 13.6 s, 293 steps (GPU 13.35-13.66 s).
     Since the fourth session the kernel serves decode rows beside prompt chunks with decode tiles: on the H200
     the probed ratio at cap 2048 rose from 0.901 to 0.935 (bench/RESULTS.md, fourth session run4), between this
-    model's 0.900 (80 ns) and its 0.972 with mixed_decode_ctx_s = decode_ctx_s. Not yet refitted.
+    model's 0.900 (80 ns) and its 0.972 with mixed_decode_ctx_s = decode_ctx_s. Not yet refitted: with split
+    steps at cap 4096 (the default since the seventh session) bench/schedule_sim.py gives 0.984 (0.965 at 34 ns)
+    against 0.943-0.948 measured (eighth and tenth sessions), and it predicted +0.9-1.1% for putting the bulk
+    decodes into an interactive request's first step where the H200 showed +0.2% (bench/RESULTS.md, tenth
+    session): read its differences between schedules as upper bounds.
     With these, bench/e2e.py's probed runs reproduce the GPU's bulk ratios (cap 2048: 0.900 vs 0.901 measured,
     cap 4096: 0.947 vs 0.934, no cap 0.971 vs 0.963) and TTFT p90 (184 vs 172 ms, 227 vs 250 ms). The earlier
     linear model (23.4 us per token + 20.5 us per decode row, context-blind) predicted 0.97-0.99 for all three.
