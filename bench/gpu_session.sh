@@ -214,6 +214,32 @@ for stage in "$@"; do case $stage in
       run tp_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_tensor_parallel.py
       run llama8b_tp2 420 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tensor-parallel-size 2 --json "$OUT/llama8b_tp2.json"
       run llama8b_tp1 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b_tp1.json" ;;
+  # Issue 16 on nvidia-h200-x2 (two GPUs; NVLink multicast left off), in three calls of < 10 min each:
+  tp16a) # the GPU tier on two GPUs (the CUDA tensor-parallel tests run), llama3-8b at tp=1 and tp=2
+      run gpu_tests_2gpu 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests/
+      W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      run llama8b_tp1 300 python3 bench/throughput.py $W --json "$OUT/llama8b_tp1.json"
+      run llama8b_tp2 300 python3 bench/throughput.py $W --tensor-parallel-size 2 --json "$OUT/llama8b_tp2.json" ;;
+  tp16b) # llama3-70b (dummy bf16) at tp=2 on the bulk workload (target >= 2,000 tok/s), and where its steps go:
+      # profile_step's "collectives (NCCL)" share of the unprofiled step (target <= 15%)
+      W="--shape llama3-70b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tensor-parallel-size 2"
+      run llama70b_tp2 580 python3 bench/throughput.py $W --json "$OUT/llama70b_tp2.json"
+      run prof_llama70b_tp2 580 python3 bench/profile_step.py $W --json "$OUT/prof_llama70b_tp2.json" ;;
+  tp16c) # through Redis: `spool worker --gpus all --tensor-parallel-size 2` on llama3-70b (target >= 95% of
+      # tp16b's offline figure), then llama3-8b at tp=1, one worker per GPU (--gpus all) against one (--gpus 0):
+      # aggregate >= 1.9x, on the 512-request workload and on twice as many requests
+      W="--num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+      run cli_llama70b_tp2 580 python3 bench/worker_cli.py --shape llama3-70b $W \
+        --worker-args "--gpus all --tensor-parallel-size 2" --json "$OUT/cli_llama70b_tp2.json"
+      run cli_llama8b_gpu0 420 python3 bench/worker_cli.py --shape llama3-8b $W --worker-args "--gpus 0" \
+        --json "$OUT/cli_llama8b_gpu0.json"
+      run cli_llama8b_gpus_all 420 python3 bench/worker_cli.py --shape llama3-8b $W --worker-args "--gpus all" \
+        --expect-workers 2 --json "$OUT/cli_llama8b_gpus_all.json"
+      W="--num-requests 1024 --prompt-len 128 1024 --output-len 256 256"
+      run cli_llama8b_gpu0_1024 420 python3 bench/worker_cli.py --shape llama3-8b $W --worker-args "--gpus 0" \
+        --json "$OUT/cli_llama8b_gpu0_1024.json"
+      run cli_llama8b_gpus_all_1024 420 python3 bench/worker_cli.py --shape llama3-8b $W --worker-args "--gpus all" \
+        --expect-workers 2 --json "$OUT/cli_llama8b_gpus_all_1024.json" ;;
   profile) run profile_bf16 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/profile_bf16.json" ;;
   profilefp8) run profile_fp8all 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/profile_fp8all.json" ;;
   profileso) run profile_so_one 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured one --json "$OUT/profile_so_one.json" ;;

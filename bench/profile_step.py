@@ -36,7 +36,9 @@ from bench.throughput import _schema, add_bench_engine_flags, build_llm  # noqa:
 from bench.workload import make_workload  # noqa: E402
 
 # First matching pattern names the kernel's group (lower-case substring match on the kernel name).
+_COLLECTIVES = "collectives (NCCL)"  # tensor parallelism's all-reduces and logits gather
 _GROUPS = (
+    (_COLLECTIVES, ("nccl",)),  # before "reduce": NCCL's kernels are named ncclDevKernel_AllReduce_...
     ("attention", ("paged_attn", "merge_splits", "flash", "fmha")),
     ("fp8 gemm", ("f8", "fp8", "e4m3", "scaled_mm")),
     ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "wgmma")),
@@ -195,7 +197,10 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
           f"(kernel span {100 * span / wall_us:.1f}%); unprofiled wall {plain_us / steps / 1e3:.2f} ms/step, "
           f"GPU busy / unprofiled wall {100 * busy / plain_us:.1f}%")
     for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"  {g:<12} {us / steps / 1e3:8.3f} ms/step  {100 * us / kernel_sum:5.1f}%")
+        print(f"  {g:<18} {us / steps / 1e3:8.3f} ms/step  {100 * us / kernel_sum:5.1f}%")
+    collectives = groups.get(_COLLECTIVES, 0.0) / plain_us  # issue 16's all-reduce share of the step
+    if collectives:
+        print(f"  collectives: {100 * collectives:.1f}% of the unprofiled step wall (rank 0's GPU)")
     for name, (us, n, longest) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"  host {name:<28} {us / steps / 1e3:8.3f} ms/step  {n / steps:6.1f} calls/step  "
               f"longest {longest / 1e3:.3f} ms")
@@ -208,6 +213,7 @@ def profile_window(eng, steps: int, label: str, top: int, trace: Path | None = N
             "unprofiled_wall_ms_per_step": round(plain_us / steps / 1e3, 3),
             "gpu_busy_ms_per_step": round(busy / steps / 1e3, 3), "gpu_busy_share": round(busy / wall_us, 3),
             "groups_ms_per_step": {g: round(us / steps / 1e3, 3) for g, us in groups.items()},
+            "collectives_share_of_unprofiled_wall": round(collectives, 4),
             "host_cuda_calls_ms_per_step": {n: round(us / steps / 1e3, 3) for n, (us, _, _) in runtime.items()},
             "gaps": gaps,
             "top_kernels": [{"name": n, "ms_per_step": round(us / steps / 1e3, 3), "launches_per_step": c / steps}

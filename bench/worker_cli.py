@@ -1,14 +1,15 @@
-"""The real `spool worker` command as a subprocess: one workload through it, timed from its first heartbeat.
+"""The real `spool worker` command as a subprocess: one workload through it, timed once its workers are up.
 
   python bench/worker_cli.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256
   python bench/worker_cli.py --shape llama3-8b ... --worker-args "--gpus 0"     # the same, under a supervisor
 
-Issue 14: `spool worker --gpus 0` on a one-GPU host must serve exactly like `spool worker` without --gpus.
-This starts an embedded redis-server and `python -m spool worker --model DIR [--load-format dummy] --device
-DEVICE <engine flags> <--worker-args>`, waits until a worker heartbeat is live (model loaded, CUDA graphs
-captured), runs a few short warm-up jobs, then enqueues the workload as bulk jobs in one go and waits for every
-result: output tok/s from the first enqueue to the last result. Then SIGTERM, and how long the stop took and
-the exit code. Compare runs with and without --gpus in the same session (bench/gpu_session.sh stage gpus1).
+Issue 14: `spool worker --gpus 0` on a one-GPU host must serve exactly like `spool worker` without --gpus. This
+starts an embedded redis-server and `python -m spool worker --model DIR [--load-format dummy] --device DEVICE
+<engine flags> <--worker-args>`, waits until a worker heartbeat is live (model loaded, CUDA graphs captured;
+--expect-workers N: N of them, as `--gpus all` starts one worker per GPU or tensor-parallel group), runs a few
+short warm-up jobs, then enqueues the workload as bulk jobs in one go and waits for every result: output tok/s
+from the first enqueue to the last result. Then SIGTERM, and how long the stop took and the exit code. Compare
+runs with and without --gpus in the same session (bench/gpu_session.sh stage gpus1).
 Not a test: figures go to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -37,7 +38,9 @@ def main() -> int:
     add_workload_flags(p)
     add_engine_flags(p)
     p.add_argument("--worker-args", default="", help="more `spool worker` flags, one string (e.g. \"--gpus 0\")")
-    p.add_argument("--ready-timeout-s", type=float, default=900.0, help="longest wait for the first heartbeat")
+    p.add_argument("--ready-timeout-s", type=float, default=900.0, help="longest wait for the heartbeats")
+    p.add_argument("--expect-workers", type=int, default=1,
+                   help="wait for this many worker heartbeats before timing (--gpus: one worker per GPU group)")
     p.add_argument("--log", type=Path, default=None, help="the worker's stderr (default: a temporary file)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -63,11 +66,12 @@ def main() -> int:
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         workers: dict = {}
-        while not workers:
+        while len(workers) < args.expect_workers:
             if proc.poll() is not None:
                 raise SystemExit(f"the worker exited with {proc.returncode} before serving; see {log_path}")
             if time.perf_counter() - t_start > args.ready_timeout_s:
-                raise SystemExit(f"no worker heartbeat within {args.ready_timeout_s}s; see {log_path}")
+                raise SystemExit(f"{len(workers)} of {args.expect_workers} worker heartbeats within "
+                                 f"{args.ready_timeout_s}s; see {log_path}")
             time.sleep(0.5)
             workers = deployment_status(client.redis, client.keys)["workers"]
         ready_s = time.perf_counter() - t_start
