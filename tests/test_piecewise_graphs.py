@@ -175,6 +175,8 @@ def test_graph_memory_measured_by_a_dry_capture(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 20_000))
 
     def runner(piecewise_oom=False, other_rank_bytes=0):
+        # Another rank that needed other_rank_bytes: _graph_bytes takes the most as -min(-bytes); the token
+        # count (positive) is the same on both ranks.
         tp = SimpleNamespace(all_reduce_min=lambda v: min(v, -other_rank_bytes) if v < 0 else v)
         return SimpleNamespace(device="cuda", tp=tp, _make_graphs=lambda kv, tokens: (
             _Graphs(300), _Graphs(700, oom=piecewise_oom) if tokens else None))
