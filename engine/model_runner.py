@@ -74,12 +74,11 @@ class ModelRunner:
         # Device memory the graphs took at start-up, and what the KV cache's sizing set aside for them.
         self.graph_bytes, self.graph_bytes_set_aside = 0, graph_bytes
         if use_graphs:
-            self.graphs, self.piecewise = self._make_graphs(self.kv_caches, graph_tokens)
-            free = torch.cuda.mem_get_info(self.device)[0]
-            self.capture_graphs()
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()  # the warm-ups' activations, as in _graph_bytes
-            self.graph_bytes = max(0, free - torch.cuda.mem_get_info(self.device)[0])
+            def make_and_capture() -> None:
+                self.graphs, self.piecewise = self._make_graphs(self.kv_caches, graph_tokens)
+                self.capture_graphs()
+
+            _, self.graph_bytes = _device_bytes_taken(self.device, make_and_capture)  # measured as _graph_bytes
             log.info("CUDA graphs: %.0f MiB (%.0f MiB set aside for them)", self.graph_bytes / 2**20,
                      graph_bytes / 2**20)
         load_logits_kernels(self.model, model_cfg.hidden_size, self.dtype, self.device, config.max_running_seqs)
@@ -109,16 +108,14 @@ class ModelRunner:
         piecewise graphs do not fit even then, steps with prompt tokens run eagerly. Returns (piecewise tokens,
         bytes); every rank sets aside the same, the most any rank needed.
         """
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info(self.device)[0]
-        decode, pieces = self._make_graphs(scratch, piecewise_tokens)
-        decode.capture()
-        if pieces is not None and not _captured(pieces):
-            pieces, piecewise_tokens = None, 0
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # the warm-ups' activations: what stays is the graphs'
-        used = max(0, free - torch.cuda.mem_get_info(self.device)[0])
+        def make_and_capture():
+            decode, pieces = self._make_graphs(scratch, piecewise_tokens)
+            decode.capture()
+            return decode, pieces if pieces is not None and _captured(pieces) else None
+
+        (decode, pieces), used = _device_bytes_taken(self.device, make_and_capture)
+        if pieces is None:
+            piecewise_tokens = 0
         del decode, pieces
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -408,6 +405,18 @@ def host_bound_tokens(n: int, host_s: list[float], gpu_s: float) -> int:
     safe side for padding: a small step's GPU time lies above the straight line."""
     host = _median(host_s)
     return int(n * host / gpu_s) if gpu_s > 0 else n
+
+
+def _device_bytes_taken(device: torch.device, fn):
+    """(fn(), the device memory it left taken): free memory before minus after, with the caching allocator's unused
+    blocks (a warm-up's activations) released on both sides, so what counts is what fn's results hold."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
+    out = fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return out, max(0, free - torch.cuda.mem_get_info(device)[0])
 
 
 def _captured(pieces: PiecewiseGraphs) -> bool:
