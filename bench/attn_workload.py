@@ -6,7 +6,7 @@ bench/kernels.py times the issue's fixed shapes (decode B=64 x 4096, one 2048-to
 llama3-8b bulk step actually runs (32/8 heads, d128):
 - decode: 512 sequences whose contexts are the workload's prompts U[128,1024] plus a few decoded tokens
   (ragged, short: per-program fixed costs weigh more than at 4096), bf16 and fp8 KV (fp8: V row-major as
-  the engine stores it, and "fp8-keysV", stored keys-fastest: kernels.kv_layout), GB/s of K/V read and
+  the engine stores it, and "fp8-keysV", stored keys-fastest: spool.kernels.kv_layout), GB/s of K/V read and
   % of the device copy rate; --decode-sweep times tiles x warps x stages for each KV dtype.
 - prefill: 2048 new tokens after 0 or 2048 cached ones, and an 8,192-token step of ~14 fresh prompts
   U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from kernels.kv_layout import allocate_kv_cache  # noqa: E402
+from spool.kernels.kv_layout import allocate_kv_cache  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
 FP8 = torch.float8_e4m3fn
@@ -47,7 +47,7 @@ def paged(ctxs: list[int], qlens: list[int], bs: int, dtype, kv: str, gen):
     vc = torch.randn_like(kc)
     if kv.startswith("fp8"):
         kc, vc = kc.to(FP8), vc.to(FP8)
-        if kv == "fp8-keysV":  # V stored keys-fastest (kernels.kv_layout); "fp8": row-major, as the engine has it
+        if kv == "fp8-keysV":  # V stored keys-fastest (spool.kernels.kv_layout); "fp8": row-major, as the engine has it
             v_keys = allocate_kv_cache(total, bs, HK, D, FP8, "cuda", v_keys_fastest=True)[1]
             v_keys.view(torch.uint8).copy_(vc.view(torch.uint8))
             vc = v_keys
@@ -74,7 +74,7 @@ def copy_gbs() -> float:
 
 
 def decode_section(a, res: dict, rows: list) -> None:
-    from kernels.paged_attention import AttnConfig, default_config, keys_fastest_pages, paged_attention
+    from spool.kernels.paged_attention import AttnConfig, default_config, keys_fastest_pages, paged_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     if a.decode_uniform:
@@ -139,8 +139,8 @@ def decode_section(a, res: dict, rows: list) -> None:
 def prefill_section(a, res: dict, rows: list) -> None:
     import torch.nn.functional as F
 
-    from kernels import reference
-    from kernels.paged_attention import AttnConfig, default_config, paged_attention
+    from spool.kernels import reference
+    from spool.kernels.paged_attention import AttnConfig, default_config, paged_attention
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     n = 2048

@@ -44,8 +44,8 @@ def serve_fake(url: str) -> None:
     """A stub worker: every bulk job completes at once with one token, written the way a worker writes it."""
     import redis
 
-    from protocol.keys import Keys
-    from protocol import Choice, Result, TokenEvent, Usage
+    from spool.protocol.keys import Keys
+    from spool.protocol import Choice, Result, TokenEvent, Usage
 
     r, k = redis.Redis.from_url(url), Keys()
     try:
@@ -107,12 +107,12 @@ def main() -> int:
         serve_fake(args.serve_fake)
         return 0
 
-    from spool_testing.redis_server import RedisServer
+    from spool.testing.redis_server import RedisServer
 
     tmp = Path(tempfile.mkdtemp(prefix="spool-batch-bench-"))
     model = args.model
     if model is None and not args.fake_worker:
-        from spool_testing.tiny_model import build_tiny_model
+        from spool.testing.tiny_model import build_tiny_model
 
         model = build_tiny_model(tmp / "model", "llama", False)
     inp, out = tmp / "in.jsonl", tmp / "out.jsonl"

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from engine import LLM  # noqa: E402
-from engine.models.loader import load_named_tensors  # noqa: E402
+from spool.engine import LLM  # noqa: E402
+from spool.engine.models.loader import load_named_tensors  # noqa: E402
 
 
 def rel(a, b) -> float:

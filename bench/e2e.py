@@ -71,10 +71,10 @@ def run_through_redis(eng, url: str, wl, tag: str, probe_every_ms: int, vocab: i
     bulk result, and sends one streamed probe job every probe_every_ms, tailing its token stream, so a probe's
     client TTFT is what a user waits for: from the enqueue call to the first token read back from Redis.
     """
-    from producer.client import Client
-    from protocol.connection import connect
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
+    from spool.producer.client import Client
+    from spool.protocol.connection import connect
+    from spool.worker.loop import Worker
+    from spool.worker.settings import WorkerSettings
 
     client = Client(url)
     jobs = [{"id": f"{tag}-{i}", "prompt_token_ids": q, "max_tokens": n, "temperature": 0, "ignore_eos": True,
@@ -166,7 +166,7 @@ def main() -> int:
                         "piecewise CUDA graphs (0: eager; default: measured at start-up)")
     p.add_argument("--sim", action="store_true",
                    help="no model: the real engine and worker on a simulated device whose step time follows "
-                        "the scheduled tokens (spool_testing/timed_runner.py, calibrated to the H200 llama3-8b "
+                        "the scheduled tokens (spool/testing/timed_runner.py, calibrated to the H200 llama3-8b "
                         "run); reproduces the GPU's timing on a CPU. Async scheduling on unless --async-scheduling off")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -176,8 +176,8 @@ def main() -> int:
         logging.basicConfig(filename=args.worker_log, level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from engine import LLM, SamplingParams
-    from producer.embedded import ensure_local_redis, stop_local_redis
+    from spool.engine import LLM, SamplingParams
+    from spool.producer.embedded import ensure_local_redis, stop_local_redis
 
     path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -191,7 +191,7 @@ def main() -> int:
                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                          async_scheduling=async_scheduling(args), **extra)
     if args.sim:
-        from spool_testing.timed_runner import timed_runner
+        from spool.testing.timed_runner import timed_runner
 
         engine_kwargs.update(load_format="dummy", async_scheduling=args.async_scheduling != "off",
                              swap_space_bytes=args.swap_space_bytes or 0)

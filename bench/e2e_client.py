@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from producer.client import Client  # noqa: E402
+from spool.producer.client import Client  # noqa: E402
 
 
 def _say(obj: dict) -> None:

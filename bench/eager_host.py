@@ -3,7 +3,7 @@
   .venv/bin/python bench/eager_host.py                  # a tiny Qwen3, a mixed step (2 prompt chunks, 14 decodes)
   .venv/bin/python bench/eager_host.py --arch llama --profile 25
 
-Eager steps (prompt and mixed steps above the piecewise graphs' size, engine/piecewise_graphs.py, or every one
+Eager steps (prompt and mixed steps above the piecewise graphs' size, spool/engine/piecewise_graphs.py, or every one
 with piecewise_graph_tokens=0; decode-only steps replay CUDA graphs) pay each layer's op wrappers (argument
 checks, output allocation, launch-size arithmetic) and torch's module calls on the host every step. When that
 host time exceeds the GPU's time for the step, the GPU waits; the engine measures both at start-up. This
@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-KERNEL_MODULES = ("kernels.rms_norm", "kernels.activation", "kernels.rotary", "kernels.qk_norm_rotary",
-                  "kernels.kv_cache", "kernels.paged_attention", "kernels.fp8_quant")
+KERNEL_MODULES = tuple(f"spool.kernels.{m}" for m in ("rms_norm", "activation", "rotary", "qk_norm_rotary", "kv_cache",
+                                                       "paged_attention", "fp8_quant"))
 
 
 class _CountingLaunch:
@@ -71,8 +71,8 @@ def measure(arch: str = "qwen3", steps: int = 300, profile: int = 0, device: str
     """Host µs per layer of one mixed step's eager forward (the fastest of five rounds of steps / 5 forwards), and
     the Triton launches per forward by kernel. On CUDA it also runs the real launches: the difference is Triton's
     own launch path (JITFunction.run and the driver), given per launch."""
-    from engine import LLM
-    from spool_testing.tiny_model import build_tiny_model
+    from spool.engine import LLM
+    from spool.testing.tiny_model import build_tiny_model
 
     path = build_tiny_model(Path(tempfile.mkdtemp()), arch, False)
     llm = LLM(str(path), device=device, kernel_backend="triton", block_size=16, num_kv_blocks=64)
@@ -123,7 +123,7 @@ def _measure(llm, counts: Counter, arch: str, steps: int, profile: int) -> dict:
 
 def _attention_us_per_layer(runner, meta, per_round: int) -> float:
     """Host µs per layer of attention alone (Attention.attend into a given output): what a piecewise-graph step
-    (engine/piecewise_graphs.py) still runs eagerly per layer, beside its graph replays."""
+    (spool/engine/piecewise_graphs.py) still runs eagerly per layer, beside its graph replays."""
     attn = runner.model.layers[0].self_attn
     t = meta.num_tokens
     q = torch.zeros(t, attn.num_heads, attn.head_dim, dtype=runner.dtype, device=runner.device)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from spool.engine import LLM, SamplingParams  # noqa: E402
 
 
 def last_logits(llm: LLM, prompts: list[list[int]], batch: int = 8) -> torch.Tensor:

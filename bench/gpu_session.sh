@@ -83,7 +83,7 @@ for stage in "$@"; do case $stage in
         run ncu_$1_$2 240 ncu --clock-control none --profile-from-start off -k regex:'paged_attn|flash|attention|fmha' \
           $S python3 bench/profile_attn.py --case $1 --kv $2 --launches 1 --triton-dump "$OUT/ttgir_$1_$2"
       done ;;
-  fp8v) # ninth session: fp8 V stored keys-fastest (kernels.kv_layout) vs row-major, kernels then end to end, alternated
+  fp8v) # ninth session: fp8 V stored keys-fastest (spool.kernels.kv_layout) vs row-major, kernels then end to end, alternated
       run attn_fp8v 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --warp-specialize \
         --json "$OUT/attn_fp8v.json"
       run attn_fp8v_issue 300 python3 bench/attn_workload.py --skip prefill --block-sizes 16 64 --warp-specialize \

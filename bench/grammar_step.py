@@ -10,8 +10,8 @@ logits under the mask), every row takes a uniformly random allowed token; rows s
 --stagger tokens in) so their states differ. Timed per step (mean and p50 over --steps, µs per row too), by the
 wall clock and by the process's CPU time (all threads; the figure to trust on a busy machine):
   fill[t]   SequenceGrammar.fill_many into a preallocated bitmask on t xgrammar threads
-  engine    the sampler's host fill as the engine runs it (engine/grammar_mask.py: a reused buffer, the fill started
-            on its background thread, then taken)
+  engine    the sampler's host fill as the engine runs it (spool/engine/grammar_mask.py: a reused buffer, the
+            fill started on its background thread, then taken)
   accept    SequenceGrammar.accept_many (xgrammar's batch_accept_token; threaded for large batches on many cores)
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bench.workload import integer_array_schema  # noqa: E402
 
 def load_vocab(tokenizer_file: Path | None, vocab: int, root: Path):
     """(tokenizer, vocab size, eos id): the rank file's real vocabulary, else a synthetic one of `vocab` ids."""
-    from engine.tokenizer import load_tokenizer
+    from spool.engine.tokenizer import load_tokenizer
 
     if tokenizer_file is not None:
         from bench.tiktoken_tokenizer import cached_tokenizer_dir
@@ -49,8 +49,8 @@ def load_vocab(tokenizer_file: Path | None, vocab: int, root: Path):
 
 def make_rows(tok, vocab: int, eos: int, rows: int):
     """`rows` fresh SequenceGrammar matchers of the bench schema, and the compile time in seconds."""
-    from engine.grammar_compiler import GrammarCache
-    from engine.structured_outputs import StructuredOutputsParams
+    from spool.engine.grammar_compiler import GrammarCache
+    from spool.engine.structured_outputs import StructuredOutputsParams
 
     cache = GrammarCache(tok, vocab, [eos])
     t0 = time.perf_counter()
@@ -60,7 +60,7 @@ def make_rows(tok, vocab: int, eos: int, rows: int):
 
 def pick_allowed(bitmask: torch.Tensor, vocab: int, gen: torch.Generator) -> list[int]:
     """One uniformly random allowed token per row (argmax of random logits under the mask, as dummy weights)."""
-    from engine.token_bitmask import unpack_bitmask
+    from spool.engine.token_bitmask import unpack_bitmask
 
     allowed = unpack_bitmask(bitmask, vocab)  # [R, V] bool
     scores = torch.rand(allowed.shape, generator=gen).masked_fill_(~allowed, -1.0)
@@ -71,9 +71,9 @@ def run(grammars, vocab: int, steps: int, stagger: int, threads: list[int], seed
     """Walk every row `steps` tokens, timing each fill variant and the accept per step."""
     import xgrammar as xgr
 
-    from engine.grammar import SequenceGrammar
-    from engine.grammar_mask import GrammarMasks
-    from engine.token_bitmask import bitmask_words
+    from spool.engine.grammar import SequenceGrammar
+    from spool.engine.grammar_mask import GrammarMasks
+    from spool.engine.token_bitmask import bitmask_words
 
     rows = len(grammars)
     masks = GrammarMasks(vocab, torch.device("cpu"))

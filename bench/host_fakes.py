@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from engine.cuda_graphs import DecodeGraphs
+from spool.engine.cuda_graphs import DecodeGraphs
 
 # Above this many ids, [rows, vocab] logits on the CPU would cost more than the host work being measured:
 # the sampler's device math is faked (FakeSampling) and the model's logits are an unread placeholder.

@@ -30,7 +30,7 @@ Phases (mean microseconds per step, decode-only steps with every sequence runnin
   mask        with --structured: the sampler's host fill of the grammar bitmask (part of `runner`)
   on_token    the rest of LLMEngine.collect(): per-token detokenization and RequestDelta building
   fill        xgrammar's batch fill (SequenceGrammar.fill_many) on any thread: part of `mask` when the sampler
-              fills, overlapping `on_token` when the engine starts it in the background (engine/grammar_mask.py)
+              fills, overlapping `on_token` when the engine starts it in the background (spool/engine/grammar_mask.py)
   window      host time from a step's forward pass queued to its sampling queued: with async scheduling's split
               launch (grammar rows), the previous step's apply and the mask fill, which the forward pass must
               cover or the device idles (else just the sampling's launch)
@@ -44,7 +44,7 @@ Phases (mean microseconds per step, decode-only steps with every sequence runnin
   gpu_idle    with --device-ms T: per step, how long the simulated device sat idle waiting for the host to
               queue the next step (each step occupies it T ms from max(its launch, the previous step's end))
 
---async-scheduling on|off|both: the engine's async scheduling (engine/async_step.py). Off, every phase is on
+--async-scheduling on|off|both: the engine's async scheduling (spool/engine/async_step.py). Off, every phase is on
 the critical path (the device idles from a step's end until the next launch); on, the next step is queued
 before the previous step's outputs are processed, so only host time beyond the device's step time idles it.
 --structured: every request has one JSON schema (an unbounded array of strings, which the fake logits never
@@ -77,13 +77,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine import SamplingParams, StructuredOutputsParams  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
+from spool.engine import SamplingParams, StructuredOutputsParams  # noqa: E402
+from spool.engine.config import EngineConfig  # noqa: E402
 from bench.host_fakes import FAKE_SAMPLING_FROM_VOCAB, FakeSampling, SimulatedDevice, fake_device  # noqa: E402
 from bench.workload import integer_array_schema  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.step_gc import step_gc  # noqa: E402
-from spool_testing.tiny_model import _corpus, build_tiny_model  # noqa: E402
+from spool.engine.llm_engine import LLMEngine  # noqa: E402
+from spool.engine.step_gc import step_gc  # noqa: E402
+from spool.testing.tiny_model import _corpus, build_tiny_model  # noqa: E402
 
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
@@ -137,7 +137,7 @@ class _PhaseTimer:
     def _wrap_fill(self) -> None:
         """xgrammar's batch fill, on whichever thread runs it: `fill` on this one, `fill_bg` on another (the
         engine's background fill; with --clock cpu, that thread's own CPU time)."""
-        from engine.grammar import SequenceGrammar
+        from spool.engine.grammar import SequenceGrammar
 
         real, acc, clock = SequenceGrammar.__dict__["fill_many"], self.acc, self.device.clock
         main = threading.current_thread()
@@ -187,7 +187,7 @@ class _PhaseTimer:
                     acc["result"] += clock() - t0 - (device.waited - waited)
 
         # ModelRunner.launch is launch_forward then launch_sampling; the engine calls those two itself when it
-        # applies the previous step between them (async scheduling with grammar rows: engine/async_step.py).
+        # applies the previous step between them (async scheduling with grammar rows: spool/engine/async_step.py).
         launch_forward, launch_sampling = runner.launch_forward, runner.launch_sampling
 
         def timed_forward(sched, previous=None):  # the forward pass takes the device's step time
@@ -374,9 +374,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--gc", choices=("on", "freeze", "off", "offline"), default="on",
                     help="Python's collector during the timed steps: as is, after gc.freeze(), disabled, or as "
-                         "LLM.generate runs its steps (engine/step_gc.py)")
+                         "LLM.generate runs its steps (spool/engine/step_gc.py)")
     ap.add_argument("--async-scheduling", choices=("on", "off", "both"), default="both",
-                    help="the engine's async scheduling (engine/async_step.py): on, off, or each in turn")
+                    help="the engine's async scheduling (spool/engine/async_step.py): on, off, or each in turn")
     ap.add_argument("--device-ms", type=float, default=0.0,
                     help="simulate a device that takes this long per step (0: results are ready at once)")
     ap.add_argument("--structured", action="store_true",

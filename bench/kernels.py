@@ -146,8 +146,8 @@ def to_kv_dtype(paged, kv: str):
 
 
 def decode_section(a, dtype, rows, results, copy_gbs):
-    from kernels.paged_attention import AttnConfig, default_config, paged_attention
-    from kernels.reference import paged_attention as reference_paged_attention
+    from spool.kernels.paged_attention import AttnConfig, default_config, paged_attention
+    from spool.kernels.reference import paged_attention as reference_paged_attention
 
     b, ctx, hq, hk, d = a.batch, a.ctx, a.hq, a.hk, a.head_dim
     esz = torch.tensor([], dtype=dtype).element_size()
@@ -238,7 +238,7 @@ def decode_section(a, dtype, rows, results, copy_gbs):
                                                       "rel_err_vs_reference": err}
                 del fp8_sets
 
-    from kernels import reference  # sanity check on 4 sequences of the first set
+    from spool.kernels import reference  # sanity check on 4 sequences of the first set
 
     q, kc, vc, bt, sl, qsl = sets[0]
     sub = (q[:4], kc, vc, bt[:4], sl[:4], qsl[:5], scale)
@@ -329,8 +329,8 @@ def prefill_section(a, dtype, rows, results):
     """Paged prefill TFLOP/s for each (prefix, KV dtype) vs SDPA causal on n contiguous tokens."""
     import torch.nn.functional as F
 
-    from kernels import reference
-    from kernels.paged_attention import paged_attention
+    from spool.kernels import reference
+    from spool.kernels.paged_attention import paged_attention
 
     hq, hk, d, n = a.hq, a.hk, a.head_dim, a.prefill_len
     scale = d**-0.5
@@ -383,7 +383,7 @@ def prefill_section(a, dtype, rows, results):
 
 def prefill_sweep(a, dtype, rows, results, sdpa_tflops, gen):
     """Time prefill tile configs at +0 cached for each KV dtype; re-time the 3 leaders at the largest prefix."""
-    from kernels.paged_attention import AttnConfig, paged_attention
+    from spool.kernels.paged_attention import AttnConfig, paged_attention
 
     hq, d, n = a.hq, a.head_dim, a.prefill_len
     group = hq // a.hk
@@ -427,8 +427,8 @@ def prefill_sweep(a, dtype, rows, results, sdpa_tflops, gen):
 
 
 def small_section(a, dtype, rows, results):
-    from kernels import reference
-    from kernels.triton_ops import TRITON_OPS as T
+    from spool.kernels import reference
+    from spool.kernels.triton_ops import TRITON_OPS as T
 
     t, h, inter, hq, hk, d = a.tokens, a.hidden, a.intermediate, a.hq, a.hk, a.head_dim
     esz = torch.tensor([], dtype=dtype).element_size()

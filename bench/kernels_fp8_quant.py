@@ -1,7 +1,7 @@
 """bench/kernels.py's fp8quant group: per-token FP8 activation quantization, torch vs Triton vs fused producers.
 
-For each T x K: the torch path (kernels.reference: inf-norm, two divisions, cast: several passes over x), the
-one-pass Triton kernel (kernels.fp8_quant), and the two producers the decoder fuses it into, each three ways:
+For each T x K: the torch path (spool.kernels.reference: inf-norm, two divisions, cast: several passes over x), the
+one-pass Triton kernel (spool.kernels.fp8_quant), and the two producers the decoder fuses it into, each three ways:
 torch ops, Triton op + Triton quantize (unfused), and the fused *_quant kernel. K is the normed width for
 add+norm+quant and d (half the gate|up width) for silu+quant.
 
@@ -22,9 +22,9 @@ import torch
 def fp8_quant_section(dev: str, dtype: torch.dtype, tokens: list[int], widths: list[int], rows: list,
                       results: dict, bench: Callable, rep: int) -> None:
     """Time every case at every (T, K); append table rows and fill results["fp8_quant"]["T{t}_K{k}"]."""
-    from kernels import reference
-    from kernels.fp8_quant import quantize_per_token_fp8
-    from kernels.triton_ops import TRITON_OPS as T
+    from spool.kernels import reference
+    from spool.kernels.fp8_quant import quantize_per_token_fp8
+    from spool.kernels.triton_ops import TRITON_OPS as T
 
     esz = torch.tensor([], dtype=dtype).element_size()
     out = results.setdefault("fp8_quant", {})

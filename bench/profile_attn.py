@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.attn_workload import D, HK, HQ, paged  # noqa: E402
-from kernels.paged_attention import _paged_attn_kernel, paged_attention  # noqa: E402
+from spool.kernels.paged_attention import _paged_attn_kernel, paged_attention  # noqa: E402
 
 
 def _case(a, gen):
@@ -77,7 +77,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["decode", "decode-workload", "prefill"], default="decode")
     p.add_argument("--kv", choices=["bf16", "fp8", "fp8-keysV"], default="bf16",
-                   help="fp8: V row-major as the engine stores it; fp8-keysV: V keys-fastest (kernels.kv_layout)")
+                   help="fp8: V row-major as the engine stores it; fp8-keysV: V keys-fastest (spool.kernels.kv_layout)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--launches", type=int, default=2)
     p.add_argument("--triton-dump", type=Path)

@@ -86,7 +86,7 @@ def _is_gpu_work(ev) -> bool:
 
 def label_phases(eng) -> None:
     """Wrap the engine's host phases in record_function ranges (instance attributes: nothing else changes)."""
-    from engine.step_types import PendingStep
+    from spool.engine.step_types import PendingStep
 
     for owner_name, meth, label in _PHASES:
         owner = functools.reduce(getattr, owner_name.split("."), eng) if owner_name else eng
@@ -238,7 +238,7 @@ def main() -> int:
     path, load_format = model_source(args, args.structured != "none")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     wl = make_workload(args, vocab)
-    from engine import SamplingParams
+    from spool.engine import SamplingParams
 
     llm = build_llm(path, load_format, args)
     eng = llm.engine

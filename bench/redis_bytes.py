@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer import Client  # noqa: E402
-from protocol import Keys  # noqa: E402
-from spool_testing.chaos import WorkerProcess, count_results, wait_for  # noqa: E402
-from spool_testing.redis_server import RedisServer  # noqa: E402
-from spool_testing.tiny_model import build_tiny_model  # noqa: E402
+from spool.producer import Client  # noqa: E402
+from spool.protocol import Keys  # noqa: E402
+from spool.testing.chaos import WorkerProcess, count_results, wait_for  # noqa: E402
+from spool.testing.redis_server import RedisServer  # noqa: E402
+from spool.testing.tiny_model import build_tiny_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

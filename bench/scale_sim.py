@@ -6,7 +6,7 @@
   python bench/scale_sim.py --cluster-url redis://127.0.0.1:7000/0   # a Redis Cluster (after the cluster merge)
   python bench/scale_sim.py --stream-interval-ms 50           # the worker's coalescing setting, where it exists
 
-Each simulated worker is a process running the real worker loop (worker.loop.Worker: intake, leases,
+Each simulated worker is a process running the real worker loop (spool.worker.loop.Worker: intake, leases,
 outbox, token streams, finish) around StubEngine, which stands in for the GPU: max_num_seqs sequences, one
 token per running sequence per step, steps paced at the measured H200 rate. The default, 33.1 steps/s at
 512 sequences, is bench/RESULTS.md's 2026-12-02 run1 (H200, llama3-8b, 512 requests, 549 engine steps in
@@ -128,7 +128,7 @@ class StubEngine:
 
     def abort(self, request_id: str) -> bool:
         """End a request now; its final delta comes out of the next collect()."""
-        from engine.outputs import RequestDelta
+        from spool.engine.outputs import RequestDelta
 
         seq = self.requests.pop(request_id, None)
         if seq is None:
@@ -165,7 +165,7 @@ class StubEngine:
 
     def collect(self, step: _Step) -> list:
         """Wait out the step's device time, then give every sequence of the step its token."""
-        from engine.outputs import RequestDelta
+        from spool.engine.outputs import RequestDelta
 
         left = step.began + self.step_s - time.perf_counter()
         if left > 0:
@@ -198,7 +198,7 @@ class StubEngine:
 # -- one simulated worker ------------------------------------------------------------------------
 def worker_settings(url: str, name: str, stream_interval_ms: float | None):
     """WorkerSettings for a simulated worker; stream_interval_ms only where the setting exists (streams helper)."""
-    from worker.settings import WorkerSettings
+    from spool.worker.settings import WorkerSettings
 
     kw = {"redis_url": url, "name": name, "block_ms": 100, "heartbeat_s": 1.0, "claim_idle_ms": 60_000}
     names = {f.name for f in dataclasses.fields(WorkerSettings)}
@@ -212,8 +212,8 @@ def worker_settings(url: str, name: str, stream_interval_ms: float | None):
 
 def build_worker(url: str, name: str, seqs: int, steps_per_s: float, stream_interval_ms: float | None):
     """The real worker loop around a StubEngine."""
-    from protocol.connection import connect
-    from worker.loop import Worker
+    from spool.protocol.connection import connect
+    from spool.worker.loop import Worker
 
     settings = worker_settings(url, name, stream_interval_ms)
     return Worker(StubEngine(seqs, steps_per_s), connect(url, fail_fast=True), settings)
@@ -234,7 +234,7 @@ def _tail(url: str, ids, events) -> None:
     import asyncio
     import queue
 
-    from producer import AsyncClient
+    from spool.producer import AsyncClient
 
     async def one(client, rid: str) -> None:
         n = 0
@@ -367,9 +367,9 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def measure(url: str, k: int, stream: bool, args: argparse.Namespace, inline: bool = False) -> dict:
     """One point: K simulated workers, every job streaming or none; warm-up, then a measured window."""
-    from producer import Client
-    from protocol import Keys
-    from spool_testing.chaos import count_results
+    from spool.producer import Client
+    from spool.protocol import Keys
+    from spool.testing.chaos import count_results
 
     keys = Keys()
     nodes = redis_nodes(url)
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url = args.cluster_url or args.redis_url
     if url is None:
-        from spool_testing.redis_server import RedisServer
+        from spool.testing.redis_server import RedisServer
 
         server = RedisServer(tempfile.mkdtemp(prefix="spool-scale-sim-")).start()
         url = server.url

@@ -5,7 +5,7 @@
 
 The real Scheduler and BlockManager step the bulk workload (512 requests, prompt U[128,1024], 256 out, as
 bench/e2e.py) with async scheduling's shape: step N+1 is scheduled when step N-1's tokens are applied, so it
-queues behind step N on the device. Each step takes spool_testing.timed_runner.StepCost's seconds of a virtual
+queues behind step N on the device. Each step takes spool.testing.timed_runner.StepCost's seconds of a virtual
 device; host time is a constant per step (--host-ms). One 64-token, 16-out priority-0 probe arrives every
 --probe-every-ms and is added before the next schedule, as the worker's interactive read before each launch;
 its TTFT is from its arrival to the end of the step that samples its first token. Nothing sleeps, so a run takes
@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.block_manager import BlockManager  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.scheduler import Scheduler  # noqa: E402
-from engine.sequence import Sequence  # noqa: E402
-from engine.step_types import RunnerOutput  # noqa: E402
-from spool_testing.timed_runner import StepCost  # noqa: E402
+from spool.engine.block_manager import BlockManager  # noqa: E402
+from spool.engine.sampling_params import SamplingParams  # noqa: E402
+from spool.engine.scheduler import Scheduler  # noqa: E402
+from spool.engine.sequence import Sequence  # noqa: E402
+from spool.engine.step_types import RunnerOutput  # noqa: E402
+from spool.testing.timed_runner import StepCost  # noqa: E402
 
 
 @dataclass(slots=True)

@@ -50,8 +50,8 @@ def serve_stub(url: str, tokens: int = 1, per_entry: int = 1) -> None:
     import orjson
     import redis
 
-    from protocol import Choice, Result, TokenEvent, Usage
-    from protocol.keys import Keys
+    from spool.protocol import Choice, Result, TokenEvent, Usage
+    from spool.protocol.keys import Keys
 
     r, k = redis.Redis.from_url(url), Keys()
     for stream in k.all_jobs:
@@ -115,8 +115,8 @@ async def _drive(n: int, concurrency: int, one) -> tuple[float, list[float]]:
 
 async def direct_pass(url: str, n: int, concurrency: int, stream: bool) -> tuple[float, list[float]]:
     """The same job through producer.AsyncClient: enqueue, then wait for the result (or tail the stream)."""
-    from producer import AsyncClient
-    from protocol.connection import connect_async
+    from spool.producer import AsyncClient
+    from spool.protocol.connection import connect_async
 
     client = AsyncClient(url, connection=connect_async(url, max_connections=concurrency + 8))
 
@@ -169,8 +169,8 @@ def _cpu_s(pid: int) -> float:
 
 def run_stub(args: argparse.Namespace) -> dict:
     """Gateway ceiling and added latency against the stub worker."""
-    from spool_testing.gateway import GatewayProcess
-    from spool_testing.redis_server import RedisServer
+    from spool.testing.gateway import GatewayProcess
+    from spool.testing.redis_server import RedisServer
 
     tmp = Path(tempfile.mkdtemp(prefix="spool-serve-load-"))
     redis_server = RedisServer(tmp / "redis").start()
@@ -297,12 +297,12 @@ def run_gpu(args: argparse.Namespace) -> dict:
 
     from bench.shapes import model_source
     from bench.workload import make_workload
-    from engine import LLM, SamplingParams
-    from protocol.connection import connect
-    from spool_testing.gateway import GatewayProcess
-    from spool_testing.redis_server import RedisServer
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
+    from spool.engine import LLM, SamplingParams
+    from spool.protocol.connection import connect
+    from spool.testing.gateway import GatewayProcess
+    from spool.testing.redis_server import RedisServer
+    from spool.worker.loop import Worker
+    from spool.worker.settings import WorkerSettings
 
     path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]

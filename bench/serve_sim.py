@@ -4,7 +4,7 @@
   python bench/serve_load.py --sim --no-stream          # plain
   python bench/serve_load.py --sim --path direct        # the same requests through producer.AsyncClient (no HTTP)
 
-The engine is spool_testing.stub_engine.StubEngine with its prefill model: a token budget per step
+The engine is spool.testing.stub_engine.StubEngine with its prefill model: a token budget per step
 (max_num_batched_tokens, 8192 as the real engine's default), decodes first, prompt chunks in arrival order; a
 step takes --step-ms plus --prefill-us-per-token per prompt token in it. The defaults (25 ms, 22 us) give the
 llama3-8b workload (512 requests, prompt U[128,1024], 256 out) about 13.9 s offline, the H200's 9,400 output
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def stub_engine(args):
     """The stub engine the flags describe."""
-    from spool_testing.stub_engine import StubEngine
+    from spool.testing.stub_engine import StubEngine
 
     return StubEngine(max_num_seqs=args.max_num_seqs, step_s=args.step_ms / 1000,
                       max_num_batched_tokens=args.max_num_batched_tokens,
@@ -58,9 +58,9 @@ def serve_worker(url: str, args, stats_path: Path) -> int:
     """The real worker loop around the stub engine until SIGTERM; its step figures go to `stats_path`."""
     import logging
 
-    from protocol.connection import connect
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
+    from spool.protocol.connection import connect
+    from spool.worker.loop import Worker
+    from spool.worker.settings import WorkerSettings
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     eng = stub_engine(args)
@@ -123,8 +123,8 @@ async def direct_client(url: str, spec: dict) -> dict:
     import asyncio
     import resource
 
-    from producer import AsyncClient
-    from protocol.connection import connect_async
+    from spool.producer import AsyncClient
+    from spool.protocol.connection import connect_async
 
     n = len(spec["prompts"])
     client = AsyncClient(url, connection=connect_async(url, max_connections=n + 16))
@@ -162,9 +162,9 @@ def run(args, workload_client_main: str) -> dict:
     import redis as redis_lib
 
     from bench.workload import make_workload
-    from protocol.keys import Keys
-    from spool_testing.gateway import GatewayProcess
-    from spool_testing.redis_server import RedisServer
+    from spool.protocol.keys import Keys
+    from spool.testing.gateway import GatewayProcess
+    from spool.testing.redis_server import RedisServer
 
     wl = make_workload(args, 128_256)
     base = offline(args, wl.prompts, wl.output_lens)
@@ -246,8 +246,8 @@ def timeline(r, rows: list) -> dict:
     """When the requests' milestones fell, in seconds from the first request sent: (first, median, last) of
     sent, enqueued, started (admitted by the worker), first token, finished (result written), answered (the
     client has it all)."""
-    from protocol import Result
-    from protocol.keys import Keys
+    from spool.protocol import Result
+    from spool.protocol.keys import Keys
 
     if not rows:
         return {}

@@ -6,11 +6,11 @@ memory and drops connections; then audit that every job ended exactly once.
 Everything is local and private: its own redis-server (AOF, appendfsync always) on a free 127.0.0.1 port in a
 temporary directory, its own tiny random-init model, N `spool worker` subprocesses on the CPU. A producer
 enqueues a steady stream of jobs (some streaming, some cancelled, some hostile ones from
-spool_testing/hostile_corpus.py) while a chaos loop SIGKILLs random workers (restarting them, under the same name or
+spool/testing/hostile_corpus.py) while a chaos loop SIGKILLs random workers (restarting them, under the same name or
 a new one) and restarts Redis (gracefully or with SIGKILL). Then it waits for quiescence and audits: every
 accepted id has a result and exactly one `done`, hostile jobs failed with their expected codes, every
 id-less hostile entry is in the dead letters, nothing is pending. Exit status 0 when nothing was lost or
-duplicated and no worker died on its own. On top, spool_testing/history.py checks the exactly-once
+duplicated and no worker died on its own. On top, spool/testing/history.py checks the exactly-once
 invariants of docs/PROTOCOL.md on every regular job: one final result, nothing after `done`, no two runs
 mixed, each streamed job's stream equal to its result, no healthy job condemned as poison. Bounded: it
 stops by itself after --duration + --quiesce-timeout.
@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis  # noqa: E402
 
-from producer import Client  # noqa: E402
-from protocol.keys import Keys  # noqa: E402
-from spool_testing.chaos import WorkerProcess, audit  # noqa: E402
-from spool_testing.history import History, check  # noqa: E402
-from spool_testing.redis_server import RedisServer  # noqa: E402
-from spool_testing.hostile_corpus import corpus  # noqa: E402
+from spool.producer import Client  # noqa: E402
+from spool.protocol.keys import Keys  # noqa: E402
+from spool.testing.chaos import WorkerProcess, audit  # noqa: E402
+from spool.testing.history import History, check  # noqa: E402
+from spool.testing.redis_server import RedisServer  # noqa: E402
+from spool.testing.hostile_corpus import corpus  # noqa: E402
 
 KEYS = Keys()
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="spool-soak-"))
-    from spool_testing.tiny_model import build_tiny_model
+    from spool.testing.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp / "model", hidden_size=args.hidden_size, num_layers=args.layers)
     server = RedisServer(tmp / "redis", appendonly=True, appendfsync="always").start()

@@ -3,8 +3,8 @@
   python bench/stream_cost.py                                   # 512 sequences at 30 ms steps, intervals 0..200
   python bench/stream_cost.py --intervals 0 50 100 --jobs 2048 --json out.json
 
-CPU only, no GPU: a real redis-server, the real worker code (worker.loop.Worker on the main thread, as `spool
-worker` runs it) and a stub engine (spool_testing/stub_engine.py) that emits one token per running sequence per
+CPU only, no GPU: a real redis-server, the real worker code (spool.worker.loop.Worker on the main thread, as `spool
+worker` runs it) and a stub engine (spool/testing/stub_engine.py) that emits one token per running sequence per
 step at the H200's llama3-8b decode rate (bench/RESULTS.md: a decode step at ~512 sequences takes ~30 ms). Each
 pass starts a fresh redis-server, enqueues `--jobs` jobs (output lengths uniform in --max-tokens), resets
 Redis's statistics and lets one worker run them all; then it reads:
@@ -76,13 +76,13 @@ def _latencies(r, keys, engine, ids: list[str]) -> tuple[list[float], list[float
 
 def one_pass(args: argparse.Namespace, interval_ms: int | None) -> dict:
     """Run every job through one worker; interval_ms None: the jobs do not stream."""
-    from producer import Client
-    from protocol import Keys
-    from protocol.connection import connect
-    from spool_testing.redis_server import RedisServer
-    from spool_testing.stub_engine import StubEngine
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
+    from spool.producer import Client
+    from spool.protocol import Keys
+    from spool.protocol.connection import connect
+    from spool.testing.redis_server import RedisServer
+    from spool.testing.stub_engine import StubEngine
+    from spool.worker.loop import Worker
+    from spool.worker.settings import WorkerSettings
 
     tmp = Path(tempfile.mkdtemp(prefix="spool-stream-cost-"))
     server = RedisServer(tmp / "redis").start()

@@ -2,7 +2,7 @@
 
   python bench/structured_outputs.py [--device cuda] [--json out.json]
 
-1. Correctness: a tiny random-weight model (spool_testing) serves structured requests (JSON schema, regex,
+1. Correctness: a tiny random-weight model (spool.testing) serves structured requests (JSON schema, regex,
    choice, EBNF) beside plain greedy ones; every structured output must validate, every plain output must
    equal a run without structured neighbours, and on CUDA decode steps must still replay the CUDA graphs
    (the grammar mask acts on the logits after the graph).
@@ -42,7 +42,7 @@ def _sync(device: str) -> None:
 
 
 def check_correctness(path: Path, device: str) -> dict:
-    from engine import LLM, SamplingParams, StructuredOutputsParams as SO
+    from spool.engine import LLM, SamplingParams, StructuredOutputsParams as SO
 
     llm = LLM(str(path), device=device, dtype="float32", block_size=16, max_num_seqs=64, num_kv_blocks=512)
     replays = {"n": 0}
@@ -95,9 +95,9 @@ class _CopyRow:
 
 
 def bench_sampler(device: str, vocab: int = 128256, rows: int = 256, iters: int = 50) -> dict:
-    from engine.sampler import Sampler, SamplingRow
-    from engine.sampling_params import SamplingParams
-    from engine.token_bitmask import bitmask_words
+    from spool.engine.sampler import Sampler, SamplingRow
+    from spool.engine.sampling_params import SamplingParams
+    from spool.engine.token_bitmask import bitmask_words
 
     sampler = Sampler(vocab, device)
     logits = torch.randn(rows, vocab, device=device)
@@ -125,8 +125,8 @@ def bench_fill(device: str, rows: int = 256) -> dict:
 
     import xgrammar as xgr
 
-    from engine.grammar import SequenceGrammar
-    from engine.token_bitmask import fill_bitmask
+    from spool.engine.grammar import SequenceGrammar
+    from spool.engine.token_bitmask import fill_bitmask
 
     rng = random.Random(0)
     chars = string.ascii_letters + string.digits + ' "{}[]:,.-_'
@@ -163,8 +163,8 @@ def bench_fill(device: str, rows: int = 256) -> dict:
 
 def bench_engine(path: Path, device: str, batch: int = 64, steps: int = 40) -> dict:
     """Step time of a batch of grammar rows, and the part of it spent in the host fill and the accepts."""
-    from engine import LLMEngine, SamplingParams, StructuredOutputsParams as SO
-    from engine.grammar import SequenceGrammar
+    from spool.engine import LLMEngine, SamplingParams, StructuredOutputsParams as SO
+    from spool.engine.grammar import SequenceGrammar
 
     spent = {"fill": 0.0, "accept": 0.0}
     real_fill, real_accept = SequenceGrammar.fill_many.__func__, SequenceGrammar.accept
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256, help="rows of the sampler and fill benchmarks")
     ap.add_argument("--vocab", type=int, default=128256, help="vocabulary of the sampler benchmark")
     args = ap.parse_args()
-    from spool_testing.tiny_model import build_tiny_model
+    from spool.testing.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(Path(tmp) / "llama", "llama")

@@ -8,7 +8,7 @@
       (Llama 3's real vocabulary instead of the synthetic one: bench/tiktoken_tokenizer.py says where to get it)
   python bench/throughput.py --shape llama3-8b ... --tensor-parallel-size 2   (sharded over cuda:0 and cuda:1)
 Reports requests/s, output tokens/s and total tokens/s; --json writes them to a file, with `jit_compiles_in_run`:
-the Triton kernels compiled inside the timed run (spool_testing/jit_watch.py), which should be none.
+the Triton kernels compiled inside the timed run (spool/testing/jit_watch.py), which should be none.
 --timeline also times every step of the run (bench/step_timeline.py) and prints the run's seconds by step kind:
 mixed steps and decode-only steps by batch size (the JSON adds the per-step lists).
 """
@@ -36,12 +36,12 @@ from bench.workload import (  # noqa: E402
     make_workload,
 )
 from bench.step_timeline import StepTimeline, format_groups  # noqa: E402
-from spool_testing.jit_watch import jit_compiles  # noqa: E402
+from spool.testing.jit_watch import jit_compiles  # noqa: E402
 
 
 def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     """Time LLM.generate over the whole workload (after a short warm-up)."""
-    from engine import SamplingParams
+    from spool.engine import SamplingParams
 
     t0 = time.perf_counter()
     llm = build_llm(path, load_format, args)
@@ -98,7 +98,7 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
 
 def build_llm(path: Path, load_format: str, args):
     """The engine as the command line describes it (throughput.py's engine flags)."""
-    from engine import LLM
+    from spool.engine import LLM
 
     kw = dict(device=args.device, dtype=args.dtype, load_format=load_format, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
@@ -140,14 +140,14 @@ def _schema(args, i: int):
     """A JSON schema that cannot end before max_tokens (>= 256 array items), one for all or one per request."""
     if args.structured == "none":
         return None
-    from engine import StructuredOutputsParams
+    from spool.engine import StructuredOutputsParams
 
     return StructuredOutputsParams(json=integer_array_schema("items" if args.structured == "one" else f"items_{i}"))
 
 
 def _time_first_compile(llm, args) -> float:
     """Seconds of one request with a schema nobody compiled yet (compile + a 1-token generation)."""
-    from engine import SamplingParams, StructuredOutputsParams
+    from spool.engine import SamplingParams, StructuredOutputsParams
 
     fresh = StructuredOutputsParams(json={"type": "object", "required": ["probe"],
                                           "properties": {"probe": {"type": "array", "items": {"type": "integer"}}}})
@@ -211,10 +211,10 @@ def add_throughput_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _store_fp8_v_keys_fastest() -> None:
-    """The engine allocates its caches through engine.model_runner.allocate_kv_cache: store fp8 V keys-fastest."""
+    """The engine allocates its caches through spool.engine.model_runner.allocate_kv_cache: store fp8 V keys-fastest."""
     import functools
 
-    import engine.model_runner as mr
+    import spool.engine.model_runner as mr
 
     mr.allocate_kv_cache = functools.partial(mr.allocate_kv_cache, v_keys_fastest=True)
 
@@ -235,7 +235,7 @@ def main() -> int:
     p.add_argument("--structured", choices=["none", "one", "distinct"], default="none",
                    help="a JSON schema on every request: the same one, or one per request (compiled each)")
     p.add_argument("--fp8-v-keys-fastest", action="store_true",
-                   help="A/B only: store an fp8 V cache keys-fastest (kernels.kv_layout) instead of row-major")
+                   help="A/B only: store an fp8 V cache keys-fastest (spool.kernels.kv_layout) instead of row-major")
     args = p.parse_args()
     if args.fp8_v_keys_fastest:
         _store_fp8_v_keys_fastest()

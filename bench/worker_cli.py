@@ -45,9 +45,9 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
-    from producer.admin import deployment_status
-    from producer.client import Client
-    from producer.embedded import ensure_local_redis, stop_local_redis
+    from spool.producer.admin import deployment_status
+    from spool.producer.client import Client
+    from spool.producer.embedded import ensure_local_redis, stop_local_redis
 
     path, fmt = model_source(args)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]

@@ -32,7 +32,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """--device, --max-num-seqs, --max-num-batched-tokens, --max-model-len; defaults follow EngineConfig's."""
     from dataclasses import fields
 
-    from engine.config import EngineConfig
+    from spool.engine.config import EngineConfig
 
     default = {f.name: f.default for f in fields(EngineConfig)}
     p.add_argument("--device", default="auto")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import orjson
 
-from producer.client import Client
-from producer.embedded import state_dir_path
-from producer.ops import resolve_url
+from spool.producer.client import Client
+from spool.producer.embedded import state_dir_path
+from spool.producer.ops import resolve_url
 
 PROMPTS = [
     "Once upon a time", "The quick brown fox", "In a galaxy far away", "Dear diary,", "The recipe calls for",
@@ -35,7 +35,7 @@ CHATS = [
 def _model_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from spool_testing.tiny_model import build_tiny_model
+    from spool.testing.tiny_model import build_tiny_model
 
     path = state_dir_path() / "demo-model"
     if not (path / "config.json").is_file():

@@ -15,22 +15,53 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "kernels", "protocol", "worker", "producer", "gateway", "spool", "spool_testing")
+# spool's parts, each a set of paths under the repository root; every part but tests and bench lives in the
+# one top-level package `spool` (a distribution installs no other top-level name: a generic one such as
+# `kernels` collides with other distributions, as Hugging Face's `kernels` did once transformers required it).
+PARTS = {
+    "engine": ("spool/engine",),
+    "kernels": ("spool/kernels",),
+    "protocol": ("spool/protocol",),
+    "worker": ("spool/worker",),
+    "producer": ("spool/producer",),
+    "gateway": ("spool/gateway",),
+    "cli": ("spool/cli", "spool/demo.py", "spool/__main__.py"),
+    "testing": ("spool/testing",),
+    "root": ("spool/__init__.py",),
+}
+PACKAGES = tuple(PARTS)
 ALL_OURS = (*PACKAGES, "tests", "bench")
 
-# package -> packages it must never import (at any depth, lazily or not)
+# part -> parts it must never import (at any depth, lazily or not)
 FORBIDDEN = {
-    "kernels": {"engine", "worker", "producer", "protocol", "gateway", "spool", "spool_testing", "tests", "bench"},
-    "engine": {"worker", "producer", "protocol", "gateway", "spool", "spool_testing", "tests", "bench"},
-    "protocol": {"engine", "kernels", "worker", "producer", "gateway", "spool", "spool_testing", "tests", "bench"},
-    "worker": {"producer", "gateway", "spool", "spool_testing", "tests", "bench"},
-    "producer": {"engine", "kernels", "worker", "gateway", "spool", "spool_testing", "tests", "bench"},
+    "kernels": {"engine", "worker", "producer", "protocol", "gateway", "cli", "testing", "tests", "bench"},
+    "engine": {"worker", "producer", "protocol", "gateway", "cli", "testing", "tests", "bench"},
+    "protocol": {"engine", "kernels", "worker", "producer", "gateway", "cli", "testing", "tests", "bench"},
+    "worker": {"producer", "gateway", "cli", "testing", "tests", "bench"},
+    "producer": {"engine", "kernels", "worker", "gateway", "cli", "testing", "tests", "bench"},
     # the HTTP face: `spool serve` runs without torch, so never the engine's side of the queue
-    "gateway": {"engine", "kernels", "worker", "spool", "spool_testing", "tests", "bench"},
-    "spool": {"tests", "bench"},
-    "spool_testing": {"tests", "bench"},
+    "gateway": {"engine", "kernels", "worker", "cli", "testing", "tests", "bench"},
+    "cli": {"tests", "bench"},
+    "testing": {"tests", "bench"},
     "bench": {"tests"},
+    # `import spool.protocol` runs spool/__init__.py first: it must load nothing
+    "root": set(ALL_OURS) - {"root"},
 }
+
+
+def _part(name: str) -> str | None:
+    """The part a dotted module name belongs to (None: not ours)."""
+    top, _, rest = name.partition(".")
+    if top in ("tests", "bench"):
+        return top
+    if top != "spool":
+        return None
+    sub = rest.split(".")[0]
+    if not sub:
+        return "root"
+    if sub in ("cli", "demo", "__main__"):
+        return "cli"
+    return sub if sub in PARTS else None
 
 
 def _module_name(path: Path) -> str:
@@ -40,8 +71,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _sources(top: str) -> list[Path]:
-    return sorted((ROOT / top).rglob("*.py"))
+def _sources(part: str) -> list[Path]:
+    paths = PARTS.get(part, (part,))
+    return sorted(f for p in paths for f in ([ROOT / p] if p.endswith(".py") else (ROOT / p).rglob("*.py")))
 
 
 def _imports(path: Path, top_level_only: bool) -> set[str]:
@@ -59,7 +91,8 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {n for n in names if n.split(".")[0] in ALL_OURS}
+    # `from spool import engine` names spool and spool.engine: the bare parent is no dependency of its own
+    return {n for n in names if _part(n) is not None and n != "spool"}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -67,7 +100,7 @@ def test_dependency_rules(package):
     bad = []
     for path in _sources(package):
         for name in _imports(path, top_level_only=False):
-            if name.split(".")[0] in FORBIDDEN[package]:
+            if _part(name) in FORBIDDEN[package]:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, "\n".join(sorted(set(bad)))
 
@@ -76,9 +109,11 @@ def test_no_import_cycles():
     modules = {_module_name(p): p for top in PACKAGES for p in _sources(top)}
     graph = {}
     for name, path in modules.items():
-        # `from producer import ops` is an edge to producer.ops when that is a module, else to producer.
+        # `from spool.producer import ops` is an edge to spool.producer.ops when that is a module, else to
+        # spool.producer.
         graph[name] = {n if n in modules else n.rsplit(".", 1)[0] for n in _imports(path, top_level_only=True)}
-        # A module importing its own package (`from kernels import reference` inside kernels/) is no cycle:
+        # A module importing its own package (`from spool.kernels import reference` inside spool/kernels/) is no
+        # cycle:
         # the package is already in sys.modules, partly initialised, and only its submodule is fetched.
         graph[name] = {n for n in graph[name] if n in modules and n != name and not name.startswith(n + ".")}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -104,7 +139,7 @@ def test_no_import_cycles():
 def test_producer_verbs_do_not_import_torch():
     code = ("import sys; from spool.cli.main import build_parser; "
             "build_parser(worker_flags=False).parse_args(['status']); "
-            "import producer, producer.batch, producer.admin; print('torch' in sys.modules)")
+            "import spool.producer, spool.producer.batch, spool.producer.admin; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -113,12 +148,23 @@ def test_producer_verbs_do_not_import_torch():
 def test_the_gateway_does_not_import_torch():
     code = ("import sys; from spool.cli.main import build_parser; "
             "build_parser(worker_flags=False).parse_args(['serve']); "
-            "import gateway.app, gateway.server; print('torch' in sys.modules)")
+            "import spool.gateway.app, spool.gateway.server; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 def test_every_package_has_a_docstring():
-    missing = [top for top in PACKAGES if not ast.get_docstring(ast.parse((ROOT / top / "__init__.py").read_text()))]
-    assert not missing, f"packages without a docstring in __init__.py: {missing}"
+    inits = [ROOT / "spool" / "__init__.py"] + [ROOT / p / "__init__.py" for paths in PARTS.values() for p in paths
+                                                if not p.endswith(".py")]
+    missing = [str(f.relative_to(ROOT)) for f in inits if not ast.get_docstring(ast.parse(f.read_text()))]
+    assert not missing, f"packages without a docstring: {missing}"
+
+
+def test_one_top_level_package():
+    """The distribution installs `spool` and nothing else at the top level of site-packages."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'include = ["spool*"]' in text
+    strays = [p.name for p in ROOT.iterdir()
+              if (p / "__init__.py").exists() and p.name not in ("spool", "tests", "bench")]
+    assert not strays, f"top-level packages outside spool/: {strays}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, AsyncEngineArgs, AsyncLLMEngine, SamplingParams, random_uuid
+from spool.engine import LLM, AsyncEngineArgs, AsyncLLMEngine, SamplingParams, random_uuid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # `from vllm.utils import random_uuid`).
 SEED_EXAMPLE = '''
 import asyncio
-from engine import AsyncEngineArgs, AsyncLLMEngine, SamplingParams, random_uuid
+from spool.engine import AsyncEngineArgs, AsyncLLMEngine, SamplingParams, random_uuid
 
 engine = AsyncLLMEngine.from_engine_args(
     AsyncEngineArgs(model=MODEL, max_model_len=256, gpu_memory_utilization=0.5))

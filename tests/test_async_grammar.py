@@ -1,4 +1,4 @@
-"""Async scheduling with grammar, penalty and min_tokens rows (engine/async_step.py): step N+1's forward pass is
+"""Async scheduling with grammar, penalty and min_tokens rows (spool/engine/async_step.py): step N+1's forward pass is
 queued before step N is applied, its sampling after; outputs are token-for-token those of synchronous steps."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from engine import LLMEngine, SamplingParams, StructuredOutputsParams as SO
-from engine.grammar import SequenceGrammar
+from spool.engine import LLMEngine, SamplingParams, StructuredOutputsParams as SO
+from spool.engine.grammar import SequenceGrammar
 from tests.test_async_scheduling import _ids, _same, drive
 from tests.test_structured_outputs import CHOICES, EBNF, FINITE, PERSON, REGEX
 
@@ -55,7 +55,7 @@ def test_async_grammar_equals_sync(tiny_llama, engine_kw):
     sync, _ = drive(tiny_llama, False, reqs, **engine_kw)
     asynced, eng = drive(tiny_llama, True, reqs, **engine_kw)
     _same(asynced, sync)
-    # Split launches filled their masks in the background (engine/grammar_mask.py), always for the right rows.
+    # Split launches filled their masks in the background (spool/engine/grammar_mask.py), always for the right rows.
     assert eng.runner.sampler.masks._thread is not None and eng.runner.sampler.masks.num_refills == 0
     finishes = {rid: rec["finish"] for (rid, _), rec in sync.items()}
     assert finishes["stopstr"] == ("stop", "world") and finishes["object"][0] == "length"
@@ -66,7 +66,7 @@ def test_async_grammar_equals_sync(tiny_llama, engine_kw):
 def test_threaded_accept_and_fill_equal_sync(tiny_llama, monkeypatch):
     """xgrammar's batch accept split over threads and its fill on several threads (as on a many-core host):
     outputs equal a synchronous single-threaded run."""
-    import engine.grammar as grammar_mod
+    import spool.engine.grammar as grammar_mod
 
     reqs = _mixed_requests()
     sync, _ = drive(tiny_llama, False, reqs, max_num_seqs=24)
@@ -162,7 +162,7 @@ def test_async_grammar_aborts_and_late_adds_equal_sync(tiny_llama):
 def test_grammar_preempted_with_a_pending_token_equals_sync(tiny_llama, monkeypatch):
     """Interactive requests preempt bulk grammar sequences whose token is still on the device (by recompute and
     by swap): the matcher takes that token when it arrives, and outputs equal a roomy synchronous run."""
-    from engine.scheduler import Scheduler
+    from spool.engine.scheduler import Scheduler
 
     preempted_pending = []
     preempt = Scheduler._preempt
@@ -220,7 +220,7 @@ def test_rejected_token_finishes_with_error_under_async(tiny_llama, monkeypatch)
 def test_async_grammar_on_cuda_equals_sync(tiny_llama, eager):
     """On CUDA (decode graphs replayed, input tokens fed on the device, bitmasks copied from pinned memory while
     the forward pass runs): grammar batches with stops, seeds, n > 1 and preemption equal synchronous steps."""
-    from engine import LLM
+    from spool.engine import LLM
 
     reqs = _mixed_requests()
     outs = {}

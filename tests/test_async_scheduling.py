@@ -1,11 +1,12 @@
-"""Async scheduling (engine/async_step.py): step N+1 is scheduled while step N runs; outputs equal synchronous ones."""
+"""Async scheduling (spool/engine/async_step.py): step N+1 is scheduled while step N runs; outputs equal synchronous
+ones."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from engine import LLMEngine, SamplingParams
+from spool.engine import LLMEngine, SamplingParams
 from tests.hf_reference import hf_greedy
 
 
@@ -107,7 +108,7 @@ def test_async_equals_sync_with_stops_n_logprobs_and_seeds(tiny_llama):
 
 def test_async_equals_sync_with_fallback_rows(tiny_llama):
     """Penalties and min_tokens read the output history on the host: their steps sample only after the previous
-    step is applied (the launch is split around it: engine/async_step.py)."""
+    step is applied (the launch is split around it: spool/engine/async_step.py)."""
     plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     reqs = [(f"p{i}", _ids(8 + i, i), plain, 0) for i in range(3)]
     reqs.append(("rep", _ids(8, 50), plain.model_copy(update={"repetition_penalty": 1.5, "frequency_penalty": 0.5}), 0))
@@ -215,10 +216,10 @@ def test_random_load_with_swap_reserve_priorities_and_aborts_equals_sync(tiny_ll
 def test_worker_with_async_scheduling_serves_jobs_like_sync(tiny_llama, redis_url):
     """The worker's launch / Redis I/O / collect tick on an async-scheduling engine, some jobs with a grammar:
     same results as sync."""
-    from producer import Client
-    from protocol.connection import connect
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
+    from spool.producer import Client
+    from spool.protocol.connection import connect
+    from spool.worker.loop import Worker
+    from spool.worker.settings import WorkerSettings
 
     client = Client(redis_url)
     jobs = [{"prompt_token_ids": _ids(6 + 3 * i, i), "max_tokens": 6 + i, "ignore_eos": i % 2 == 0,

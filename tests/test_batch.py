@@ -14,14 +14,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine import LLMEngine
-from producer import Client, batch
-from producer.batch.format import LineError, cid_key, parse_line, request_id
-from producer.batch.responses import output_record
-from producer.batch.files import OutputError, scan_outputs
-from producer.batch.progress import Progress
-from producer.ops import Context
-from protocol import Result
+from spool.engine import LLMEngine
+from spool.producer import Client, batch
+from spool.producer.batch.format import LineError, cid_key, parse_line, request_id
+from spool.producer.batch.responses import output_record
+from spool.producer.batch.files import OutputError, scan_outputs
+from spool.producer.batch.progress import Progress
+from spool.producer.ops import Context
+from spool.protocol import Result
 from tests.worker_harness import running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -351,7 +351,7 @@ def test_rq_submit_at_a_past_time_runs_in_a_burst_worker(engine, redis_url, tmp_
 
 
 def test_rq_cron_schedule_runs_now_and_keeps_one_next_occurrence(engine, redis_url, tmp_path):
-    from producer.batch.schedule import next_fire
+    from spool.producer.batch.schedule import next_fire
 
     inp = write_jsonl(tmp_path / "in.jsonl", [comp(f"n{i}") for i in range(8)])
     sched = spool("batch", "schedule", str(inp), "-o", str(tmp_path / "nightly-{date}.jsonl"), "--cron",
@@ -383,9 +383,47 @@ def test_rq_cron_schedule_runs_now_and_keeps_one_next_occurrence(engine, redis_u
     assert bad.returncode == 2 and "{date}" in bad.stderr
 
 
+def test_jobs_queued_by_an_older_spool_run_after_upgrade_jobs(engine, redis_url, tmp_path):
+    """rq keeps a job's function as its dotted path. Jobs queued before 0.2 (top-level `producer`, and 0.1.0's
+    producer.batch_schedule) are pointed at spool.producer.batch.schedule by `spool batch upgrade-jobs`, then
+    run; other jobs are left alone, and a second upgrade rewrites nothing."""
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from spool.producer.batch.schedule import job_spec, rq_queue, run_batch_job
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [comp(f"u{i}") for i in range(4)])
+    r = Client(redis_url).redis
+    q = rq_queue(r)
+    old = [q.enqueue_at(datetime_past(), "producer.batch.schedule.run_batch_job",
+                        job_spec(str(inp), str(tmp_path / "a.jsonl"), batch_id="from-02", redis_url=redis_url)),
+           q.enqueue("producer.batch_schedule.run_batch_job",
+                     job_spec(str(inp), str(tmp_path / "b.jsonl"), batch_id="from-010", redis_url=redis_url))]
+    other = q.enqueue_at(datetime_past(), "os.getcwd")
+    up = spool("batch", "upgrade-jobs", "--redis-url", redis_url)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.startswith("2 rq job(s)") and all(j.id in up.stdout for j in old), up.stdout
+    for j in old:
+        job = Job.fetch(j.id, connection=r, serializer=JSONSerializer)
+        assert job.func is run_batch_job and list(job.args) == list(j.args) and job.kwargs == {}
+    assert Job.fetch(other.id, connection=r, serializer=JSONSerializer).func_name == "os.getcwd"
+    with running_worker(engine, redis_url):
+        rq_burst(redis_url)
+    for bid, out in (("from-02", "a.jsonl"), ("from-010", "b.jsonl")):
+        assert batch.status(bid, redis_url=redis_url).status == "completed"
+        assert sorted(x["custom_id"] for x in batch.collect(tmp_path / out)) == [f"u{i}" for i in range(4)]
+    assert spool("batch", "upgrade-jobs", "--redis-url", redis_url).stdout.startswith("0 rq job(s)")
+
+
+def datetime_past():
+    from datetime import datetime, timezone
+
+    return datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
 def test_one_runner_per_batch_and_one_input_per_batch(redis_url, tmp_path):
-    from producer.batch.state import BatchStore
-    from protocol.keys import Keys
+    from spool.producer.batch.state import BatchStore
+    from spool.protocol.keys import Keys
 
     inp = write_jsonl(tmp_path / "in.jsonl", [comp("a")])
     client = Client(redis_url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from bench.shapes import SHAPES, shape_dir
-from engine.config import EngineConfig, ModelConfig
+from spool.engine.config import EngineConfig, ModelConfig
 
 
 def test_every_shape_loads_as_a_model_config():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager
+from spool.engine.block_manager import BlockManager
 
 BS = 4
 

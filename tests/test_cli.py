@@ -148,6 +148,6 @@ def test_prompt_from_stdin(redis_url):
 
 @pytest.fixture(scope="module")
 def engine_for_cli(tiny_llama):
-    from engine import LLMEngine
+    from spool.engine import LLMEngine
 
     return LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8)

@@ -11,9 +11,9 @@ import orjson
 import pytest
 import redis
 
-from producer import AsyncClient, Client, JobError, Keys, Result, TokenEvent
-from protocol.defaults import Defaults
-from producer.embedded import bundled_redis_server, ensure_local_redis, stop_local_redis
+from spool.producer import AsyncClient, Client, JobError, Keys, Result, TokenEvent
+from spool.protocol.defaults import Defaults
+from spool.producer.embedded import bundled_redis_server, ensure_local_redis, stop_local_redis
 
 KEYS = Keys()
 FAST = Defaults(block_ms=200, enqueue_chunk=100)  # short blocks keep the no-wake-up paths quick

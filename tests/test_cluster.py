@@ -11,17 +11,17 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from engine import LLMEngine
-from producer import Client
-from producer.admin import deployment_status, list_dead, retry_dead
-from protocol import Result
-from protocol.connection import connect
-from protocol.keys import Keys
-from protocol.scripts import FINALIZE, flat_fields
-from spool_testing import history
-from spool_testing.chaos import WorkerProcess, audit, count_results, wait_for
-from spool_testing.hostile_corpus import corpus
-from spool_testing.redis_cluster import RedisCluster
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.producer.admin import deployment_status, list_dead, retry_dead
+from spool.protocol import Result
+from spool.protocol.connection import connect
+from spool.protocol.keys import Keys
+from spool.protocol.scripts import FINALIZE, flat_fields
+from spool.testing import history
+from spool.testing.chaos import WorkerProcess, audit, count_results, wait_for
+from spool.testing.hostile_corpus import corpus
+from spool.testing.redis_cluster import RedisCluster
 from tests.worker_harness import running_worker
 
 SHARDS = 3
@@ -179,7 +179,7 @@ def test_hostile_corpus_on_the_cluster(engine, url):
 def test_batch_async_client_and_idle_stream_on_the_cluster(engine, url, tmp_path, monkeypatch):
     import asyncio
 
-    from producer import AsyncClient, batch
+    from spool.producer import AsyncClient, batch
 
     monkeypatch.setenv("SPOOL_JOB_SHARDS", str(SHARDS))  # the batch runner's client reads it
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -218,7 +218,7 @@ def test_batch_async_client_and_idle_stream_on_the_cluster(engine, url, tmp_path
 def test_gateway_on_the_cluster(engine, url, tmp_path):
     import openai
 
-    from spool_testing.gateway import GatewayProcess
+    from spool.testing.gateway import GatewayProcess
 
     key, hi = "sk-cluster-0123456789", [{"role": "user", "content": "Hello from a cluster"}]
     gateway = GatewayProcess(url, tmp_path, "--served-model-name", "tiny", api_key=key,
@@ -250,7 +250,7 @@ def test_shards_on_a_single_redis_too(engine, redis_url):
 
 
 def test_phased_writes_send_the_acks_only_after_everything_else_landed(monkeypatch):
-    from worker import cluster_io
+    from spool.worker import cluster_io
 
     sent: list[list[str]] = []
     fail = {"first": True}
@@ -272,7 +272,7 @@ def test_phased_writes_send_the_acks_only_after_everything_else_landed(monkeypat
 
 
 def test_phased_writes_keep_everything_when_a_node_is_out_of_memory(monkeypatch):
-    from worker import cluster_io
+    from spool.worker import cluster_io
 
     sent: list[list[str]] = []
 
@@ -288,10 +288,10 @@ def test_phased_writes_keep_everything_when_a_node_is_out_of_memory(monkeypatch)
 
 def test_script_calls_name_their_node_instead_of_asking_the_server(url, cluster):
     """redis-py 8's cluster pipeline asks the server (COMMAND GETKEYS) for the keys of every EVAL/EVALSHA, one
-    extra round trip per streamed write; protocol.connection.script_route names the node from the first key."""
-    from protocol.commands import execute
-    from protocol.scripts import Script
-    from worker.cluster_io import send_phased
+    extra round trip per streamed write; spool.protocol.connection.script_route names the node from the first key."""
+    from spool.protocol.commands import execute
+    from spool.protocol.scripts import Script
+    from spool.worker.cluster_io import send_phased
 
     probe = Script("probe", 1, "return redis.call('SET', KEYS[1], ARGV[1])")
     keys = [KEYS.result(f"route-{i}") for i in range(12)]

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from engine import LLMEngine
-from producer import Client
-from protocol.connection import connect
-from protocol.keys import Keys
-from spool_testing.chaos import WorkerProcess, audit, count_results, wait_for
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.protocol.connection import connect
+from spool.protocol.keys import Keys
+from spool.testing.chaos import WorkerProcess, audit, count_results, wait_for
 from tests.worker_harness import running_worker
-from worker.loop import Worker
-from worker.settings import WorkerSettings
+from spool.worker.loop import Worker
+from spool.worker.settings import WorkerSettings
 
 KEYS = Keys()
 
@@ -152,8 +152,8 @@ def test_same_id_run_twice_at_once_has_one_final_result(tiny_llama, redis_url):
 
 @pytest.mark.parametrize("status", ["completed", "failed"])
 def test_finalize_script_first_write_wins(redis_url, status):
-    from protocol import Result
-    from protocol.scripts import FINALIZE
+    from spool.protocol import Result
+    from spool.protocol.scripts import FINALIZE
 
     r = connect(redis_url)
     r.set(KEYS.status("x"), "running")
@@ -167,7 +167,7 @@ def test_finalize_script_first_write_wins(redis_url, status):
     assert replies == [1, 0, 0]
     assert Result.from_json(r.get(KEYS.result("x"))).worker == "w0"
     assert [f[b"type"] for _, f in r.xrange(KEYS.tokens("x"))] == [b"done"]
-    assert r.get(KEYS.status("x")) is None  # the duplicate_finals counter is the worker's (worker.finish)
+    assert r.get(KEYS.status("x")) is None  # the duplicate_finals counter is the worker's (spool.worker.finish)
     assert 0 < r.ttl(KEYS.result("x")) <= 60 and 0 < r.ttl(KEYS.tokens("x")) <= 60
 
 

@@ -1,6 +1,6 @@
 """Poison jobs go to spool:dead with a failed result; `spool dead list` / `spool dead retry` inspect and requeue.
 
-A job is poison only on evidence (worker.quarantine): delivered too often makes it a suspect that runs
+A job is poison only on evidence (spool.worker.quarantine): delivered too often makes it a suspect that runs
 alone, and only workers dying while it ran alone condemn it."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 import orjson
 import pytest
 
-from engine import LLMEngine
-from producer import Client
-from producer.admin import DeadLetterError, list_dead, retry_dead
-from protocol.keys import Keys
-from spool_testing.chaos import ROOT, audit, wait_for
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.producer.admin import DeadLetterError, list_dead, retry_dead
+from spool.protocol.keys import Keys
+from spool.testing.chaos import ROOT, audit, wait_for
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

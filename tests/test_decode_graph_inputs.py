@@ -7,10 +7,10 @@ from array import array
 
 import torch
 
-from engine.attention import pack_block_tables
-from engine.cuda_graphs import DecodeGraphs
-from engine.sampling_params import SamplingParams
-from engine.step_types import ScheduledChunk
+from spool.engine.attention import pack_block_tables
+from spool.engine.cuda_graphs import DecodeGraphs
+from spool.engine.sampling_params import SamplingParams
+from spool.engine.step_types import ScheduledChunk
 
 BLOCK = 4
 

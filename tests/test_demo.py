@@ -16,7 +16,7 @@ def test_demo_runs_end_to_end(tmp_path):
         out = subprocess.run([sys.executable, "-m", "spool", "demo", "--jobs", "10", "--device", "cpu"],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     finally:
-        from producer.embedded import stop_local_redis
+        from spool.producer.embedded import stop_local_redis
 
         stop_local_redis(tmp_path / "state")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
+from spool.engine.detokenizer import IncrementalDetokenizer, decode_logprob_tokens
 from tests.fixtures.tokenizer import SPECIAL_TOKENS, build_tokenizer
 # tiny_tokenizer and tiny_tokenizer_dir come from tests/fixtures/tokenizer.py via conftest's pytest_plugins.
 

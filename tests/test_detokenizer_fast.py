@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from engine.detokenizer import IncrementalDetokenizer, _token_pieces
+from spool.engine.detokenizer import IncrementalDetokenizer, _token_pieces
 
 STOPS = ["the", "é", "\n", "🙂", "ab"]
 
@@ -129,7 +129,7 @@ def test_split_characters_take_the_fast_path(tiny_tokenizer):
 
 
 def test_incomplete_utf8_prefixes_match_a_brute_force_definition():
-    from engine.detokenizer import _is_incomplete_utf8
+    from spool.engine.detokenizer import _is_incomplete_utf8
 
     def brute(data: bytes) -> bool:  # some continuation of 1-3 bytes makes exactly one character
         for extra in range(1, 4 - len(data) + 1):
@@ -172,7 +172,7 @@ def test_token_bytes_are_the_decoders(tiny_tokenizer):
 def test_edge_byte_sequences_match_the_general_path(tiny_tokenizer):
     """Byte tokens around UTF-8's edges (surrogates, overlongs, out of range, truncated): Python's incremental
     decoder leaves some of these pending that the tokenizer already shows as two U+FFFD."""
-    from engine.detokenizer import _BYTE_OF
+    from spool.engine.detokenizer import _BYTE_OF
 
     tok = tiny_tokenizer
     symbol = {b: c for c, b in _BYTE_OF.items()}

@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels stay interpretable for the tests after this one
 
 from bench.eager_host import measure  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+from spool.kernels import reference  # noqa: E402
+from spool.kernels.triton_ops import TRITON_OPS as T  # noqa: E402
 
 
 def test_qwen3_layer_launches_one_kernel_for_q_k_norm_and_rotary():

@@ -6,7 +6,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from engine import LLM, ConfigError, LLMEngine, SamplingParams
+from spool.engine import LLM, ConfigError, LLMEngine, SamplingParams
 
 
 @pytest.fixture(scope="module")

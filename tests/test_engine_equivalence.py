@@ -9,7 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernel_backend="triton" below: before any @triton.jit compiles
-from engine import LLM, SamplingParams  # noqa: E402
+from spool.engine import LLM, SamplingParams  # noqa: E402
 from tests.hf_reference import hf_greedy
 
 MAX_NEW = 12

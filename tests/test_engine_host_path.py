@@ -1,7 +1,7 @@
 """The engine's per-step host fast paths give exactly the deltas of the general code they bypass.
 
 Each run is compared with one where the fast paths are switched off: the detokenizer's byte-level pieces
-(engine/detokenizer.py) and LLMEngine._deltas' inline token handling (every token through _on_token).
+(spool/engine/detokenizer.py) and LLMEngine._deltas' inline token handling (every token through _on_token).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from engine import LLMEngine, SamplingParams
-from engine.llm_engine import LLMEngine as _Engine
+from spool.engine import LLMEngine, SamplingParams
+from spool.engine.llm_engine import LLMEngine as _Engine
 
 
 def _params(rng: random.Random) -> list[SamplingParams]:
@@ -44,7 +44,7 @@ def _run(model_dir, async_scheduling: bool, fast: bool, monkeypatch) -> list[tup
                                    num_kv_blocks=48, async_scheduling=async_scheduling)
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr("engine.detokenizer._token_pieces", lambda tok, skip: None)
+            m.setattr("spool.engine.detokenizer._token_pieces", lambda tok, skip: None)
             m.setattr(_Engine, "_deltas", lambda self, seqs, result: [
                 self._on_token(s, result.logprobs.get(s.seq_id), result.ranks.get(s.seq_id)) for s in seqs])
         rng = random.Random(5)
@@ -76,12 +76,12 @@ def test_fast_paths_match_general_paths(tiny_llama, async_scheduling, monkeypatc
 def test_generate_keeps_the_collector_out_of_its_steps(tiny_llama):
     """LLM.generate moves the admitted requests' objects out of the cyclic GC's reach (as the worker does), so
     full collections during its steps do not walk them, and raises the young threshold while it steps
-    (engine/step_gc.py)."""
+    (spool/engine/step_gc.py)."""
     import gc
 
-    from engine import LLM
+    from spool.engine import LLM
 
-    from engine.step_gc import GEN0_PER_ROW
+    from spool.engine.step_gc import GEN0_PER_ROW
 
     llm = LLM(str(tiny_llama), device="cpu", block_size=8, max_num_seqs=4)
     seen, thresholds = [], []

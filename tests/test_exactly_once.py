@@ -1,6 +1,6 @@
 """Exactly once, end to end, under the faults of docs/PROTOCOL.md's guarantees (real redis-server, real
 `spool worker` processes): lost replies, resent enqueues, reused ids, restart storms, and the Redis memory a
-finished job leaves behind. Each run is checked by spool_testing.history."""
+finished job leaves behind. Each run is checked by spool.testing.history."""
 from __future__ import annotations
 
 import random
@@ -12,11 +12,11 @@ import orjson
 import pytest
 import redis
 
-from producer import Client, JobError
-from protocol import Keys
-from protocol.commands import execute
-from spool_testing.chaos import WorkerProcess, count_results, wait_for
-from spool_testing.history import History, check, summary
+from spool.producer import Client, JobError
+from spool.protocol import Keys
+from spool.protocol.commands import execute
+from spool.testing.chaos import WorkerProcess, count_results, wait_for
+from spool.testing.history import History, check, summary
 
 KEYS = Keys()
 
@@ -79,10 +79,10 @@ def test_resent_enqueue_adds_nothing_and_another_document_is_refused(redis_url):
     """(b) The same enqueue sent twice (what a client retry does after a lost reply) adds one entry; the
     same id with another document fails duplicate_id and changes nothing."""
     client = Client(redis_url)
-    from producer import ops
+    from spool.producer import ops
 
     steps = ops.enqueue_steps(client.ctx, "hello", id="dupenq-1", max_tokens=200, stream=True)
-    claim = next(steps)  # the first of enqueue's three steps (protocol.commands.enqueue_flow)
+    claim = next(steps)  # the first of enqueue's three steps (spool.protocol.commands.enqueue_flow)
     first = execute(client.redis, claim.cmds, claim.transaction)
     # A resend before the XADD (the first attempt died after its claim): the claim says "XADD it" again.
     second = execute(client.redis, claim.cmds, claim.transaction)
@@ -180,7 +180,7 @@ def test_a_job_that_kills_workers_is_condemned_after_dying_alone(tiny_llama, red
     client = Client(redis_server.url)
     extra = ("--max-deliveries", "2", "--max-quarantine-deaths", "2")
     workers = [WorkerProcess(tiny_llama, redis_server.url, f"c{i}", tmp_path, *extra, claim_idle_ms=500,
-                             module="spool_testing.crash_worker") for i in range(2)]
+                             module="spool.testing.crash_worker") for i in range(2)]
     for w in workers:
         w.start()
     try:
@@ -247,7 +247,7 @@ def test_operator_stop_is_no_evidence_against_a_job(tiny_llama, redis_server, tm
 def test_enqueue_through_a_frozen_redis_is_applied_once(tiny_llama, redis_server, tmp_path):
     """(b) redis-server SIGSTOPped past the client's socket timeout during an enqueue: the command reaches
     Redis, the client times out and sends it again; one job, one run, one stream."""
-    from protocol.connection import connect
+    from spool.protocol.connection import connect
 
     client, history = Client(redis_server.url, connection=connect(redis_server.url, socket_timeout=1.0)), History()
     done = {}

@@ -1,20 +1,20 @@
-"""Engine faults in real `spool worker` processes (spool_testing.faulty_worker injects them from inside the
+"""Engine faults in real `spool worker` processes (spool.testing.faulty_worker injects them from inside the
 engine's own calls): a step that raises fails its jobs with engine_error and the worker goes on; a CUDA error
 ends the worker (exit 7) and a hung step trips the watchdog (exit 8), their jobs reclaimed by another worker.
-Each run is checked by spool_testing.history: every job exactly one final result, streams equal results."""
+Each run is checked by spool.testing.history: every job exactly one final result, streams equal results."""
 from __future__ import annotations
 
 import pytest
 
-from producer import Client
-from protocol import Keys
-from spool_testing.chaos import WorkerProcess, count_results, wait_for
-from spool_testing.history import History, check, summary
-from worker.step_errors import EXIT_DEVICE_ERROR, is_device_fatal
-from worker.watchdog import EXIT_STEP_HUNG
+from spool.producer import Client
+from spool.protocol import Keys
+from spool.testing.chaos import WorkerProcess, count_results, wait_for
+from spool.testing.history import History, check, summary
+from spool.worker.step_errors import EXIT_DEVICE_ERROR, is_device_fatal
+from spool.worker.watchdog import EXIT_STEP_HUNG
 
 KEYS = Keys()
-FAULTY = "spool_testing.faulty_worker"
+FAULTY = "spool.testing.faulty_worker"
 
 
 def _enqueue(client: Client, history: History, prefix: str, n: int, prompt: str = "fine", **kw) -> list[str]:
@@ -115,7 +115,7 @@ def test_a_collect_that_fails_half_way_loses_no_job_and_no_kv_block(tiny_llama, 
     """In-process (the real worker loop, tests/worker_harness.py): the detokenizing part of collect() raises
     for one request after other sequences of the step got their tokens; every job still ends exactly once, the
     engine frees every block, and the worker serves on."""
-    from engine import LLMEngine
+    from spool.engine import LLMEngine
     from tests.worker_harness import running_worker
 
     client, history = Client(redis_server.url), History()

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from engine import LLMEngine
-from producer import Client, RedisFullError
-from protocol import Keys
-from spool_testing.chaos import ROOT, count_results, wait_for
-from spool_testing.history import History, check, summary
+from spool.engine import LLMEngine
+from spool.producer import Client, RedisFullError
+from spool.protocol import Keys
+from spool.testing.chaos import ROOT, count_results, wait_for
+from spool.testing.history import History, check, summary
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

@@ -1,7 +1,7 @@
 """Network faults between a real `spool worker` (and a producer) and a real redis-server, through
-spool_testing.tcp_proxy: added latency, stalls, connection resets and half-open connections. The worker
+spool.testing.tcp_proxy: added latency, stalls, connection resets and half-open connections. The worker
 never hangs (each fault costs at most its Redis timeout), nothing is lost, every job has exactly one final
-result and every stream equals its result (spool_testing.history)."""
+result and every stream equals its result (spool.testing.history)."""
 from __future__ import annotations
 
 import threading
@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from producer import Client
-from protocol import Keys
-from protocol.connection import connect
-from spool_testing.chaos import WorkerProcess, count_results, wait_for
-from spool_testing.history import History, check, summary
-from spool_testing.tcp_proxy import FaultProxy
+from spool.producer import Client
+from spool.protocol import Keys
+from spool.protocol.connection import connect
+from spool.testing.chaos import WorkerProcess, count_results, wait_for
+from spool.testing.history import History, check, summary
+from spool.testing.tcp_proxy import FaultProxy
 
 KEYS = Keys()
 REDIS_TIMEOUT_S = 1.0  # the worker's --redis-timeout-s: how long a dead connection may hold it up

@@ -6,13 +6,13 @@ import threading
 
 import redis
 
-from engine import LLMEngine
-from producer import Client
-from protocol.connection import connect
-from protocol.keys import Keys
-from spool_testing.chaos import audit, count_results, wait_for
-from worker.loop import Worker
-from worker.settings import WorkerSettings
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.protocol.connection import connect
+from spool.protocol.keys import Keys
+from spool.testing.chaos import audit, count_results, wait_for
+from spool.worker.loop import Worker
+from spool.worker.settings import WorkerSettings
 
 KEYS = Keys()
 

@@ -1,4 +1,4 @@
-"""FP8 (e4m3) KV cache: the KV-write kernel and paged attention over fp8 caches vs kernels.reference.
+"""FP8 (e4m3) KV cache: the KV-write kernel and paged attention over fp8 caches vs spool.kernels.reference.
 
 CPU under TRITON_INTERPRET=1 on odd shapes; real shapes (llama3-8b: 32 q / 8 kv heads, d128) with -m gpu.
 Two kinds of bound:
@@ -18,11 +18,11 @@ from tests.test_kernels import DEVICE, TOL, assert_close, gpu, needs_cuda, poiso
 
 import pytest  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize  # noqa: E402
-from kernels.kv_layout import allocate_kv_cache  # noqa: E402
-from kernels.paged_attention import AttnConfig  # noqa: E402
-from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+from spool.kernels import reference  # noqa: E402
+from spool.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize  # noqa: E402
+from spool.kernels.kv_layout import allocate_kv_cache  # noqa: E402
+from spool.kernels.paged_attention import AttnConfig  # noqa: E402
+from spool.kernels.triton_ops import TRITON_OPS as T  # noqa: E402
 
 # e4m3 keeps 3 mantissa bits (a relative step of 1/8 near each power of two): measured 4% on the CPU shapes and
 # 5.2% at the H200's b64 x 4k decode shape (2026-12-02); the exactness against the fp8 reference is checked apart.
@@ -34,7 +34,8 @@ def bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def keys_fastest(cache: torch.Tensor) -> torch.Tensor:
-    """The same fp8 cache stored keys-fastest (kernels.kv_layout's v_keys_fastest): [blocks, Hk, D, block_size]."""
+    """The same fp8 cache stored keys-fastest (spool.kernels.kv_layout's v_keys_fastest): [blocks, Hk, D,
+    block_size]."""
     out = allocate_kv_cache(*cache.shape, cache.dtype, cache.device, v_keys_fastest=True)[1]
     bytes_of(out).copy_(bytes_of(cache))
     return out
@@ -51,7 +52,7 @@ def test_write_kv_cache_fp8_matches_reference(hk, d, bs, dtype, k_scale, v_scale
     t, num_blocks = 11, 5
     kv = (torch.randn(t, 2 * hk + 1, d) * 3).to(dtype).to(DEVICE)
     kv[0, 0, :4] = torch.tensor([1e4, -1e4, 7.97 * k_scale, 1e-5])  # saturate both ways, round up a binade, subnormal
-    kv[1, :, 5] = float("nan")  # stored as 0: an fp8 cache never holds NaN (kernels.kv_layout)
+    kv[1, :, 5] = float("nan")  # stored as 0: an fp8 cache never holds NaN (spool.kernels.kv_layout)
     k, v = kv[:, :hk], kv[:, hk : 2 * hk]  # strided views, like the fused qkv
     slots = torch.randperm(num_blocks * bs)[:t]
     slots[[2, 7]] = -1
@@ -100,7 +101,7 @@ def test_write_kv_cache_rejects_bad_scale():
 def make_fp8_batch(seqs, hq, hk, d, bs, dtype, k_scale, v_scale, device=DEVICE, seed=0, v_keys_fastest=False):
     """seqs: [(query_len, context_len)]. Returns q (a view into a fused qkv), the fp8 caches, metadata, and
     the unquantized caches (q's dtype) holding the same K/V. Unused K rows hold NaN codes; unused V rows hold
-    448, the largest finite code (an fp8 cache never holds NaN: kernels.kv_layout), so a dead row that reached
+    448, the largest finite code (an fp8 cache never holds NaN: spool.kernels.kv_layout), so a dead row that reached
     P @ V with any weight would show. V is row-major, as the engine stores it, or keys-fastest if asked."""
     torch.manual_seed(seed)
     nblocks = [math.ceil(c / bs) for _, c in seqs]
@@ -181,7 +182,7 @@ def test_fp8_prefill_and_cached_prefix(dtype, group, d):
 
 @pytest.mark.parametrize("bs", [16, 64])
 def test_fp8_v_stored_keys_fastest_reads_right(bs):
-    """Any V strides work: V stored keys-fastest (kernels.kv_layout), tiles within one page and across pages."""
+    """Any V strides work: V stored keys-fastest (spool.kernels.kv_layout), tiles within one page and across pages."""
     check_fp8_attention(DECODE, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=True, max_query_len=1)
     check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=True)
     check_fp8_attention(MIXED, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=True, new_kv=True)
@@ -232,8 +233,8 @@ def test_fp8_bad_inputs():
 
 
 def test_torch_backend_fp8_matches_triton():
-    """The torch backend (kernels.ops.TORCH_OPS) writes and reads fp8 caches like the Triton ops."""
-    from kernels.ops import TORCH_OPS
+    """The torch backend (spool.kernels.ops.TORCH_OPS) writes and reads fp8 caches like the Triton ops."""
+    from spool.kernels.ops import TORCH_OPS
 
     hk, d, bs = 2, 64, 16
     k = torch.randn(20, hk, d, device=DEVICE)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
-from engine.config import ConfigError
-from engine.models.kv_scales import read_kv_scales
+from spool.engine import LLM, SamplingParams
+from spool.engine.config import ConfigError
+from spool.engine.models.kv_scales import read_kv_scales
 
 PROMPTS = [[5 + (7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate([3, 9, 17, 30, 41, 64])]
 
@@ -63,8 +63,8 @@ def test_fp8_engine_equals_fake_quantized_fp32_cache(tiny_llama, monkeypatch, bl
     the cache write, the scales and the dequantizing reads are the only difference from the fp32 path."""
     from dataclasses import replace
 
-    from kernels import reference
-    from kernels.fp8 import quantize
+    from spool.kernels import reference
+    from spool.kernels.fp8 import quantize
 
     kw = dict(device="cpu", block_size=block_size, max_num_seqs=8, num_kv_blocks=64)
     fp8 = LLM(str(tiny_llama), kv_cache_dtype="fp8", **kw)

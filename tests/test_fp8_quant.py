@@ -1,9 +1,9 @@
-"""Per-token FP8 activation quantization: the Triton kernels vs kernels.reference, and the fused producers.
+"""Per-token FP8 activation quantization: the Triton kernels vs spool.kernels.reference, and the fused producers.
 
 CPU under TRITON_INTERPRET=1 on odd shapes; real shapes (llama3-8b: hidden 4096, intermediate 14336; 70b's
 28672) with -m gpu. What is claimed, and checked byte for byte (`torch.equal` on the e4m3 codes and the
 float32 scales):
-- quantize_per_token_fp8 (kernel) == kernels.reference.quantize_per_token_fp8: amax is exact, both divisions
+- quantize_per_token_fp8 (kernel) == spool.kernels.reference.quantize_per_token_fp8: amax is exact, both divisions
   are IEEE float32 on both sides, the cast rounds to nearest even;
 - the fused rms_norm_quant / fused_add_rms_norm_quant / silu_and_mul_quant == quantize_per_token_fp8 of the
   plain Triton op's output: the same normed or gated values, rounded to the activation dtype, quantized alike.
@@ -19,10 +19,10 @@ from tests.test_kernels import DEVICE, DTYPES, gpu, needs_cuda, poison  # noqa: 
 
 import pytest  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels.fp8 import FP8_DTYPE, MIN_SCALE  # noqa: E402
-from kernels.fp8_quant import quantize_per_token_fp8  # noqa: E402
-from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+from spool.kernels import reference  # noqa: E402
+from spool.kernels.fp8 import FP8_DTYPE, MIN_SCALE  # noqa: E402
+from spool.kernels.fp8_quant import quantize_per_token_fp8  # noqa: E402
+from spool.kernels.triton_ops import TRITON_OPS as T  # noqa: E402
 
 
 def assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], what: str,

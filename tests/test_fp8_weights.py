@@ -20,14 +20,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernels.* module compiles a @triton.jit
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, ConfigError, SamplingParams
-from engine.config import EngineConfig
-from engine.quantization.checkpoint_formats import (
+from spool.engine import LLM, ConfigError, SamplingParams
+from spool.engine.config import EngineConfig
+from spool.engine.quantization.checkpoint_formats import (
     checkpoint_weight_to_rows,
     dequantize_checkpoint_weight,
     parse_quantization_config,
 )
-from engine.quantization.fp8 import (
+from spool.engine.quantization.fp8 import (
     FP8_DTYPE,
     check_fp8_capability,
     cpu_has_scaled_mm,
@@ -37,7 +37,7 @@ from engine.quantization.fp8 import (
     quantize_per_channel,
     quantize_per_token,
 )
-from spool_testing.fp8_checkpoints import (
+from spool.testing.fp8_checkpoints import (
     FORMATS,
     is_projection,
     quantization_config,
@@ -74,7 +74,7 @@ def last_logits(llm: LLM, prompts=PROMPTS) -> torch.Tensor:
 
 def fp8_layers(llm: LLM) -> dict[str, torch.nn.Module]:
     """The model's Linear modules by name."""
-    from engine.models.linear import Linear
+    from spool.engine.models.linear import Linear
 
     return {n: m for n, m in llm.engine.runner.model.named_modules() if isinstance(m, Linear)}
 
@@ -130,7 +130,7 @@ def test_fp8_linear_matches_reference_and_is_close_to_exact(dtype):
 @pytest.mark.parametrize("scaled_mm", [True, False], ids=["scaled_mm", "reference"])
 def test_fp8_linear_takes_a_prequantized_pair(monkeypatch, scaled_mm):
     """A (q, scale) pair from a fused producer gives exactly what the plain activation gives (out_dtype required)."""
-    from engine.quantization import fp8
+    from spool.engine.quantization import fp8
 
     if not scaled_mm:
         monkeypatch.setattr(fp8, "cpu_has_scaled_mm", lambda: False)
@@ -148,7 +148,7 @@ def test_fp8_linear_takes_a_prequantized_pair(monkeypatch, scaled_mm):
 
 
 def test_reference_path_when_the_cpu_lacks_scaled_mm(monkeypatch):
-    from engine.quantization import fp8
+    from spool.engine.quantization import fp8
 
     assert cpu_has_scaled_mm()  # torch >= 2.5 CPU builds have row-wise scaled _scaled_mm; both paths get tested
     monkeypatch.setattr(fp8, "cpu_has_scaled_mm", lambda: False)
@@ -341,7 +341,7 @@ def check_fused_equals_unfused(path, monkeypatch, prompts, max_tokens: int, **kw
     """The decoder feeds qkv_proj, gate_up_proj and down_proj through the norms' and SiLU-and-mul's *_quant ops
     (one kernel each on the triton backend); with fp8 input refused (the path before fused producers) the
     projections quantize their input themselves. Same numerics, so bit-equal logits and the same tokens."""
-    from engine.quantization.fp8 import Fp8LinearMethod
+    from spool.engine.quantization.fp8 import Fp8LinearMethod
 
     fused = LLM(str(path), dtype="bfloat16", quantization="fp8", **kw)
     assert fused.engine.runner.ops.name == kw["kernel_backend"]
@@ -408,7 +408,7 @@ def test_cli_flag(tmp_path):
 @pytest.mark.parametrize("num_tokens", [1, 37, 512, 2048])
 def test_scaled_mm_matches_reference_at_llama3_8b_shapes(in_features, out_features, num_tokens):
     """torch._scaled_mm on the card against dequantize-and-matmul in fp32 (same quantized operands)."""
-    from engine.quantization.fp8 import check_fp8_device
+    from spool.engine.quantization.fp8 import check_fp8_device
 
     check_fp8_device(torch.device("cuda"))
     gen = torch.Generator("cuda").manual_seed(num_tokens)
@@ -445,7 +445,7 @@ def test_cuda_graphs_with_fp8_weights(model_factory):
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
 def test_fused_quantizing_producers_on_cuda(tiny_llama, monkeypatch, eager):
     """On the card (Triton kernels; decode through CUDA graphs unless eager): the fused producers give the
-    logits and tokens of the unfused path, whose projections quantize with kernels.fp8_quant."""
+    logits and tokens of the unfused path, whose projections quantize with spool.kernels.fp8_quant."""
     # Prompt steps eager (piecewise_graph_tokens 0): the check counts the quantizing ops that eager forwards call.
     # tests/test_gpu_piecewise.py checks the piecewise graphs with FP8 projections against eager forwards.
     check_fused_equals_unfused(tiny_llama, monkeypatch, PROMPTS, 16, device="cuda", kernel_backend="triton",

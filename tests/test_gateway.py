@@ -15,9 +15,9 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion
 
-from producer import Client
-from spool_testing.chaos import wait_for
-from spool_testing.gateway import gateway_deployment
+from spool.producer import Client
+from spool.testing.chaos import wait_for
+from spool.testing.gateway import gateway_deployment
 
 KEY = "sk-test-0123456789"
 MODEL = "tiny"  # --served-model-name

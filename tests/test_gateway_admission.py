@@ -9,8 +9,8 @@ import openai
 import orjson
 import pytest
 
-from producer import Client
-from spool_testing.gateway import GatewayProcess
+from spool.producer import Client
+from spool.testing.gateway import GatewayProcess
 
 HI = [{"role": "user", "content": "hi"}]
 

@@ -1,4 +1,4 @@
-"""gateway.chunks: token events -> OpenAI stream chunks, including a worker crash mid-stream (restart), a rerun
+"""spool.gateway.chunks: token events -> OpenAI stream chunks, including a worker crash mid-stream (restart), a rerun
 that diverges, tool calls sent whole, usage, and output the stream lacked filled in from the Result. Every
 chunk is validated with the openai SDK's own types."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletionChunk
 
-from gateway.chunks import ChunkShaper, StreamDiverged
-from protocol import Result, TokenEvent
+from spool.gateway.chunks import ChunkShaper, StreamDiverged
+from spool.protocol import Result, TokenEvent
 
 
 def result(*texts: str, finish="length", tool_calls=None, content=None) -> Result:

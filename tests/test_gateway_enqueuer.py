@@ -1,4 +1,4 @@
-"""gateway/enqueuer.py: concurrent requests' enqueues leave together, each job keeps its own claim reply, against
+"""spool/gateway/enqueuer.py: concurrent requests' enqueues leave together, each job keeps its own claim reply, against
 a real redis-server."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.enqueuer import Enqueuer
-from protocol import JobError, Keys
-from protocol.commands import ALREADY_ENQUEUED, DUPLICATE_ID, ENQUEUED
-from protocol.defaults import Defaults
+from spool.gateway.enqueuer import Enqueuer
+from spool.protocol import JobError, Keys
+from spool.protocol.commands import ALREADY_ENQUEUED, DUPLICATE_ID, ENQUEUED
+from spool.protocol.defaults import Defaults
 
 KEYS = Keys()
 

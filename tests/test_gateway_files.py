@@ -13,7 +13,7 @@ import pytest
 from openai.types import Batch, Completion, FileObject
 from openai.types.chat import ChatCompletion
 
-from spool_testing.gateway import GatewayProcess, gateway_deployment
+from spool.testing.gateway import GatewayProcess, gateway_deployment
 
 KEY = "sk-files-test"
 

@@ -11,9 +11,9 @@ import openai
 import orjson
 import pytest
 
-from protocol import Choice, Keys, Result, TokenEvent, Usage
-from spool_testing.gateway import GatewayProcess
-from spool_testing.redis_server import RedisServer
+from spool.protocol import Choice, Keys, Result, TokenEvent, Usage
+from spool.testing.gateway import GatewayProcess
+from spool.testing.redis_server import RedisServer
 
 MODEL = "tiny"
 KEYS = Keys()
@@ -98,7 +98,7 @@ def test_the_openai_sdk_reads_through_keepalive_comments(served):
 
 def test_concurrent_streams_share_one_blocking_read(served):
     """24 streamed requests waiting at once: the gateway holds one connection blocked in XREAD for all of them
-    (producer/reads.py), and each stream still gets its own chunks."""
+    (spool/producer/reads.py), and each stream still gets its own chunks."""
     r, gateway = served
     rids = [f"many-{i}" for i in range(24)]
     texts: dict[str, str] = {}

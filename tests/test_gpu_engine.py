@@ -19,7 +19,7 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("eager", [True, False])
 def test_fp32_cuda_greedy_matches_transformers(model_factory, arch, eager):
-    from engine import LLM, SamplingParams
+    from spool.engine import LLM, SamplingParams
     from tests.hf_reference import hf_greedy
 
     path = model_factory(arch, tie=arch == "qwen2")
@@ -37,7 +37,7 @@ def test_fp32_cuda_greedy_matches_transformers(model_factory, arch, eager):
 
 @requires_cuda
 def test_prefix_caching_same_output_on_gpu(tiny_llama):
-    from engine import LLM, SamplingParams
+    from spool.engine import LLM, SamplingParams
 
     shared = _prompts(1, 9)[0] * 3
     prompts = [{"prompt_token_ids": shared + q} for q in _prompts(6, 10)]
@@ -77,7 +77,7 @@ def test_llama3_8b_shape_bf16_logits_as_accurate_as_transformers():
 def test_async_scheduling_on_cuda_equals_sync(tiny_llama, eager):
     """Async scheduling on CUDA (tokens fed on the device, graphs replayed with double-buffered inputs): same
     outputs as synchronous stepping, with stops, seeds, logprobs and preemption on a tight cache."""
-    from engine import LLM, SamplingParams
+    from spool.engine import LLM, SamplingParams
 
     prompts = [{"prompt_token_ids": p} for p in _prompts(12, seed=21)]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -19,7 +19,7 @@ def _prompts(n: int, seed: int) -> list[dict]:
 
 
 def _greedy(llm, prompts, n=12):
-    from engine import SamplingParams
+    from spool.engine import SamplingParams
 
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     return [o.outputs[0].token_ids for o in outs]
@@ -30,7 +30,7 @@ def _greedy(llm, prompts, n=12):
 @pytest.mark.parametrize("block_size", [16, 64])  # 64: the engine's default page
 def test_fp8_kv_cuda_graphs_match_eager(tiny_llama, dtype, block_size):
     """Decode steps replayed from CUDA graphs over an fp8 cache give the eager path's tokens, with scales != 1."""
-    from engine import LLM
+    from spool.engine import LLM
 
     prompts = _prompts(8, seed=5)
     outs = []
@@ -52,7 +52,7 @@ def test_fp8_kv_cuda_graphs_match_eager(tiny_llama, dtype, block_size):
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_fp8_kv_triton_matches_torch_backend_on_cuda(tiny_llama, block_size):
     """Triton fp8 kernels vs the torch reference backend, both on CUDA in fp32: same greedy tokens."""
-    from engine import LLM
+    from spool.engine import LLM
 
     prompts = _prompts(8, seed=6)
     runs = [_greedy(LLM(str(tiny_llama), device="cuda", dtype="float32", kv_cache_dtype="fp8", kernel_backend=b,

@@ -1,4 +1,4 @@
-"""GPU tier (`pytest -m gpu`): piecewise CUDA graphs for steps with prompt tokens (engine/piecewise_graphs.py)."""
+"""GPU tier (`pytest -m gpu`): piecewise CUDA graphs for steps with prompt tokens (spool/engine/piecewise_graphs.py)."""
 from __future__ import annotations
 
 import random
@@ -16,7 +16,7 @@ requires_fp8 = pytest.mark.skipif(
 
 @requires_cuda
 def test_weak_view_aliases_without_owning():
-    from engine.piecewise_graphs import weak_view
+    from spool.engine.piecewise_graphs import weak_view
 
     t = torch.arange(1 << 18, dtype=torch.bfloat16, device="cuda").view(512, 512)[:, :256]
     w = weak_view(t)
@@ -31,7 +31,7 @@ def test_weak_view_aliases_without_owning():
 
 
 def _llm(path, dtype: str, **kw):
-    from engine import LLM
+    from spool.engine import LLM
 
     return LLM(str(path), device="cuda", dtype=dtype, block_size=16, max_num_seqs=16, max_num_batched_tokens=600,
                num_kv_blocks=256, piecewise_graph_tokens=600, **kw)
@@ -65,7 +65,7 @@ def test_replayed_segments_with_fp8_weights_and_kv(tiny_llama):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_engine_with_piecewise_graphs_generates_as_eager(model_factory, async_scheduling):
     """fp32, greedy: the same tokens with piecewise graphs as with none, prompts long enough for several buckets."""
-    from engine import LLM, SamplingParams
+    from spool.engine import LLM, SamplingParams
 
     rng = random.Random(11)
     prompts = [{"prompt_token_ids": [rng.randrange(10, 500) for _ in range(rng.randrange(5, 400))]} for _ in range(24)]
@@ -83,7 +83,7 @@ def test_engine_with_piecewise_graphs_generates_as_eager(model_factory, async_sc
 @requires_cuda
 def test_start_up_measurement_picks_a_size(tiny_llama):
     """piecewise_graph_tokens unset: measured at start-up; a tiny model's eager steps are host-bound at any size."""
-    from engine import LLM
+    from spool.engine import LLM
 
     llm = LLM(str(tiny_llama), device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=16,
               max_num_batched_tokens=1024, num_kv_blocks=256)
@@ -96,7 +96,7 @@ def test_kv_cache_sized_after_the_graphs_memory(tiny_llama):
     aside before the KV cache is sized. With every graph captured, torch holds no more than
     gpu_memory_utilization of the device, the real graphs take no more than was set aside, and a dry capture gives
     its memory back."""
-    from engine import LLM
+    from spool.engine import LLM
 
     util = 0.25
     llm = LLM(str(tiny_llama), device="cuda", dtype="bfloat16", block_size=16, max_num_seqs=64,

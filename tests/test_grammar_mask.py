@@ -1,4 +1,4 @@
-"""engine/grammar_mask.py (the reused, background-filled grammar bitmask) and the threaded batch accept."""
+"""spool/engine/grammar_mask.py (the reused, background-filled grammar bitmask) and the threaded batch accept."""
 from __future__ import annotations
 
 import threading
@@ -7,10 +7,10 @@ import pytest
 import torch
 import xgrammar as xgr
 
-import engine.grammar as grammar_mod
-from engine.grammar import SequenceGrammar, _batch_accept
-from engine.grammar_mask import GrammarMasks
-from engine.token_bitmask import fill_bitmask
+import spool.engine.grammar as grammar_mod
+from spool.engine.grammar import SequenceGrammar, _batch_accept
+from spool.engine.grammar_mask import GrammarMasks
+from spool.engine.token_bitmask import fill_bitmask
 
 VOCAB = ["<eos>", "a", "b", "ab", "ba", "c", "abc", "[", "]", ",", "1", "12", "2"] + [f"x{i}" for i in range(100)]
 

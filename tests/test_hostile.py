@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLMEngine
-from producer import Client
-from protocol.keys import Keys
-from spool_testing.chaos import audit, wait_for
-from spool_testing.hostile_corpus import MODEL_CONTEXT, bad_cases, corpus
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.protocol.keys import Keys
+from spool.testing.chaos import audit, wait_for
+from spool.testing.hostile_corpus import MODEL_CONTEXT, bad_cases, corpus
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

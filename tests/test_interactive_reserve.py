@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from engine import LLMEngine, SamplingParams
+from spool.engine import LLMEngine, SamplingParams
 from tests.hf_reference import hf_greedy
 
 INTERACTIVE, BULK = 0, 1

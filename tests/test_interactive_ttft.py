@@ -2,7 +2,7 @@
 
 The scheduler's bulk prompt cap while interactive requests keep arriving; the worker's start on a backlog,
 its interactive first outputs written before the next launch, its garbage-collector pacing; and the real
-engine and worker on the simulated device (spool_testing/timed_runner.py): bulk through Redis takes the
+engine and worker on the simulated device (spool/testing/timed_runner.py): bulk through Redis takes the
 steps the offline run takes.
 """
 from __future__ import annotations
@@ -14,20 +14,20 @@ import weakref
 import pytest
 
 from bench.shapes import shape_dir
-from engine import LLM, SamplingParams
-from engine.block_manager import BlockManager
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.step_types import RunnerOutput
-from producer import Client
-from protocol import Keys
-from protocol.connection import connect
-from spool_testing.stub_engine import StubEngine
-from spool_testing.timed_runner import StepCost, TimedRunner, timed_runner
-from worker import loop
-from worker.gc_pacing import GcPacer
-from worker.loop import Worker
-from worker.settings import WorkerSettings
+from spool.engine import LLM, SamplingParams
+from spool.engine.block_manager import BlockManager
+from spool.engine.scheduler import Scheduler
+from spool.engine.sequence import Sequence
+from spool.engine.step_types import RunnerOutput
+from spool.producer import Client
+from spool.protocol import Keys
+from spool.protocol.connection import connect
+from spool.testing.stub_engine import StubEngine
+from spool.testing.timed_runner import StepCost, TimedRunner, timed_runner
+from spool.worker import loop
+from spool.worker.gc_pacing import GcPacer
+from spool.worker.loop import Worker
+from spool.worker.settings import WorkerSettings
 
 INTERACTIVE, BULK = 0, 1
 KEYS = Keys()
@@ -201,7 +201,7 @@ def test_split_steps_start_a_waiting_worse_priority_request_beside_a_still_worse
 
 
 def test_engine_config_carries_the_cap_to_the_scheduler(tiny_llama):
-    from engine import LLMEngine
+    from spool.engine import LLMEngine
 
     eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", interactive_prefill_tokens=512,
                                 interactive_window_s=3.0, interactive_split_steps=False)
@@ -324,7 +324,7 @@ FAST = StepCost(overhead_s=0.0002, weights_s=0.0003, per_token_s=2e-6, decode_ct
 
 
 def test_timed_runner_queues_steps_behind_each_other_at_their_cost():
-    from engine.step_types import ScheduledChunk, SchedulerOutput
+    from spool.engine.step_types import ScheduledChunk, SchedulerOutput
 
     runner = TimedRunner(StepCost(overhead_s=0.01, weights_s=0.0, per_token_s=0.001, decode_ctx_s=0.002,
                                   mixed_decode_ctx_s=0.003, prompt_pair_s=0.0001), 100)
@@ -351,7 +351,7 @@ def test_bulk_through_the_worker_takes_the_offline_steps_on_the_simulated_device
     """512 bulk jobs at max_num_seqs 512 run in one wave through Redis as offline: the priority reserve's rows
     are extra rows for interactive work, not rows taken from bulk (which left a second wave of ~25 jobs and
     ~220 extra small steps: 90.6% of offline on the simulated H200)."""
-    from worker.settings import WorkerSettings as Settings
+    from spool.worker.settings import WorkerSettings as Settings
 
     with timed_runner(FAST, num_blocks=4096):
         llm = LLM(str(shape_dir("llama3-8b")), load_format="dummy", max_model_len=1024, max_num_seqs=64,

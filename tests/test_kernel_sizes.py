@@ -1,9 +1,9 @@
-"""kernels/sizes.py gives what triton.next_power_of_2 and triton.cdiv give, without their per-call cost."""
+"""spool/kernels/sizes.py gives what triton.next_power_of_2 and triton.cdiv give, without their per-call cost."""
 from __future__ import annotations
 
 import triton
 
-from kernels.sizes import cdiv, next_power_of_2
+from spool.kernels.sizes import cdiv, next_power_of_2
 
 
 def test_same_as_triton():

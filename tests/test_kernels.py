@@ -1,4 +1,4 @@
-"""Triton kernels vs kernels.reference: odd small shapes on CPU (TRITON_INTERPRET=1), real shapes with -m gpu.
+"""Triton kernels vs spool.kernels.reference: odd small shapes on CPU (TRITON_INTERPRET=1), real shapes with -m gpu.
 
 Error is ||out - ref|| / ||ref|| (float64). Bounds: fp32 1e-5 (the GPU computes fp32 dots as
 tf32x3, ~1e-6); fp16 2e-3 (output rounding ~3e-4 plus P rounded to fp16 before P @ V); bf16 1e-2
@@ -22,11 +22,11 @@ import pytest  # noqa: E402
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import kernels.paged_attention as _pa  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.paged_attention import AttnConfig, choose_num_splits  # noqa: E402
-from kernels.triton_ops import TRITON_OPS as T  # noqa: E402
-from spool_testing.jit_watch import jit_compiles  # noqa: E402
+import spool.kernels.paged_attention as _pa  # noqa: E402
+from spool.kernels import reference  # noqa: E402
+from spool.kernels.paged_attention import AttnConfig, choose_num_splits  # noqa: E402
+from spool.kernels.triton_ops import TRITON_OPS as T  # noqa: E402
+from spool.testing.jit_watch import jit_compiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not isinstance(_pa._paged_attn_kernel, InterpretedFunction):
@@ -417,7 +417,7 @@ def test_write_kv_cache_casts_to_cache_dtype():
 
 
 def test_ops_backend():
-    from kernels.ops import get_ops
+    from spool.kernels.ops import get_ops
 
     assert get_ops("triton", DEVICE) is T and T.name == "triton"
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, ConfigError, SamplingParams
-from engine.config import ModelConfig
-from engine.models.rope import inv_freq
+from spool.engine import LLM, ConfigError, SamplingParams
+from spool.engine.config import ModelConfig
+from spool.engine.models.rope import inv_freq
 
 
 def _greedy(path, **kw) -> list[int]:
@@ -119,9 +119,19 @@ def test_dummy_weights_need_only_config(tiny_llama, tmp_path):
 
 
 def test_our_kernels_package_does_not_shadow_transformers(tiny_llama):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import import_utils
+    """spool's Triton kernels are spool.kernels: a top-level `kernels` is never ours. transformers >= 5.25 requires
+    Hugging Face's `kernels` and imports it as such; with spool 0.1's top-level `kernels` first on sys.path, that
+    import failed (`cannot import name 'CUDAProperties' from 'kernels'`) and so did every model."""
+    import importlib.util
+    from pathlib import Path
 
-    assert not import_utils.is_kernels_available()  # HF's optional `kernels` hub package must not be mistaken for ours
+    import spool
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(spool.__file__).resolve().parent
+    if spec is not None:  # Hugging Face's package, where installed (transformers 5.25 on requires it)
+        origin = Path(spec.origin).resolve()
+        assert not origin.is_relative_to(ours) and origin != ours.parent / "kernels" / "__init__.py", origin
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)

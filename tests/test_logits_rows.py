@@ -1,11 +1,11 @@
-"""engine/logits_rows.py: the LM head through row buckets gives the same logits as on the exact rows."""
+"""spool/engine/logits_rows.py: the LM head through row buckets gives the same logits as on the exact rows."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import LLM
-from engine.logits_rows import ROW_BUCKET, bucketed_rows, compute_logits, load_logits_kernels
+from spool.engine import LLM
+from spool.engine.logits_rows import ROW_BUCKET, bucketed_rows, compute_logits, load_logits_kernels
 
 
 @pytest.fixture(scope="module")

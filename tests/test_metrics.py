@@ -17,9 +17,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.client import Client
+from spool.producer.client import Client
 from spool.cli.main import build_parser
-from spool_testing.redis_server import RedisServer
+from spool.testing.redis_server import RedisServer
 from tests.worker_harness import running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def value(samples, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    from engine import LLMEngine
+    from spool.engine import LLMEngine
 
     return LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8, max_model_len=256)
 
@@ -152,7 +152,7 @@ def test_redis_errors_and_reconnects_are_counted(engine, redis_server):
 
 
 def test_stream_backlog_is_lag_plus_pending(redis_server):
-    from protocol.commands import queue_backlog as stream_backlog
+    from spool.protocol.commands import queue_backlog as stream_backlog
 
     r = redis_server.client()
     for i in range(5):

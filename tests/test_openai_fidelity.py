@@ -6,13 +6,13 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from engine import LLM, LLMEngine, SamplingParams
-from producer import Client, JobError
-from protocol import parse_job
-from spool_testing.tiny_model import build_tiny_model
+from spool.engine import LLM, LLMEngine, SamplingParams
+from spool.producer import Client, JobError
+from spool.protocol import parse_job
+from spool.testing.tiny_model import build_tiny_model
 from tests.worker_harness import running_worker
-from worker.chat import AUTO, NAMED, REQUIRED, constraint_of, tool_mode
-from worker.tool_calls import extract, named_call, parser_for
+from spool.worker.chat import AUTO, NAMED, REQUIRED, constraint_of, tool_mode
+from spool.worker.tool_calls import extract, named_call, parser_for
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
@@ -213,7 +213,7 @@ def test_every_output_line_is_what_the_openai_sdk_reads(qwen_style, redis_url, t
     from openai.types import Batch, Completion
     from openai.types.chat import ChatCompletion
 
-    from producer import batch
+    from spool.producer import batch
 
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in EVERYTHING))

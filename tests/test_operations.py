@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spool.cli.main import build_parser
-from spool_testing.redis_server import free_port
+from spool.testing.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -120,7 +120,7 @@ def test_the_embedded_redis_is_named(tmp_path):
         assert stop.returncode == 0 and "stopped the embedded Redis" in stop.stdout
         assert spool("redis", "status", env=env).returncode == 1
     finally:
-        from producer.embedded import stop_local_redis
+        from spool.producer.embedded import stop_local_redis
 
         stop_local_redis(tmp_path / "state")
 
@@ -154,8 +154,8 @@ def test_missing_batch_file_fails_before_a_batch_exists(redis_url, tmp_path):
 
 
 def test_batch_list_is_a_table_with_a_header(redis_url, tmp_path):
-    from producer.batch.state import BatchStore
-    from producer.client import Client
+    from spool.producer.batch.state import BatchStore
+    from spool.producer.client import Client
 
     client = Client(redis_url)
     BatchStore(client.redis, client.keys).create("nightly-1", output_file="/data/out.jsonl", total=3)

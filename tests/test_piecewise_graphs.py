@@ -1,4 +1,4 @@
-"""Piecewise graphs (engine/piecewise_graphs.py) on the CPU, where the segments run without capture: the same
+"""Piecewise graphs (spool/engine/piecewise_graphs.py) on the CPU, where the segments run without capture: the same
 static buffers, padding to a bucket and eager attention between segments as on CUDA. The segmented forward must
 equal the model's own forward, hidden states and KV cache writes both, for steps of every kind."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import ConfigError, EngineConfig
-from engine.model_runner import ModelRunner, host_bound_tokens
-from engine.piecewise_graphs import PiecewiseGraphs, token_buckets
+from spool.engine.config import ConfigError, EngineConfig
+from spool.engine.model_runner import ModelRunner, host_bound_tokens
+from spool.engine.piecewise_graphs import PiecewiseGraphs, token_buckets
 
 
 def test_token_buckets_pad_little():
@@ -25,7 +25,7 @@ def test_token_buckets_pad_little():
 
 
 def _llm(path):
-    from engine import LLM
+    from spool.engine import LLM
 
     return LLM(str(path), device="cpu", dtype="float32", block_size=16, max_num_seqs=8, max_num_batched_tokens=300,
                num_kv_blocks=64)
@@ -94,7 +94,7 @@ def test_segmented_forward_equals_the_model(model_factory, arch):
 def test_engine_with_piecewise_steps_generates_the_same(tiny_llama):
     """The runner sends steps with prompt tokens through PiecewiseGraphs when it has them: same tokens, with
     async scheduling's device-fed ids too."""
-    from engine import SamplingParams
+    from spool.engine import SamplingParams
 
     rng = random.Random(5)
     prompts = [{"prompt_token_ids": [rng.randrange(1, 300) for _ in range(rng.randrange(3, 120))]} for _ in range(10)]
@@ -214,7 +214,8 @@ def test_start_up_measurement_runs_its_steps(tiny_llama, monkeypatch):
     runner = llm.engine.runner
     before = [k.clone() for k, _ in runner.kv_caches]
     seen = []
-    monkeypatch.setattr("engine.model_runner.host_bound_tokens", lambda n, host, gpu: seen.append((n, host, gpu)) or 7)
+    monkeypatch.setattr("spool.engine.model_runner.host_bound_tokens",
+                        lambda n, host, gpu: seen.append((n, host, gpu)) or 7)
     assert ModelRunner._host_bound_tokens(runner, 256, runner.kv_caches) == 7
     (n, host, gpu), = seen
     assert n == 256 and len(host) == 3 and all(h > 0 for h in host) and gpu == 0.002

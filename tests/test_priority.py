@@ -7,8 +7,8 @@ import time
 
 import orjson
 
-from engine import LLMEngine, SamplingParams
-from producer import Client, batch
+from spool.engine import LLMEngine, SamplingParams
+from spool.producer import Client, batch
 from tests.worker_harness import running_worker
 
 INTERACTIVE, BULK = 0, 1  # engine priorities (protocol.PRIORITY_RANK): lower runs first
@@ -132,9 +132,9 @@ def test_interactive_prompt_is_not_starved_by_running_bulk_prompt_chunks(tiny_ll
 
 def test_interactive_job_starts_in_the_next_launched_step(tiny_llama, redis_url):
     """Interactive jobs are read right before each launch, so one tick computes their first token."""
-    from protocol.connection import connect
-    from worker.loop import Worker
-    from worker.settings import WorkerSettings
+    from spool.protocol.connection import connect
+    from spool.worker.loop import Worker
+    from spool.worker.settings import WorkerSettings
 
     client = Client(redis_url)
     client.enqueue_many([{"prompt": f"bulk {i}", "max_tokens": 200, "ignore_eos": True, "priority": "bulk"}

@@ -7,10 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from protocol import schema_export
-from protocol.defaults import Defaults
-from protocol.keys import Keys, new_id, validate_id
-from protocol import (
+from spool.protocol import schema_export
+from spool.protocol.defaults import Defaults
+from spool.protocol.keys import Keys, new_id, validate_id
+from spool.protocol import (
     DEFAULT_LIMITS, SAMPLING_FIELDS, Choice, Job, JobError, Limits, Result, TokenEvent, TokenLogprob,
     parse_entry, parse_job,
 )
@@ -92,8 +92,8 @@ def test_each_prompt_kind_and_passthrough():
 
 
 def test_valid_job_always_yields_valid_engine_sampling_params():
-    sp = pytest.importorskip("engine.sampling_params")
-    # logit_bias is converted (string keys -> ids) and structured_outputs built by the worker (worker/chat.py)
+    sp = pytest.importorskip("spool.engine.sampling_params")
+    # logit_bias is converted (string keys -> ids) and structured_outputs built by the worker (spool/worker/chat.py)
     assert set(SAMPLING_FIELDS) | {"logit_bias", "structured_outputs"} == set(sp.SamplingParams.model_fields), \
         "Job and SamplingParams drifted apart"
     extremes = [
@@ -276,7 +276,7 @@ def test_token_events_round_trip():
 # --- generated schema files ---------------------------------------------------------------------------
 
 def test_schema_files_are_current():
-    assert schema_export.main(["--check"]) == 0, "run: python -m protocol.schema_export"
+    assert schema_export.main(["--check"]) == 0, "run: python -m spool.protocol.schema_export"
 
 
 def test_schema_export_check_detects_stale(tmp_path):

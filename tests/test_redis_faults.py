@@ -8,11 +8,11 @@ from contextlib import contextmanager
 
 import pytest
 
-from engine import LLMEngine
-from producer import AsyncClient, Client
-from protocol.connection import connect
-from protocol.keys import Keys
-from spool_testing.chaos import audit, count_results, wait_for
+from spool.engine import LLMEngine
+from spool.producer import AsyncClient, Client
+from spool.protocol.connection import connect
+from spool.protocol.keys import Keys
+from spool.testing.chaos import audit, count_results, wait_for
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow
-from engine.sampling_ops import apply_min_p, apply_penalties, apply_top_k_top_p, flat_token_index, token_counts
-from engine.sampling_params import SamplingParams, generator_seed
-from engine.token_bitmask import apply_token_bitmask, bitmask_words, forbid_unless_only
+from spool.engine.sampler import Sampler, SamplingRow
+from spool.engine.sampling_ops import apply_min_p, apply_penalties, apply_top_k_top_p, flat_token_index, token_counts
+from spool.engine.sampling_params import SamplingParams, generator_seed
+from spool.engine.token_bitmask import apply_token_bitmask, bitmask_words, forbid_unless_only
 
 V = 64
 EOS = V - 1

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.model_runner import _all_plain_greedy
-from engine.sampler import Sampler, SamplingRow, is_plain_greedy
-from engine.sampling_params import SamplingParams
-from engine.step_types import ScheduledChunk
+from spool.engine.model_runner import _all_plain_greedy
+from spool.engine.sampler import Sampler, SamplingRow, is_plain_greedy
+from spool.engine.sampling_params import SamplingParams
+from spool.engine.step_types import ScheduledChunk
 
 V = 64
 

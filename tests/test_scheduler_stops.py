@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import random
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.step_types import RunnerOutput
+from spool.engine.block_manager import BlockManager
+from spool.engine.sampling_params import SamplingParams
+from spool.engine.scheduler import Scheduler
+from spool.engine.sequence import Sequence
+from spool.engine.step_types import RunnerOutput
 
 EOS = 2
 MAX_MODEL_LEN = 40

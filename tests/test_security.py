@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from engine import LLMEngine
-from producer import Client
-from protocol.connection import client_kwargs, connect
-from spool_testing.chaos import ROOT, wait_for
-from spool_testing.redis_server import free_port
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.protocol.connection import client_kwargs, connect
+from spool.testing.chaos import ROOT, wait_for
+from spool.testing.redis_server import free_port
 from tests.worker_harness import running_worker
 
 # The ACL rules docs/SECURITY.md recommends; keep the two in step.
@@ -90,7 +90,7 @@ def _tls_files(tmp: Path) -> tuple[Path, Path]:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_tls_url(engine, tmp_path):
-    from spool_testing.redis_server import RedisServer
+    from spool.testing.redis_server import RedisServer
 
     binary = RedisServer(tmp_path / "probe").binary
     key, cert = _tls_files(tmp_path)

@@ -7,13 +7,13 @@ import time
 import pytest
 import redis
 
-from engine import LLMEngine
-from producer import Client
-from protocol import JobError
-from protocol.connection import connect, parse_sentinel_url, redact_url, sentinel_url_from_env
-from protocol.keys import Keys
-from spool_testing import history
-from spool_testing.redis_sentinel import MASTER_NAME, SentinelSet
+from spool.engine import LLMEngine
+from spool.producer import Client
+from spool.protocol import JobError
+from spool.protocol.connection import connect, parse_sentinel_url, redact_url, sentinel_url_from_env
+from spool.protocol.keys import Keys
+from spool.testing import history
+from spool.testing.redis_sentinel import MASTER_NAME, SentinelSet
 from tests.worker_harness import running_worker
 
 KEYS = Keys()

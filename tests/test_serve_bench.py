@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench.http_load import HttpError, post, split_url
-from spool_testing.stub_engine import StubEngine, token_text
+from spool.testing.stub_engine import StubEngine, token_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,5 @@
-"""AsyncClient(shared_reads=True) (producer/reads.py): the verbs waiting at once share one blocking XREAD, against a
-real redis-server with a thread playing the worker."""
+"""AsyncClient(shared_reads=True) (spool/producer/reads.py): the verbs waiting at once share one blocking XREAD,
+against a real redis-server with a thread playing the worker."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +9,9 @@ import time
 import pytest
 import redis
 
-from producer import AsyncClient, Keys, Result, TokenEvent
-from producer.reads import SharedReads, entry_key
-from protocol.defaults import Defaults
+from spool.producer import AsyncClient, Keys, Result, TokenEvent
+from spool.producer.reads import SharedReads, entry_key
+from spool.protocol.defaults import Defaults
 
 KEYS = Keys()
 SLOW = Defaults(block_ms=5_000)  # a long block: a waiter that has to wait for it shows
@@ -156,8 +156,8 @@ def test_entry_key_orders_stream_ids():
 
 
 def test_blocking_reads_are_told_apart_from_other_round_trips():
-    from producer.ops import RoundTrip, blocking_read
-    from protocol.commands import cmd
+    from spool.producer.ops import RoundTrip, blocking_read
+    from spool.protocol.commands import cmd
 
     xread = cmd("xread", {"k": "1-0"}, count=5, block=100)
     assert blocking_read(RoundTrip([xread, cmd("get", "r")])) == ("k", "1-0", 5, 100)

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from spool_testing.chaos import ROOT
+from spool.testing.chaos import ROOT
 
 
 def test_short_soak_loses_nothing(tmp_path):

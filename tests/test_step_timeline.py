@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.step_timeline import StepTimeline, format_groups
-from engine import LLM, SamplingParams
+from spool.engine import LLM, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 

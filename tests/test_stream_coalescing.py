@@ -1,21 +1,21 @@
-"""Coalesced token streams (worker.tokens): deltas written at most once per stream interval, the first at once,
+"""Coalesced token streams (spool.worker.tokens): deltas written at most once per stream interval, the first at once,
 the last ones with the final result; the stream's TTL set without an EXPIRE per write. Against a real
-redis-server, with the real worker driving a stub engine (spool_testing/stub_engine.py) where timing matters."""
+redis-server, with the real worker driving a stub engine (spool/testing/stub_engine.py) where timing matters."""
 from __future__ import annotations
 
 import pytest
 
-from producer import Client
-from protocol import Defaults, Keys, TokenEvent
-from protocol.connection import connect
-from protocol.job import parse_job
-from spool_testing.stub_engine import StubEngine, token_id, token_text
+from spool.producer import Client
+from spool.protocol import Defaults, Keys, TokenEvent
+from spool.protocol.connection import connect
+from spool.protocol.job import parse_job
+from spool.testing.stub_engine import StubEngine, token_id, token_text
 from tests.worker_harness import running_worker
-from worker.inflight import InFlight
-from worker.loop import Worker
-from worker.outbox import Outbox
-from worker.settings import WorkerSettings
-from worker.tokens import TokenStreamWriter
+from spool.worker.inflight import InFlight
+from spool.worker.loop import Worker
+from spool.worker.outbox import Outbox
+from spool.worker.settings import WorkerSettings
+from spool.worker.tokens import TokenStreamWriter
 
 KEYS = Keys()
 
@@ -58,7 +58,7 @@ def test_first_delta_at_once_then_one_write_per_interval_with_everything_since(r
     writer.finish(inf)  # final: written at once, whatever the interval
     outbox.flush()
     assert "".join(e.text for e in _deltas(r, "a") if e.index == 0) == "Once upon a time"
-    assert inf.seq == 3  # positions 0..3: a resent transaction appends nothing (protocol.scripts.APPEND)
+    assert inf.seq == 3  # positions 0..3: a resent transaction appends nothing (spool.protocol.scripts.APPEND)
 
 
 def test_interval_zero_writes_every_flush(redis_server):
@@ -195,8 +195,8 @@ def test_expire_is_not_sent_per_write(redis_server):
 @pytest.mark.parametrize("interval_ms", [0, 50])
 def test_restart_and_replays_still_equal_the_result_with_coalescing(redis_server, interval_ms):
     # A job reclaimed from a dead worker: the new run takes the stream over with a restart, and the deltas
-    # after it equal the result (spool_testing.history checks every invariant).
-    from spool_testing.history import History, check
+    # after it equal the result (spool.testing.history checks every invariant).
+    from spool.testing.history import History, check
 
     client, r = Client(redis_server.url), redis_server.client()
     history = History()

@@ -13,11 +13,11 @@ import pytest
 import torch
 import xgrammar as xgr
 
-import engine.grammar_compiler as grammar_compiler
-from engine import LLM, LLMEngine, SamplingParams, StructuredOutputsParams as SO
-from engine.config import ConfigError
-from engine.grammar_compiler import GrammarCache
-from engine.sampler import Sampler, SamplingRow
+import spool.engine.grammar_compiler as grammar_compiler
+from spool.engine import LLM, LLMEngine, SamplingParams, StructuredOutputsParams as SO
+from spool.engine.config import ConfigError
+from spool.engine.grammar_compiler import GrammarCache
+from spool.engine.sampler import Sampler, SamplingRow
 
 PERSON = {
     "type": "object",
@@ -178,7 +178,7 @@ def test_random_steps_never_sample_a_disallowed_token(tiny_llama, tiny_tokenizer
 
 def test_length_limited_strings_keep_control_characters_out(tiny_tokenizer):
     """xgrammar 0.2.9 lets raw control characters into strings with minLength/maxLength (invalid JSON); the
-    compile patches that character class to plain strings' (engine/grammar_compiler.py)."""
+    compile patches that character class to plain strings' (spool/engine/grammar_compiler.py)."""
     cache = GrammarCache(tiny_tokenizer, 512, [tiny_tokenizer.eos_token_id])
     schema = {"type": "object", "required": ["a", "b"],
               "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 5}, "b": {"type": "string"}}}
@@ -395,7 +395,7 @@ def test_penalties_with_grammar(llm):
 
 def test_rejected_token_finishes_with_error(tiny_llama, monkeypatch):
     """Defensive path: a token the matcher rejects (the mask should make it impossible) ends that sequence."""
-    from engine.grammar import SequenceGrammar
+    from spool.engine.grammar import SequenceGrammar
 
     eng = LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8)
     eng.add_request("ok", _ids(5, 1), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
@@ -431,8 +431,8 @@ def test_spec_validation_and_cache_key():
 
 def test_fill_many_equals_row_by_row_on_both_thread_paths():
     """SequenceGrammar.fill_many (xgrammar's batch fill, threaded for big masks) sets the same bits."""
-    from engine.grammar import SequenceGrammar
-    from engine.token_bitmask import bitmask_words
+    from spool.engine.grammar import SequenceGrammar
+    from spool.engine.token_bitmask import bitmask_words
 
     rng = random.Random(0)
     chars = "abcdefghij0123456789 \"{}[]:,-"

@@ -12,18 +12,18 @@ import threading
 
 import pytest
 
-from engine.config import EngineConfig
-from producer import Client
-from producer.admin import live_workers
-from protocol.keys import Keys
+from spool.engine.config import EngineConfig
+from spool.producer import Client
+from spool.producer.admin import live_workers
+from spool.protocol.keys import Keys
 from spool.cli.flags import dataclass_flags, dataclass_from_args
 from spool.cli.main import build_parser, main
 from spool.cli.worker import cuda_index
-from spool_testing.chaos import ROOT, WorkerProcess, audit, count_results, wait_for
-from spool_testing.history import History, check, summary
-from worker.placement import placement, supervisor_pid
-from worker.settings import WorkerSettings
-from worker.supervisor import (DONE, FAILED, ChildSpec, FoundGpus, GpuSpecError, RestartPolicy, Supervisor,
+from spool.testing.chaos import ROOT, WorkerProcess, audit, count_results, wait_for
+from spool.testing.history import History, check, summary
+from spool.worker.placement import placement, supervisor_pid
+from spool.worker.settings import WorkerSettings
+from spool.worker.supervisor import (DONE, FAILED, ChildSpec, FoundGpus, GpuSpecError, RestartPolicy, Supervisor,
                                child_specs, discover_gpus, group_gpus, nvidia_smi_gpus, parse_cuda_visible,
                                parse_gpu_spec, select_gpus)
 
@@ -180,7 +180,7 @@ def test_backoff_doubles_and_is_capped():
 def test_a_worker_that_keeps_dying_at_start_is_given_up(caplog):
     out = io.StringIO()
     sup = Supervisor([_spec("crash", "print('boom'); raise SystemExit(3)"), _spec("fine", "pass")], FAST, output=out)
-    with caplog.at_level("INFO", logger="worker.supervisor"):
+    with caplog.at_level("INFO", logger="spool.worker.supervisor"):
         assert sup.run() == 1
     crash, fine = sup.children
     assert crash.state == FAILED and crash.starts == 3 and crash.last_exit == 3
@@ -266,7 +266,7 @@ def test_a_stop_that_outlasts_the_timeout_kills():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_worker_process_gets_sigterm_when_its_supervisor_dies(tmp_path):
     marker = tmp_path / "stopped"
-    worker = (f"import signal, sys, time; from worker.placement import follow_supervisor; "
+    worker = (f"import signal, sys, time; from spool.worker.placement import follow_supervisor; "
               f"signal.signal(signal.SIGTERM, lambda *_: (open({str(marker)!r}, 'w').close(), sys.exit(0))); "
               f"follow_supervisor(); print('ready', flush=True); time.sleep(60)")
     supervisor = ("import os, subprocess, sys, time; "
@@ -283,7 +283,7 @@ def test_a_worker_process_gets_sigterm_when_its_supervisor_dies(tmp_path):
 
 
 def test_the_supervisor_modules_do_not_load_torch():
-    code = "import sys, worker.supervisor, worker.placement; print('torch' in sys.modules)"
+    code = "import sys, spool.worker.supervisor, spool.worker.placement; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -316,7 +316,7 @@ def test_top_shows_each_gpus_worker_in_gpu_order():
 
 # -- the real thing: two CPU "GPUs", a real redis-server, the tiny model -------------------------------------
 def _heartbeats(r) -> dict[str, dict]:
-    from producer.admin import deployment_status
+    from spool.producer.admin import deployment_status
 
     return deployment_status(r, KEYS)["workers"]
 

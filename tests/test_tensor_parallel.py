@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine import LLM, ConfigError, SamplingParams, TensorParallelError
-from engine.config import EngineConfig, ModelConfig
-from engine.distributed import TPGroup
-from engine.models import loader
-from kernels.ops import TORCH_OPS
-from spool_testing.tiny_model import build_tiny_model
+from spool.engine import LLM, ConfigError, SamplingParams, TensorParallelError
+from spool.engine.config import EngineConfig, ModelConfig
+from spool.engine.distributed import TPGroup
+from spool.engine.models import loader
+from spool.kernels.ops import TORCH_OPS
+from spool.testing.tiny_model import build_tiny_model
 
 MAX_NEW = 12
 # Head counts that do not fit one rank evenly by accident: 6 q heads (3 per rank), and KV heads fewer than
@@ -91,8 +91,8 @@ def test_tp2_greedy_equals_tp1_with_chunked_prefill_and_preemption(odd_model, ar
 def test_step_inputs_round_trip_as_int32():
     from array import array
 
-    from engine.step_types import ScheduledChunk, SchedulerOutput
-    from engine.step_wire import decode_step, encode_step
+    from spool.engine.step_types import ScheduledChunk, SchedulerOutput
+    from spool.engine.step_wire import decode_step, encode_step
 
     chunks = [ScheduledChunk("s0", [1, 2, 3], 5, array("i", [7, 8]), True, SamplingParams(), [1], [1], 3, None),
               ScheduledChunk("s1", [9], 40, array("i", [3, 4, 11, 12, 13, 14]), False, SamplingParams(), [], [],
@@ -260,7 +260,7 @@ def test_rank_dying_while_idle_is_noticed(tiny_llama):
 
 
 def test_hung_rank_times_out(tiny_llama, monkeypatch):
-    from engine import distributed
+    from spool.engine import distributed
 
     monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT_S", 8.0)
     llm = LLM(str(tiny_llama), device="cpu", block_size=8, tensor_parallel_size=2)
@@ -293,9 +293,9 @@ def _rank_processes(pid: int) -> list[int]:
 
 
 def test_worker_with_two_ranks_serves_jobs_and_exits_when_a_rank_dies(tiny_llama, redis_server, tmp_path):
-    from producer import Client
-    from protocol.keys import Keys
-    from spool_testing.chaos import WorkerProcess, count_results, wait_for
+    from spool.producer import Client
+    from spool.protocol.keys import Keys
+    from spool.testing.chaos import WorkerProcess, count_results, wait_for
 
     keys, client = Keys(), Client(redis_server.url)
     w = WorkerProcess(tiny_llama, redis_server.url, "tp2", tmp_path, max_num_seqs=8,
@@ -313,7 +313,7 @@ def test_worker_with_two_ranks_serves_jobs_and_exits_when_a_rank_dies(tiny_llama
         os.kill(rank_pid, signal.SIGKILL)
         code = w.proc.wait(timeout=30)
         log = w.log_path.read_text(errors="replace")
-        assert code == 7, log  # EXIT_DEVICE_ERROR, as for any device error in a step (worker/step_errors.py)
+        assert code == 7, log  # EXIT_DEVICE_ERROR, as for any device error in a step (spool/worker/step_errors.py)
         assert f"device error in an engine step: TensorParallelError: tensor-parallel rank 1 (pid {rank_pid}) " \
                "was killed by SIGKILL" in log
         assert count_results(client.redis, keys, long_ids) == 0
@@ -351,7 +351,7 @@ def test_cuda_tp2_greedy_equals_tp1(odd_model, arch, eager):
 
 _KILL_SCRIPT = """
 import os, signal, sys, threading, time
-from engine import LLM, SamplingParams, TensorParallelError
+from spool.engine import LLM, SamplingParams, TensorParallelError
 if __name__ == "__main__":
     llm = LLM(sys.argv[1], device="cuda", block_size=16, max_num_seqs=8, tensor_parallel_size=2)
     pid = llm.engine.runner.ranks.processes[0].pid

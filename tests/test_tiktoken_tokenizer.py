@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from bench import shapes, tiktoken_tokenizer
 from bench.tiktoken_tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIALS, build_tiktoken_tokenizer, cached_tokenizer_dir
-from engine.tokenizer import load_tokenizer
+from spool.engine.tokenizer import load_tokenizer
 
 CORPUS = """The quick brown fox jumps over the lazy dog. It's the dog's day; they'll say we've won.
 {"items": [1, 22, 333, 4444], "name": "spool", "ok": true, "nested": {"a": [0.5, -7e3]}}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.batch.state import BatchStore
-from producer.client import Client
+from spool.producer.batch.state import BatchStore
+from spool.producer.client import Client
 from tests.worker_harness import running_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    from engine import LLMEngine
+    from spool.engine import LLMEngine
 
     return LLMEngine.from_kwargs(str(tiny_llama), device="cpu", block_size=8)
 
 
 def running_batch(client: Client, batch_id: str, total: int, done: int, started_s_ago: float) -> None:
-    """A batch in progress as a runner keeps it in Redis (producer.batch.state)."""
+    """A batch in progress as a runner keeps it in Redis (spool.producer.batch.state)."""
     store = BatchStore(client.redis, client.keys)
     store.create(batch_id, total=total, completed=done, failed=0, tokens=done * 10)
     store.transition(batch_id, "in_progress", frm=("validating",))

@@ -8,8 +8,8 @@ import subprocess
 import orjson
 import pytest
 
-from engine import LLMEngine
-from producer import AsyncClient, Client
+from spool.engine import LLMEngine
+from spool.producer import AsyncClient, Client
 from tests.worker_harness import running_worker
 
 

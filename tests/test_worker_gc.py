@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 
-from worker.gc_pacing import GcPacer
+from spool.worker.gc_pacing import GcPacer
 
 
 def test_young_threshold_is_raised_while_active_and_restored():

@@ -4,9 +4,9 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-from protocol.connection import connect
-from worker.loop import Worker
-from worker.settings import WorkerSettings
+from spool.protocol.connection import connect
+from spool.worker.loop import Worker
+from spool.worker.settings import WorkerSettings
 
 
 @contextmanager

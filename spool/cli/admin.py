@@ -8,7 +8,7 @@ from spool.cli.common import EXIT_FAILED, EXIT_OK, CliError, add_redis_flags, cl
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One request's status, or the deployment's: streams, backlog, pending per consumer, live workers."""
-    from producer.admin import deployment_status
+    from spool.producer.admin import deployment_status
 
     producer = client(args)
     if args.id:
@@ -21,7 +21,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_dead(args: argparse.Namespace) -> int:
     """List dead-lettered jobs, or requeue one by its dead-letter entry id."""
-    from producer.admin import DeadLetterError, list_dead, retry_dead
+    from spool.producer.admin import DeadLetterError, list_dead, retry_dead
 
     producer = client(args)
     if args.action == "list":
@@ -40,7 +40,7 @@ def cmd_redis(args: argparse.Namespace) -> int:
     """The embedded local Redis (the one used without --redis-url): where it is, whether it runs; stop it."""
     import redis
 
-    from producer.embedded import SOCKET, state_dir_path, stop_local_redis
+    from spool.producer.embedded import SOCKET, state_dir_path, stop_local_redis
 
     state_dir = state_dir_path()
     sock = state_dir / SOCKET

@@ -42,8 +42,8 @@ def _readable(path: str) -> None:
 
 def cmd_run(args) -> int:
     """Run (or resume) a batch in this process, with progress on stderr."""
-    from producer.batch import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, options
-    from producer.batch.files import OutputError
+    from spool.producer.batch import BatchBusy, BatchInvalid, BatchMismatch, BatchRunner, options
+    from spool.producer.batch.files import OutputError
 
     _readable(args.input)
     opts = options(**_opts(args, progress=args.progress, progress_interval_s=args.progress_interval))
@@ -77,7 +77,7 @@ def cmd_run(args) -> int:
 
 def cmd_submit(args) -> int:
     """Enqueue a batch as an rq job (now, --at TIME or --in SECONDS)."""
-    from producer import batch
+    from spool.producer import batch
 
     _readable(args.input)
     try:
@@ -94,7 +94,7 @@ def cmd_submit(args) -> int:
 
 def cmd_schedule(args) -> int:
     """Create or replace a cron schedule that runs the batch through rq."""
-    from producer import batch
+    from spool.producer import batch
 
     try:
         entry = batch.schedule(args.name, args.input, args.output, args.errors, cron=args.cron, tz=args.tz,
@@ -109,16 +109,26 @@ def cmd_schedule(args) -> int:
 
 def cmd_unschedule(args) -> int:
     """Remove a cron schedule."""
-    from producer import batch
+    from spool.producer import batch
 
     found = batch.unschedule(args.name, client=client(args))
     print("removed" if found else f"no schedule named {args.name!r}")
     return 0 if found else 1
 
 
+def cmd_upgrade_jobs(args) -> int:
+    """Rewrite rq jobs queued by spool < 0.2 to the current function paths."""
+    from spool.producer import batch
+
+    ids = batch.upgrade_jobs(queue=args.queue, client=client(args))
+    print(f"{len(ids)} rq job(s) of queue {args.queue!r} now name spool.producer.batch.schedule"
+          + (f": {', '.join(ids)}" if ids else ""))
+    return 0
+
+
 def cmd_schedules(args) -> int:
     """List cron schedules."""
-    from producer import batch
+    from spool.producer import batch
 
     print_json([{k: e.get(k) for k in ("name", "cron", "tz", "queue", "next_run", "last_batch_id")}
             for e in batch.schedules(client=client(args))])
@@ -127,7 +137,7 @@ def cmd_schedules(args) -> int:
 
 def cmd_status(args) -> int:
     """Print one batch's state as JSON."""
-    from producer import batch
+    from spool.producer import batch
 
     try:
         info = batch.status(args.id, client=client(args))
@@ -141,7 +151,7 @@ def cmd_status(args) -> int:
 
 def cmd_cancel(args) -> int:
     """Cancel a batch (its runner stops and writes what finished)."""
-    from producer import batch
+    from spool.producer import batch
 
     try:
         print(batch.cancel(args.id, client=client(args)))
@@ -159,7 +169,7 @@ def _created(info) -> str:
 
 def cmd_list(args) -> int:
     """List batches, newest first: a table with a header, or JSON."""
-    from producer import batch
+    from spool.producer import batch
 
     infos = batch.list_batches(args.limit, client=client(args))
     if args.json:
@@ -214,6 +224,10 @@ def add_commands(sub) -> None:
     u.set_defaults(func=cmd_unschedule)
     ls = bs.add_parser("schedules", help="list cron schedules")
     ls.set_defaults(func=cmd_schedules)
+    up = bs.add_parser("upgrade-jobs", help="after upgrading from spool < 0.2: point the rq jobs it queued (cron "
+                                            "occurrences too) at the new module paths")
+    up.add_argument("--queue", default="spool-batch", help="rq queue (default spool-batch)")
+    up.set_defaults(func=cmd_upgrade_jobs)
 
     st = bs.add_parser("status", help="a batch's state (JSON)")
     st.add_argument("id", help="batch id")
@@ -225,6 +239,6 @@ def add_commands(sub) -> None:
     li.add_argument("--limit", type=int, default=50, help="most batches to list (default 50)")
     li.add_argument("--json", action="store_true", help="print the batches as a JSON list")
     li.set_defaults(func=cmd_list)
-    for x in (r, s, c, u, ls, st, ca, li):
+    for x in (r, s, c, u, ls, up, st, ca, li):
         add_redis_flags(x)
 

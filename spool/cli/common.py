@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from protocol.defaults import DEFAULT_PREFIX
-from protocol.env import ENV_PREFIX_KEY, ENV_REDIS_URL, env_text
+from spool.protocol.defaults import DEFAULT_PREFIX
+from spool.protocol.env import ENV_PREFIX_KEY, ENV_REDIS_URL, env_text
 
 # Exit codes of every verb (docs/OPERATIONS.md). argparse itself exits 2 on a usage error.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REDIS = 0, 1, 2, 3, 4
@@ -47,7 +47,7 @@ def seconds(text: str) -> float:
 
 def request_id(text: str) -> str:
     """argparse type for a request id: the protocol's id rule, checked before anything talks to Redis."""
-    from protocol.keys import validate_id
+    from spool.protocol.keys import validate_id
 
     try:
         return validate_id(text)
@@ -80,7 +80,7 @@ def add_redis_flags(parser: argparse.ArgumentParser) -> None:
 
 def describe_redis(args: argparse.Namespace) -> str:
     """The deployment's Redis for a message: its URL without password, and whether it is the embedded one."""
-    from protocol.connection import redact_url
+    from spool.protocol.connection import redact_url
 
     url = getattr(args, "resolved_url", None) or args.redis_url or "?"
     if not args.redis_url:
@@ -90,8 +90,8 @@ def describe_redis(args: argparse.Namespace) -> str:
 
 def client(args: argparse.Namespace):
     """A producer Client for the deployment the flags name, once its Redis answers (else CliError, exit 4)."""
-    from producer.client import Client
-    from producer.ops import resolve_url
+    from spool.producer.client import Client
+    from spool.producer.ops import resolve_url
 
     try:
         url = resolve_url(args.redis_url)
@@ -99,7 +99,7 @@ def client(args: argparse.Namespace):
         raise CliError(f"could not start the embedded Redis: {e}", EXIT_REDIS) from e
     args.resolved_url = url
     try:
-        from protocol.connection import client_kwargs
+        from spool.protocol.connection import client_kwargs
 
         client_kwargs(url)  # a malformed URL or an unknown scheme: a usage error before any waiting
     except ValueError as e:
@@ -118,7 +118,7 @@ def _unreachable_reason(error: Exception, url: str) -> str:
     from redis.sentinel import MasterNotFoundError
 
     if isinstance(error, MasterNotFoundError):
-        from protocol.connection import parse_sentinel_url
+        from spool.protocol.connection import parse_sentinel_url
 
         return f"no reachable sentinel names a master {parse_sentinel_url(url)[1]!r}"
     return str(error)
@@ -128,13 +128,13 @@ def wait_for_redis(args: argparse.Namespace, url: str, budget_s: float) -> None:
     """PING with short timeouts until Redis answers; say once that we retry, give up after budget_s (exit 4)."""
     import redis
 
-    from protocol.connection import client_kwargs
+    from spool.protocol.connection import client_kwargs
 
     kw = client_kwargs(url, fail_fast=True)
     kw.pop("retries"), kw.pop("cap")
     kw.update(socket_timeout=2.0, socket_connect_timeout=2.0, retry=None)
     if url.split("://", 1)[0].endswith("+sentinel"):
-        from protocol.connection import connect
+        from spool.protocol.connection import connect
 
         probe = connect(url, fail_fast=True, socket_timeout=2.0, socket_connect_timeout=2.0)  # asks the sentinels
     else:
@@ -163,7 +163,7 @@ def wait_for_redis(args: argparse.Namespace, url: str, budget_s: float) -> None:
 
 def note_if_no_worker(producer, args: argparse.Namespace, what: str) -> None:
     """If no live worker is registered on this Redis, say so at once (else a wait looks like a hang)."""
-    from producer.admin import live_workers
+    from spool.producer.admin import live_workers
 
     if not live_workers(producer.redis, producer.keys):
         timeout = getattr(args, "timeout", None)

@@ -6,10 +6,10 @@ import dataclasses
 import typing
 from typing import Any
 
-from protocol.env import base_type, env_name, field_defaults
+from spool.protocol.env import base_type, env_name, field_defaults
 
 _HELP = {
-    # engine (engine.config.EngineConfig)
+    # engine (spool.engine.config.EngineConfig)
     "model": "path of a local Hugging Face model directory (config.json, *.safetensors, tokenizer files)",
     "tokenizer": "tokenizer directory, if not the model's",
     "device": "cpu | cuda | cuda:N | auto (CUDA when torch sees a GPU)",
@@ -46,7 +46,7 @@ _HELP = {
     "kv_cache_dtype": "auto | fp8 (e4m3: half the bytes, twice the tokens; k/v scales from the checkpoint, else 1.0)",
     "tensor_parallel_size": "shard the model over this many GPUs (from --device's index), one process each; "
                             "on the CPU, processes sharing its cores",
-    # worker (worker.settings.WorkerSettings)
+    # worker (spool.worker.settings.WorkerSettings)
     "redis_url": "redis://, rediss:// or unix:// URL (default: SPOOL_REDIS_URL, else an embedded local server)",
     "prefix": "key prefix of the deployment",
     "job_shards": "jobs streams per priority (spread over Redis Cluster nodes); producers pick one by the id's hash",

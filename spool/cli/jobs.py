@@ -10,7 +10,7 @@ import sys
 
 import orjson
 
-from protocol import PRIORITIES
+from spool.protocol import PRIORITIES
 from spool.cli.common import (
     DEFAULT_WAIT_S, EXIT_FAILED, EXIT_OK, EXIT_QUEUED, EXIT_RUNNING, EXIT_TIMEOUT, EXIT_USAGE, CliError,
     add_redis_flags, client, describe_redis, finite, note_if_no_worker, print_json, request_id, say, seconds,

@@ -55,7 +55,7 @@ def build_parser(worker_flags: bool = True) -> argparse.ArgumentParser:
     admin.add_commands(sub)
     batch.add_commands(sub)
     top.add_commands(sub)
-    __import__("spool.cli.serve", fromlist=["add_commands"]).add_commands(sub)  # spool serve (gateway/)
+    __import__("spool.cli.serve", fromlist=["add_commands"]).add_commands(sub)  # spool serve (spool/gateway/)
     return parser
 
 
@@ -63,7 +63,7 @@ def _classify(error: BaseException, args: argparse.Namespace) -> tuple[int, str]
     """(exit code, one line) for an expected failure; None for a bug."""
     import redis
 
-    from protocol import JobError
+    from spool.protocol import JobError
 
     if isinstance(error, CliError):
         return error.code, error.message
@@ -85,7 +85,7 @@ def _classify(error: BaseException, args: argparse.Namespace) -> tuple[int, str]
 
 
 def _full_message(error: BaseException) -> str:
-    from producer.errors import RedisFullError
+    from spool.producer.errors import RedisFullError
 
     return str(error if isinstance(error, RedisFullError) else RedisFullError.from_error(error))
 

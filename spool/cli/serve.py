@@ -1,10 +1,11 @@
-"""`spool serve`: the OpenAI-compatible HTTP API in front of the queue (gateway/, docs/SERVER.md). No GPU, no torch."""
+"""`spool serve`: the OpenAI-compatible HTTP API in front of the queue (spool/gateway/, docs/SERVER.md). No GPU, no
+torch."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from protocol.env import env_text
+from spool.protocol.env import env_text
 from spool.cli.common import EXIT_USAGE, CliError, add_redis_flags, client, say, seconds
 
 ENV_API_KEYS = "SPOOL_API_KEYS"
@@ -68,7 +69,7 @@ def add_commands(sub) -> None:
 
 
 def _keys(args: argparse.Namespace) -> tuple[str, ...]:
-    from gateway.auth import parse_keys
+    from spool.gateway.auth import parse_keys
 
     values = list(args.api_key) + [env_text(ENV_API_KEYS, "")]
     if args.api_key_file:
@@ -81,9 +82,9 @@ def _keys(args: argparse.Namespace) -> tuple[str, ...]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the flags and Redis, then serve until stopped."""
-    from gateway.auth import parse_keys
-    from gateway.server import serve
-    from gateway.settings import GatewaySettings
+    from spool.gateway.auth import parse_keys
+    from spool.gateway.server import serve
+    from spool.gateway.settings import GatewaySettings
 
     for name in ("port", "workers", "max_file_bytes", "batch_max_in_flight", "retry_after"):
         if getattr(args, name) < (0 if name == "retry_after" else 1):

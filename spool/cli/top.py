@@ -20,8 +20,8 @@ ACTIVE_BATCH = ("validating", "in_progress", "finalizing", "cancelling")
 
 def snapshot(producer) -> dict[str, Any]:
     """What one frame shows, read from Redis: workers' heartbeats, streams, dead letters, active batches."""
-    from producer import batch
-    from producer.admin import deployment_status
+    from spool.producer import batch
+    from spool.producer.admin import deployment_status
 
     status = deployment_status(producer.redis, producer.keys)
     status["batches"] = [b for b in batch.list_batches(50, client=producer) if b.status in ACTIVE_BATCH]

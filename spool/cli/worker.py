@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-from protocol.env import ENV_GPUS, ENV_REDIS_URL, env_text
+from spool.protocol.env import ENV_GPUS, ENV_REDIS_URL, env_text
 from spool.cli.common import EXIT_USAGE, CliError
 from spool.cli.flags import add_dataclass_flags, dataclass_flags, dataclass_from_args
 
@@ -36,15 +36,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Load the model, connect to Redis and serve until stopped (with --gpus: supervise one process per GPU)."""
     if getattr(args, "gpus", None) is not None:
         return cmd_supervise(args)
-    from engine import LLMEngine, TensorParallelError
-    from engine.config import ConfigError, EngineConfig
-    from producer.ops import resolve_url
-    from protocol.connection import connect
-    from worker.joblog import configure_logging
-    from worker.loop import Worker
-    from worker.metrics import MetricsServerError
-    from worker.placement import follow_supervisor
-    from worker.settings import WorkerSettings
+    from spool.engine import LLMEngine, TensorParallelError
+    from spool.engine.config import ConfigError, EngineConfig
+    from spool.producer.ops import resolve_url
+    from spool.protocol.connection import connect
+    from spool.worker.joblog import configure_logging
+    from spool.worker.loop import Worker
+    from spool.worker.metrics import MetricsServerError
+    from spool.worker.placement import follow_supervisor
+    from spool.worker.settings import WorkerSettings
 
     settings = dataclass_from_args(WorkerSettings, args)
     try:
@@ -80,7 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except MetricsServerError as e:  # the port is taken: another worker on this host needs its own
         raise CliError(str(e), EXIT_USAGE) from e
     except TensorParallelError as e:  # a rank died while idle (in a step, the loop exits with the same code)
-        from worker.step_errors import EXIT_DEVICE_ERROR
+        from spool.worker.step_errors import EXIT_DEVICE_ERROR
 
         raise CliError(f"the engine stopped: {e}; this worker's in-flight jobs stay pending for another",
                        EXIT_DEVICE_ERROR) from e
@@ -88,11 +88,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     """`spool worker --gpus`: one worker process per GPU group, restarted when it dies, stopped with us."""
-    from engine.config import EngineConfig
-    from producer.ops import resolve_url
-    from worker import supervisor
-    from worker.joblog import configure_logging
-    from worker.settings import WorkerSettings
+    from spool.engine.config import EngineConfig
+    from spool.producer.ops import resolve_url
+    from spool.worker import supervisor
+    from spool.worker.joblog import configure_logging
+    from spool.worker.settings import WorkerSettings
 
     settings = dataclass_from_args(WorkerSettings, args)
     config = dataclass_from_args(EngineConfig, args)
@@ -126,7 +126,7 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 def gpu_spec(text: str):
     """argparse type of --gpus (and SPOOL_GPUS): 'all' or GPU numbers such as 0,1,3."""
-    from worker.supervisor import parse_gpu_spec
+    from spool.worker.supervisor import parse_gpu_spec
 
     try:
         return parse_gpu_spec(text)
@@ -143,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_commands(sub, engine_flags: bool = True) -> None:
     """Register worker and demo on the `spool` subparsers (engine_flags=False: skip importing torch)."""
-    from worker.settings import WorkerSettings
+    from spool.worker.settings import WorkerSettings
 
     w = sub.add_parser("worker", help="run a GPU/CPU worker that drains the jobs streams",
                        description="Load a model and serve the deployment's jobs streams until SIGTERM (warm stop: "
@@ -151,7 +151,7 @@ def add_commands(sub, engine_flags: bool = True) -> None:
                                    "--gpus runs one such process per GPU under a supervisor that restarts them and "
                                    "passes signals on. Every flag also reads SPOOL_<FLAG>.")
     if engine_flags:
-        from engine.config import EngineConfig  # imports torch: only when the worker verb is asked for
+        from spool.engine.config import EngineConfig  # imports torch: only when the worker verb is asked for
 
         add_dataclass_flags(w, EngineConfig, title="engine")
         add_dataclass_flags(w, WorkerSettings, title="worker")
