@@ -11,7 +11,13 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # Install torch first and explicitly: an unpinned resolve would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "${SPOOL_TORCH:-torch==2.13.0}"
+  if [ -n "${SPOOL_TORCH:-}" ]; then
+    .venv/bin/python -m pip install -q "$SPOOL_TORCH"
+  else
+    .venv/bin/python -m pip install -q torch==2.13.0 triton==3.9.0
+  fi
 fi
-.venv/bin/python -m pip install -q -e '.[dev]'
+# Every other package at the tested version (scripts/constraints.txt); SPOOL_CONSTRAINTS= (empty) resolves afresh.
+CONSTRAINTS=${SPOOL_CONSTRAINTS-scripts/constraints.txt}
+.venv/bin/python -m pip install -q ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e '.[dev]'
 echo "spool installed in .venv ($(.venv/bin/python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'))"
