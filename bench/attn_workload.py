@@ -2,7 +2,7 @@
 
   python bench/attn_workload.py [--json OUT] [--skip decode prefill] [--decode-sweep]
 
-bench/kernels.py times the issue's fixed shapes (decode B=64 x 4096, one 2048-token prefill). This times what a
+bench/kernel_speeds.py times the issue's fixed shapes (decode B=64 x 4096, one 2048-token prefill). This times what a
 llama3-8b bulk step actually runs (32/8 heads, d128):
 - decode: 512 sequences whose contexts are the workload's prompts U[128,1024] plus a few decoded tokens
   (ragged, short: per-program fixed costs weigh more than at 4096), bf16 and fp8 KV (fp8: V row-major as

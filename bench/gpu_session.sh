@@ -139,10 +139,10 @@ for stage in "$@"; do case $stage in
       run attn_ws 420 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 --json "$OUT/attn_ws.json"
       run attn_ws_issue 300 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 64 --skip prefill \
         --decode-uniform 64 4096 --json "$OUT/attn_ws_issue.json" ;;
-  kbench) run kernels 360 python3 bench/kernels.py --json "$OUT/kernels.json" ;;
-  ksweep) run ksweep 420 python3 bench/kernels.py --sweep --skip prefill small ;;
-  ksweep8) run ksweep8 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
-  psweep) run psweep 480 python3 bench/kernels.py --prefill-sweep --skip decode small --json "$OUT/psweep.json" ;;
+  kbench) run kernels 360 python3 bench/kernel_speeds.py --json "$OUT/kernels.json" ;;
+  ksweep) run ksweep 420 python3 bench/kernel_speeds.py --sweep --skip prefill small ;;
+  ksweep8) run ksweep8 300 python3 bench/kernel_speeds.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
+  psweep) run psweep 480 python3 bench/kernel_speeds.py --prefill-sweep --skip decode small --json "$OUT/psweep.json" ;;
   qwen) run qwen3 400 python3 bench/throughput.py --shape qwen3-0.6b --num-requests 256 --prompt-len 100 1024 --output-len 100 1024 --json "$OUT/qwen3.json" ;;
   llama) run llama8b 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b.json" ;;
   llamafp8all) run llama8b_fp8all 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/llama8b_fp8all.json" ;;
@@ -243,11 +243,11 @@ for stage in "$@"; do case $stage in
   profile) run profile_bf16 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/profile_bf16.json" ;;
   profilefp8) run profile_fp8all 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/profile_fp8all.json" ;;
   profileso) run profile_so_one 300 python3 bench/profile_step.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --structured one --json "$OUT/profile_so_one.json" ;;
-  kbench64) run kernels_bs64 360 python3 bench/kernels.py --block-size 64 --json "$OUT/kernels_bs64.json" ;;
+  kbench64) run kernels_bs64 360 python3 bench/kernel_speeds.py --block-size 64 --json "$OUT/kernels_bs64.json" ;;
   llama64) run llama8b_bs64 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --engine-arg block_size=64 --json "$OUT/llama8b_bs64.json" ;;
-  ksweep8bs64) run ksweep8_bs64 300 python3 bench/kernels.py --sweep --kv-dtypes fp8 --skip prefill small --block-size 64 --json "$OUT/ksweep8_bs64.json" ;;
+  ksweep8bs64) run ksweep8_bs64 300 python3 bench/kernel_speeds.py --sweep --kv-dtypes fp8 --skip prefill small --block-size 64 --json "$OUT/ksweep8_bs64.json" ;;
   fp8qtests) run gpu_fp8q_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_quant.py tests/test_fp8_weights.py tests/test_kernels.py tests/test_fp8_kv.py tests/test_async_grammar.py ;;
-  fp8qbench) run fp8quant_bench 200 python3 bench/kernels.py --skip decode prefill small --json "$OUT/fp8quant.json" ;;
+  fp8qbench) run fp8quant_bench 200 python3 bench/kernel_speeds.py --skip decode prefill small --json "$OUT/fp8quant.json" ;;
   diag) run diag 300 python3 bench/diag_logits.py ;;
   fp8) # issue 17: FP8 weights: GPU tests, accuracy vs bf16/fp32 (llama3-8b shape, dummy weights), throughput (compare: llama)
     run fp8_tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_fp8_weights.py

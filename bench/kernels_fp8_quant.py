@@ -1,4 +1,4 @@
-"""bench/kernels.py's fp8quant group: per-token FP8 activation quantization, torch vs Triton vs fused producers.
+"""bench/kernel_speeds.py's fp8quant group: per-token FP8 activation quantization, torch vs Triton vs fused producers.
 
 For each T x K: the torch path (spool.kernels.reference: inf-norm, two divisions, cast: several passes over x), the
 one-pass Triton kernel (spool.kernels.fp8_quant), and the two producers the decoder fuses it into, each three ways:

@@ -5,7 +5,7 @@
       python3 bench/profile_attn.py [--case decode|decode-workload|prefill] [--kv bf16|fp8] [--block-size 16]
 
 Cases (32/8 heads, d128, bf16 q):
-  decode           B=64 x 4096 context, bench/kernels.py's default shape (SDPA decode on contiguous bf16 K/V too)
+  decode           B=64 x 4096 context, bench/kernel_speeds.py's default shape (SDPA decode on contiguous bf16 K/V too)
   decode-workload  512 sequences with the llama3-8b bulk workload's contexts, U[128,1024] + 16
   prefill          2048 new tokens, no cached prefix, keys from the step's own qkv (k/v_new) as the engine runs
                    them (SDPA causal on 2048 contiguous tokens too)
@@ -19,9 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # this file must not shadow `kernels`
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # spool and bench from this checkout
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # first: bench/kernels.py must not shadow the kernels package
+sys.path.insert(0, str(ROOT))  # first: spool from this checkout
 
 import orjson  # noqa: E402
 import redis  # noqa: E402

@@ -3,7 +3,8 @@
 engine never imports worker, producer or protocol; kernels never import engine; protocol imports none of
 spool's packages; worker never imports producer; producer never imports worker or engine; the gateway never
 imports engine or worker (nor torch); nothing shipped imports the test support; bench never imports the test
-suite; no import cycles at module level; the producer verbs of the CLI and `spool serve` never load torch.
+suite; no import cycles at module level; the producer verbs of the CLI and `spool serve` never load torch; only
+`spool` sits at the top level, and no bench or test module is named like an installed module.
 """
 from __future__ import annotations
 
@@ -168,3 +169,14 @@ def test_one_top_level_package():
     strays = [p.name for p in ROOT.iterdir()
               if (p / "__init__.py").exists() and p.name not in ("spool", "tests", "bench")]
     assert not strays, f"top-level packages outside spool/: {strays}"
+
+
+def test_no_script_shadows_an_installed_module():
+    """`python bench/x.py` puts bench/ first on sys.path, so a bench module named like an installed top-level
+    module (bench/kernels.py and Hugging Face's `kernels`, which transformers imports) would replace it."""
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    clashes = [str(p.relative_to(ROOT)) for d in ("bench", "tests") for p in (ROOT / d).glob("*.py")
+               if p.stem in installed]
+    assert not clashes, f"rename these, they shadow installed modules: {clashes}"

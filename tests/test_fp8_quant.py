@@ -165,7 +165,7 @@ def test_silu_and_mul_quant_equals_quantized_silu_and_mul(shape, max_block, dtyp
 
 
 def test_bench_fp8_quant_section_runs():
-    """bench/kernels.py's fp8quant group on tiny shapes (the CPU smoke run times nothing real)."""
+    """bench/kernel_speeds.py's fp8quant group on tiny shapes (the CPU smoke run times nothing real)."""
     from bench.kernels_fp8_quant import fp8_quant_section
 
     rows, results = [], {}

@@ -374,7 +374,7 @@ def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, 
         block_n = max(16, (8192 if not wide else 4096) // head_dim)
         if wide:
             return AttnConfig(block_m=group_rows, block_n=block_n, num_warps=4, num_stages=3)
-        # Measured on H200 (bench/kernels.py --sweep, bench/RESULTS.md): 2 warps x 4 stages keeps more K/V
+        # Measured on H200 (bench/kernel_speeds.py --sweep, bench/RESULTS.md): 2 warps x 4 stages keeps more K/V
         # tiles in flight per SM than 4 x 3 and reaches copy bandwidth (101% vs 71%) at B=64, ctx=4096.
         # fp8 KV (same sweep, 2026-12-02 third session): 6 stages 146 µs vs 4 stages 173 µs at block 64.
         if kv_fp8 and v_keys_fastest_pages:  # fp8 V stored keys-fastest in pages of >= 64 (spool.kernels.kv_layout):

@@ -79,7 +79,7 @@ def log_startup(worker: Any, redis_url: str | None) -> None:
         "cuda_graphs": "on" if getattr(runner, "graphs", None) is not None else "off",
         "prefix_caching": "on" if engine.config.enable_prefix_caching else "off",
         "redis": redact_url(redis_url or worker.settings.redis_url),
-        "metrics": f":{spool.worker.metrics.port}/metrics" if worker.metrics is not None else "off",
+        "metrics": f":{worker.metrics.port}/metrics" if worker.metrics is not None else "off",
     }
     logging.getLogger("spool.worker").info("starting %s", _text(fields),
                                            extra={"fields": fields, "summary": "starting"})

@@ -1,6 +1,6 @@
 """Kernel benchmark: paged-attention decode bandwidth vs device copy and SDPA, prefill, small kernels, FP8 quantize.
 
-Usage (CUDA only):  python bench/kernels.py [--batch 64 --ctx 4096 --hq 32 --hk 8 --head-dim 128
+Usage (CUDA only):  python bench/kernel_speeds.py [--batch 64 --ctx 4096 --hq 32 --hk 8 --head-dim 128
                     --dtype bf16 --block-size 16] [--sweep] [--prefill-sweep] [--json OUT]
 
 One default run reports (issue 17's targets): decode with a bf16 and an fp8 KV cache vs SDPA on bf16 KV
@@ -29,9 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # this file must not shadow `kernels`
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # spool and bench from this checkout
 
 import torch  # noqa: E402
 
@@ -477,7 +475,7 @@ def main(argv=None) -> int:
         a.fp8_tokens, a.fp8_widths = [8], [256, 300]
         a.sweep = a.prefill_sweep = False
     elif not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        print("bench/kernel_speeds.py needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
     dtype = DTYPES[a.dtype]
     import triton
