@@ -139,6 +139,15 @@ for stage in "$@"; do case $stage in
       run attn_ws 420 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 --json "$OUT/attn_ws.json"
       run attn_ws_issue 300 python3 bench/attn_workload.py --warp-specialize --block-sizes 16 64 --skip prefill \
         --decode-uniform 64 4096 --json "$OUT/attn_ws_issue.json" ;;
+  rows) # twelfth session: a decode step's GEMMs by row count (512 vs 513-640), then whole decode steps at 512 and
+    # 513 sequences (the 513th replays the 528-row graph; a probe beside a full bulk batch does the same)
+    run gemm_rows 200 python3 bench/gemm_rows.py --json "$OUT/gemm_rows.json"
+    for n in 512 513; do run decode_rows_$n 300 python3 bench/throughput.py --shape llama3-8b --num-requests $n \
+      --prompt-len 128 128 --output-len 256 256 --max-num-seqs 528 --timeline --json "$OUT/decode_rows_$n.json"; done ;;
+  rows2) # twelfth session: the GEMMs by row count again, CUDA-graph timed, three passes alternately up and down,
+    # with cuBLAS (torch's default) and cuBLASLt
+    for b in default cublaslt; do run gemm_rows_$b 200 python3 bench/gemm_rows.py --blas $b \
+      --rows 480 496 504 511 512 513 520 528 544 --json "$OUT/gemm_rows_$b.json"; done ;;
   kbench) run kernels 360 python3 bench/kernel_speeds.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernel_speeds.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernel_speeds.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;

@@ -388,3 +388,56 @@ def test_split_steps_cost_bulk_less_device_time_beside_probes_on_the_calibrated_
     assert split["device_s"] < 0.99 * mixed["device_s"]
     assert split["ttft_ms_p90"] < mixed["ttft_ms_p90"]
     assert split["probes"] == mixed["probes"] >= 20
+
+
+def test_interactive_rows_on_top_of_a_full_bulk_batch_displace_bulk_decodes_round_robin():
+    """Decode steps keep max_num_seqs rows while priority-0 rows sit beyond a full bulk batch (rows past a round
+    batch cost a tile row of every matmul): that many bulk decodes sit out each step, each bulk row in turn."""
+    clock = _Clock()
+    sched = _scheduler(clock, cap=0, budget=4096, max_num_seqs=32, reserve=0.0625)  # 2 extra priority-0 rows
+    assert sched.max_rows == 34
+    for i in range(32):
+        sched.add(_seq(f"b{i}", 8, BULK, max_tokens=200))
+    _step(sched)  # every prompt
+    assert len(sched.running) == 32
+    sched.add(_seq("i0", 8, INTERACTIVE, max_tokens=40))
+    sched.add(_seq("i1", 8, INTERACTIVE, max_tokens=40))
+    first = _step(sched)  # their prompts, beside all 32 bulk decodes (no split steps here)
+    assert {c.seq_id for c, _ in first} >= {"i0#0", "i1#0"} and len(first) == 34
+    bulk = [s for s in sched.running if s.priority == BULK]
+    before = {s.seq_id: s.num_computed_tokens for s in bulk}
+    for _ in range(16):
+        chunks = _step(sched)
+        ids = [c.seq_id for c, _ in chunks]
+        assert len(chunks) == 32 and "i0#0" in ids and "i1#0" in ids  # 30 bulk decodes + the two interactive
+        assert all(len(c.token_ids) == 1 for c, _ in chunks)
+    advanced = sorted(s.num_computed_tokens - before[s.seq_id] for s in bulk)
+    assert advanced[0] == 15 and advanced[-1] == 15  # 16 steps x 2 rows displaced = each of 32 rows sits out once
+
+
+def test_no_bulk_decode_is_displaced_without_priority_0_rows_beyond_max_num_seqs():
+    clock = _Clock()
+    sched = _scheduler(clock, cap=0, budget=4096, max_num_seqs=32, reserve=0.0625)
+    for i in range(30):  # the bulk batch is not full: the interactive rows fit in max_num_seqs
+        sched.add(_seq(f"b{i}", 8, BULK, max_tokens=50))
+    _step(sched)
+    sched.add(_seq("i0", 8, INTERACTIVE, max_tokens=20))
+    sched.add(_seq("i1", 8, INTERACTIVE, max_tokens=20))
+    _step(sched)
+    for _ in range(5):
+        assert len(_step(sched)) == 32
+
+
+def test_a_narrow_bulk_batch_beside_many_interactive_rows_is_never_displaced():
+    """Displacing costs bulk over / n_bulk of its rows: past 1/16 no bulk decode sits out (nothing starves)."""
+    clock = _Clock()
+    sched = _scheduler(clock, cap=0, budget=4096, max_num_seqs=16, reserve=0.25)  # 4 extra rows
+    for i in range(16):
+        sched.add(_seq(f"i{i}", 8, INTERACTIVE, max_tokens=50))
+    for i in range(4):
+        sched.add(_seq(f"b{i}", 8, BULK, max_tokens=50))
+    _step(sched)
+    assert len(sched.running) == 20
+    for _ in range(5):
+        chunks = _step(sched)
+        assert len(chunks) == 20 and sum(s.priority == BULK for _, s in chunks) == 4

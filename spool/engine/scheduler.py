@@ -13,6 +13,9 @@ Interactive (priority-0) work beside bulk (priority > 0) work:
   runs as wide as offline), and an interactive request beside a full bulk batch still starts at once, without a
   preemption. Each class alone holds at most max_num_seqs rows, so an engine with no bulk work (the offline
   LLM) never runs more than max_num_seqs sequences.
+- While priority-0 rows sit on top of a full bulk batch, as many bulk decodes sit each step out, round-robin, so
+  the step keeps max_num_seqs rows: a few rows past a round batch cost a whole tile row of every matmul
+  (_displaced_decodes).
 - The step that starts a waiting priority-0 request carries no bulk prompt chunks (_held_back_priority).
 - While priority-0 requests keep arriving (one within interactive_window_s), a step carries at most
   interactive_prefill_tokens bulk prompt tokens: steps stay short, so a new interactive request never waits
@@ -71,6 +74,7 @@ class Scheduler:
         # While the cap holds: bulk prompt steps and bulk decode steps take turns (_split_step_kind).
         self.interactive_split_steps = interactive_split_steps
         self._last_was_prompt_step = False
+        self._displace_cursor = 0  # where the next round-robin pick of displaced bulk decodes starts
         self._worse_prompt_left = False  # the last step that could carry bulk prompts left one half-computed
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -314,6 +318,41 @@ class Scheduler:
         self._last_was_prompt_step = False
         return True, False
 
+    def _displaced_decodes(self) -> frozenset[int] | tuple[()]:
+        """Indices into running of the worse-priority decodes that sit this step out, so that priority-0 rows on
+        top of a full bulk batch keep the step at max_num_seqs rows.
+
+        A decode step's matmuls take its rows as M, and cuBLAS's tiles make a few rows past a round batch cost a
+        whole tile row: on an H200, llama3-8b decode steps took 18.05 ms at 512 rows and 19.26 ms at 513 (the
+        528-row graph), +6.7%, and bench/gemm_rows.py puts the GEMMs at +6.3% (bench/RESULTS.md, twelfth
+        session). An interactive request decoding beside 512 bulk rows paid that on every step. So while
+        priority-0 work holds `over` rows beyond max_num_seqs, `over` bulk decodes sit out each step, picked
+        round-robin over the bulk rows (each waits one step in every n_bulk / over). Bulk then loses over / n_bulk
+        of its rows instead of the padded step's time; past 1/16 (a narrow bulk batch beside many priority-0
+        rows) that trade stops paying, and none sit out.
+        """
+        over = len(self.running) - self.max_num_seqs
+        if over <= 0:
+            return ()
+        best = self._num_best(self.running)
+        worse = len(self.running) - best
+        if over * 16 > worse:
+            return ()
+        picked: list[int] = []
+        start = self._displace_cursor % worse
+        j = 0
+        for j in range(worse):
+            k = best + (start + j) % worse
+            seq = self.running[k]
+            scheduled = len(seq.token_ids) + seq.num_pending_tokens
+            if scheduled - seq.num_computed_tokens == 1 and not (seq.num_pending_tokens and
+                                                                   scheduled >= seq.max_num_tokens):
+                picked.append(k)
+                if len(picked) == over:
+                    break
+        self._displace_cursor = start + j + 1
+        return frozenset(picked)
+
     def _worse_prompt_work(self) -> bool:
         """A worse-priority prompt chunk could run now: one left half-computed, or a waiting one that fits."""
         if self._worse_prompt_left:
@@ -351,6 +390,7 @@ class Scheduler:
             worse_prompt = 0
         worse_prompt_left = False  # a worse-priority prompt stays half-computed after this step
         track_left = self.interactive_split_steps  # only split steps read worse_prompt_left
+        displaced = () if no_worse_decodes else self._displaced_decodes()
         allocate, emit = self.block_manager.allocate, self._emit  # per running sequence: no attribute chains
         i = 0
         while i < len(self.running) and budget > 0:
@@ -365,6 +405,9 @@ class Scheduler:
                 continue
             if num_new == 1 and no_worse_decodes and seq.priority > 0:
                 i += 1  # a bulk decode sits out a prompt step (or an interactive request's first step)
+                continue
+            if displaced and i in displaced:
+                i += 1  # a bulk decode lends its row to a priority-0 row beyond max_num_seqs (_displaced_decodes)
                 continue
             if num_new > 1 and seq.priority > 0:
                 num_new = min(num_new, worse_prompt)
