@@ -164,6 +164,8 @@ def main() -> int:
     p.add_argument("--piecewise-graph-tokens", type=int, default=None,
                    help="EngineConfig.piecewise_graph_tokens: steps with prompt tokens up to this many replay "
                         "piecewise CUDA graphs (0: eager; default: measured at start-up)")
+    p.add_argument("--quantization", choices=["fp8"], help="FP8 weights (dummy weights are quantized at load)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], help="KV cache element type")
     p.add_argument("--sim", action="store_true",
                    help="no model: the real engine and worker on a simulated device whose step time follows "
                         "the scheduled tokens (spool/testing/timed_runner.py, calibrated to the H200 llama3-8b "
@@ -185,6 +187,7 @@ def main() -> int:
     extra = {k: v for k, v in (("priority_reserve", args.priority_reserve), ("swap_space_bytes", args.swap_space_bytes),
                                ("interactive_prefill_tokens", args.interactive_prefill_tokens),
                                ("piecewise_graph_tokens", args.piecewise_graph_tokens),
+                               ("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype),
                                ("interactive_split_steps", None if args.interactive_split_steps is None
                                 else args.interactive_split_steps == "on")) if v is not None}
     engine_kwargs = dict(device=args.device, load_format=fmt, max_num_seqs=args.max_num_seqs,
@@ -251,6 +254,7 @@ def main() -> int:
         "interactive_prefill_tokens": getattr(eng.config, "interactive_prefill_tokens", None),
         "interactive_split_steps": getattr(eng.config, "interactive_split_steps", None),
         "piecewise_graph_tokens": getattr(eng.runner, "piecewise_graph_tokens", 0),  # --sim: none
+        "quantization": eng.config.quantization, "kv_cache_dtype": str(eng.config.kv_cache_dtype),
         "probed_over_plain": None if plain is None else round(plain.wall_s / probed.wall_s, 3),
         # ttft_ms: the worker's first-token stamp minus the entry's time (as before); client_ttft_ms: what the
         # probe's client saw, from its enqueue call to the first token event read from the stream.

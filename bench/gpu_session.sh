@@ -148,6 +148,8 @@ for stage in "$@"; do case $stage in
     # with cuBLAS (torch's default) and cuBLASLt
     for b in default cublaslt; do run gemm_rows_$b 200 python3 bench/gemm_rows.py --blas $b \
       --rows 480 496 504 511 512 513 520 528 544 --json "$OUT/gemm_rows_$b.json"; done ;;
+  e2efp8) run e2e_fp8 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 \
+    --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/e2e_fp8.json" ;;
   kbench) run kernels 360 python3 bench/kernel_speeds.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernel_speeds.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernel_speeds.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
