@@ -53,6 +53,8 @@ class StepCost:
     With these, bench/e2e.py's probed runs reproduce the GPU's bulk ratios (cap 2048: 0.900 vs 0.901 measured,
     cap 4096: 0.947 vs 0.934, no cap 0.971 vs 0.963) and TTFT p90 (184 vs 172 ms, 227 vs 250 ms). The earlier
     linear model (23.4 us per token + 20.5 us per decode row, context-blind) predicted 0.97-0.99 for all three.
+    Not modelled: cuBLAS's step past a round batch (a decode step of 513 rows took 6.7% longer than one of 512 on
+    the H200, twelfth session), which the scheduler avoids beside a full bulk batch (Scheduler._displaced_decodes).
     """
 
     overhead_s: float = 0.0025  # launches, sampling, the host sync
