@@ -321,6 +321,16 @@ def _heartbeats(r) -> dict[str, dict]:
     return deployment_status(r, KEYS)["workers"]
 
 
+def _done_by(r, ids: list[str], worker: str) -> int:
+    """How many of `ids` have a result that `worker` wrote (read straight from the result keys, not a heartbeat)."""
+    from spool.protocol.results import Result
+
+    pipe = r.pipeline(transaction=False)
+    for rid in ids:
+        pipe.get(KEYS.result(rid))
+    return sum(Result.from_json(raw).worker == worker for raw in pipe.execute() if raw is not None)
+
+
 def test_two_fake_gpus_serve_survive_a_kill_and_stop_warm(tiny_llama, redis_server, tmp_path):
     client = Client(redis_server.url)
     r = client.redis
@@ -342,9 +352,10 @@ def test_two_fake_gpus_serve_survive_a_kill_and_stop_warm(tiny_llama, redis_serv
         for job in jobs:
             history.acknowledged(job["id"], job["stream"])
         held = lambda: r.xpending_range(KEYS.jobs(), KEYS.group, "-", "+", 100, consumername="sup-gpu0")  # noqa: E731
-        # Kill sup-gpu0 once it has finished jobs of its own and holds more mid-generation.
-        wait_for(lambda: _heartbeats(r).get("sup-gpu0", {}).get("jobs_done", 0) >= 4 and held(), 60,
-                 what="sup-gpu0 busy")
+        # Kill sup-gpu0 once it has finished jobs of its own and holds more mid-generation. Its results are read
+        # from Redis, not from its heartbeat: a heartbeat (every 2 s) can report the finished jobs only after the
+        # worker has finished all it held, and then no moment satisfies both.
+        wait_for(lambda: held() and _done_by(r, ids, "sup-gpu0") >= 2 and held(), 60, what="sup-gpu0 busy")
         victim = beats["sup-gpu0"]["pid"]
         os.kill(victim, signal.SIGKILL)
         reborn = wait_for(lambda: (pid := _heartbeats(r).get("sup-gpu0", {}).get("pid")) not in (None, victim) and pid,
