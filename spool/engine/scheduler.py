@@ -324,8 +324,8 @@ class Scheduler:
 
         A decode step's matmuls take its rows as M, and cuBLAS's tiles make a few rows past a round batch cost a
         whole tile row: on an H200, llama3-8b decode steps took 18.05 ms at 512 rows and 19.26 ms at 513 (the
-        528-row graph), +6.7%, and bench/gemm_rows.py puts the GEMMs at +6.3% (bench/RESULTS.md, twelfth
-        session). An interactive request decoding beside 512 bulk rows paid that on every step. So while
+        528-row graph), +6.7%; bench/gemm_rows.py puts the GEMMs at +12.5%, and fp8 W8A8 ones at +47% (bench/RESULTS.md,
+        twelfth session). An interactive request decoding beside 512 bulk rows paid that on every step. So while
         priority-0 work holds `over` rows beyond max_num_seqs, `over` bulk decodes sit out each step, picked
         round-robin over the bulk rows (each waits one step in every n_bulk / over). Bulk then loses over / n_bulk
         of its rows instead of the padded step's time; past 1/16 (a narrow bulk batch beside many priority-0
