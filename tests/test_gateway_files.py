@@ -135,7 +135,9 @@ def test_cancel_a_running_batch(sdk):
 
 def test_a_batch_outlives_the_gateway_that_started_it(deployment, sdk):
     url, _, tmp, files = deployment
-    n = 48  # three rounds of the worker's 16 sequences
+    # Ten rounds of the worker's 16 sequences: the runner publishes its counts once a second (heartbeat_s), and on a
+    # fast host three rounds could all finish before the first count was published, leaving nothing to kill.
+    n = 160
     data = jsonl([line(f"r-{i}", "/v1/completions", max_tokens=300, ignore_eos=True, seed=i) for i in range(n)])
     first = GatewayProcess(url, tmp, api_key=KEY, files_dir=files, name="doomed").start()
     doomed = openai.OpenAI(base_url=first.base_url, api_key=KEY, max_retries=0)
