@@ -29,7 +29,9 @@ keys 0 .. its last query from k/v_new (unmasked below the tile's first query, ca
 pointer loads or, with AttnConfig.new_kv_tma, bulk tensor copies. No per-token page gather for the new keys,
 and with an fp8 cache they stay unquantized (k_scale and v_scale apply to the prefix only; as SGLang's extend
 attention). Such steps never split KV. On the H200 this took prefill of 2048 fresh tokens from 56% to 76% of
-SDPA causal (bf16 KV) and from 46% to 72% (fp8 KV); bench/attn_workload.py.
+SDPA causal (bf16 KV) and from 46% to 72% (fp8 KV); bench/attn_workload.py. On Hopper, paged_attention hands
+these chunks to spool.kernels.prefill_hopper (Gluon, FlashAttention-3's overlap: 95-97% of SDPA causal at 2048)
+when it supports the call and no config is forced; SPOOL_PREFILL_KERNEL=triton keeps them here.
 
 Finding the sequence of a tile needs no host sync: in decode (max_query_len <= 1) tile s is
 sequence s; otherwise the grid has T // BLOCK_Q + S tile slots (an upper bound on
@@ -60,12 +62,14 @@ bf16 dots run in fp32 because the interpreter mis-multiplies bf16.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from spool.kernels import prefill_hopper
 from spool.kernels.fp8 import FP8_DTYPE, is_fp8
 from spool.kernels.interpreter import interpreting
 from spool.kernels.sizes import cdiv, next_power_of_2
@@ -89,6 +93,9 @@ class AttnConfig:
     warp_specialize: bool = False
 
 
+# Prompt chunks with k/v_new on Hopper run spool.kernels.prefill_hopper (Gluon, FlashAttention-3's overlap) where it
+# supports the call; SPOOL_PREFILL_KERNEL=triton keeps them on this file's kernel (A/B benchmarks).
+USE_HOPPER_PREFILL = os.environ.get("SPOOL_PREFILL_KERNEL", "auto") != "triton"
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
 _MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 2  # programs per SM that keep HBM busy (each has a ~32 KB K+V tile in flight; ~4 fit)
@@ -526,7 +533,11 @@ def paged_attention(
         num_splits = 1  # the prefix-then-own-keys order has no split-KV form: one program per query tile
     # Prompt chunks first: a split launch's merge rewrites every row, and the one-query launch after it (never
     # split) rewrites its own rows.
-    _launch(*args, False, config, num_splits, max_seq_len, k_new if new_kv else None, v_new if new_kv else None)
+    if new_kv and config is None and USE_HOPPER_PREFILL and prefill_hopper.supported(q, k_cache, v_cache, k_new, v_new):
+        prefill_hopper.prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_new, v_new,
+                                         scale, out, k_scale=k_scale, v_scale=v_scale)
+    else:
+        _launch(*args, False, config, num_splits, max_seq_len, k_new if new_kv else None, v_new if new_kv else None)
     _launch(*args, True, None, 1, max_seq_len, None, None)
     return out
 
