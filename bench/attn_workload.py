@@ -1,6 +1,6 @@
 """Paged attention at the bulk workload's own shapes, and the prefill path's variants. Needs a CUDA GPU.
 
-  python bench/attn_workload.py [--json OUT] [--skip decode prefill] [--decode-sweep]
+  python bench/attn_workload.py [--json OUT] [--skip decode prefill host] [--decode-sweep] [--quick]
 
 bench/kernel_speeds.py times the issue's fixed shapes (decode B=64 x 4096, one 2048-token prefill). This times what a
 llama3-8b bulk step actually runs (32/8 heads, d128):
@@ -11,12 +11,15 @@ llama3-8b bulk step actually runs (32/8 heads, d128):
 - prefill: 2048 new tokens after 0 or 2048 cached ones, and an 8,192-token step of ~14 fresh prompts
   U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
   pointers or by bulk tensor copies (TMA), bf16 and fp8 KV, with SDPA causal on 2048 contiguous tokens as the
-  yardstick (issue 17's 90% target).
+  yardstick (issue 17's 90% target), and spool.kernels.prefill_hopper's Gluon kernel (Hopper, bf16 KV) in each of its
+  tile shapes, persistent or one program per work item; --quick: the Triton kernel's default tiles only.
+- host: host time per call of a prompt step (Gluon vs Triton prompt kernels), with a profile of the Gluon call.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -139,7 +142,7 @@ def decode_section(a, res: dict, rows: list) -> None:
 def prefill_section(a, res: dict, rows: list) -> None:
     import torch.nn.functional as F
 
-    from spool.kernels import reference
+    from spool.kernels import prefill_hopper, reference
     from spool.kernels.paged_attention import AttnConfig, default_config, paged_attention
 
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -179,17 +182,27 @@ def prefill_section(a, res: dict, rows: list) -> None:
         fl = sum(flops(c - q, q) for c, q in zip(ctxs, qlens))
         ref = reference.paged_attention(*b[:6], D**-0.5, k_new=b[6], v_new=b[7]).float() if label == "2048+0" else None
         out = res["prefill"][f"{label} {kv}"] = []
-        for name, tma, cfg in variants:
-            if kv == "fp8-keysV" and name not in defaults:  # the experimental layout: the default tiles only
+        gluon = [(f"gluon bn={bn} st={st}{'' if pers else ' grid=items'}", "gluon", (bn, st, pers))
+                 for bn, st in prefill_hopper.CONFIGS for pers in (True, False)
+                 if prefill_hopper.supported(b[0], b[1], b[2], b[6], b[7])]
+        for name, tma, cfg in variants + gluon:
+            quick = defaults | {"new_kv tma bm=128 bn=128 w=8 st=3"}  # the default tiles, and the best TMA ones
+            if ((kv == "fp8-keysV" and name not in defaults) or (a.quick and name not in quick)) and tma != "gluon":
                 continue
             kw = {} if tma is None else {"k_new": b[6], "v_new": b[7]}
+            if tma == "gluon":  # spool.kernels.prefill_hopper by itself (every row here is a prompt's)
+                o = torch.full_like(b[0], float("nan"))  # rows the kernel misses stay NaN: the error check sees them
+                run = functools.partial(prefill_hopper.prefill_attention, *b[:6], b[6], b[7], D**-0.5, o,
+                                        block_n=cfg[0], stages=cfg[1], persistent=cfg[2])
+            else:
+                run = functools.partial(paged_attention, *b[:6], D**-0.5, max_query_len=max(qlens),
+                                        max_seq_len=max(ctxs), config=cfg, **kw)
             try:
-                ms = bench(lambda: paged_attention(*b[:6], D**-0.5, max_query_len=max(qlens), max_seq_len=max(ctxs),
-                                                   config=cfg, **kw))
+                ms = bench(run)
                 err = None
                 if ref is not None and tma is not None:
-                    o = paged_attention(*b[:6], D**-0.5, max_query_len=max(qlens), config=cfg, **kw).float()
-                    err = float((o - ref).norm() / ref.norm())
+                    run()
+                    err = float(((o if tma == "gluon" else run()).float() - ref).norm() / ref.norm())
             except Exception as e:
                 print(f"prefill {label} {kv} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 continue
@@ -198,16 +211,56 @@ def prefill_section(a, res: dict, rows: list) -> None:
                         "rel_err": err})
         out.sort(key=lambda r: r["ms"])
         pages = [r for r in out if r["variant"] == "pages"]
-        for r in pages + [r for r in out if r["variant"] != "pages"][:3]:
+        shown = pages + [r for r in out if r["variant"] in defaults - {"pages"} or r["variant"].startswith("gluon")]
+        for r in shown + [r for r in out if r not in shown][:3]:
             rows.append(f"prefill {label} {kv} KV {r['variant']}: {r['ms'] * 1e3:.1f} us, {r['TFLOP/s']:.1f} TFLOP/s "
                         f"= {r['pct_of_sdpa_causal_2048']:.0f}% of sdpa" +
                         ("" if r["rel_err"] is None else f", rel err {r['rel_err']:.1e}"))
         del b
 
 
+def host_section(a, res: dict, rows: list) -> None:
+    """Host time per paged_attention call on a prompt step (the engine calls it once per layer), prompt chunks on
+    the Gluon kernel (spool.kernels.prefill_hopper) and on the Triton one; and where the Gluon call's host time goes
+    (cProfile, top functions by own time, in the log)."""
+    import cProfile
+    import pstats
+    import time
+
+    import spool.kernels.paged_attention as pa
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    lens = [512] * 16
+    b = paged(lens, lens, a.block_sizes[0], torch.bfloat16, "bf16", gen)
+    out = torch.empty_like(b[0])
+    call = functools.partial(pa.paged_attention, *b[:6], D**-0.5, max_query_len=512, max_seq_len=512, k_new=b[6],
+                             v_new=b[7], out=out)
+    res["host_us_per_call"] = {}
+    for name, use in (("gluon", True), ("triton", False)):
+        pa.USE_HOPPER_PREFILL = use
+        for _ in range(20):
+            call()
+        torch.cuda.synchronize()
+        n, t0 = 200, time.perf_counter()
+        for _ in range(n):
+            call()
+        us = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        res["host_us_per_call"][name] = us
+        rows.append(f"host time per paged_attention call, 16 prompts x 512, prompt chunks on {name}: {us:.1f} us")
+    pa.USE_HOPPER_PREFILL = True
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(14)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "prefill", "host"])
     p.add_argument("--decode-sweep", action="store_true", help="time tile shapes for decode (first block size)")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64], help="KV page sizes (prefill: the first)")
     p.add_argument("--decode-uniform", type=int, nargs=2, metavar=("SEQS", "CTX"),
@@ -216,6 +269,7 @@ def main() -> int:
                    metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
     p.add_argument("--warp-specialize", action="store_true",
                    help="also time the default tiles with warp-specialized KV loops (AttnConfig.warp_specialize)")
+    p.add_argument("--quick", action="store_true", help="prefill: the Triton kernel's default tiles only (and Gluon's)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -227,6 +281,8 @@ def main() -> int:
         decode_section(a, res, rows)
     if "prefill" not in a.skip:
         prefill_section(a, res, rows)
+    if "host" not in a.skip:
+        host_section(a, res, rows)
     print("\n".join(rows))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

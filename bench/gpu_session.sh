@@ -150,6 +150,26 @@ for stage in "$@"; do case $stage in
       --rows 480 496 504 511 512 513 520 528 544 --json "$OUT/gemm_rows_$b.json"; done ;;
   e2efp8) run e2e_fp8 580 python3 bench/e2e.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 \
     --output-len 256 256 --quantization fp8 --kv-cache-dtype fp8 --json "$OUT/e2e_fp8.json" ;;
+  pftests) # thirteenth session: the Gluon prefill kernel (spool.kernels.prefill_hopper) against the reference, and
+    # the Triton kernel's prompt-path tests now that prompt steps dispatch to it on Hopper
+    run gpu_prefill_hopper_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_prefill_hopper.py
+    run gpu_prompt_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
+      -k "prefill or new_kv or mixed or width" ;;
+  attnpf) run attn_prefill 400 python3 bench/attn_workload.py --skip decode --quick --json "$OUT/attn_prefill.json" ;;
+  llamapf) # the bulk workload with prompt chunks on the Gluon kernel and on the Triton kernel. The Gluon tiles:
+    # $GLUON_PREFILL ("block_n,stages,ws"), else the fastest on attnpf's 16-prompt step, else the default
+    W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+    G=${GLUON_PREFILL:-$(python3 bench/best_gluon_prefill.py "$OUT/attn_prefill.json")}
+    echo "gluon prefill tiles: ${G:-default}" | tee -a "$OUT/summary.txt"
+    SPOOL_GLUON_PREFILL=$G run llama8b_gluon 300 python3 bench/throughput.py $W --json "$OUT/llama8b_gluon.json"
+    SPOOL_PREFILL_KERNEL=triton run llama8b_tritonpf 300 python3 bench/throughput.py $W \
+      --json "$OUT/llama8b_tritonpf.json" ;;
+  llamafp8pf) # as llamapf, with fp8 weights and fp8 KV
+    W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
+    W="$W --quantization fp8 --kv-cache-dtype fp8"
+    run llama8b_fp8_gluon 300 python3 bench/throughput.py $W --json "$OUT/llama8b_fp8_gluon.json"
+    SPOOL_PREFILL_KERNEL=triton run llama8b_fp8_tritonpf 300 python3 bench/throughput.py $W \
+      --json "$OUT/llama8b_fp8_tritonpf.json" ;;
   kbench) run kernels 360 python3 bench/kernel_speeds.py --json "$OUT/kernels.json" ;;
   ksweep) run ksweep 420 python3 bench/kernel_speeds.py --sweep --skip prefill small ;;
   ksweep8) run ksweep8 300 python3 bench/kernel_speeds.py --sweep --kv-dtypes fp8 --skip prefill small --json "$OUT/ksweep8.json" ;;
