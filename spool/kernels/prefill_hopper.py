@@ -123,7 +123,8 @@ if gluon is not None:
 
     @gluon.jit
     def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: gl.constexpr):
-        """Largest s whose first tile slot (qsl[s] // BLOCK_Q + s) <= tile."""
+        """Largest s whose first tile slot (qsl[s] // BLOCK_Q + s) <= tile: paged_attention's _find_seq, restated with
+        Gluon's language module (the Triton one inside a Gluon kernel is untested on the GPU)."""
         lo = 0
         hi = num_seqs
         while lo < hi:
