@@ -11,8 +11,9 @@ llama3-8b bulk step actually runs (32/8 heads, d128):
 - prefill: 2048 new tokens after 0 or 2048 cached ones, and an 8,192-token step of ~14 fresh prompts
   U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
   pointers or by bulk tensor copies (TMA), bf16 and fp8 KV, with SDPA causal on 2048 contiguous tokens as the
-  yardstick (issue 17's 90% target), and spool.kernels.prefill_hopper's Gluon kernel (Hopper, bf16 KV) in each of its
-  tile shapes, persistent or one program per work item; --quick: the Triton kernel's default tiles only.
+  yardstick (issue 17's 90% target), and spool.kernels.prefill_hopper's Gluon kernel (Hopper; bf16 and fp8 KV) in
+  each of its tile shapes, persistent or one program per work item; --quick: of the Triton kernel's tiles, only the
+  default and the 128 x 128 TMA ones.
 - host: host time per call of a prompt step (Gluon vs Triton prompt kernels), with a profile of the Gluon call.
 """
 from __future__ import annotations
@@ -185,8 +186,8 @@ def prefill_section(a, res: dict, rows: list) -> None:
         gluon = [(f"gluon bn={bn} st={st}{'' if pers else ' grid=items'}", "gluon", (bn, st, pers))
                  for bn, st in prefill_hopper.CONFIGS for pers in (True, False)
                  if prefill_hopper.supported(b[0], b[1], b[2], b[6], b[7])]
+        quick = defaults | {"new_kv tma bm=128 bn=128 w=8 st=3"}  # the default tiles, and the best TMA ones
         for name, tma, cfg in variants + gluon:
-            quick = defaults | {"new_kv tma bm=128 bn=128 w=8 st=3"}  # the default tiles, and the best TMA ones
             if ((kv == "fp8-keysV" and name not in defaults) or (a.quick and name not in quick)) and tma != "gluon":
                 continue
             kw = {} if tma is None else {"k_new": b[6], "v_new": b[7]}
@@ -269,7 +270,7 @@ def main() -> int:
                    metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
     p.add_argument("--warp-specialize", action="store_true",
                    help="also time the default tiles with warp-specialized KV loops (AttnConfig.warp_specialize)")
-    p.add_argument("--quick", action="store_true", help="prefill: the Triton kernel's default tiles only (and Gluon's)")
+    p.add_argument("--quick", action="store_true", help="prefill: of the Triton kernel's tiles, the default and TMA 128x128 only")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
