@@ -245,6 +245,18 @@ if gluon is not None:
         return s
 
     @gluon.jit
+    def _row_offsets(WG: gl.constexpr, q0, q_start, q_len, kvh, stride_t, stride_h, GROUP: gl.constexpr,
+                     BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr, layout: gl.constexpr):
+        """Element offsets [64, HEAD_DIM] of warpgroup WG's rows (token q0 + r // GROUP, head kvh * GROUP + r % GROUP)
+        in a [T, H, D] tensor of strides (stride_t, stride_h, 1), in `layout`, and which rows are real."""
+        rows = WG * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        qi = q0 + rows // GROUP
+        off = gl.expand_dims((q_start + qi).to(gl.int64) * stride_t + (kvh * GROUP + rows % GROUP) * stride_h, 1) + \
+            gl.expand_dims(cols, 0)
+        return off, gl.expand_dims((rows < BLOCK_Q * GROUP) & (qi < q_len), 1)
+
+    @gluon.jit
     def _consume(args, BN: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
                  BLOCK_Q: gl.constexpr, FP8: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG: query rows WG * 64 .. + 63 of each work item against its key tiles."""
@@ -266,14 +278,9 @@ if gluon is not None:
                 r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN, BLOCK_Q)
             if valid:
                 # this warpgroup's 64 query rows (its previous item's wgmmas are done), while the producer streams
-                rows = WG * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, blk))
-                cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
-                qi = q0 + rows // GROUP
-                tok = (q_start + qi).to(gl.int64)
-                q_off = gl.expand_dims(tok * stride_qt + (kvh * GROUP + rows % GROUP) * stride_qh, 1) + \
-                    gl.expand_dims(cols, 0)
-                row_ok = (rows < BLOCK_Q * GROUP) & (qi < q_len)
-                q_w.store(gl.load(q_ptr + q_off, mask=gl.expand_dims(row_ok, 1), other=0.0))
+                q_off, q_ok = _row_offsets(WG, q0, q_start, q_len, kvh, stride_qt, stride_qh, GROUP, BLOCK_Q, HEAD_DIM,
+                                           blk)
+                q_w.store(gl.load(q_ptr + q_off, mask=q_ok, other=0.0))
                 fence_async_shared()
                 gl.thread_barrier()
                 q_abs = prefix + q0 + (WG * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))) // GROUP
@@ -314,13 +321,9 @@ if gluon is not None:
 
                 l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
                 out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-                rows_o = WG * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-                cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-                qi_o = q0 + rows_o // GROUP
-                o_off = gl.expand_dims((q_start + qi_o).to(gl.int64) * stride_ot + (kvh * GROUP + rows_o % GROUP) *
-                                       stride_oh, 1) + gl.expand_dims(cols_o, 0)
-                ok_o = (rows_o < BLOCK_Q * GROUP) & (qi_o < q_len)
-                gl.store(out_ptr + o_off, out, mask=gl.expand_dims(ok_o, 1))
+                o_off, o_ok = _row_offsets(WG, q0, q_start, q_len, kvh, stride_ot, stride_oh, GROUP, BLOCK_Q, HEAD_DIM,
+                                           o_layout)
+                gl.store(out_ptr + o_off, out, mask=o_ok)
 
     @gluon.jit
     def _consume0(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
