@@ -79,20 +79,32 @@ CHUNKS = [(512, 3000), (700, 700), (1, 777), (17, 4113), (2, 2), (130, 130), (5,
 CONFIGS = [(bn, st, pers) for bn, st in prefill_hopper.CONFIGS for pers in (True, False)]
 
 
+FP8_SCALES = {"k_scale": 0.5, "v_scale": 2.0}
+
+
+def _fp8_caches(kc, vc):
+    """make_batch's caches stored in fp8 as the engine's are: x / scale, never NaN (spool.kernels.kv_layout)."""
+    return ((kc.nan_to_num() / FP8_SCALES["k_scale"]).to(torch.float8_e4m3fn),
+            (vc.nan_to_num() / FP8_SCALES["v_scale"]).to(torch.float8_e4m3fn))
+
+
+def _prompt_rows(seqs):
+    """Which of a batch's token rows belong to prompt chunks (sequences with more than one query)."""
+    return torch.cat([torch.full((ql,), ql > 1, dtype=torch.bool) for ql, _ in seqs]).cuda()
+
+
 def _check(seqs, hq, hk, d, bs, dtype, block_n, stages, persistent, fp8=False):
     q, kc, vc, bt, sl, qsl = make_batch(seqs, hq, hk, d, bs, dtype, "cuda")
     kn, vn = new_kv_of(q, hk)
-    scales = {}
-    if fp8:  # as the engine's: stored x / scale, never NaN (spool.kernels.kv_layout)
-        scales = {"k_scale": 0.5, "v_scale": 2.0}
-        kc = (kc.nan_to_num() / 0.5).to(torch.float8_e4m3fn)
-        vc = (vc.nan_to_num() / 2.0).to(torch.float8_e4m3fn)
+    scales = FP8_SCALES if fp8 else {}
+    if fp8:
+        kc, vc = _fp8_caches(kc, vc)
     assert prefill_hopper.supported(q, kc, vc, kn, vn)
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, d**-0.5, k_new=kn, v_new=vn, **scales)
     out = torch.zeros_like(ref)
     prefill_hopper.prefill_attention(q, kc, vc, bt, sl, qsl, kn, vn, d**-0.5, out, block_n=block_n, stages=stages,
                                      persistent=persistent, **scales)
-    prompt = torch.cat([torch.full((ql,), ql > 1, dtype=torch.bool) for ql, _ in seqs]).cuda()
+    prompt = _prompt_rows(seqs)
     what = f"{seqs[:3]}... hq={hq} hk={hk} d={d} bs={bs} {dtype} fp8={fp8} bn={block_n} st={stages} pers={persistent}"
     assert_close(out[prompt], ref[prompt], dtype, what)
     assert not out[~prompt].any(), f"{what}: wrote a decode row"
@@ -136,10 +148,9 @@ def test_gpu_paged_attention_dispatches_prompt_chunks_to_it(seqs, fp8):
 
     q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
     kn, vn = new_kv_of(q, 8)
-    scales = {}
+    scales = FP8_SCALES if fp8 else {}
     if fp8:
-        scales = {"k_scale": 0.5, "v_scale": 2.0}
-        kc, vc = (kc.nan_to_num() / 0.5).to(torch.float8_e4m3fn), (vc.nan_to_num() / 2.0).to(torch.float8_e4m3fn)
+        kc, vc = _fp8_caches(kc, vc)
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     out = T.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     assert_close(out, ref, torch.bfloat16, f"paged_attention {seqs[:3]} fp8={fp8}")
@@ -156,7 +167,7 @@ def test_gpu_launches_agree_bitwise(block_n, stages, persistent):
     q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
     kn, vn = new_kv_of(q, 8)
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn)
-    prompt = torch.cat([torch.full((ql,), ql > 1, dtype=torch.bool) for ql, _ in seqs]).cuda()
+    prompt = _prompt_rows(seqs)
     outs = []
     for _ in range(10):
         torch.cuda.empty_cache()
