@@ -202,8 +202,8 @@ def prefill_section(a, res: dict, rows: list) -> None:
                 ms = bench(run)
                 err = None
                 if ref is not None and tma is not None:
-                    run()
-                    err = float(((o if tma == "gluon" else run()).float() - ref).norm() / ref.norm())
+                    got = run()  # the Gluon kernel writes o and returns None; paged_attention returns its output
+                    err = float(((o if tma == "gluon" else got).float() - ref).norm() / ref.norm())
             except Exception as e:
                 print(f"prefill {label} {kv} {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 continue
@@ -270,7 +270,8 @@ def main() -> int:
                    metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
     p.add_argument("--warp-specialize", action="store_true",
                    help="also time the default tiles with warp-specialized KV loops (AttnConfig.warp_specialize)")
-    p.add_argument("--quick", action="store_true", help="prefill: of the Triton kernel's tiles, the default and TMA 128x128 only")
+    p.add_argument("--quick", action="store_true",
+                   help="prefill: of the Triton kernel's tiles, the default and TMA 128x128 only")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not torch.cuda.is_available():
