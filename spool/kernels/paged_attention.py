@@ -36,7 +36,8 @@ when it supports the call and no config is forced; SPOOL_PREFILL_KERNEL=triton k
 Finding the sequence of a tile needs no host sync: in decode (max_query_len <= 1) tile s is
 sequence s; otherwise the grid has T // BLOCK_Q + S tile slots (an upper bound on
 sum_s cdiv(L_s, BLOCK_Q)) and sequence s owns slots from query_start_loc[s] // BLOCK_Q + s, found
-by binary search; a sequence's later (longer) query tiles get the lower slots, so they start first.
+by binary search (spool.kernels.tile_slots); a sequence's later (longer) query tiles get the lower slots, so they
+start first.
 Split-KV (flash-decoding): when (tile slots x Hk) programs cannot fill the GPU, each tile's keys are
 cut into num_splits ranges of whole KV tiles, sized on the device from that tile's own context
 (so a CUDA graph captured with any max_seq_len stays correct and short contexts still spread);
@@ -73,6 +74,7 @@ from spool.kernels import prefill_hopper
 from spool.kernels.fp8 import FP8_DTYPE, is_fp8
 from spool.kernels.interpreter import interpreting
 from spool.kernels.sizes import cdiv, next_power_of_2
+from spool.kernels.tile_slots import find_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,23 +113,6 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
-    """Largest s whose first tile slot (qsl[s] // BLOCK_Q + s, or qsl[s] if BLOCK_Q == 1) <= tile."""
-    lo: tl.int32 = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first = tl.load(qsl_ptr + mid)
-        if BLOCK_Q > 1:
-            first = first // BLOCK_Q + mid
-        if first <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
 
 
 @triton.jit
@@ -257,7 +242,7 @@ def _paged_attn_kernel(
             return
         q0 = 0
     else:
-        seq = _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
+        seq = find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q)
         q_start = tl.load(qsl_ptr + seq)
         q_len = tl.load(qsl_ptr + seq + 1) - q_start
         if BLOCK_Q == 1:

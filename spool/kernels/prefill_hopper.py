@@ -56,6 +56,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 from spool.kernels.fp8 import FP8_DTYPE, is_fp8
 from spool.kernels.sizes import cdiv
+from spool.kernels.tile_slots import find_seq
 
 BLOCK_M = 128  # query rows per work item: two consumer warpgroups of 64
 CONSUMER_REGS = 240  # setmaxnreg for the consumer warpgroups; the producer warp's warpgroup gives back down to 24
@@ -122,21 +123,6 @@ def layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_n
 if gluon is not None:
 
     @gluon.jit
-    def _find_seq(qsl_ptr, tile, num_seqs, BLOCK_Q: gl.constexpr):
-        """Largest s whose first tile slot (qsl[s] // BLOCK_Q + s) <= tile: paged_attention's _find_seq, restated with
-        Gluon's language module (the Triton one inside a Gluon kernel is untested on the GPU)."""
-        lo = 0
-        hi = num_seqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            first = gl.load(qsl_ptr + mid) // BLOCK_Q + mid
-            if first <= tile:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo - 1
-
-    @gluon.jit
     def _work_item(r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN: gl.constexpr,
                    BLOCK_Q: gl.constexpr):
         """This program's work item of round r: its query tile, context and key tiles. Item w = (tile slot w // Hk,
@@ -149,7 +135,7 @@ if gluon is not None:
         w = gl.minimum(w_r, num_items - 1)  # a past-the-end item reads a real slot; `valid` drops it
         slot = w // num_heads_kv
         kvh = w % num_heads_kv
-        seq = _find_seq(qsl_ptr, slot, num_seqs, BLOCK_Q)
+        seq = find_seq(qsl_ptr, slot, num_seqs, BLOCK_Q)
         q_start = gl.load(qsl_ptr + seq)
         q_len = gl.load(qsl_ptr + seq + 1) - q_start
         local = slot - (q_start // BLOCK_Q + seq)
