@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 
 from spool.kernels import prefill_hopper, reference  # noqa: E402
 from spool.kernels.kv_layout import allocate_kv_cache  # noqa: E402
-from tests.test_kernels import assert_close, make_batch, new_kv_of, poison  # noqa: E402,F401
+from tests.test_fp8_kv import FP8_VS_UNQUANTIZED, make_fp8_batch, new_rows  # noqa: E402
+from tests.test_kernels import assert_close, make_batch, new_kv_of, poison, rel_err  # noqa: E402,F401
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and prefill_hopper.available()
 hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU and Gluon")
@@ -62,9 +63,10 @@ def test_layout_ok_leaves_the_rest_to_the_triton_kernel(what):
 
 
 def test_default_tiles_come_from_the_environment_with_a_clear_error():
-    assert prefill_hopper._default_tiles("64,4,0") == (64, 4, 0)
-    for bad in ("64,3", "64,3,1,0", "x,3,1", "96,3,1", "64,9,1", "64,3,2"):
-        with pytest.raises(ValueError, match="SPOOL_GLUON_PREFILL=.*want 'block_n,stages,persistent'"):
+    assert prefill_hopper._default_tiles("64,4,0") == (64, 4, 0, 0)  # split_widen off unless given
+    assert prefill_hopper._default_tiles("64,3,1,1") == (64, 3, 1, 1)
+    for bad in ("64,3", "64,3,1,2", "64,3,1,0,0", "x,3,1", "96,3,1", "64,9,1", "64,3,2"):
+        with pytest.raises(ValueError, match=r"SPOOL_GLUON_PREFILL=.*want 'block_n,stages,persistent\[,split_widen\]'"):
             prefill_hopper._default_tiles(bad)
 
 
@@ -77,15 +79,17 @@ def test_cpu_tensors_never_take_the_hopper_kernel():
 PROMPTS = [(2048, 2048)]  # one fresh prompt: 16 query tiles of 32 tokens
 CHUNKS = [(512, 3000), (700, 700), (1, 777), (17, 4113), (2, 2), (130, 130), (5, 1029), (0, 9), (300, 1300)]
 CONFIGS = [(bn, st, pers) for bn, st in prefill_hopper.CONFIGS for pers in (True, False)]
+FP8_K_SCALE, FP8_V_SCALE = 0.02, 0.1  # tests/test_fp8_kv.py's
 
 
-FP8_SCALES = {"k_scale": 0.5, "v_scale": 2.0}
-
-
-def _fp8_caches(kc, vc):
-    """make_batch's caches stored in fp8 as the engine's are: x / scale, never NaN (spool.kernels.kv_layout)."""
-    return ((kc.nan_to_num() / FP8_SCALES["k_scale"]).to(torch.float8_e4m3fn),
-            (vc.nan_to_num() / FP8_SCALES["v_scale"]).to(torch.float8_e4m3fn))
+def _fp8_batch(seqs, bs, seed=0):
+    """tests/test_fp8_kv.py's fp8 batch (llama3-8b heads): K/V near the scales' useful range, dead K rows NaN codes
+    and dead V rows 448 (a dead row reaching P @ V shows), the chunks' own K/V unquantized as the engine passes them.
+    Returns q, the fp8 caches, metadata, k/v_new, the scales, and the unquantized caches."""
+    q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, 32, 8, 128, bs, torch.bfloat16, FP8_K_SCALE,
+                                                        FP8_V_SCALE, "cuda", seed=seed)
+    kn, vn = new_rows(k_hi, bt, seqs, bs), new_rows(v_hi, bt, seqs, bs)
+    return q, k8, v8, bt, sl, qsl, kn, vn, {"k_scale": FP8_K_SCALE, "v_scale": FP8_V_SCALE}, k_hi, v_hi
 
 
 def _prompt_rows(seqs):
@@ -93,19 +97,16 @@ def _prompt_rows(seqs):
     return torch.cat([torch.full((ql,), ql > 1, dtype=torch.bool) for ql, _ in seqs]).cuda()
 
 
-def _check(seqs, hq, hk, d, bs, dtype, block_n, stages, persistent, fp8=False):
+def _check(seqs, hq, hk, d, bs, dtype, block_n, stages, persistent):
     q, kc, vc, bt, sl, qsl = make_batch(seqs, hq, hk, d, bs, dtype, "cuda")
     kn, vn = new_kv_of(q, hk)
-    scales = FP8_SCALES if fp8 else {}
-    if fp8:
-        kc, vc = _fp8_caches(kc, vc)
     assert prefill_hopper.supported(q, kc, vc, kn, vn)
-    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, d**-0.5, k_new=kn, v_new=vn, **scales)
+    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, d**-0.5, k_new=kn, v_new=vn)
     out = torch.zeros_like(ref)
     prefill_hopper.prefill_attention(q, kc, vc, bt, sl, qsl, kn, vn, d**-0.5, out, block_n=block_n, stages=stages,
-                                     persistent=persistent, **scales)
+                                     persistent=persistent)
     prompt = _prompt_rows(seqs)
-    what = f"{seqs[:3]}... hq={hq} hk={hk} d={d} bs={bs} {dtype} fp8={fp8} bn={block_n} st={stages} pers={persistent}"
+    what = f"{seqs[:3]}... hq={hq} hk={hk} d={d} bs={bs} {dtype} bn={block_n} st={stages} pers={persistent}"
     assert_close(out[prompt], ref[prompt], dtype, what)
     assert not out[~prompt].any(), f"{what}: wrote a decode row"
 
@@ -131,11 +132,26 @@ def test_gpu_chunks_over_cached_prefixes(hq, hk, d, bs, block_n, stages, persist
 
 @pytest.mark.gpu
 @hopper
+@pytest.mark.parametrize("split_widen", [False, True], ids=["both widen", "split widen"])
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
 @pytest.mark.parametrize("bs", [16, 64])
-def test_gpu_fp8_cache(bs, block_n, stages, persistent):
-    """An fp8 KV cache (scales 0.5 and 2): prefix tiles widened in shared memory, the chunks' own keys unquantized."""
-    _check(PROMPTS + CHUNKS, 32, 8, 128, bs, torch.bfloat16, block_n, stages, persistent, fp8=True)
+def test_gpu_fp8_cache(bs, block_n, stages, persistent, split_widen):
+    """An fp8 KV cache: prefix tiles widened in shared memory (by both consumer warpgroups, or half by each), dead
+    rows past each context hold NaN K codes and the largest V code, the chunks' own keys unquantized. Against the
+    reference on the same fp8 cache, and within fp8's error of the unquantized cache."""
+    seqs = PROMPTS + CHUNKS
+    q, k8, v8, bt, sl, qsl, kn, vn, scales, k_hi, v_hi = _fp8_batch(seqs, bs)
+    assert prefill_hopper.supported(q, k8, v8, kn, vn)
+    ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
+    out = torch.zeros_like(ref)
+    prefill_hopper.prefill_attention(q, k8, v8, bt, sl, qsl, kn, vn, 128**-0.5, out, block_n=block_n, stages=stages,
+                                     persistent=persistent, split_widen=split_widen, **scales)
+    prompt = _prompt_rows(seqs)
+    what = f"fp8 bs={bs} bn={block_n} st={stages} pers={persistent} split_widen={split_widen}"
+    assert_close(out[prompt], ref[prompt], torch.bfloat16, what)
+    assert not out[~prompt].any(), f"{what}: wrote a decode row"
+    exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, 128**-0.5)[prompt]
+    assert rel_err(out[prompt], exact) <= FP8_VS_UNQUANTIZED, what
 
 
 @pytest.mark.gpu
@@ -146,11 +162,12 @@ def test_gpu_paged_attention_dispatches_prompt_chunks_to_it(seqs, fp8):
     """paged_attention's default for prompt steps on Hopper: prompt chunks here, decode rows on the Triton kernel."""
     from spool.kernels.triton_ops import TRITON_OPS as T
 
-    q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
-    kn, vn = new_kv_of(q, 8)
-    scales = FP8_SCALES if fp8 else {}
     if fp8:
-        kc, vc = _fp8_caches(kc, vc)
+        q, kc, vc, bt, sl, qsl, kn, vn, scales, _, _ = _fp8_batch(seqs, 16)
+    else:
+        q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
+        kn, vn = new_kv_of(q, 8)
+        scales = {}
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     out = T.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     assert_close(out, ref, torch.bfloat16, f"paged_attention {seqs[:3]} fp8={fp8}")
@@ -158,23 +175,31 @@ def test_gpu_paged_attention_dispatches_prompt_chunks_to_it(seqs, fp8):
 
 @pytest.mark.gpu
 @hopper
+@pytest.mark.parametrize("kv", ["bf16", "fp8", "fp8 split widen"])
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
-def test_gpu_launches_agree_bitwise(block_n, stages, persistent):
+def test_gpu_launches_agree_bitwise(block_n, stages, persistent, kv):
     """The kernel is deterministic: ten launches (the first on cold caches, right after compiling) give the same
-    bits. A race between the producer warp and the consumers (a stage refilled early, a tile read before it landed)
-    would show as launches that disagree."""
+    bits. A race between the producer warp and the consumers (a stage refilled early, a tile read before it landed),
+    or between the consumers (an fp8 tile's half read before the other warpgroup widened it), would show as launches
+    that disagree."""
     seqs = PROMPTS + CHUNKS
-    q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
-    kn, vn = new_kv_of(q, 8)
-    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn)
+    if kv == "bf16":
+        q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
+        kn, vn = new_kv_of(q, 8)
+        scales = {}
+    else:
+        q, kc, vc, bt, sl, qsl, kn, vn, scales, _, _ = _fp8_batch(seqs, 16, seed=7)
+    ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     prompt = _prompt_rows(seqs)
     outs = []
     for _ in range(10):
         torch.cuda.empty_cache()
         out = torch.zeros_like(ref)
         prefill_hopper.prefill_attention(q, kc, vc, bt, sl, qsl, kn, vn, 128**-0.5, out, block_n=block_n,
-                                         stages=stages, persistent=persistent)
+                                         stages=stages, persistent=persistent, split_widen=kv.endswith("split widen"),
+                                         **scales)
         outs.append(out[prompt])
-    assert_close(outs[0], ref[prompt], torch.bfloat16, "first launch")
+    what = f"{kv} bn={block_n} st={stages} persistent={persistent}"
+    assert_close(outs[0], ref[prompt], torch.bfloat16, f"first launch, {what}")
     bad = [i for i, o in enumerate(outs) if not torch.equal(o, outs[0])]
-    assert not bad, f"launches {bad} differ from the first (bn={block_n} st={stages} persistent={persistent})"
+    assert not bad, f"launches {bad} differ from the first ({what})"

@@ -24,9 +24,11 @@ p = 0 times NaN is NaN). k/v_new rows past a sequence (the next sequence's, or z
 never zeroed: they are the step's own finite keys and values.
 
 An fp8 cache's prefix tiles land in fp8 buffers and each consumer widens them (exactly) into the slot's 16-bit
-buffers before its wgmmas; k_scale folds into the score scale and v_scale into p for those tiles. Both consumers
-widen the whole tile (the same bytes), which costs: 2048 new tokens after 2048 fp8-cached ones run at 69% of SDPA
-causal, against 118% with a bf16 cache. Fresh prompts never read the cache, so fp8 and bf16 run alike there.
+buffers before its wgmmas; k_scale folds into the score scale and v_scale into p for those tiles. By default both
+consumers widen the whole tile (the same bytes), which costs: 2048 new tokens after 2048 fp8-cached ones run at 69%
+of SDPA causal, against 118% with a bf16 cache. Fresh prompts never read the cache, so fp8 and bf16 run alike there.
+split_widen (SPOOL_GLUON_PREFILL's fourth field) has each consumer widen half the rows and wait for the other's half
+on an mbarrier; it compiles for sm_90 (Triton 3.6, no spills) but has not yet run on a GPU, so it is not the default.
 
 Measured on the H200 (bench/attn_workload.py, bench/RESULTS.md thirteenth session; SDPA causal on 2048 tokens =
 100%): 2048 fresh tokens 95-97% (the Triton kernel: 75%), 2048 after 2048 cached 116-119% (76%), an 8,192-token
@@ -66,19 +68,19 @@ MAXNREG = 168  # at launch: 3 warpgroups x 128 threads x 168 fit the SM's 64K re
 CONFIGS = ((64, 3), (64, 4))
 
 
-def _default_tiles(text: str) -> tuple[int, int, int]:
-    """SPOOL_GLUON_PREFILL="block_n,stages,persistent" (benchmarks; default "64,3,1")."""
+def _default_tiles(text: str) -> tuple[int, int, int, int]:
+    """SPOOL_GLUON_PREFILL="block_n,stages,persistent[,split_widen]" (benchmarks; default "64,3,1,0")."""
     try:
-        bn, st, pers = (int(x) for x in text.split(","))
+        bn, st, pers, split = (int(x) for x in (text + ",0" if text.count(",") == 2 else text).split(","))
     except ValueError:
-        bn = st = pers = -1
-    if bn not in (64, 128) or not 2 <= st <= 4 or pers not in (0, 1):
-        raise ValueError(f"SPOOL_GLUON_PREFILL={text!r}: want 'block_n,stages,persistent', e.g. '64,3,1' "
-                         "(block_n 64 or 128, stages 2-4, persistent 0 or 1)")
-    return bn, st, pers
+        bn = st = pers = split = -1
+    if bn not in (64, 128) or not 2 <= st <= 4 or pers not in (0, 1) or split not in (0, 1):
+        raise ValueError(f"SPOOL_GLUON_PREFILL={text!r}: want 'block_n,stages,persistent[,split_widen]', e.g. "
+                         "'64,3,1' (block_n 64 or 128, stages 2-4, persistent 0 or 1, split_widen 0 or 1)")
+    return bn, st, pers, split
 
 
-BLOCK_N, STAGES, PERSISTENT = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,3,1")
+BLOCK_N, STAGES, PERSISTENT, SPLIT_WIDEN = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,3,1,0")
 
 
 def available() -> bool:
@@ -178,12 +180,13 @@ if gluon is not None:
 
     @gluon.jit
     def _load_partition(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
+                        STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
+                        SPLIT: gl.constexpr):
         """The producer warp: the j-th tile it loads goes into slot j % STAGES once both consumers released the
         tile STAGES before it."""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, kn_desc, vn_desc, kc_desc, vc_desc, num_items,
-         num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh, out_ptr,
-         stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, kn_desc, vn_desc, kc_desc, vc_desc,
+         num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh,
+         out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
         j = 0
         for r in range(gl.cdiv(num_items, gl.num_programs(0))):
             valid, kvh, q_start, q_len, q0, ctx, prefix, n_pre, n_tiles, bt_row = _work_item(
@@ -196,14 +199,33 @@ if gluon is not None:
                     j += 1
 
     @gluon.jit
-    def _tile_ready(i, j, n_pre, ctx, ready, k_ring, v_ring, k8_ring, v8_ring, BN: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr):
-        """Wait for key tile i in slot j. Prefix tiles then get fixed up in shared memory by each warpgroup (both
-        write the same values, each before its own wgmmas read them): an fp8 cache's tile is widened (exactly) into
-        the slot's 16-bit buffers, and V rows past the context are zeroed (pages past a context may hold NaN)."""
+    def _tile_ready(i, j, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring, BN: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr,
+                    WG: gl.constexpr):
+        """Wait for key tile i in slot j; returns n_wid, the fp8 prefix tiles widened so far. Prefix tiles then get
+        fixed up in shared memory: an fp8 cache's tile is widened (exactly) into the slot's 16-bit buffers, and V
+        rows past the context are zeroed (pages past a context may hold NaN). Without SPLIT each warpgroup does the
+        whole tile (both write the same values, each before its own wgmmas read them); with SPLIT each widens its
+        half of an fp8 tile's rows, then waits on `widened` (count 2, one arrival per warpgroup) for the other's
+        half. Both warpgroups walk the same tiles, so their n_wid agree: phase n_wid of `widened` is this tile's,
+        and neither can arrive for the next fp8 tile before this one's phase completed."""
         stage = j % STAGES
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-        if (i < n_pre) & (FP8 | (i * BN + BN > ctx)):
+        if FP8 & SPLIT:
+            if i < n_pre:
+                HALF: gl.constexpr = BN // 2
+                hblk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+                rows = i * BN + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, hblk))
+                k_half = k_ring.index(stage).slice(WG * HALF, HALF)
+                k_half.store(k8_ring.index(stage).slice(WG * HALF, HALF).load(hblk).to(k_ring.dtype))
+                v = v8_ring.index(stage).slice(WG * HALF, HALF).load(hblk).to(v_ring.dtype)
+                v_ring.index(stage).slice(WG * HALF, HALF).store(gl.where(gl.expand_dims(rows < ctx, 1), v,
+                                                                          gl.zeros_like(v)))
+                fence_async_shared()  # this warpgroup's writes, before wgmma (the async proxy) reads them
+                mbarrier.arrive(widened, count=1)  # after all 128 threads (a barrier over the warpgroup)
+                mbarrier.wait(widened, n_wid & 1)
+                n_wid += 1
+        elif (i < n_pre) & (FP8 | (i * BN + BN > ctx)):
             blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
             live = gl.expand_dims(i * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, blk)) < ctx, 1)
             if FP8:
@@ -214,6 +236,7 @@ if gluon is not None:
             v_ring.index(stage).store(gl.where(live, v, gl.zeros_like(v)))
             fence_async_shared()
             gl.thread_barrier()
+        return n_wid
 
     @gluon.jit
     def _mask_scores(s, i, n_pre, prefix, q0, q_abs, BN: gl.constexpr, s_layout: gl.constexpr):
@@ -244,11 +267,11 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(args, BN: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, FP8: gl.constexpr, WG: gl.constexpr):
+                 BLOCK_Q: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG: query rows WG * 64 .. + 63 of each work item against its key tiles."""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, kn_desc, vn_desc, kc_desc, vc_desc, num_items,
-         num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh, out_ptr,
-         stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, kn_desc, vn_desc, kc_desc, vc_desc,
+         num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh,
+         out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
         dtype: gl.constexpr = kn_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -259,6 +282,7 @@ if gluon is not None:
         q_w = q_smem.slice(WG * 64, 64)
         s_zero = gl.zeros([64, BN], gl.float32, s_layout)
         j = 0
+        n_wid = 0
         for r in range(gl.cdiv(num_items, gl.num_programs(0))):
             valid, kvh, q_start, q_len, q0, ctx, prefix, n_pre, n_tiles, bt_row = _work_item(
                 r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN, BLOCK_Q)
@@ -273,7 +297,8 @@ if gluon is not None:
 
                 # prefix tiles read the cache: stored * k_scale / v_scale (1 unless fp8), folded into the score
                 # scale and into p for P @ V; the chunk's own keys are unscaled
-                _tile_ready(0, j, n_pre, ctx, ready, k_ring, v_ring, k8_ring, v8_ring, BN, HEAD_DIM, STAGES, FP8)
+                n_wid = _tile_ready(0, j, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring, BN,
+                                    HEAD_DIM, STAGES, FP8, SPLIT, WG)
                 s = warpgroup_mma(q_w, k_ring.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False)
                 s = _mask_scores(s, 0, n_pre, prefix, q0, q_abs, BN, s_layout)
                 sc = gl.where(n_pre > 0, qk_scale * k_scale, qk_scale)
@@ -283,8 +308,8 @@ if gluon is not None:
                 p = gl.convert_layout((p * gl.where(n_pre > 0, v_scale, 1.0)).to(dtype), p_layout)
                 acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
                 for i in range(1, n_tiles):
-                    _tile_ready(i, j + i, n_pre, ctx, ready, k_ring, v_ring, k8_ring, v8_ring, BN, HEAD_DIM, STAGES,
-                                FP8)
+                    n_wid = _tile_ready(i, j + i, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring,
+                                        BN, HEAD_DIM, STAGES, FP8, SPLIT, WG)
                     s_tok = warpgroup_mma(q_w, k_ring.index((j + i) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                           is_async=True)
                     acc_tok = warpgroup_mma(p, v_ring.index((j + i - 1) % STAGES), acc, is_async=True)
@@ -313,13 +338,15 @@ if gluon is not None:
 
     @gluon.jit
     def _consume0(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
-        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, 0)
+                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
+                  SPLIT: gl.constexpr):
+        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT, 0)
 
     @gluon.jit
     def _consume1(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
-        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, 1)
+                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
+                  SPLIT: gl.constexpr):
+        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT, 1)
 
     # Batch-dependent ints unspecialized, as paged_attention's kernel: new batches never recompile.
     @gluon.jit(do_not_specialize=["num_items", "num_seqs", "stride_bt"])
@@ -327,7 +354,7 @@ if gluon is not None:
                         k_scale, v_scale, num_items, num_heads_kv, num_seqs, stride_qt, stride_qh, stride_ot,
                         stride_oh, stride_bt, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr,
                         BN: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        STAGES: gl.constexpr, FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         dtype: gl.constexpr = kn_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], kn_desc.layout)  # each consumer fills its half
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], kn_desc.layout)
@@ -343,14 +370,19 @@ if gluon is not None:
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
+        if SPLIT:  # both halves of an fp8 tile widened: one arrival per consumer warpgroup
+            widened = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(widened, count=2)
+        else:
+            widened = ready  # never waited on
         fence_async_shared()
         gl.thread_barrier()
-        args = (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, kn_desc, vn_desc, kc_desc, vc_desc, num_items,
-                num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh, out_ptr,
-                stride_ot, stride_oh, qk_scale, k_scale, v_scale)
-        gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8)),
-                            (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8)),
-                            (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8))],
+        args = (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, kn_desc, vn_desc, kc_desc, vc_desc,
+                num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
+                stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale)
+        gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT)),
+                            (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT)),
+                            (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT))],
                            [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -361,13 +393,14 @@ def _gl_dtype(dtype: torch.dtype):
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, k_new: torch.Tensor,
                       v_new: torch.Tensor, scale: float, out: torch.Tensor, *, k_scale: float = 1.0,
-                      v_scale: float = 1.0, block_n: int = BLOCK_N,
-                      stages: int = STAGES, persistent: bool = bool(PERSISTENT)) -> None:
+                      v_scale: float = 1.0, block_n: int = BLOCK_N, stages: int = STAGES,
+                      persistent: bool = bool(PERSISTENT), split_widen: bool = bool(SPLIT_WIDEN)) -> None:
     """Write out's rows of the prompt chunks (sequences with > 1 query); one-query rows are left to the caller.
 
     Arguments as spool.kernels.paged_attention's (already checked there); block_tables with unit column stride,
     int32 seq_lens / query_start_loc. Call only where supported() holds. block_n / stages: the key tile and the
-    depth of the TMA ring; persistent: one program per SM walking the work items, else one per item (benchmarks).
+    depth of the TMA ring; persistent: one program per SM walking the work items, else one per item; split_widen:
+    an fp8 cache's prefix tiles widened half by each consumer warpgroup, else whole by both (benchmarks).
     """
     t, hq, d = q.shape
     nb, page, hk, _ = k_cache.shape
@@ -388,7 +421,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, out, *descs, block_tables, seq_lens, query_start_loc, scale * log2e, k_scale, v_scale, items, hk, s,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=BLOCK_M, BN=block_n, PAGE=page, SUB=sub, HEAD_DIM=d, STAGES=stages,
-        FP8=fp8, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
+        FP8=fp8, SPLIT=split_widen and fp8, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
     )
 
 
