@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from bench.shapes import SHAPES, shape_dir  # noqa: E402
-from spool.engine import LLM  # noqa: E402
+from spool.engine import LLM, SamplingParams  # noqa: E402
 from spool.engine.models.loader import load_named_tensors  # noqa: E402
 
 
@@ -58,6 +58,62 @@ def spool_logits(path: Path, hf, ids: list[int], backend: str = "auto", kv_cache
     del llm, r
     torch.cuda.empty_cache()
     return out
+
+
+def random_checkpoint(path: Path, device: str = "cuda", seed: int = 0) -> Path:
+    """Random weights (std 0.02, as hf_reference's) for the config.json in `path`, saved there by transformers as a
+    bf16 safetensors checkpoint (llama3-8b: ~16 GB), for engines that load their weights from disk."""
+    cfg = AutoConfig.from_pretrained(str(path))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    hf.save_pretrained(str(path), safe_serialization=True)
+    del hf
+    return path
+
+
+def checkpoint_logits(path: Path, prompts: list[list[int]], device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' last-token logits [prompts, vocab] for the checkpoint at `path`, in bf16 and in fp32 (truth)."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            out.append(torch.stack([hf(torch.tensor([p], device=device)).logits[0, -1].float() for p in prompts]))
+        del hf
+    return out[0], out[1]
+
+
+def engine_logits(path: Path, prompts: list[list[int]], tensor_parallel_size: int = 1, device: str = "cuda",
+                  dtype: str = "bfloat16", **kw) -> torch.Tensor:
+    """spool's last-token logits [prompts, vocab] (as fp32) for the checkpoint at `path`, at any
+    tensor_parallel_size: the engine prefills each prompt in turn and samples one token, and the logits are taken
+    where rank 0 computes them (every rank's vocabulary shard gathered), in eager mode. Unlike spool_logits the
+    weights come from the checkpoint, so every rank loads its own slices as in production."""
+    llm = LLM(str(path), device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size, enforce_eager=True,
+              **kw)
+    try:
+        runner = llm.engine.runner
+        model = (runner.runner if tensor_parallel_size > 1 else runner).model  # rank 0's, in this process
+        inner, seen = model.compute_logits, []
+
+        def capture(hidden: torch.Tensor):
+            logits = inner(hidden)
+            seen.append(logits[0].float().clone())
+            return logits
+
+        model.compute_logits = capture
+        rows = []
+        for p in prompts:
+            seen.clear()
+            llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0, max_tokens=1))
+            rows.append(seen[-1][: llm.engine.model_cfg.vocab_size])  # the prompt's last chunk
+        return torch.stack(rows)
+    finally:
+        llm.engine.shutdown()
 
 
 def main() -> None:
