@@ -63,11 +63,18 @@ def test_layout_ok_leaves_the_rest_to_the_triton_kernel(what):
 
 
 def test_default_tiles_come_from_the_environment_with_a_clear_error():
-    assert prefill_hopper._default_tiles("64,4,0") == (64, 4, 0, 0)  # split_widen off unless given
-    assert prefill_hopper._default_tiles("64,3,1,1") == (64, 3, 1, 1)
-    for bad in ("64,3", "64,3,1,2", "64,3,1,0,0", "x,3,1", "96,3,1", "64,9,1", "64,3,2"):
-        with pytest.raises(ValueError, match=r"SPOOL_GLUON_PREFILL=.*want 'block_n,stages,persistent\[,split_widen\]'"):
+    assert prefill_hopper._default_tiles("64,4,0") == (64, 4, 0, "both")  # fp8 tiles widened by both consumers
+    assert prefill_hopper._default_tiles("64,3,1,warps") == (64, 3, 1, "warps")
+    for bad in ("64,3", "64,3,1,0", "64,3,1,split,1", "x,3,1", "96,3,1", "64,9,1", "64,3,2"):
+        with pytest.raises(ValueError, match=r"SPOOL_GLUON_PREFILL=.*want 'block_n,stages,persistent\[,widen\]'"):
             prefill_hopper._default_tiles(bad)
+
+
+def test_an_unknown_widen_is_refused_before_any_launch():
+    q, kc, vc, kn, vn = _inputs()
+    meta = torch.zeros(1, 4, dtype=torch.int32), torch.tensor([64], dtype=torch.int32), torch.tensor([0, 64])
+    with pytest.raises(ValueError, match="widen='sideways': want one of both, split, warps"):
+        prefill_hopper.prefill_attention(q, kc, vc, *meta, kn, vn, 0.1, torch.empty_like(q), widen="sideways")
 
 
 def test_cpu_tensors_never_take_the_hopper_kernel():
@@ -132,11 +139,11 @@ def test_gpu_chunks_over_cached_prefixes(hq, hk, d, bs, block_n, stages, persist
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("split_widen", [False, True], ids=["both widen", "split widen"])
+@pytest.mark.parametrize("widen", prefill_hopper.WIDEN_MODES)
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
 @pytest.mark.parametrize("bs", [16, 64])
-def test_gpu_fp8_cache(bs, block_n, stages, persistent, split_widen):
-    """An fp8 KV cache: prefix tiles widened in shared memory (by both consumer warpgroups, or half by each), dead
+def test_gpu_fp8_cache(bs, block_n, stages, persistent, widen):
+    """An fp8 KV cache: prefix tiles widened in shared memory (each way: see prefill_hopper._tile_ready), dead
     rows past each context hold NaN K codes and the largest V code, the chunks' own keys unquantized. Against the
     reference on the same fp8 cache, and within fp8's error of the unquantized cache."""
     seqs = PROMPTS + CHUNKS
@@ -145,9 +152,9 @@ def test_gpu_fp8_cache(bs, block_n, stages, persistent, split_widen):
     ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     out = torch.zeros_like(ref)
     prefill_hopper.prefill_attention(q, k8, v8, bt, sl, qsl, kn, vn, 128**-0.5, out, block_n=block_n, stages=stages,
-                                     persistent=persistent, split_widen=split_widen, **scales)
+                                     persistent=persistent, widen=widen, **scales)
     prompt = _prompt_rows(seqs)
-    what = f"fp8 bs={bs} bn={block_n} st={stages} pers={persistent} split_widen={split_widen}"
+    what = f"fp8 bs={bs} bn={block_n} st={stages} pers={persistent} widen={widen}"
     assert_close(out[prompt], ref[prompt], torch.bfloat16, what)
     assert not out[~prompt].any(), f"{what}: wrote a decode row"
     exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, 128**-0.5)[prompt]
@@ -175,14 +182,15 @@ def test_gpu_paged_attention_dispatches_prompt_chunks_to_it(seqs, fp8):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("kv", ["bf16", "fp8", "fp8 split widen"])
+@pytest.mark.parametrize("kv", ["bf16"] + [f"fp8 {w}" for w in prefill_hopper.WIDEN_MODES])
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
 def test_gpu_launches_agree_bitwise(block_n, stages, persistent, kv):
     """The kernel is deterministic: ten launches (the first on cold caches, right after compiling) give the same
     bits. A race between the producer warp and the consumers (a stage refilled early, a tile read before it landed),
-    or between the consumers (an fp8 tile's half read before the other warpgroup widened it), would show as launches
-    that disagree."""
+    or over an fp8 tile's widening (read before the other consumer or the converter warpgroup widened it, or
+    overwritten while still read), would show as launches that disagree."""
     seqs = PROMPTS + CHUNKS
+    widen = "both" if kv == "bf16" else kv.split()[1]  # "fp8 warps" -> "warps"
     if kv == "bf16":
         q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
         kn, vn = new_kv_of(q, 8)
@@ -196,8 +204,7 @@ def test_gpu_launches_agree_bitwise(block_n, stages, persistent, kv):
         torch.cuda.empty_cache()
         out = torch.zeros_like(ref)
         prefill_hopper.prefill_attention(q, kc, vc, bt, sl, qsl, kn, vn, 128**-0.5, out, block_n=block_n,
-                                         stages=stages, persistent=persistent, split_widen=kv.endswith("split widen"),
-                                         **scales)
+                                         stages=stages, persistent=persistent, widen=widen, **scales)
         outs.append(out[prompt])
     what = f"{kv} bn={block_n} st={stages} persistent={persistent}"
     assert_close(outs[0], ref[prompt], torch.bfloat16, f"first launch, {what}")

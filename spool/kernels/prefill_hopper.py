@@ -23,12 +23,14 @@ dead V rows zeroed in shared memory after it lands (pages past a context may hol
 p = 0 times NaN is NaN). k/v_new rows past a sequence (the next sequence's, or zeros past the step) are masked,
 never zeroed: they are the step's own finite keys and values.
 
-An fp8 cache's prefix tiles land in fp8 buffers and each consumer widens them (exactly) into the slot's 16-bit
-buffers before its wgmmas; k_scale folds into the score scale and v_scale into p for those tiles. By default both
-consumers widen the whole tile (the same bytes), which costs: 2048 new tokens after 2048 fp8-cached ones run at 69%
-of SDPA causal, against 118% with a bf16 cache. Fresh prompts never read the cache, so fp8 and bf16 run alike there.
-split_widen (SPOOL_GLUON_PREFILL's fourth field) has each consumer widen half the rows and wait for the other's half
-on an mbarrier; it compiles for sm_90 (Triton 3.6, no spills) but has not yet run on a GPU, so it is not the default.
+An fp8 cache's prefix tiles land in fp8 buffers and are widened (exactly) into the slot's 16-bit buffers before
+the wgmmas read them; k_scale folds into the score scale and v_scale into p for those tiles. By default ("both")
+each consumer widens the whole tile (the same bytes) before its wgmmas, which costs: 2048 new tokens after 2048
+fp8-cached ones run at 69% of SDPA causal, against 118% with a bf16 cache. Fresh prompts never read the cache, so
+fp8 and bf16 run alike there. Two other ways, `widen` / SPOOL_GLUON_PREFILL's fourth field: "split" (each consumer
+widens half the rows and waits for the other's half on an mbarrier) and "warps" (FlashAttention-3's way for fp8: a
+fourth warpgroup widens tiles from an fp8 ring into the 16-bit ring beside the consumers' wgmmas). Both compile for
+sm_90 (Triton 3.6, no spills) but have not yet run on a GPU, so neither is the default.
 
 Measured on the H200 (bench/attn_workload.py, bench/RESULTS.md thirteenth session; SDPA causal on 2048 tokens =
 100%): 2048 fresh tokens 95-97% (the Triton kernel: 75%), 2048 after 2048 cached 116-119% (76%), an 8,192-token
@@ -63,24 +65,32 @@ from spool.kernels.tile_slots import find_seq
 BLOCK_M = 128  # query rows per work item: two consumer warpgroups of 64
 CONSUMER_REGS = 240  # setmaxnreg for the consumer warpgroups; the producer warp's warpgroup gives back down to 24
 MAXNREG = 168  # at launch: 3 warpgroups x 128 threads x 168 fit the SM's 64K registers (ptxas allocates within it)
+# widen="warps" adds a fourth warpgroup, the converter: 4 x 128 threads x 128 at launch, then consumers 216 + 216,
+# converter 56 and the producer's 24 (their sum, 512, is the SM's 64K registers per thread of a warpgroup). The
+# consumers' sm_90 code uses up to ~213 registers; at 208 ptxas still spills nothing (Triton 3.6, on the CPU).
+WARPS_CONSUMER_REGS, CONVERT_REGS, WARPS_MAXNREG = 216, 56, 128
+WIDEN_MODES = ("both", "split", "warps")  # how an fp8 cache's prefix tiles are widened: see _tile_ready
 # (block_n, stages) measured in bench/attn_workload.py. 128-key tiles spill at 168 registers (ptxas: 36 bytes) and ran
 # 5-10% slower on the H200 (RESULTS.md, thirteenth session): not offered.
 CONFIGS = ((64, 3), (64, 4))
 
 
-def _default_tiles(text: str) -> tuple[int, int, int, int]:
-    """SPOOL_GLUON_PREFILL="block_n,stages,persistent[,split_widen]" (benchmarks; default "64,3,1,0")."""
+def _default_tiles(text: str) -> tuple[int, int, int, str]:
+    """SPOOL_GLUON_PREFILL="block_n,stages,persistent[,widen]" (benchmarks; default "64,3,1,both")."""
+    fields = text.split(",") + ["both"] * (text.count(",") == 2)
     try:
-        bn, st, pers, split = (int(x) for x in (text + ",0" if text.count(",") == 2 else text).split(","))
+        bn, st, pers = (int(x) for x in fields[:3])
+        widen = fields[3] if len(fields) == 4 else ""
     except ValueError:
-        bn = st = pers = split = -1
-    if bn not in (64, 128) or not 2 <= st <= 4 or pers not in (0, 1) or split not in (0, 1):
-        raise ValueError(f"SPOOL_GLUON_PREFILL={text!r}: want 'block_n,stages,persistent[,split_widen]', e.g. "
-                         "'64,3,1' (block_n 64 or 128, stages 2-4, persistent 0 or 1, split_widen 0 or 1)")
-    return bn, st, pers, split
+        bn = st = pers = -1
+        widen = ""
+    if bn not in (64, 128) or not 2 <= st <= 4 or pers not in (0, 1) or widen not in WIDEN_MODES:
+        raise ValueError(f"SPOOL_GLUON_PREFILL={text!r}: want 'block_n,stages,persistent[,widen]', e.g. '64,3,1' "
+                         f"(block_n 64 or 128, stages 2-4, persistent 0 or 1, widen one of {', '.join(WIDEN_MODES)})")
+    return bn, st, pers, widen
 
 
-BLOCK_N, STAGES, PERSISTENT, SPLIT_WIDEN = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,3,1,0")
+BLOCK_N, STAGES, PERSISTENT, WIDEN = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,3,1,both")
 
 
 def available() -> bool:
@@ -150,6 +160,29 @@ if gluon is not None:
         return valid, kvh, q_start, q_len, q0, ctx, prefix, n_pre, n_tiles, bt_ptr + seq.to(gl.int64) * stride_bt
 
     @gluon.jit
+    def _issue_prefix(i, bar, k_dst, v_dst, kc_desc, vc_desc, bt_row, ctx, kvh, BN: gl.constexpr, SUB: gl.constexpr,
+                      PAGE: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """TMA loads of prefix tile i from the pages into k_dst / v_dst (the cache's dtype), completing on bar."""
+        mbarrier.expect(bar, 2 * (BN // SUB) * kc_desc.block_type.nbytes)
+        for sub in gl.static_range(BN // SUB):
+            # Keys past the context (the last prefix tile) load from the context's last part: masked later.
+            pos = gl.minimum(i * BN + sub * SUB, (ctx - 1) // SUB * SUB)
+            page = gl.load(bt_row + pos // PAGE).to(gl.int32)
+            row = page * PAGE + pos % PAGE
+            tma.async_copy_global_to_shared(kc_desc, [row, kvh * HEAD_DIM], bar, k_dst.slice(sub * SUB, SUB))
+            tma.async_copy_global_to_shared(vc_desc, [row, kvh * HEAD_DIM], bar, v_dst.slice(sub * SUB, SUB))
+
+    @gluon.jit
+    def _issue_new(i, n_pre, bar, k_dst, v_dst, kn_desc, vn_desc, q_start, kvh, BN: gl.constexpr,
+                   HEAD_DIM: gl.constexpr):
+        """TMA loads of tile i (past the n_pre prefix tiles) of the chunk's own keys from k/v_new; rows past the
+        step's tokens read as zeros (the descriptor's bounds), masked anyway."""
+        mbarrier.expect(bar, 2 * kn_desc.block_type.nbytes)
+        row = q_start + (i - n_pre) * BN
+        tma.async_copy_global_to_shared(kn_desc, [row, kvh * HEAD_DIM], bar, k_dst)
+        tma.async_copy_global_to_shared(vn_desc, [row, kvh * HEAD_DIM], bar, v_dst)
+
+    @gluon.jit
     def _issue_tile(i, j, n_pre, ready, k_ring, v_ring, k8_ring, v8_ring, kn_desc, vn_desc, kc_desc, vc_desc, bt_row,
                     ctx, q_start, kvh, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                     STAGES: gl.constexpr, FP8: gl.constexpr):
@@ -158,60 +191,105 @@ if gluon is not None:
         stage = j % STAGES
         bar = ready.index(stage)
         if i < n_pre:
-            mbarrier.expect(bar, 2 * (BN // SUB) * kc_desc.block_type.nbytes)
             if FP8:
-                k_dst = k8_ring.index(stage)
-                v_dst = v8_ring.index(stage)
+                _issue_prefix(i, bar, k8_ring.index(stage), v8_ring.index(stage), kc_desc, vc_desc, bt_row, ctx, kvh,
+                              BN, SUB, PAGE, HEAD_DIM)
             else:
-                k_dst = k_ring.index(stage)
-                v_dst = v_ring.index(stage)
-            for sub in gl.static_range(BN // SUB):
-                # Keys past the context (the last prefix tile) load from the context's last part: masked later.
-                pos = gl.minimum(i * BN + sub * SUB, (ctx - 1) // SUB * SUB)
-                page = gl.load(bt_row + pos // PAGE).to(gl.int32)
-                row = page * PAGE + pos % PAGE
-                tma.async_copy_global_to_shared(kc_desc, [row, kvh * HEAD_DIM], bar, k_dst.slice(sub * SUB, SUB))
-                tma.async_copy_global_to_shared(vc_desc, [row, kvh * HEAD_DIM], bar, v_dst.slice(sub * SUB, SUB))
-        else:  # rows past the step's tokens read as zeros (the descriptor's bounds); masked anyway
-            mbarrier.expect(bar, 2 * kn_desc.block_type.nbytes)
-            row = q_start + (i - n_pre) * BN
-            tma.async_copy_global_to_shared(kn_desc, [row, kvh * HEAD_DIM], bar, k_ring.index(stage))
-            tma.async_copy_global_to_shared(vn_desc, [row, kvh * HEAD_DIM], bar, v_ring.index(stage))
+                _issue_prefix(i, bar, k_ring.index(stage), v_ring.index(stage), kc_desc, vc_desc, bt_row, ctx, kvh,
+                              BN, SUB, PAGE, HEAD_DIM)
+        else:
+            _issue_new(i, n_pre, bar, k_ring.index(stage), v_ring.index(stage), kn_desc, vn_desc, q_start, kvh, BN,
+                       HEAD_DIM)
 
     @gluon.jit
     def _load_partition(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                        SPLIT: gl.constexpr):
+                        WIDEN: gl.constexpr):
         """The producer warp: the j-th tile it loads goes into slot j % STAGES once both consumers released the
-        tile STAGES before it."""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, kn_desc, vn_desc, kc_desc, vc_desc,
-         num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh,
-         out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
+        tile STAGES before it. With widen="warps" an fp8 cache's prefix tiles go instead to the fp8 ring (slot
+        j8 % STAGES for the j8-th of them, `ready8`), once the converter warpgroup released that slot (`empty8`)."""
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
+         vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
+         stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
         j = 0
+        j8 = 0
         for r in range(gl.cdiv(num_items, gl.num_programs(0))):
             valid, kvh, q_start, q_len, q0, ctx, prefix, n_pre, n_tiles, bt_row = _work_item(
                 r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN, BLOCK_Q)
             if valid:
                 for i in range(n_tiles):
-                    mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
-                    _issue_tile(i, j, n_pre, ready, k_ring, v_ring, k8_ring, v8_ring, kn_desc, vn_desc, kc_desc,
-                                vc_desc, bt_row, ctx, q_start, kvh, BN, SUB, PAGE, HEAD_DIM, STAGES, FP8)
+                    if FP8 & (WIDEN == 2):
+                        if i < n_pre:
+                            s8 = j8 % STAGES
+                            mbarrier.wait(empty8.index(s8), ((j8 // STAGES) & 1) ^ 1)
+                            _issue_prefix(i, ready8.index(s8), k8_ring.index(s8), v8_ring.index(s8), kc_desc,
+                                          vc_desc, bt_row, ctx, kvh, BN, SUB, PAGE, HEAD_DIM)
+                            j8 += 1
+                        else:
+                            mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+                            _issue_new(i, n_pre, ready.index(j % STAGES), k_ring.index(j % STAGES),
+                                       v_ring.index(j % STAGES), kn_desc, vn_desc, q_start, kvh, BN, HEAD_DIM)
+                    else:
+                        # a fresh barrier passes parity 1
+                        mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+                        _issue_tile(i, j, n_pre, ready, k_ring, v_ring, k8_ring, v8_ring, kn_desc, vn_desc, kc_desc,
+                                    vc_desc, bt_row, ctx, q_start, kvh, BN, SUB, PAGE, HEAD_DIM, STAGES, FP8)
                     j += 1
 
     @gluon.jit
+    def _convert_partition(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                           STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
+                           WIDEN: gl.constexpr):
+        """widen="warps": a warpgroup of its own widens each fp8 prefix tile (exactly) from the fp8 ring into the
+        16-bit ring's slot j % STAGES, zeroing V rows past the context, and marks it ready; the consumers then read
+        it like any tile, and the widening runs beside their wgmmas instead of before them. Tiles of the chunk's own
+        keys pass it by (the producer loads them straight into the 16-bit ring)."""
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
+         vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
+         stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
+        HALF: gl.constexpr = BN // 2  # widened half a tile at a time: fewer registers live
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+        j = 0
+        j8 = 0
+        for r in range(gl.cdiv(num_items, gl.num_programs(0))):
+            valid, kvh, q_start, q_len, q0, ctx, prefix, n_pre, n_tiles, bt_row = _work_item(
+                r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN, BLOCK_Q)
+            if valid:
+                for i in range(n_pre):
+                    s8 = j8 % STAGES
+                    stage = (j + i) % STAGES
+                    mbarrier.wait(ready8.index(s8), (j8 // STAGES) & 1)
+                    mbarrier.wait(empty.index(stage), (((j + i) // STAGES) & 1) ^ 1)
+                    for h in gl.static_range(2):
+                        rows = i * BN + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
+                        k_ring.index(stage).slice(h * HALF, HALF).store(
+                            k8_ring.index(s8).slice(h * HALF, HALF).load(blk).to(k_ring.dtype))
+                        v = v8_ring.index(s8).slice(h * HALF, HALF).load(blk).to(v_ring.dtype)
+                        v_ring.index(stage).slice(h * HALF, HALF).store(
+                            gl.where(gl.expand_dims(rows < ctx, 1), v, gl.zeros_like(v)))
+                    fence_async_shared()  # the widened tile, before the consumers' wgmmas (the async proxy) read it
+                    mbarrier.arrive(ready.index(stage), count=1)  # after all 128 threads (a barrier over the group)
+                    mbarrier.arrive(empty8.index(s8), count=1)
+                    j8 += 1
+                j += n_tiles
+
+    @gluon.jit
     def _tile_ready(i, j, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring, BN: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr, WIDEN: gl.constexpr,
                     WG: gl.constexpr):
-        """Wait for key tile i in slot j; returns n_wid, the fp8 prefix tiles widened so far. Prefix tiles then get
-        fixed up in shared memory: an fp8 cache's tile is widened (exactly) into the slot's 16-bit buffers, and V
-        rows past the context are zeroed (pages past a context may hold NaN). Without SPLIT each warpgroup does the
-        whole tile (both write the same values, each before its own wgmmas read them); with SPLIT each widens its
-        half of an fp8 tile's rows, then waits on `widened` (count 2, one arrival per warpgroup) for the other's
-        half. Both warpgroups walk the same tiles, so their n_wid agree: phase n_wid of `widened` is this tile's,
-        and neither can arrive for the next fp8 tile before this one's phase completed."""
+        """Wait for key tile i in slot j; returns n_wid, the fp8 prefix tiles widened so far (widen="split").
+        Prefix tiles then get fixed up in shared memory: an fp8 cache's tile is widened (exactly) into the slot's
+        16-bit buffers, and V rows past the context are zeroed (pages past a context may hold NaN). WIDEN 0 ("both"):
+        each warpgroup does the whole tile (both write the same values, each before its own wgmmas read them);
+        1 ("split"): each widens its half of an fp8 tile's rows, then waits on `widened` (count 2, one arrival per
+        warpgroup) for the other's half. Both warpgroups walk the same tiles, so their n_wid agree: phase n_wid of
+        `widened` is this tile's, and neither can arrive for the next fp8 tile before this one's phase completed.
+        2 ("warps"): the converter warpgroup did it before marking the tile ready."""
         stage = j % STAGES
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-        if FP8 & SPLIT:
+        if FP8 & (WIDEN == 2):
+            pass  # _convert_partition widened the tile and zeroed its dead V rows
+        elif FP8 & (WIDEN == 1):
             if i < n_pre:
                 HALF: gl.constexpr = BN // 2
                 hblk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
@@ -267,11 +345,11 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(args, BN: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, WG: gl.constexpr):
+                 BLOCK_Q: gl.constexpr, FP8: gl.constexpr, WIDEN: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG: query rows WG * 64 .. + 63 of each work item against its key tiles."""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, kn_desc, vn_desc, kc_desc, vc_desc,
-         num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt, stride_qh,
-         out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
+         vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
+         stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
         dtype: gl.constexpr = kn_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
@@ -298,7 +376,7 @@ if gluon is not None:
                 # prefix tiles read the cache: stored * k_scale / v_scale (1 unless fp8), folded into the score
                 # scale and into p for P @ V; the chunk's own keys are unscaled
                 n_wid = _tile_ready(0, j, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring, BN,
-                                    HEAD_DIM, STAGES, FP8, SPLIT, WG)
+                                    HEAD_DIM, STAGES, FP8, WIDEN, WG)
                 s = warpgroup_mma(q_w, k_ring.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False)
                 s = _mask_scores(s, 0, n_pre, prefix, q0, q_abs, BN, s_layout)
                 sc = gl.where(n_pre > 0, qk_scale * k_scale, qk_scale)
@@ -309,7 +387,7 @@ if gluon is not None:
                 acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
                 for i in range(1, n_tiles):
                     n_wid = _tile_ready(i, j + i, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring,
-                                        BN, HEAD_DIM, STAGES, FP8, SPLIT, WG)
+                                        BN, HEAD_DIM, STAGES, FP8, WIDEN, WG)
                     s_tok = warpgroup_mma(q_w, k_ring.index((j + i) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                           is_async=True)
                     acc_tok = warpgroup_mma(p, v_ring.index((j + i - 1) % STAGES), acc, is_async=True)
@@ -339,14 +417,14 @@ if gluon is not None:
     @gluon.jit
     def _consume0(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                  SPLIT: gl.constexpr):
-        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT, 0)
+                  WIDEN: gl.constexpr):
+        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN, 0)
 
     @gluon.jit
     def _consume1(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                  SPLIT: gl.constexpr):
-        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT, 1)
+                  WIDEN: gl.constexpr):
+        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN, 1)
 
     # Batch-dependent ints unspecialized, as paged_attention's kernel: new batches never recompile.
     @gluon.jit(do_not_specialize=["num_items", "num_seqs", "stride_bt"])
@@ -354,7 +432,8 @@ if gluon is not None:
                         k_scale, v_scale, num_items, num_heads_kv, num_seqs, stride_qt, stride_qh, stride_ot,
                         stride_oh, stride_bt, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr,
                         BN: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        STAGES: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, FP8: gl.constexpr, WIDEN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        CONVERT_REGS: gl.constexpr):
         dtype: gl.constexpr = kn_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], kn_desc.layout)  # each consumer fills its half
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], kn_desc.layout)
@@ -370,20 +449,37 @@ if gluon is not None:
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
-        if SPLIT:  # both halves of an fp8 tile widened: one arrival per consumer warpgroup
+        if WIDEN == 1:  # both halves of an fp8 tile widened: one arrival per consumer warpgroup
             widened = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(widened, count=2)
         else:
             widened = ready  # never waited on
+        if WIDEN == 2:  # the fp8 ring's own barriers: TMA to the converter warpgroup, and back
+            ready8 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty8 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for st in gl.static_range(STAGES):
+                mbarrier.init(ready8.index(st), count=1)
+                mbarrier.init(empty8.index(st), count=1)
+        else:
+            ready8 = ready  # never waited on
+            empty8 = empty
         fence_async_shared()
         gl.thread_barrier()
-        args = (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, kn_desc, vn_desc, kc_desc, vc_desc,
-                num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
-                stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale)
-        gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT)),
-                            (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT)),
-                            (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, SPLIT))],
-                           [4, 1], [CONSUMER_REGS, 24])
+        args = (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc,
+                kc_desc, vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr,
+                stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale)
+        if WIDEN == 2:  # a fourth warpgroup, the converter, between the consumers and the producer warp
+            gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
+                                (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
+                                (_convert_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8,
+                                                      WIDEN)),
+                                (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN))],
+                               [4, 4, 1], [CONSUMER_REGS, CONVERT_REGS, 24])
+        else:
+            gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
+                                (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
+                                (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN))],
+                               [4, 1], [CONSUMER_REGS, 24])
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -394,14 +490,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, k_new: torch.Tensor,
                       v_new: torch.Tensor, scale: float, out: torch.Tensor, *, k_scale: float = 1.0,
                       v_scale: float = 1.0, block_n: int = BLOCK_N, stages: int = STAGES,
-                      persistent: bool = bool(PERSISTENT), split_widen: bool = bool(SPLIT_WIDEN)) -> None:
+                      persistent: bool = bool(PERSISTENT), widen: str = WIDEN) -> None:
     """Write out's rows of the prompt chunks (sequences with > 1 query); one-query rows are left to the caller.
 
     Arguments as spool.kernels.paged_attention's (already checked there); block_tables with unit column stride,
     int32 seq_lens / query_start_loc. Call only where supported() holds. block_n / stages: the key tile and the
-    depth of the TMA ring; persistent: one program per SM walking the work items, else one per item; split_widen:
-    an fp8 cache's prefix tiles widened half by each consumer warpgroup, else whole by both (benchmarks).
+    depth of the TMA ring; persistent: one program per SM walking the work items, else one per item; widen: how an
+    fp8 cache's prefix tiles become 16-bit ones, "both" consumer warpgroups whole, "split" half each, or "warps" a
+    converter warpgroup of their own (benchmarks; see _tile_ready).
     """
+    if widen not in WIDEN_MODES:
+        raise ValueError(f"widen={widen!r}: want one of {', '.join(WIDEN_MODES)}")
     t, hq, d = q.shape
     nb, page, hk, _ = k_cache.shape
     group = hq // hk
@@ -410,6 +509,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = BLOCK_M // group
     sub = min(page, block_n)
     fp8 = is_fp8(k_cache.dtype)
+    mode = WIDEN_MODES.index(widen) if fp8 else 0
     layout = _smem_layout(block_n, d, _gl_dtype(q.dtype))
     cache_layout = _smem_layout(block_n, d, gl.float8e4nv) if fp8 else layout
     descs = [TensorDescriptor(x, [t, hk * d], [x.stride(0), 1], [block_n, d], layout) for x in (k_new, v_new)]
@@ -417,11 +517,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     log2e = 1.4426950408889634
     items = (cdiv(t, block_q) + s) * hk  # tile slots (an upper bound on the chunks' query tiles) x KV heads
     grid = min(items, _num_sms(q.device)) if persistent else items
+    warps = mode == 2
     _prefill_kernel[(grid,)](
         q, out, *descs, block_tables, seq_lens, query_start_loc, scale * log2e, k_scale, v_scale, items, hk, s,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=BLOCK_M, BN=block_n, PAGE=page, SUB=sub, HEAD_DIM=d, STAGES=stages,
-        FP8=fp8, SPLIT=split_widen and fp8, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=MAXNREG,
+        FP8=fp8, WIDEN=mode, CONSUMER_REGS=WARPS_CONSUMER_REGS if warps else CONSUMER_REGS, CONVERT_REGS=CONVERT_REGS,
+        num_warps=4, maxnreg=WARPS_MAXNREG if warps else MAXNREG,
     )
 
 
