@@ -207,7 +207,8 @@ if gluon is not None:
                         WIDEN: gl.constexpr):
         """The producer warp: the j-th tile it loads goes into slot j % STAGES once both consumers released the
         tile STAGES before it. With widen="warps" an fp8 cache's prefix tiles go instead to the fp8 ring (slot
-        j8 % STAGES for the j8-th of them, `ready8`), once the converter warpgroup released that slot (`empty8`)."""
+        j8 % STAGES for the j8-th of them, `ready8`), once both that slot is free (`empty8`, the converter) and
+        slot j % STAGES of the 16-bit ring, which the converter then fills."""
         (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
          vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
          stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
@@ -218,20 +219,21 @@ if gluon is not None:
                 r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN, BLOCK_Q)
             if valid:
                 for i in range(n_tiles):
+                    # Slot j % STAGES free: waited for every tile in order, whoever fills it (so the parity is
+                    # never a lap behind: "warps" fills prefix tiles through the converter). A fresh barrier passes
+                    # parity 1.
+                    mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
                     if FP8 & (WIDEN == 2):
-                        if i < n_pre:
+                        if i < n_pre:  # to the fp8 ring; the converter widens it into slot j % STAGES
                             s8 = j8 % STAGES
                             mbarrier.wait(empty8.index(s8), ((j8 // STAGES) & 1) ^ 1)
                             _issue_prefix(i, ready8.index(s8), k8_ring.index(s8), v8_ring.index(s8), kc_desc,
                                           vc_desc, bt_row, ctx, kvh, BN, SUB, PAGE, HEAD_DIM)
                             j8 += 1
                         else:
-                            mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
                             _issue_new(i, n_pre, ready.index(j % STAGES), k_ring.index(j % STAGES),
                                        v_ring.index(j % STAGES), kn_desc, vn_desc, q_start, kvh, BN, HEAD_DIM)
                     else:
-                        # a fresh barrier passes parity 1
-                        mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
                         _issue_tile(i, j, n_pre, ready, k_ring, v_ring, k8_ring, v8_ring, kn_desc, vn_desc, kc_desc,
                                     vc_desc, bt_row, ctx, q_start, kvh, BN, SUB, PAGE, HEAD_DIM, STAGES, FP8)
                     j += 1
@@ -243,7 +245,9 @@ if gluon is not None:
         """widen="warps": a warpgroup of its own widens each fp8 prefix tile (exactly) from the fp8 ring into the
         16-bit ring's slot j % STAGES, zeroing V rows past the context, and marks it ready; the consumers then read
         it like any tile, and the widening runs beside their wgmmas instead of before them. Tiles of the chunk's own
-        keys pass it by (the producer loads them straight into the 16-bit ring)."""
+        keys pass it by (the producer loads them straight into the 16-bit ring). It never waits on `empty` itself:
+        skipping the chunks' tiles, its parity could be a lap behind; the producer waits for every slot in order.
+        (The protocol of all three modes was checked in a random-interleaving model before any GPU run.)"""
         (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
          vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
          stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
@@ -258,8 +262,8 @@ if gluon is not None:
                 for i in range(n_pre):
                     s8 = j8 % STAGES
                     stage = (j + i) % STAGES
+                    # landed; and slot `stage` is free, since the producer waited for that before loading it
                     mbarrier.wait(ready8.index(s8), (j8 // STAGES) & 1)
-                    mbarrier.wait(empty.index(stage), (((j + i) // STAGES) & 1) ^ 1)
                     for h in gl.static_range(2):
                         rows = i * BN + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
                         k_ring.index(stage).slice(h * HALF, HALF).store(
