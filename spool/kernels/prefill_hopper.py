@@ -248,9 +248,8 @@ if gluon is not None:
         keys pass it by (the producer loads them straight into the 16-bit ring). It never waits on `empty` itself:
         skipping the chunks' tiles, its parity could be a lap behind; the producer waits for every slot in order.
         (The protocol of all three modes was checked in a random-interleaving model before any GPU run.)"""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
-         vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
-         stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
+        (k_ring, v_ring, k8_ring, v8_ring, ready, ready8, empty8, num_items, num_heads_kv, num_seqs, qsl_ptr,
+         seq_lens_ptr, bt_ptr, stride_bt) = args  # what it needs of the kernel's, only
         HALF: gl.constexpr = BN // 2  # widened half a tile at a time: fewer registers live
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
         j = 0
@@ -475,8 +474,10 @@ if gluon is not None:
         if WIDEN == 2:  # a fourth warpgroup, the converter, between the consumers and the producer warp
             gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
                                 (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
-                                (_convert_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8,
-                                                      WIDEN)),
+                                (_convert_partition, ((k_ring, v_ring, k8_ring, v8_ring, ready, ready8, empty8,
+                                                       num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr,
+                                                       bt_ptr, stride_bt), BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP,
+                                                      BLOCK_Q, FP8, WIDEN)),
                                 (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN))],
                                [4, 4, 1], [CONSUMER_REGS, CONVERT_REGS, 24])
         else:
