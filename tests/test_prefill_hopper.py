@@ -77,6 +77,26 @@ def test_an_unknown_widen_is_refused_before_any_launch():
         prefill_hopper.prefill_attention(q, kc, vc, *meta, kn, vn, 0.1, torch.empty_like(q), widen="sideways")
 
 
+def test_the_kernel_runs_only_on_the_triton_releases_it_is_written_for(monkeypatch, caplog):
+    """Gluon's API changes between releases (3.9 renamed or dropped calls the kernel makes): on any other release
+    prompt chunks stay on the Triton kernel, and a Hopper machine says so once."""
+    if prefill_hopper.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(prefill_hopper, "triton_release", lambda: "3.6")
+    assert prefill_hopper.available()
+    monkeypatch.setattr(prefill_hopper, "triton_release", lambda: "3.9")
+    assert not prefill_hopper.available()
+    prefill_hopper._available_said.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="spool.kernels.prefill_hopper"):
+            assert not prefill_hopper._available_said() and not prefill_hopper._available_said()
+    finally:
+        prefill_hopper._available_said.cache_clear()
+    said = [r.getMessage() for r in caplog.records if r.name == "spool.kernels.prefill_hopper"]
+    assert said == ["prompt attention runs on the Triton kernel, not the Gluon one for Hopper: it is written for "
+                    "Triton 3.6, and this is Triton 3.9"], said
+
+
 def test_cpu_tensors_never_take_the_hopper_kernel():
     assert not prefill_hopper.supported(*_inputs())
 

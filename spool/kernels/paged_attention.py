@@ -31,7 +31,8 @@ and with an fp8 cache they stay unquantized (k_scale and v_scale apply to the pr
 attention). Such steps never split KV. On the H200 this took prefill of 2048 fresh tokens from 56% to 76% of
 SDPA causal (bf16 KV) and from 46% to 72% (fp8 KV); bench/attn_workload.py. On Hopper, paged_attention hands
 these chunks to spool.kernels.prefill_hopper (Gluon, FlashAttention-3's overlap: 95-97% of SDPA causal at 2048)
-when it supports the call and no config is forced; SPOOL_PREFILL_KERNEL=triton keeps them here.
+when it supports the call (and the Triton release: 3.6) and no config is forced; SPOOL_PREFILL_KERNEL=triton keeps
+them here.
 
 Finding the sequence of a tile needs no host sync: in decode (max_query_len <= 1) tile s is
 sequence s; otherwise the grid has T // BLOCK_Q + S tile slots (an upper bound on

@@ -44,6 +44,7 @@ tier checks the kernel against spool.kernels.reference.paged_attention.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -61,6 +62,8 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 from spool.kernels.fp8 import FP8_DTYPE, is_fp8
 from spool.kernels.sizes import cdiv
 from spool.kernels.tile_slots import find_seq
+
+log = logging.getLogger(__name__)
 
 BLOCK_M = 128  # query rows per work item: two consumer warpgroups of 64
 CONSUMER_REGS = 240  # setmaxnreg for the consumer warpgroups; the producer warp's warpgroup gives back down to 24
@@ -93,15 +96,32 @@ def _default_tiles(text: str) -> tuple[int, int, int, str]:
 BLOCK_N, STAGES, PERSISTENT, WIDEN = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,3,1,both")
 
 
+# Gluon is experimental and its API changes between Triton releases (3.9 renamed async_copy_global_to_shared to
+# async_load and dropped thread_barrier), so the kernel runs only on the releases it was written and tested on
+# (the GPU tier, bench/RESULTS.md); with any other, prompt chunks stay on the Triton kernel.
+GLUON_TRITON_RELEASES = ("3.6", )
+
+
+def triton_release() -> str:
+    """The installed Triton's major.minor, e.g. "3.6" ("none" without Triton)."""
+    try:
+        import triton
+    except ImportError:  # pragma: no cover - the engine's GPU path needs Triton anyway
+        return "none"
+    return ".".join(triton.__version__.split(".")[:2])
+
+
 def available() -> bool:
-    """Gluon importable (the kernel itself needs a Hopper GPU: see supported)."""
-    return gluon is not None
+    """Gluon importable and this Triton release one the kernel is written for (it also needs a Hopper GPU: see
+    supported)."""
+    return gluon is not None and triton_release() in GLUON_TRITON_RELEASES
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
               v_new: torch.Tensor) -> bool:
-    """Whether prefill_attention can serve this call: a Hopper GPU (wgmma) and layout_ok. Else the Triton kernel."""
-    if gluon is None or q.device.type != "cuda" or not _hopper(q.device):
+    """Whether prefill_attention can serve this call: a Hopper GPU (wgmma), a Triton release the kernel is written
+    for, and layout_ok. Else the Triton kernel."""
+    if q.device.type != "cuda" or not _hopper(q.device) or not _available_said():
         return False
     return layout_ok(q, k_cache, v_cache, k_new, v_new)
 
@@ -530,6 +550,16 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         FP8=fp8, WIDEN=mode, CONSUMER_REGS=WARPS_CONSUMER_REGS if warps else CONSUMER_REGS, CONVERT_REGS=CONVERT_REGS,
         num_warps=4, maxnreg=WARPS_MAXNREG if warps else MAXNREG,
     )
+
+
+@functools.cache
+def _available_said() -> bool:
+    """available(), logged once when a Hopper GPU has to do without the kernel."""
+    if not available():
+        why = "Gluon is missing" if gluon is None else f"it is written for Triton {', '.join(GLUON_TRITON_RELEASES)}"
+        log.info("prompt attention runs on the Triton kernel, not the Gluon one for Hopper: %s, and this is "
+                 "Triton %s", why, triton_release())
+    return available()
 
 
 @functools.cache
