@@ -157,9 +157,13 @@ for stage in "$@"; do case $stage in
       -k "prefill or new_kv or mixed or width" ;;
   fp8widen) # fourteenth session: an fp8 cache's prefix tiles widened "split" between the consumers or by a converter
     # warpgroup ("warps"; both written and compiled for sm_90 on the CPU, never run): the prefill tests in every mode
-    # first, then the prefill cases (fp8 rows "widen="), then fp8 weights + fp8 KV end to end in each mode
-    run gpu_prefill_hopper_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_prefill_hopper.py
-    run attn_prefill 400 python3 bench/attn_workload.py --skip decode host --quick --json "$OUT/attn_prefill.json"
+    # first, each mode by itself (a hang costs its own time limit only), then the prefill cases (fp8 rows "widen=")
+    for w in split warps; do run gpu_prefill_widen_$w 120 python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_prefill_hopper.py -k $w; done
+    run gpu_prefill_hopper_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_prefill_hopper.py \
+      -k "not split and not warps"
+    run attn_prefill 300 python3 bench/attn_workload.py --skip decode host --quick --json "$OUT/attn_prefill.json" ;;
+  fp8widen2) # then (another device call) fp8 weights + fp8 KV end to end in each widening mode
     W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
     W="$W --quantization fp8 --kv-cache-dtype fp8"
     for w in both split warps; do SPOOL_GLUON_PREFILL=64,3,1,$w run llama8b_fp8_widen_$w 300 \
@@ -255,8 +259,11 @@ for stage in "$@"; do case $stage in
       run llama8b_tp2 420 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --tensor-parallel-size 2 --json "$OUT/llama8b_tp2.json"
       run llama8b_tp1 300 python3 bench/throughput.py --shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --json "$OUT/llama8b_tp1.json" ;;
   # Issue 16 on nvidia-h200-x2 (two GPUs; NVLink multicast left off), in three calls of < 10 min each:
-  tp16a) # the GPU tier on two GPUs (the CUDA tensor-parallel tests run), llama3-8b at tp=1 and tp=2
-      run gpu_tests_2gpu 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests/
+  tp16a) # the GPU tier on two GPUs (the CUDA tensor-parallel tests run, with the llama3-8b-shape bf16 logits at
+      # tp=2 against tp=1: a ~16 GB checkpoint written and loaded four times, a few minutes). One device call each:
+      # a call may run 600 s
+      run gpu_tests_2gpu 580 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ ;;
+  tp16a2) # llama3-8b at tp=1 and tp=2
       W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
       run llama8b_tp1 300 python3 bench/throughput.py $W --json "$OUT/llama8b_tp1.json"
       run llama8b_tp2 300 python3 bench/throughput.py $W --tensor-parallel-size 2 --json "$OUT/llama8b_tp2.json" ;;
