@@ -25,20 +25,27 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def hf_reference(path: Path, ids: list[int]):
-    """A random (std 0.02) transformers model from path/config.json: (bf16 model, bf16 logits, fp32 logits)."""
+def random_model(path: Path, device: str = "cuda", seed: int = 0):
+    """A bf16 transformers model for path/config.json, its matrices random (std 0.02), norms as initialised."""
     cfg = AutoConfig.from_pretrained(str(path))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
+    torch.manual_seed(seed)
+    with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.02)
+    return hf
+
+
+def hf_reference(path: Path, ids: list[int]):
+    """A random (std 0.02) transformers model from path/config.json: (bf16 model, bf16 logits, fp32 logits)."""
+    hf = random_model(path)
+    with torch.no_grad():
         x = torch.tensor([ids], device="cuda")
         ref16 = hf(x).logits[0, -1].float()
         with torch.device("cuda"):
-            hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            hf32 = AutoModelForCausalLM.from_config(hf.config, dtype=torch.float32).eval()
         hf32.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
         ref32 = hf32(x).logits[0, -1].float()
     del hf32
@@ -61,16 +68,9 @@ def spool_logits(path: Path, hf, ids: list[int], backend: str = "auto", kv_cache
 
 
 def random_checkpoint(path: Path, device: str = "cuda", seed: int = 0) -> Path:
-    """Random weights (std 0.02, as hf_reference's) for the config.json in `path`, saved there by transformers as a
-    bf16 safetensors checkpoint (llama3-8b: ~16 GB), for engines that load their weights from disk."""
-    cfg = AutoConfig.from_pretrained(str(path))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
+    """random_model's weights for the config.json in `path`, saved there by transformers as a bf16 safetensors
+    checkpoint (llama3-8b: ~16 GB), for engines that load their weights from disk."""
+    hf = random_model(path, device, seed)
     hf.save_pretrained(str(path), safe_serialization=True)
     del hf
     return path
