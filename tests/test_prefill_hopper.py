@@ -119,6 +119,15 @@ def _fp8_batch(seqs, bs, seed=0):
     return q, k8, v8, bt, sl, qsl, kn, vn, {"k_scale": FP8_K_SCALE, "v_scale": FP8_V_SCALE}, k_hi, v_hi
 
 
+def _llama3_batch(seqs, fp8, seed=0):
+    """A batch at llama3-8b's heads (32/8, d128, pages of 16): make_batch's with bf16 KV, else _fp8_batch's.
+    Returns q, the caches, metadata, k/v_new and the scales paged_attention takes (none for bf16)."""
+    if fp8:
+        return _fp8_batch(seqs, 16, seed)[:9]
+    q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=seed)
+    return (q, kc, vc, bt, sl, qsl, *new_kv_of(q, 8), {})
+
+
 def _prompt_rows(seqs):
     """Which of a batch's token rows belong to prompt chunks (sequences with more than one query)."""
     return torch.cat([torch.full((ql,), ql > 1, dtype=torch.bool) for ql, _ in seqs]).cuda()
@@ -189,12 +198,7 @@ def test_gpu_paged_attention_dispatches_prompt_chunks_to_it(seqs, fp8):
     """paged_attention's default for prompt steps on Hopper: prompt chunks here, decode rows on the Triton kernel."""
     from spool.kernels.triton_ops import TRITON_OPS as T
 
-    if fp8:
-        q, kc, vc, bt, sl, qsl, kn, vn, scales, _, _ = _fp8_batch(seqs, 16)
-    else:
-        q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda")
-        kn, vn = new_kv_of(q, 8)
-        scales = {}
+    q, kc, vc, bt, sl, qsl, kn, vn, scales = _llama3_batch(seqs, fp8)
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     out = T.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     assert_close(out, ref, torch.bfloat16, f"paged_attention {seqs[:3]} fp8={fp8}")
@@ -211,12 +215,7 @@ def test_gpu_launches_agree_bitwise(block_n, stages, persistent, kv):
     overwritten while still read), would show as launches that disagree."""
     seqs = PROMPTS + CHUNKS
     widen = "both" if kv == "bf16" else kv.split()[1]  # "fp8 warps" -> "warps"
-    if kv == "bf16":
-        q, kc, vc, bt, sl, qsl = make_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=7)
-        kn, vn = new_kv_of(q, 8)
-        scales = {}
-    else:
-        q, kc, vc, bt, sl, qsl, kn, vn, scales, _, _ = _fp8_batch(seqs, 16, seed=7)
+    q, kc, vc, bt, sl, qsl, kn, vn, scales = _llama3_batch(seqs, kv != "bf16", seed=7)
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     prompt = _prompt_rows(seqs)
     outs = []
