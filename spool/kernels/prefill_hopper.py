@@ -259,6 +259,16 @@ if gluon is not None:
                     j += 1
 
     @gluon.jit
+    def _widen_rows(k8, v8, k16, v16, k0, ctx, R0: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Rows R0 .. R0 + ROWS of an fp8 prefix tile whose first key is k0, widened (exactly) into the slot's
+        16-bit buffers; V rows of keys at or past ctx are zeroed (pages past a context may hold anything)."""
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
+        keys = k0 + R0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
+        k16.slice(R0, ROWS).store(k8.slice(R0, ROWS).load(blk).to(k16.dtype))
+        v = v8.slice(R0, ROWS).load(blk).to(v16.dtype)
+        v16.slice(R0, ROWS).store(gl.where(gl.expand_dims(keys < ctx, 1), v, gl.zeros_like(v)))
+
+    @gluon.jit
     def _convert_partition(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                            STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
                            WIDEN: gl.constexpr):
@@ -271,7 +281,6 @@ if gluon is not None:
         (k_ring, v_ring, k8_ring, v8_ring, ready, ready8, empty8, num_items, num_heads_kv, num_seqs, qsl_ptr,
          seq_lens_ptr, bt_ptr, stride_bt) = args  # what it needs of the kernel's, only
         HALF: gl.constexpr = BN // 2  # widened half a tile at a time: fewer registers live
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
         j = 0
         j8 = 0
         for r in range(gl.cdiv(num_items, gl.num_programs(0))):
@@ -284,12 +293,8 @@ if gluon is not None:
                     # landed; and slot `stage` is free, since the producer waited for that before loading it
                     mbarrier.wait(ready8.index(s8), (j8 // STAGES) & 1)
                     for h in gl.static_range(2):
-                        rows = i * BN + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
-                        k_ring.index(stage).slice(h * HALF, HALF).store(
-                            k8_ring.index(s8).slice(h * HALF, HALF).load(blk).to(k_ring.dtype))
-                        v = v8_ring.index(s8).slice(h * HALF, HALF).load(blk).to(v_ring.dtype)
-                        v_ring.index(stage).slice(h * HALF, HALF).store(
-                            gl.where(gl.expand_dims(rows < ctx, 1), v, gl.zeros_like(v)))
+                        _widen_rows(k8_ring.index(s8), v8_ring.index(s8), k_ring.index(stage), v_ring.index(stage),
+                                    i * BN, ctx, h * HALF, HALF, HEAD_DIM)
                     fence_async_shared()  # the widened tile, before the consumers' wgmmas (the async proxy) read it
                     mbarrier.arrive(ready.index(stage), count=1)  # after all 128 threads (a barrier over the group)
                     mbarrier.arrive(empty8.index(s8), count=1)
@@ -314,14 +319,8 @@ if gluon is not None:
             pass  # _convert_partition widened the tile and zeroed its dead V rows
         elif FP8 & (WIDEN == 1):
             if i < n_pre:
-                HALF: gl.constexpr = BN // 2
-                hblk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-                rows = i * BN + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, hblk))
-                k_half = k_ring.index(stage).slice(WG * HALF, HALF)
-                k_half.store(k8_ring.index(stage).slice(WG * HALF, HALF).load(hblk).to(k_ring.dtype))
-                v = v8_ring.index(stage).slice(WG * HALF, HALF).load(hblk).to(v_ring.dtype)
-                v_ring.index(stage).slice(WG * HALF, HALF).store(gl.where(gl.expand_dims(rows < ctx, 1), v,
-                                                                          gl.zeros_like(v)))
+                _widen_rows(k8_ring.index(stage), v8_ring.index(stage), k_ring.index(stage), v_ring.index(stage),
+                            i * BN, ctx, WG * (BN // 2), BN // 2, HEAD_DIM)
                 fence_async_shared()  # this warpgroup's writes, before wgmma (the async proxy) reads them
                 mbarrier.arrive(widened, count=1)  # after all 128 threads (a barrier over the warpgroup)
                 mbarrier.wait(widened, n_wid & 1)
