@@ -12,7 +12,7 @@ llama3-8b bulk step actually runs (32/8 heads, d128):
   U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
   pointers or by bulk tensor copies (TMA), bf16 and fp8 KV, with SDPA causal on 2048 contiguous tokens as the
   yardstick (issue 17's 90% target), and spool.kernels.prefill_hopper's Gluon kernel (Hopper; bf16 and fp8 KV) in
-  each of its tile shapes, persistent or one program per work item, for fp8 KV in each widening mode ("widen=");
+  each of its tile shapes, persistent or one program per work item;
   --quick: of the Triton kernel's tiles, only the default and the 128 x 128 TMA ones.
 - host: host time per call of a prompt step (Gluon vs Triton prompt kernels), with a profile of the Gluon call.
 """
@@ -183,10 +183,8 @@ def prefill_section(a, res: dict, rows: list) -> None:
         fl = sum(flops(c - q, q) for c, q in zip(ctxs, qlens))
         ref = reference.paged_attention(*b[:6], D**-0.5, k_new=b[6], v_new=b[7]).float() if label == "2048+0" else None
         out = res["prefill"][f"{label} {kv}"] = []
-        gluon = [(f"gluon bn={bn} st={st}{'' if pers else ' grid=items'}{'' if w == 'both' else ' widen=' + w}",
-                  "gluon", (bn, st, pers, w))
+        gluon = [(f"gluon bn={bn} st={st}{'' if pers else ' grid=items'}", "gluon", (bn, st, pers))
                  for bn, st in prefill_hopper.CONFIGS for pers in (True, False)
-                 for w in (prefill_hopper.WIDEN_MODES if kv == "fp8" else ("both",))
                  if prefill_hopper.supported(b[0], b[1], b[2], b[6], b[7])]
         quick = defaults | {"new_kv tma bm=128 bn=128 w=8 st=3"}  # the default tiles, and the best TMA ones
         for name, tma, cfg in variants + gluon:
@@ -196,7 +194,7 @@ def prefill_section(a, res: dict, rows: list) -> None:
             if tma == "gluon":  # spool.kernels.prefill_hopper by itself (every row here is a prompt's)
                 o = torch.full_like(b[0], float("nan"))  # rows the kernel misses stay NaN: the error check sees them
                 run = functools.partial(prefill_hopper.prefill_attention, *b[:6], b[6], b[7], D**-0.5, o,
-                                        block_n=cfg[0], stages=cfg[1], persistent=cfg[2], widen=cfg[3])
+                                        block_n=cfg[0], stages=cfg[1], persistent=cfg[2])
             else:
                 run = functools.partial(paged_attention, *b[:6], D**-0.5, max_query_len=max(qlens),
                                         max_seq_len=max(ctxs), config=cfg, **kw)

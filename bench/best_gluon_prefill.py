@@ -2,7 +2,7 @@
 
   python bench/best_gluon_prefill.py attn.json [CASE]     (CASE: a key of its "prefill"; default the 16-prompt step)
 
-Prints "block_n,stages,persistent,widen" (e.g. "64,3,1,both"), or nothing when the file has no Gluon rows for
+Prints "block_n,stages,persistent" (e.g. "64,4,1"), or nothing when the file has no Gluon rows for
 that case.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ def main() -> int:
     case = sys.argv[2] if len(sys.argv) > 2 else next(steps, "")
     rows = sorted((r for r in res.get(case, []) if r["variant"].startswith("gluon")), key=lambda r: r["ms"])
     if rows:
-        m = re.fullmatch(r"gluon bn=(\d+) st=(\d+)( grid=items)?(?: widen=(\w+))?", rows[0]["variant"])
+        m = re.fullmatch(r"gluon bn=(\d+) st=(\d+)( grid=items)?", rows[0]["variant"])
         if m:
-            print(f"{m[1]},{m[2]},{int(not m[3])},{m[4] or 'both'}")
+            print(f"{m[1]},{m[2]},{int(not m[3])}")
     return 0
 
 

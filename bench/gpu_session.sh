@@ -155,19 +155,6 @@ for stage in "$@"; do case $stage in
     run gpu_prefill_hopper_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_prefill_hopper.py
     run gpu_prompt_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
       -k "prefill or new_kv or mixed or width" ;;
-  fp8widen) # fourteenth session: an fp8 cache's prefix tiles widened "split" between the consumers or by a converter
-    # warpgroup ("warps"; both written and compiled for sm_90 on the CPU, never run): the prefill tests in every mode
-    # first, each mode by itself (a hang costs its own time limit only), then the prefill cases (fp8 rows "widen=")
-    for w in split warps; do run gpu_prefill_widen_$w 120 python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_prefill_hopper.py -k $w; done
-    run gpu_prefill_hopper_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_prefill_hopper.py \
-      -k "not split and not warps"
-    run attn_prefill 300 python3 bench/attn_workload.py --skip decode host --quick --json "$OUT/attn_prefill.json" ;;
-  fp8widen2) # then (another device call) fp8 weights + fp8 KV end to end in each widening mode
-    W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256"
-    W="$W --quantization fp8 --kv-cache-dtype fp8"
-    for w in both split warps; do SPOOL_GLUON_PREFILL=64,3,1,$w run llama8b_fp8_widen_$w 300 \
-      python3 bench/throughput.py $W --json "$OUT/llama8b_fp8_widen_$w.json"; done ;;
   attnpf) run attn_prefill 400 python3 bench/attn_workload.py --skip decode --quick --json "$OUT/attn_prefill.json" ;;
   llamapf) # the bulk workload with prompt chunks on the Gluon kernel and on the Triton kernel. The Gluon tiles:
     # $GLUON_PREFILL ("block_n,stages,ws"), else the fastest on attnpf's 16-prompt step, else the default

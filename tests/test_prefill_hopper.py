@@ -63,18 +63,11 @@ def test_layout_ok_leaves_the_rest_to_the_triton_kernel(what):
 
 
 def test_default_tiles_come_from_the_environment_with_a_clear_error():
-    assert prefill_hopper._default_tiles("64,4,0") == (64, 4, 0, "both")  # fp8 tiles widened by both consumers
-    assert prefill_hopper._default_tiles("64,3,1,warps") == (64, 3, 1, "warps")
-    for bad in ("64,3", "64,3,1,0", "64,3,1,split,1", "x,3,1", "96,3,1", "64,9,1", "64,3,2"):
-        with pytest.raises(ValueError, match=r"SPOOL_GLUON_PREFILL=.*want 'block_n,stages,persistent\[,widen\]'"):
+    assert prefill_hopper._default_tiles("64,4,0") == (64, 4, 0)
+    assert prefill_hopper._default_tiles("128,2,1") == (128, 2, 1)
+    for bad in ("64,3", "64,3,1,warps", "x,3,1", "96,3,1", "64,9,1", "64,3,2"):
+        with pytest.raises(ValueError, match=r"SPOOL_GLUON_PREFILL=.*want 'block_n,stages,persistent'"):
             prefill_hopper._default_tiles(bad)
-
-
-def test_an_unknown_widen_is_refused_before_any_launch():
-    q, kc, vc, kn, vn = _inputs()
-    meta = torch.zeros(1, 4, dtype=torch.int32), torch.tensor([64], dtype=torch.int32), torch.tensor([0, 64])
-    with pytest.raises(ValueError, match="widen='sideways': want one of both, split, warps"):
-        prefill_hopper.prefill_attention(q, kc, vc, *meta, kn, vn, 0.1, torch.empty_like(q), widen="sideways")
 
 
 def test_the_kernel_runs_only_on_the_triton_releases_it_is_written_for(monkeypatch, caplog):
@@ -95,6 +88,63 @@ def test_the_kernel_runs_only_on_the_triton_releases_it_is_written_for(monkeypat
     said = [r.getMessage() for r in caplog.records if r.name == "spool.kernels.prefill_hopper"]
     assert said == ["prompt attention runs on the Triton kernel, not the Gluon one for Hopper: it is written for "
                     "Triton 3.6, and this is Triton 3.9"], said
+
+
+def _run_e4m3_ptx(word: int) -> list[int]:
+    """prefill_hopper.E4M3_TO_BF16_PTX run on one register of 4 fp8 codes, by a model of its few instructions
+    (prmt's default mode: a selector nibble picks a byte of {b, a}, its bit 3 replicates that byte's sign;
+    mul.rn.bf16x2 as bf16 products, exact here). Returns the four bf16 bit patterns, element 0 first."""
+    regs = {"$2": word}
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    def bf16_mul(a, b):  # two 16-bit lanes each
+        out = 0
+        for lane in (0, 16):
+            x, y = (torch.tensor([(v >> lane) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+                    for v in (a, b))
+            out |= (int((x * y).view(torch.int16).item()) & 0xFFFF) << lane
+        return out
+
+    for line in prefill_hopper.E4M3_TO_BF16_PTX.splitlines():
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        args = [a.strip() for a in rest.split(",")]
+        if op == "prmt.b32":
+            src = [(val(args[1]) >> (8 * i)) & 0xFF for i in range(4)] + [(val(args[2]) >> (8 * i)) & 0xFF
+                                                                          for i in range(4)]
+            out = 0
+            for i in range(4):
+                n = (val(args[3]) >> (4 * i)) & 0xF
+                byte = src[n & 7] if not n & 8 else 0xFF * (src[n & 7] >> 7)
+                out |= byte << (8 * i)
+            regs[args[0]] = out
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "mul.rn.bf16x2":
+            regs[args[0]] = bf16_mul(val(args[1]), val(args[2]))
+        else:
+            assert op in ("{", "}", ".reg"), f"the model knows no {op!r}: extend it with the PTX"
+    return [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+
+
+def test_the_e4m3_to_bf16_ptx_is_exact_for_every_code_but_nan():
+    """The converter's fp8 -> bf16 widening (integer work and one multiply, not Triton's F2F conversions), modelled
+    on the CPU from its PTX text: every e4m3 code gives torch's bf16 bit for bit (subnormals, -0 and +-448
+    included); the two NaN codes, which spool's KV writes never store, read as +-480. The GPU test below runs it."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    got = []
+    for c in range(0, 256, 4):
+        got += _run_e4m3_ptx(c | (c + 1) << 8 | (c + 2) << 16 | (c + 3) << 24)
+    nan = (codes & 0x7F) == 0x7F
+    assert [g for g, n in zip(got, nan) if not n] == want[~nan].tolist()
+    got_nan = torch.tensor([g for g, n in zip(got, nan) if n], dtype=torch.int32).to(torch.int16)
+    assert got_nan.view(torch.bfloat16).tolist() == [480.0, -480.0]
 
 
 def test_cpu_tensors_never_take_the_hopper_kernel():
@@ -147,6 +197,31 @@ def _check(seqs, hq, hk, d, bs, dtype, block_n, stages, persistent):
     assert not out[~prompt].any(), f"{what}: wrote a decode row"
 
 
+if prefill_hopper.gluon is not None:
+    gl = prefill_hopper.gl
+
+    @prefill_hopper.gluon.jit
+    def _widen_kernel(src, dst, DTYPE: gl.constexpr):
+        offs = gl.arange(0, 256, layout=gl.BlockedLayout([8], [32], [1], [0]))
+        gl.store(dst + offs, prefill_hopper._widen(gl.load(src + offs), DTYPE))
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_widening_is_exact_for_every_e4m3_code_but_nan(dtype):
+    """The converter's fp8 -> q's dtype widening (prefill_hopper._widen: E4M3_TO_BF16_PTX for bf16, Triton's
+    conversion for fp16) on all 256 codes, bit for bit against torch's; NaN codes read as +-480 in bf16."""
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda")
+    out = torch.empty(256, dtype=dtype, device="cuda")
+    _widen_kernel[(1,)](codes.view(torch.float8_e4m3fn), out, prefill_hopper._gl_dtype(dtype), num_warps=1)
+    want = codes.view(torch.float8_e4m3fn).to(dtype)
+    nan = want.isnan()
+    assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    if dtype == torch.bfloat16:
+        assert out[nan].tolist() == [480.0, -480.0]
+
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
@@ -168,11 +243,10 @@ def test_gpu_chunks_over_cached_prefixes(hq, hk, d, bs, block_n, stages, persist
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("widen", prefill_hopper.WIDEN_MODES)
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
 @pytest.mark.parametrize("bs", [16, 64])
-def test_gpu_fp8_cache(bs, block_n, stages, persistent, widen):
-    """An fp8 KV cache: prefix tiles widened in shared memory (each way: see prefill_hopper._tile_ready), dead
+def test_gpu_fp8_cache(bs, block_n, stages, persistent):
+    """An fp8 KV cache: prefix tiles widened by the converter warpgroup (prefill_hopper._convert_partition), dead
     rows past each context hold NaN K codes and the largest V code, the chunks' own keys unquantized. Against the
     reference on the same fp8 cache, and within fp8's error of the unquantized cache."""
     seqs = PROMPTS + CHUNKS
@@ -181,9 +255,9 @@ def test_gpu_fp8_cache(bs, block_n, stages, persistent, widen):
     ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     out = torch.zeros_like(ref)
     prefill_hopper.prefill_attention(q, k8, v8, bt, sl, qsl, kn, vn, 128**-0.5, out, block_n=block_n, stages=stages,
-                                     persistent=persistent, widen=widen, **scales)
+                                     persistent=persistent, **scales)
     prompt = _prompt_rows(seqs)
-    what = f"fp8 bs={bs} bn={block_n} st={stages} pers={persistent} widen={widen}"
+    what = f"fp8 bs={bs} bn={block_n} st={stages} pers={persistent}"
     assert_close(out[prompt], ref[prompt], torch.bfloat16, what)
     assert not out[~prompt].any(), f"{what}: wrote a decode row"
     exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, 128**-0.5)[prompt]
@@ -206,15 +280,14 @@ def test_gpu_paged_attention_dispatches_prompt_chunks_to_it(seqs, fp8):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("kv", ["bf16"] + [f"fp8 {w}" for w in prefill_hopper.WIDEN_MODES])
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
 @pytest.mark.parametrize("block_n,stages,persistent", CONFIGS)
 def test_gpu_launches_agree_bitwise(block_n, stages, persistent, kv):
     """The kernel is deterministic: ten launches (the first on cold caches, right after compiling) give the same
     bits. A race between the producer warp and the consumers (a stage refilled early, a tile read before it landed),
-    or over an fp8 tile's widening (read before the other consumer or the converter warpgroup widened it, or
-    overwritten while still read), would show as launches that disagree."""
+    or over an fp8 tile's widening (read before the converter warpgroup widened it, or overwritten while still
+    read), would show as launches that disagree."""
     seqs = PROMPTS + CHUNKS
-    widen = "both" if kv == "bf16" else kv.split()[1]  # "fp8 warps" -> "warps"
     q, kc, vc, bt, sl, qsl, kn, vn, scales = _llama3_batch(seqs, kv != "bf16", seed=7)
     ref = reference.paged_attention(q, kc, vc, bt, sl, qsl, 128**-0.5, k_new=kn, v_new=vn, **scales)
     prompt = _prompt_rows(seqs)
@@ -223,7 +296,7 @@ def test_gpu_launches_agree_bitwise(block_n, stages, persistent, kv):
         torch.cuda.empty_cache()
         out = torch.zeros_like(ref)
         prefill_hopper.prefill_attention(q, kc, vc, bt, sl, qsl, kn, vn, 128**-0.5, out, block_n=block_n,
-                                         stages=stages, persistent=persistent, widen=widen, **scales)
+                                         stages=stages, persistent=persistent, **scales)
         outs.append(out[prompt])
     what = f"{kv} bn={block_n} st={stages} persistent={persistent}"
     assert_close(outs[0], ref[prompt], torch.bfloat16, f"first launch, {what}")

@@ -30,7 +30,7 @@ pointer loads or, with AttnConfig.new_kv_tma, bulk tensor copies. No per-token p
 and with an fp8 cache they stay unquantized (k_scale and v_scale apply to the prefix only; as SGLang's extend
 attention). Such steps never split KV. On the H200 this took prefill of 2048 fresh tokens from 56% to 76% of
 SDPA causal (bf16 KV) and from 46% to 72% (fp8 KV); bench/attn_workload.py. On Hopper, paged_attention hands
-these chunks to spool.kernels.prefill_hopper (Gluon, FlashAttention-3's overlap: 95-97% of SDPA causal at 2048)
+these chunks to spool.kernels.prefill_hopper (Gluon, FlashAttention-3's overlap: 95-99% of SDPA causal at 2048)
 when it supports the call (and the Triton release: 3.6) and no config is forced; SPOOL_PREFILL_KERNEL=triton keeps
 them here.
 

@@ -23,19 +23,20 @@ dead V rows zeroed in shared memory after it lands (pages past a context may hol
 p = 0 times NaN is NaN). k/v_new rows past a sequence (the next sequence's, or zeros past the step) are masked,
 never zeroed: they are the step's own finite keys and values.
 
-An fp8 cache's prefix tiles land in fp8 buffers and are widened (exactly) into the slot's 16-bit buffers before
-the wgmmas read them; k_scale folds into the score scale and v_scale into p for those tiles. By default ("both")
-each consumer widens the whole tile (the same bytes) before its wgmmas, which costs: 2048 new tokens after 2048
-fp8-cached ones run at 69% of SDPA causal, against 118% with a bf16 cache. Fresh prompts never read the cache, so
-fp8 and bf16 run alike there. Two other ways, `widen` / SPOOL_GLUON_PREFILL's fourth field: "split" (each consumer
-widens half the rows and waits for the other's half on an mbarrier) and "warps" (FlashAttention-3's way for fp8: a
-fourth warpgroup widens tiles from an fp8 ring into the 16-bit ring beside the consumers' wgmmas). Both compile for
-sm_90 (Triton 3.6, no spills) but have not yet run on a GPU, so neither is the default.
+An fp8 cache's prefix tiles land in an fp8 ring of their own, and a fourth warpgroup, the converter, widens them
+into the 16-bit ring beside the consumers' wgmmas (FlashAttention-3's way for fp8); k_scale folds into the score
+scale and v_scale into p for those tiles. The widening is exact for every e4m3 code but the NaNs, and for a bf16 q
+it is integer work plus one multiply per pair (E4M3_TO_BF16_PTX), not Triton's conversion, whose e4m3 -> f16 ->
+bf16 path spends one slow F2F per element. Three ways were measured on the H200 (RESULTS.md, fifteenth session):
+both consumers widening each tile before their wgmmas, each widening half and waiting for the other, and the
+converter. At 2048 new tokens after 2048 fp8-cached ones they ran at 69%, 80% and 85% of SDPA causal with Triton's
+conversion, and at 85%, 90% and 105% with E4M3_TO_BF16_PTX; only the converter is kept. Fresh prompts never read
+the cache, so fp8 and bf16 run alike there.
 
-Measured on the H200 (bench/attn_workload.py, bench/RESULTS.md thirteenth session; SDPA causal on 2048 tokens =
-100%): 2048 fresh tokens 95-97% (the Triton kernel: 75%), 2048 after 2048 cached 116-119% (76%), an 8,192-token
-step of 16 fresh prompts 61-63% (50%). Host time per call is ~40-100 us above the Triton kernel's (four TMA
-descriptors encoded per launch).
+Measured on the H200 (bench/attn_workload.py, bench/RESULTS.md thirteenth and fifteenth sessions; SDPA causal on
+2048 tokens = 100%): 2048 fresh tokens 95-99% (the Triton kernel: 74-75%), 2048 after 2048 cached 116-119% (76%),
+105% after 2048 fp8-cached (67%), an 8,192-token step of 16 fresh prompts 61-63% (50%). Host time per call is
+~40-100 us above the Triton kernel's (four TMA descriptors encoded per launch).
 
 Numerics as the Triton kernel: scores and softmax in fp32 (base 2, online), P rounded to q's dtype before P @ V.
 Runs only on compute capability 9.x (wgmma) and is never interpreted: the CPU tests check the dispatch, the GPU
@@ -68,32 +69,47 @@ log = logging.getLogger(__name__)
 BLOCK_M = 128  # query rows per work item: two consumer warpgroups of 64
 CONSUMER_REGS = 240  # setmaxnreg for the consumer warpgroups; the producer warp's warpgroup gives back down to 24
 MAXNREG = 168  # at launch: 3 warpgroups x 128 threads x 168 fit the SM's 64K registers (ptxas allocates within it)
-# widen="warps" adds a fourth warpgroup, the converter: 4 x 128 threads x 128 at launch, then consumers 216 + 216,
+# An fp8 cache adds a fourth warpgroup, the converter: 4 x 128 threads x 128 at launch, then consumers 216 + 216,
 # converter 56 and the producer's 24 (their sum, 512, is the SM's 64K registers per thread of a warpgroup). The
 # consumers' sm_90 code uses up to ~213 registers; at 208 ptxas still spills nothing (Triton 3.6, on the CPU).
-WARPS_CONSUMER_REGS, CONVERT_REGS, WARPS_MAXNREG = 216, 56, 128
-WIDEN_MODES = ("both", "split", "warps")  # how an fp8 cache's prefix tiles are widened: see _tile_ready
+FP8_CONSUMER_REGS, CONVERT_REGS, FP8_MAXNREG = 216, 56, 128
 # (block_n, stages) measured in bench/attn_workload.py. 128-key tiles spill at 168 registers (ptxas: 36 bytes) and ran
 # 5-10% slower on the H200 (RESULTS.md, thirteenth session): not offered.
 CONFIGS = ((64, 3), (64, 4))
 
 
-def _default_tiles(text: str) -> tuple[int, int, int, str]:
-    """SPOOL_GLUON_PREFILL="block_n,stages,persistent[,widen]" (benchmarks; default "64,3,1,both")."""
-    fields = text.split(",") + ["both"] * (text.count(",") == 2)
+# fp8 e4m3 to bf16, 4 elements per 32-bit register: each byte goes to the top of a 16-bit lane with its sign
+# replicated above it (prmt), a shift by 4 and a mask leave sign | exponent | mantissa where bf16 keeps them, and
+# the exponent bias (7 against 127) is one exact multiply by 2^120 (bf16 0x7B80). Exact for every code but the
+# two NaNs (0x7F / 0xFF read as +-480; spool's KV writes saturate to +-448 and never store them). Triton's own
+# conversion goes e4m3 -> f16 -> bf16 with one F2F per element on the SM's slow conversion pipe (sm_90 SASS).
+E4M3_TO_BF16_PTX = """{
+.reg .b32 lo, hi, k;
+prmt.b32 lo, $2, 0, 0x9180;
+prmt.b32 hi, $2, 0, 0xB3A2;
+shl.b32 lo, lo, 4;
+shl.b32 hi, hi, 4;
+and.b32 lo, lo, 0x87F087F0;
+and.b32 hi, hi, 0x87F087F0;
+mov.b32 k, 0x7B807B80;
+mul.rn.bf16x2 $0, lo, k;
+mul.rn.bf16x2 $1, hi, k;
+}"""
+
+
+def _default_tiles(text: str) -> tuple[int, int, int]:
+    """SPOOL_GLUON_PREFILL="block_n,stages,persistent" (benchmarks; default "64,4,1")."""
     try:
-        bn, st, pers = (int(x) for x in fields[:3])
-        widen = fields[3] if len(fields) == 4 else ""
+        bn, st, pers = (int(x) for x in text.split(","))
     except ValueError:
         bn = st = pers = -1
-        widen = ""
-    if bn not in (64, 128) or not 2 <= st <= 4 or pers not in (0, 1) or widen not in WIDEN_MODES:
-        raise ValueError(f"SPOOL_GLUON_PREFILL={text!r}: want 'block_n,stages,persistent[,widen]', e.g. '64,3,1' "
-                         f"(block_n 64 or 128, stages 2-4, persistent 0 or 1, widen one of {', '.join(WIDEN_MODES)})")
-    return bn, st, pers, widen
+    if bn not in (64, 128) or not 2 <= st <= 4 or pers not in (0, 1):
+        raise ValueError(f"SPOOL_GLUON_PREFILL={text!r}: want 'block_n,stages,persistent', e.g. '64,4,1' "
+                         "(block_n 64 or 128, stages 2-4, persistent 0 or 1)")
+    return bn, st, pers
 
 
-BLOCK_N, STAGES, PERSISTENT, WIDEN = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,3,1,both")
+BLOCK_N, STAGES, PERSISTENT = _default_tiles(os.environ.get("SPOOL_GLUON_PREFILL") or "64,4,1")
 
 
 # Gluon is experimental and its API changes between Triton releases (3.9 renamed async_copy_global_to_shared to
@@ -203,33 +219,13 @@ if gluon is not None:
         tma.async_copy_global_to_shared(vn_desc, [row, kvh * HEAD_DIM], bar, v_dst)
 
     @gluon.jit
-    def _issue_tile(i, j, n_pre, ready, k_ring, v_ring, k8_ring, v8_ring, kn_desc, vn_desc, kc_desc, vc_desc, bt_row,
-                    ctx, q_start, kvh, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    STAGES: gl.constexpr, FP8: gl.constexpr):
-        """Start the TMA loads of key tile i (prefix tiles from the pages, then the chunk's own) into ring slot j; an
-        fp8 cache's prefix tiles go to the slot's fp8 buffers (the consumers widen them into its 16-bit ones)."""
-        stage = j % STAGES
-        bar = ready.index(stage)
-        if i < n_pre:
-            if FP8:
-                _issue_prefix(i, bar, k8_ring.index(stage), v8_ring.index(stage), kc_desc, vc_desc, bt_row, ctx, kvh,
-                              BN, SUB, PAGE, HEAD_DIM)
-            else:
-                _issue_prefix(i, bar, k_ring.index(stage), v_ring.index(stage), kc_desc, vc_desc, bt_row, ctx, kvh,
-                              BN, SUB, PAGE, HEAD_DIM)
-        else:
-            _issue_new(i, n_pre, bar, k_ring.index(stage), v_ring.index(stage), kn_desc, vn_desc, q_start, kvh, BN,
-                       HEAD_DIM)
-
-    @gluon.jit
     def _load_partition(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                        WIDEN: gl.constexpr):
+                        STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
         """The producer warp: the j-th tile it loads goes into slot j % STAGES once both consumers released the
-        tile STAGES before it. With widen="warps" an fp8 cache's prefix tiles go instead to the fp8 ring (slot
-        j8 % STAGES for the j8-th of them, `ready8`), once both that slot is free (`empty8`, the converter) and
-        slot j % STAGES of the 16-bit ring, which the converter then fills."""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
+        tile STAGES before it. An fp8 cache's prefix tiles go instead to the fp8 ring (slot j8 % STAGES for the
+        j8-th of them, `ready8`), once both that slot is free (`empty8`, the converter) and slot j % STAGES of the
+        16-bit ring, which the converter then fills."""
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, ready8, empty8, kn_desc, vn_desc, kc_desc,
          vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
          stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
         j = 0
@@ -240,44 +236,55 @@ if gluon is not None:
             if valid:
                 for i in range(n_tiles):
                     # Slot j % STAGES free: waited for every tile in order, whoever fills it (so the parity is
-                    # never a lap behind: "warps" fills prefix tiles through the converter). A fresh barrier passes
-                    # parity 1.
-                    mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
-                    if FP8 & (WIDEN == 2):
-                        if i < n_pre:  # to the fp8 ring; the converter widens it into slot j % STAGES
-                            s8 = j8 % STAGES
-                            mbarrier.wait(empty8.index(s8), ((j8 // STAGES) & 1) ^ 1)
-                            _issue_prefix(i, ready8.index(s8), k8_ring.index(s8), v8_ring.index(s8), kc_desc,
-                                          vc_desc, bt_row, ctx, kvh, BN, SUB, PAGE, HEAD_DIM)
-                            j8 += 1
-                        else:
-                            _issue_new(i, n_pre, ready.index(j % STAGES), k_ring.index(j % STAGES),
-                                       v_ring.index(j % STAGES), kn_desc, vn_desc, q_start, kvh, BN, HEAD_DIM)
+                    # never a lap behind: an fp8 cache's prefix tiles fill it through the converter). A fresh
+                    # barrier passes parity 1.
+                    stage = j % STAGES
+                    mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1)
+                    if i >= n_pre:
+                        _issue_new(i, n_pre, ready.index(stage), k_ring.index(stage), v_ring.index(stage), kn_desc,
+                                   vn_desc, q_start, kvh, BN, HEAD_DIM)
+                    elif FP8:  # to the fp8 ring; the converter widens it into slot `stage`
+                        s8 = j8 % STAGES
+                        mbarrier.wait(empty8.index(s8), ((j8 // STAGES) & 1) ^ 1)
+                        _issue_prefix(i, ready8.index(s8), k8_ring.index(s8), v8_ring.index(s8), kc_desc, vc_desc,
+                                      bt_row, ctx, kvh, BN, SUB, PAGE, HEAD_DIM)
+                        j8 += 1
                     else:
-                        _issue_tile(i, j, n_pre, ready, k_ring, v_ring, k8_ring, v8_ring, kn_desc, vn_desc, kc_desc,
-                                    vc_desc, bt_row, ctx, q_start, kvh, BN, SUB, PAGE, HEAD_DIM, STAGES, FP8)
+                        _issue_prefix(i, ready.index(stage), k_ring.index(stage), v_ring.index(stage), kc_desc,
+                                      vc_desc, bt_row, ctx, kvh, BN, SUB, PAGE, HEAD_DIM)
                     j += 1
+
+    _E4M3_TO_BF16 = gl.constexpr(E4M3_TO_BF16_PTX)
+
+    @gluon.jit
+    def _widen(x8, dtype: gl.constexpr):
+        """An fp8 e4m3 tensor in registers as dtype (q's): bf16 through E4M3_TO_BF16_PTX, fp16 by Triton's
+        conversion (one cvt per pair)."""
+        if dtype == gl.bfloat16:
+            return gl.inline_asm_elementwise(_E4M3_TO_BF16, "=r,=r,r", [x8], dtype=gl.bfloat16, is_pure=True,
+                                             pack=4)
+        else:
+            return x8.to(dtype)
 
     @gluon.jit
     def _widen_rows(k8, v8, k16, v16, k0, ctx, R0: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """Rows R0 .. R0 + ROWS of an fp8 prefix tile whose first key is k0, widened (exactly) into the slot's
+        """Rows R0 .. R0 + ROWS of an fp8 prefix tile whose first key is k0, widened (_widen) into the slot's
         16-bit buffers; V rows of keys at or past ctx are zeroed (pages past a context may hold anything)."""
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
         keys = k0 + R0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
-        k16.slice(R0, ROWS).store(k8.slice(R0, ROWS).load(blk).to(k16.dtype))
-        v = v8.slice(R0, ROWS).load(blk).to(v16.dtype)
+        k16.slice(R0, ROWS).store(_widen(k8.slice(R0, ROWS).load(blk), k16.dtype))
+        v = _widen(v8.slice(R0, ROWS).load(blk), v16.dtype)
         v16.slice(R0, ROWS).store(gl.where(gl.expand_dims(keys < ctx, 1), v, gl.zeros_like(v)))
 
     @gluon.jit
     def _convert_partition(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                           STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                           WIDEN: gl.constexpr):
-        """widen="warps": a warpgroup of its own widens each fp8 prefix tile (exactly) from the fp8 ring into the
+                           STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
+        """An fp8 cache's converter: a warpgroup of its own widens each fp8 prefix tile from the fp8 ring into the
         16-bit ring's slot j % STAGES, zeroing V rows past the context, and marks it ready; the consumers then read
         it like any tile, and the widening runs beside their wgmmas instead of before them. Tiles of the chunk's own
         keys pass it by (the producer loads them straight into the 16-bit ring). It never waits on `empty` itself:
         skipping the chunks' tiles, its parity could be a lap behind; the producer waits for every slot in order.
-        (The protocol of all three modes was checked in a random-interleaving model before any GPU run.)"""
+        (tests/test_prefill_protocol_model.py checks the protocol under random interleavings.)"""
         (k_ring, v_ring, k8_ring, v8_ring, ready, ready8, empty8, num_items, num_heads_kv, num_seqs, qsl_ptr,
          seq_lens_ptr, bt_ptr, stride_bt) = args  # what it needs of the kernel's, only
         HALF: gl.constexpr = BN // 2  # widened half a tile at a time: fewer registers live
@@ -302,41 +309,21 @@ if gluon is not None:
                 j += n_tiles
 
     @gluon.jit
-    def _tile_ready(i, j, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring, BN: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr, WIDEN: gl.constexpr,
-                    WG: gl.constexpr):
-        """Wait for key tile i in slot j; returns n_wid, the fp8 prefix tiles widened so far (widen="split").
-        Prefix tiles then get fixed up in shared memory: an fp8 cache's tile is widened (exactly) into the slot's
-        16-bit buffers, and V rows past the context are zeroed (pages past a context may hold NaN). WIDEN 0 ("both"):
-        each warpgroup does the whole tile (both write the same values, each before its own wgmmas read them);
-        1 ("split"): each widens its half of an fp8 tile's rows, then waits on `widened` (count 2, one arrival per
-        warpgroup) for the other's half. Both warpgroups walk the same tiles, so their n_wid agree: phase n_wid of
-        `widened` is this tile's, and neither can arrive for the next fp8 tile before this one's phase completed.
-        2 ("warps"): the converter warpgroup did it before marking the tile ready."""
+    def _tile_ready(i, j, n_pre, ctx, ready, v_ring, BN: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                    FP8: gl.constexpr):
+        """Wait for key tile i in slot j. A 16-bit cache's last prefix tile then gets its V rows past the context
+        zeroed in shared memory (pages past a context may hold NaN, and p = 0 times NaN is NaN); both warpgroups
+        write the same zeros, each before its own wgmmas read them. An fp8 cache's converter did that, and the
+        widening, before it marked the tile ready."""
         stage = j % STAGES
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-        if FP8 & (WIDEN == 2):
-            pass  # _convert_partition widened the tile and zeroed its dead V rows
-        elif FP8 & (WIDEN == 1):
-            if i < n_pre:
-                _widen_rows(k8_ring.index(stage), v8_ring.index(stage), k_ring.index(stage), v_ring.index(stage),
-                            i * BN, ctx, WG * (BN // 2), BN // 2, HEAD_DIM)
-                fence_async_shared()  # this warpgroup's writes, before wgmma (the async proxy) reads them
-                mbarrier.arrive(widened, count=1)  # after all 128 threads (a barrier over the warpgroup)
-                mbarrier.wait(widened, n_wid & 1)
-                n_wid += 1
-        elif (i < n_pre) & (FP8 | (i * BN + BN > ctx)):
+        if (not FP8) & (i < n_pre) & (i * BN + BN > ctx):
             blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
             live = gl.expand_dims(i * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, blk)) < ctx, 1)
-            if FP8:
-                k_ring.index(stage).store(k8_ring.index(stage).load(blk).to(k_ring.dtype))
-                v = v8_ring.index(stage).load(blk).to(v_ring.dtype)
-            else:
-                v = v_ring.index(stage).load(blk)
+            v = v_ring.index(stage).load(blk)
             v_ring.index(stage).store(gl.where(live, v, gl.zeros_like(v)))
             fence_async_shared()
             gl.thread_barrier()
-        return n_wid
 
     @gluon.jit
     def _mask_scores(s, i, n_pre, prefix, q0, q_abs, BN: gl.constexpr, s_layout: gl.constexpr):
@@ -367,9 +354,9 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(args, BN: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, FP8: gl.constexpr, WIDEN: gl.constexpr, WG: gl.constexpr):
+                 BLOCK_Q: gl.constexpr, FP8: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup WG: query rows WG * 64 .. + 63 of each work item against its key tiles."""
-        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc, kc_desc,
+        (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, ready8, empty8, kn_desc, vn_desc, kc_desc,
          vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr, stride_qt,
          stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale) = args
         dtype: gl.constexpr = kn_desc.dtype
@@ -382,7 +369,6 @@ if gluon is not None:
         q_w = q_smem.slice(WG * 64, 64)
         s_zero = gl.zeros([64, BN], gl.float32, s_layout)
         j = 0
-        n_wid = 0
         for r in range(gl.cdiv(num_items, gl.num_programs(0))):
             valid, kvh, q_start, q_len, q0, ctx, prefix, n_pre, n_tiles, bt_row = _work_item(
                 r, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, BN, BLOCK_Q)
@@ -397,8 +383,7 @@ if gluon is not None:
 
                 # prefix tiles read the cache: stored * k_scale / v_scale (1 unless fp8), folded into the score
                 # scale and into p for P @ V; the chunk's own keys are unscaled
-                n_wid = _tile_ready(0, j, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring, BN,
-                                    HEAD_DIM, STAGES, FP8, WIDEN, WG)
+                _tile_ready(0, j, n_pre, ctx, ready, v_ring, BN, HEAD_DIM, STAGES, FP8)
                 s = warpgroup_mma(q_w, k_ring.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False)
                 s = _mask_scores(s, 0, n_pre, prefix, q0, q_abs, BN, s_layout)
                 sc = gl.where(n_pre > 0, qk_scale * k_scale, qk_scale)
@@ -408,8 +393,7 @@ if gluon is not None:
                 p = gl.convert_layout((p * gl.where(n_pre > 0, v_scale, 1.0)).to(dtype), p_layout)
                 acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
                 for i in range(1, n_tiles):
-                    n_wid = _tile_ready(i, j + i, n_pre, ctx, ready, widened, n_wid, k_ring, v_ring, k8_ring, v8_ring,
-                                        BN, HEAD_DIM, STAGES, FP8, WIDEN, WG)
+                    _tile_ready(i, j + i, n_pre, ctx, ready, v_ring, BN, HEAD_DIM, STAGES, FP8)
                     s_tok = warpgroup_mma(q_w, k_ring.index((j + i) % STAGES).permute((1, 0)), s_zero, use_acc=False,
                                           is_async=True)
                     acc_tok = warpgroup_mma(p, v_ring.index((j + i - 1) % STAGES), acc, is_async=True)
@@ -438,15 +422,13 @@ if gluon is not None:
 
     @gluon.jit
     def _consume0(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                  WIDEN: gl.constexpr):
-        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN, 0)
+                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
+        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, 0)
 
     @gluon.jit
     def _consume1(args, BN: gl.constexpr, SUB: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr,
-                  WIDEN: gl.constexpr):
-        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN, 1)
+                  STAGES: gl.constexpr, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, FP8: gl.constexpr):
+        _consume(args, BN, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, 1)
 
     # Batch-dependent ints unspecialized, as paged_attention's kernel: new batches never recompile.
     @gluon.jit(do_not_specialize=["num_items", "num_seqs", "stride_bt"])
@@ -454,55 +436,48 @@ if gluon is not None:
                         k_scale, v_scale, num_items, num_heads_kv, num_seqs, stride_qt, stride_qh, stride_ot,
                         stride_oh, stride_bt, GROUP: gl.constexpr, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr,
                         BN: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr, HEAD_DIM: gl.constexpr,
-                        STAGES: gl.constexpr, FP8: gl.constexpr, WIDEN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        STAGES: gl.constexpr, FP8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                         CONVERT_REGS: gl.constexpr):
         dtype: gl.constexpr = kn_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], kn_desc.layout)  # each consumer fills its half
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], kn_desc.layout)
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], kn_desc.layout)
-        if FP8:  # the fp8 cache's prefix tiles land here, and get widened into k_ring / v_ring
-            k8_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
-            v8_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
-        else:
-            k8_ring = k_ring
-            v8_ring = v_ring
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        if FP8:  # the fp8 cache's prefix tiles land here (`ready8`); the converter widens them into k_ring / v_ring
+            k8_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
+            v8_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
+            ready8 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty8 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # converter done
+        else:  # never used
+            k8_ring = k_ring
+            v8_ring = v_ring
+            ready8 = ready
+            empty8 = empty
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
-        if WIDEN == 1:  # both halves of an fp8 tile widened: one arrival per consumer warpgroup
-            widened = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(widened, count=2)
-        else:
-            widened = ready  # never waited on
-        if WIDEN == 2:  # the fp8 ring's own barriers: TMA to the converter warpgroup, and back
-            ready8 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty8 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for st in gl.static_range(STAGES):
+            if FP8:
                 mbarrier.init(ready8.index(st), count=1)
                 mbarrier.init(empty8.index(st), count=1)
-        else:
-            ready8 = ready  # never waited on
-            empty8 = empty
         fence_async_shared()
         gl.thread_barrier()
-        args = (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, widened, ready8, empty8, kn_desc, vn_desc,
+        args = (q_smem, k_ring, v_ring, k8_ring, v8_ring, ready, empty, ready8, empty8, kn_desc, vn_desc,
                 kc_desc, vc_desc, num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr, bt_ptr, stride_bt, q_ptr,
                 stride_qt, stride_qh, out_ptr, stride_ot, stride_oh, qk_scale, k_scale, v_scale)
-        if WIDEN == 2:  # a fourth warpgroup, the converter, between the consumers and the producer warp
-            gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
-                                (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
+        if FP8:  # a fourth warpgroup, the converter, between the consumers and the producer warp
+            gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8)),
+                                (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8)),
                                 (_convert_partition, ((k_ring, v_ring, k8_ring, v8_ring, ready, ready8, empty8,
                                                        num_items, num_heads_kv, num_seqs, qsl_ptr, seq_lens_ptr,
                                                        bt_ptr, stride_bt), BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP,
-                                                      BLOCK_Q, FP8, WIDEN)),
-                                (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN))],
+                                                      BLOCK_Q, FP8)),
+                                (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8))],
                                [4, 4, 1], [CONSUMER_REGS, CONVERT_REGS, 24])
         else:
-            gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
-                                (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN)),
-                                (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8, WIDEN))],
+            gl.warp_specialize([(_consume0, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8)),
+                                (_consume1, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8)),
+                                (_load_partition, (args, BN, SUB, PAGE, HEAD_DIM, STAGES, GROUP, BLOCK_Q, FP8))],
                                [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -514,17 +489,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, k_new: torch.Tensor,
                       v_new: torch.Tensor, scale: float, out: torch.Tensor, *, k_scale: float = 1.0,
                       v_scale: float = 1.0, block_n: int = BLOCK_N, stages: int = STAGES,
-                      persistent: bool = bool(PERSISTENT), widen: str = WIDEN) -> None:
+                      persistent: bool = bool(PERSISTENT)) -> None:
     """Write out's rows of the prompt chunks (sequences with > 1 query); one-query rows are left to the caller.
 
     Arguments as spool.kernels.paged_attention's (already checked there); block_tables with unit column stride,
     int32 seq_lens / query_start_loc. Call only where supported() holds. block_n / stages: the key tile and the
-    depth of the TMA ring; persistent: one program per SM walking the work items, else one per item; widen: how an
-    fp8 cache's prefix tiles become 16-bit ones, "both" consumer warpgroups whole, "split" half each, or "warps" a
-    converter warpgroup of their own (benchmarks; see _tile_ready).
+    depth of the TMA ring; persistent: one program per SM walking the work items, else one per item.
     """
-    if widen not in WIDEN_MODES:
-        raise ValueError(f"widen={widen!r}: want one of {', '.join(WIDEN_MODES)}")
     t, hq, d = q.shape
     nb, page, hk, _ = k_cache.shape
     group = hq // hk
@@ -533,7 +504,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = BLOCK_M // group
     sub = min(page, block_n)
     fp8 = is_fp8(k_cache.dtype)
-    mode = WIDEN_MODES.index(widen) if fp8 else 0
     layout = _smem_layout(block_n, d, _gl_dtype(q.dtype))
     cache_layout = _smem_layout(block_n, d, gl.float8e4nv) if fp8 else layout
     descs = [TensorDescriptor(x, [t, hk * d], [x.stride(0), 1], [block_n, d], layout) for x in (k_new, v_new)]
@@ -541,13 +511,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     log2e = 1.4426950408889634
     items = (cdiv(t, block_q) + s) * hk  # tile slots (an upper bound on the chunks' query tiles) x KV heads
     grid = min(items, _num_sms(q.device)) if persistent else items
-    warps = mode == 2
     _prefill_kernel[(grid,)](
         q, out, *descs, block_tables, seq_lens, query_start_loc, scale * log2e, k_scale, v_scale, items, hk, s,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=BLOCK_M, BN=block_n, PAGE=page, SUB=sub, HEAD_DIM=d, STAGES=stages,
-        FP8=fp8, WIDEN=mode, CONSUMER_REGS=WARPS_CONSUMER_REGS if warps else CONSUMER_REGS, CONVERT_REGS=CONVERT_REGS,
-        num_warps=4, maxnreg=WARPS_MAXNREG if warps else MAXNREG,
+        FP8=fp8, CONSUMER_REGS=FP8_CONSUMER_REGS if fp8 else CONSUMER_REGS, CONVERT_REGS=CONVERT_REGS, num_warps=4,
+        maxnreg=FP8_MAXNREG if fp8 else MAXNREG,
     )
 
 
