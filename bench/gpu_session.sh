@@ -155,6 +155,19 @@ for stage in "$@"; do case $stage in
     run gpu_prefill_hopper_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_prefill_hopper.py
     run gpu_prompt_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
       -k "prefill or new_kv or mixed or width" ;;
+  longfp8) # fifteenth session: prompts of 16,384 tokens (a second 8,192-token chunk after 8,192 fp8-cached ones),
+    # fp8 weights + fp8 KV; prompt chunks on the Gluon kernel, on the Triton kernel, and on .old/prefill_hopper.py
+    # (an earlier Gluon kernel, when the call carries one)
+    W="--shape llama3-8b --num-requests 32 --prompt-len 16384 16384 --output-len 16 16 --max-model-len 16400"
+    W="$W --quantization fp8 --kv-cache-dtype fp8"
+    run long_fp8_gluon 240 python3 bench/throughput.py $W --json "$OUT/long_fp8_gluon.json"
+    SPOOL_PREFILL_KERNEL=triton run long_fp8_tritonpf 240 python3 bench/throughput.py $W \
+      --json "$OUT/long_fp8_tritonpf.json"
+    if [ -f .old/prefill_hopper.py ]; then
+      cp spool/kernels/prefill_hopper.py /tmp/prefill_hopper.py && cp .old/prefill_hopper.py spool/kernels/
+      run long_fp8_gluon_old 240 python3 bench/throughput.py $W --json "$OUT/long_fp8_gluon_old.json"
+      cp /tmp/prefill_hopper.py spool/kernels/prefill_hopper.py
+    fi ;;
   attnpf) run attn_prefill 400 python3 bench/attn_workload.py --skip decode --quick --json "$OUT/attn_prefill.json" ;;
   llamapf) # the bulk workload with prompt chunks on the Gluon kernel and on the Triton kernel. The Gluon tiles:
     # $GLUON_PREFILL ("block_n,stages,ws"), else the fastest on attnpf's 16-prompt step, else the default

@@ -70,10 +70,10 @@ def run_spool(path: Path, load_format: str, wl: Workload, args) -> dict:
     reasons: dict[str, int] = {}
     for o in outs:
         reasons[str(o.outputs[0].finish_reason)] = reasons.get(str(o.outputs[0].finish_reason), 0) + 1
+    if args.structured != "none" or out_tokens != sum(wl.output_lens):
+        print(f"finish reasons {reasons}; first error: {next((o.error for o in outs if o.error), None)}")
     if args.structured == "none":
         assert out_tokens == sum(wl.output_lens), "spool generated a different number of tokens than asked"
-    else:
-        print(f"finish reasons {reasons}; first error: {next((o.error for o in outs if o.error), None)}")
     eng = llm.engine
     res = _summary("spool", wall, len(outs), wl.prompt_tokens, out_tokens)
     res.update(load_s=round(load_s, 1), kv_blocks=eng.block_manager.num_blocks,
