@@ -69,6 +69,17 @@ def paged(ctxs: list[int], qlens: list[int], bs: int, dtype, kv: str, gen):
     return q, kc, vc, bt, sl, qsl, kn, vn
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after one eager call: compiles) and returned as its replay: GPU time without
+    the host's launch cost, as the engine's decode steps run."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def copy_gbs() -> float:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
@@ -78,6 +89,7 @@ def copy_gbs() -> float:
 
 
 def decode_section(a, res: dict, rows: list) -> None:
+    from spool.kernels import decode_hopper
     from spool.kernels.paged_attention import AttnConfig, default_config, keys_fastest_pages, paged_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -96,7 +108,8 @@ def decode_section(a, res: dict, rows: list) -> None:
         qs = torch.randn(b_, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         ks = torch.randn(b_, HK, c_, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         vs = torch.randn_like(ks)
-        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True), 200)
+        sdpa = functools.partial(F.scaled_dot_product_attention, qs, ks, vs, enable_gqa=True)
+        sdpa_ms = bench(graphed(sdpa) if a.graphs else sdpa, 200)
         res["sdpa_decode_ms"] = sdpa_ms
         rows.append(f"sdpa decode {b_} x {c_} bf16 (contiguous): {sdpa_ms * 1e3:.1f} us")
         del qs, ks, vs
@@ -107,7 +120,7 @@ def decode_section(a, res: dict, rows: list) -> None:
             fp8 = kv.startswith("fp8")
             moved = 2 * sum(ctxs) * HK * D * (1 if fp8 else 2)
             base = default_config(True, D, HQ // HK, torch.bfloat16, fp8, keys_fastest_pages(b[2]))
-            grid = [base] + [AttnConfig(base.block_m, *c) for c in a.decode_configs]
+            grid = [base] + [AttnConfig(base.block_m, *c[:3], kv_tma=bool(c[3:] and c[3])) for c in a.decode_configs]
             if a.warp_specialize:
                 grid.append(dataclasses.replace(base, warp_specialize=True))
             if a.decode_sweep and bs == a.block_sizes[0]:
@@ -121,21 +134,37 @@ def decode_section(a, res: dict, rows: list) -> None:
             out = res["decode"][f"{kv}_bs{bs}"] = []
             for cfg in grid:
                 try:
-                    ms = bench(lambda: paged_attention(*b[:6], D**-0.5, max_query_len=1, max_seq_len=1040,
-                                                       config=cfg))
+                    call = functools.partial(paged_attention, *b[:6], D**-0.5, max_query_len=1, max_seq_len=1040,
+                                             config=cfg)
+                    ms = bench(graphed(call) if a.graphs else call)
                 except Exception as e:  # out of registers / shared memory
                     print(f"decode {kv} bs{bs} {cfg}: {type(e).__name__}", file=sys.stderr)
                     continue
                 gbs = moved / ms / 1e6
                 out.append({"block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                            "warp_specialize": cfg.warp_specialize, "ms": ms, "GB/s": gbs,
+                            "warp_specialize": cfg.warp_specialize, "kv_tma": cfg.kv_tma, "ms": ms, "GB/s": gbs,
                             "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
+            if fp8 and decode_hopper.supported(b[0], b[1], b[2]):  # the Gluon kernel (what the engine runs here)
+                for st, producer in itertools.product(a.gluon_decode_stages, a.gluon_decode_producer):
+                    try:
+                        call = functools.partial(decode_hopper.decode_attention, *b[:6], D**-0.5,
+                                                 torch.empty_like(b[0]), stages=st, producer=bool(producer))
+                        ms = bench(graphed(call) if a.graphs else call)
+                    except Exception as e:  # out of shared memory
+                        print(f"decode {kv} bs{bs} gluon stages={st}: {type(e).__name__}: {e}", file=sys.stderr)
+                        continue
+                    gbs = moved / ms / 1e6
+                    out.append({"gluon_stages": st, "gluon_producer": bool(producer), "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp,
+                                "default": False, "kv_tma": True, "warp_specialize": False})
             out.sort(key=lambda r: r["ms"])
-            for r in [r for r in out if r["default"]] + [r for r in out if not r["default"]][:4]:
+            for r in [r for r in out if r["default"]] + [r for r in out if not r["default"]][:a.decode_top]:
                 vs_sdpa = f", x{res['sdpa_decode_ms'] / r['ms']:.3f} of sdpa" if "sdpa_decode_ms" in res else ""
-                tags = (' ws' if r['warp_specialize'] else '') + (' (default)' if r['default'] else '')
-                rows.append(f"decode {shape} {kv} KV bs{bs} bn={r['block_n']} w={r['num_warps']} "
-                            f"st={r['num_stages']}{tags}: {r['ms'] * 1e3:.1f} us, "
+                tags = ((' ws' if r['warp_specialize'] else '') + (' tma' if r['kv_tma'] else '')
+                        + (' (default)' if r['default'] else ''))
+                tile = (f"gluon st={r['gluon_stages']}{' producer' if r['gluon_producer'] else ''}"
+                        if "gluon_stages" in r else
+                        f"bn={r['block_n']} w={r['num_warps']} st={r['num_stages']}{tags}")
+                rows.append(f"decode {shape} {kv} KV bs{bs} {tile}: {r['ms'] * 1e3:.1f} us, "
                             f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy{vs_sdpa}")
             del b
 
@@ -267,7 +296,14 @@ def main() -> int:
     p.add_argument("--decode-uniform", type=int, nargs=2, metavar=("SEQS", "CTX"),
                    help="decode SEQS sequences of CTX tokens each instead of the workload's contexts")
     p.add_argument("--decode-configs", nargs="*", default=[], type=lambda v: tuple(map(int, v.split(","))),
-                   metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
+                   metavar="BN,W,ST[,TMA]",
+                   help="extra decode tiles to time beside the default (block_n,warps,stages[,1: K/V by TMA])")
+    p.add_argument("--gluon-decode-stages", type=int, nargs="*", default=[6],
+                   help="fp8 decode: ring depths to time spool.kernels.decode_hopper at (Hopper, block >= 64)")
+    p.add_argument("--gluon-decode-producer", type=int, nargs="*", default=[0], choices=[0, 1],
+                   help="fp8 decode: time decode_hopper without (0) and/or with (1) its producer warp")
+    p.add_argument("--graphs", action="store_true", help="decode: time CUDA graph replays (GPU time, no host cost)")
+    p.add_argument("--decode-top", type=int, default=4, help="decode rows printed beside the default, fastest first")
     p.add_argument("--warp-specialize", action="store_true",
                    help="also time the default tiles with warp-specialized KV loops (AttnConfig.warp_specialize)")
     p.add_argument("--quick", action="store_true",

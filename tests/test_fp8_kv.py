@@ -190,6 +190,20 @@ def test_fp8_v_stored_keys_fastest_reads_right(bs):
     assert v.shape == k.shape and v.stride(1) == 1 and k.is_contiguous()
 
 
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("v_keys_fastest", [False, True])
+def test_fp8_decode_kv_tma_reads_right(v_keys_fastest, bs):
+    """Decode tiles by bulk tensor copies (AttnConfig.kv_tma) from either V layout, last pages loaded whole."""
+    from spool.kernels.paged_attention import _kv_descriptors
+
+    cfg = AttnConfig(16, 16, 2, 2, kv_tma=True)
+    k, v = allocate_kv_cache(2, bs, 2, 64, FP8_DTYPE, DEVICE, v_keys_fastest=v_keys_fastest)
+    assert _kv_descriptors(k, v, cfg, DEVICE == "cpu") is not None  # the TMA path really runs
+    for splits in (1, 3):
+        check_fp8_attention(DECODE, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=v_keys_fastest, max_query_len=1,
+                            config=cfg, num_splits=splits)
+
+
 def test_fp8_dead_rows_of_a_live_page_add_nothing():
     """The last page is loaded whole: its rows past the context (448, the largest code) must get p = 0."""
     seqs = [(1, 17), (1, 30), (5, 21)]
@@ -297,3 +311,115 @@ def test_gpu_fp8_write_kv_real_shapes():
     reference.write_kv_cache(k, v, caches[0], caches[1], slots, 0.02, 0.04)
     T.write_kv_cache(k, v, caches[2], caches[3], slots, 0.02, 0.04)
     assert all(torch.equal(bytes_of(a), bytes_of(b)) for a, b in zip(caches[:2], caches[2:]))
+
+
+# ---------------------------------------------------------------- the Hopper decode kernel (Gluon)
+
+
+def test_hopper_decode_takes_fp8_caches_in_whole_tile_pages_only():
+    from spool.kernels import decode_hopper as dh
+
+    q = torch.zeros(2, 32, 128, dtype=torch.bfloat16)
+    k, v = allocate_kv_cache(4, 64, 8, 128, FP8_DTYPE, "cpu")
+    kf, vf = allocate_kv_cache(4, 64, 8, 128, FP8_DTYPE, "cpu", v_keys_fastest=True)
+    assert dh.layout_ok(q, k, v) and dh.layout_ok(q, kf, vf) and dh.layout_ok(q.half(), k, v)
+    assert not dh.layout_ok(q, *allocate_kv_cache(4, 16, 8, 128, FP8_DTYPE, "cpu"))  # pages of a quarter tile
+    assert not dh.layout_ok(q, *allocate_kv_cache(4, 64, 8, 128, torch.bfloat16, "cpu"))  # not fp8
+    assert not dh.layout_ok(q.float(), k, v)
+    assert not dh.layout_ok(torch.zeros(2, 8, 96, dtype=torch.bfloat16), *allocate_kv_cache(4, 64, 1, 96, FP8_DTYPE,
+                                                                                           "cpu"))  # head_dim 96
+    q64 = torch.zeros(2, 64, 128, dtype=torch.bfloat16)
+    assert not dh.layout_ok(q64, *allocate_kv_cache(4, 64, 2, 128, FP8_DTYPE, "cpu"))  # 32 query heads per KV head
+    assert not dh.layout_ok(q[:, :16], k[:, :, :4], v[:, :, :4])  # a slice of the heads: rows not dense
+    assert not dh.supported(q, k, v)  # CPU tensors: never
+
+
+def test_hopper_decode_ring_depth_setting_is_checked():
+    from spool.kernels.decode_hopper import _stages
+
+    assert _stages("6") == 6 and _stages("2") == 2
+    for bad in ("1", "11", "six", ""):
+        with pytest.raises(ValueError, match="SPOOL_GLUON_DECODE_STAGES"):
+            _stages(bad)
+
+
+def test_hopper_decode_descriptors_are_kept_per_cache_tensor_and_dropped_with_it():
+    import gc
+
+    from spool.kernels import decode_hopper as dh
+
+    if dh.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    k, v = allocate_kv_cache(4, 64, 8, 128, FP8_DTYPE, "cpu", v_keys_fastest=True)
+    kd, vd = dh._descriptor(k, False), dh._descriptor(v, True)
+    assert dh._descriptor(k, False) is kd and dh._descriptor(v, True) is vd  # built once per tensor
+    assert list(kd.shape) == [4 * 64, 8 * 128] and list(kd.block_shape) == [64, 128]
+    assert list(vd.shape) == [4 * 8 * 128, 64] and list(vd.block_shape) == [128, 64]  # V keys-fastest: keys along rows
+    k2 = k.clone()
+    assert dh._descriptor(k2, False) is not kd and dh._descriptor(k2, False).base.data_ptr() == k2.data_ptr()
+    ids = {id(k), id(v), id(k2)}
+    del k, v, k2, kd, vd
+    gc.collect()
+    assert not ids & dh._DESCRIPTORS.keys()  # dropped with their tensors (they hold the caches' memory)
+
+
+def _hopper_decode_or_skip(q, k, v):
+    from spool.kernels import decode_hopper
+
+    if not decode_hopper.supported(q, k, v):
+        pytest.skip("needs a Hopper GPU and a Triton release with the Gluon kernels")
+    return decode_hopper
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("v_keys_fastest", [False, True], ids=["rowV", "keysV"])
+@pytest.mark.parametrize("hq,hk,d,stages,producer", [(32, 8, 128, 6, False), (8, 8, 64, 2, False),
+                                                      (64, 8, 128, 4, True), (16, 1, 128, 10, False),
+                                                      (32, 8, 128, 3, False), (32, 8, 128, 3, True),
+                                                      (8, 8, 64, 2, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_hopper_decode_kernel_matches_the_reference(dtype, hq, hk, d, stages, producer, v_keys_fastest):
+    """Contexts of 1 key, partial and whole tiles, 4096 keys; an idle row and a prompt chunk's rows (left alone)."""
+    seqs = [(1, 1), (1, 63), (1, 64), (1, 65), (0, 9), (1, 4096), (5, 200), (1, 1000), (1, 3001)]
+    k_scale, v_scale = 0.02, 0.1
+    q, k8, v8, bt, sl, qsl, k_hi, v_hi = make_fp8_batch(seqs, hq, hk, d, 64, dtype, k_scale, v_scale, "cuda",
+                                                        v_keys_fastest=v_keys_fastest)
+    dh = _hopper_decode_or_skip(q, k8, v8)
+    out = torch.full_like(q, float("nan")).contiguous()
+    dh.decode_attention(q, k8, v8, bt, sl, qsl, d**-0.5, out, k_scale=k_scale, v_scale=v_scale, stages=stages,
+                        producer=producer)
+    ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, d**-0.5, k_scale=k_scale, v_scale=v_scale)
+    one = torch.cat([torch.full((ql,), ql == 1) for ql, _ in seqs]).cuda()
+    what = f"hopper decode {dtype} hq={hq} hk={hk} d={d} stages={stages} {producer=} {v_keys_fastest=}"
+    assert_close(out[one], ref[one], dtype, what)
+    assert out[~one].isnan().all(), f"{what}: wrote a prompt chunk's rows"
+    exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, d**-0.5)
+    assert rel_err(out[one], exact[one]) <= FP8_VS_UNQUANTIZED
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("v_keys_fastest", [False, True], ids=["rowV", "keysV"])
+def test_gpu_paged_attention_sends_full_fp8_decode_batches_to_the_hopper_kernel(monkeypatch, v_keys_fastest):
+    """B=64 x 8 KV heads fills an H200 without split-KV: the Gluon kernel runs; 2 sequences would split: Triton."""
+    from spool.kernels import decode_hopper
+
+    calls = []
+    real = decode_hopper.decode_attention
+    monkeypatch.setattr(decode_hopper, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    seqs = [(1, 4096 - 37 * (i % 5)) for i in range(64)]
+    q, k8, v8 = make_fp8_batch(seqs[:1], 32, 8, 128, 64, torch.bfloat16, 0.02, 0.1, "cuda",
+                               v_keys_fastest=v_keys_fastest)[:3]
+    _hopper_decode_or_skip(q, k8, v8)
+    check_fp8_attention(seqs, 32, 8, 128, 64, torch.bfloat16, device="cuda", v_keys_fastest=v_keys_fastest,
+                        max_query_len=1)
+    assert calls, "the decode batch did not run the Hopper kernel"
+    calls.clear()
+    check_fp8_attention(seqs[:2], 32, 8, 128, 64, torch.bfloat16, device="cuda", v_keys_fastest=v_keys_fastest,
+                        max_query_len=1)
+    assert not calls, "a 2-sequence batch (split-KV) ran the Hopper kernel"
+    mixed = [(512, 3000), (1, 777)] + seqs[:40]  # decode rows beside a prompt chunk: never split
+    check_fp8_attention(mixed, 32, 8, 128, 64, torch.bfloat16, device="cuda", v_keys_fastest=v_keys_fastest,
+                        new_kv=True)
+    assert calls, "a mixed step's decode rows did not run the Hopper kernel"

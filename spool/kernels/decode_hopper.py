@@ -1,0 +1,285 @@
+"""Decode attention over an fp8 KV cache for Hopper in Gluon: K/V pages by TMA into a deep ring, tensor-core math.
+
+Computes what spool.kernels.paged_attention computes for one-query rows (decode), for caches of fp8 e4m3 with
+pages of >= BLOCK_N rows, V stored row-major or keys-fastest (spool.kernels.kv_layout). One program per
+(sequence, KV head), one warpgroup: the GROUP query heads sharing the KV head are the rows of a 16-row tile
+(mma.sync m16n8k16, the smallest tensor-core tile), so each K/V tile is read once per head group.
+
+Why not the Triton kernel: at the issue's shape (B=64 x 4096, 32/8 heads, d128, block 64) it reads fp8 K/V at
+83-89% of the copy rate, against 98% for a bf16 cache. Triton 3.6 pipelines its loads only two tiles deep (two
+buffers per operand in the compiled kernel, whatever num_stages asks; read in the PTX on the CPU), and half-size
+fp8 tiles need twice as many in flight to cover the same memory latency. Here a ring of STAGES tiles per
+program is filled by TMA (one elected thread issues a K and a V copy per tile; no per-thread copies), STAGES - 1
+tiles ahead of the math, and the tensor cores read the widened operands straight from registers:
+- K^T and V load from shared memory as mma operands (two e4m3 codes per 16-bit lane along the reduction) and
+  widen in registers to fp16 (one cvt per pair; exact for every e4m3 code); q is rounded to fp16 once and P to
+  fp16 before P @ V, as the Triton kernel does for fp8 caches with a bf16 q;
+- V keys-fastest gives P @ V its reduction dimension contiguous (two-byte loads); row-major V loads byte by byte;
+- k_scale folds into the score scale, v_scale into the final normalization; the last tile's keys past the
+  context are masked (an fp8 cache never holds NaN, so its dead V rows only ever meet p = 0).
+
+No split-KV: paged_attention uses this kernel only where (sequences x KV heads) fill the GPU on their own.
+Runs only on compute capability 9.x with the Triton releases of spool.kernels.prefill_hopper, never interpreted:
+the CPU tests check the dispatch, the GPU tier checks the kernel against spool.kernels.reference.paged_attention.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+
+import torch
+
+from spool.kernels import prefill_hopper
+from spool.kernels.fp8 import FP8_DTYPE
+
+if prefill_hopper.gluon is not None:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+else:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+BLOCK_M = 16  # query rows per program (GROUP heads of one token, padded): one mma.sync row tile
+BLOCK_N = 64  # keys per tile: one page part; pages must hold whole tiles
+
+
+def _stages(text: str) -> int:
+    """SPOOL_GLUON_DECODE_STAGES (benchmarks; default 3): the TMA ring's depth, 2-10."""
+    try:
+        st = int(text)
+    except ValueError:
+        st = -1
+    if not 2 <= st <= 10:
+        raise ValueError(f"SPOOL_GLUON_DECODE_STAGES={text!r}: want the TMA ring's depth, 2-10")
+    return st
+
+
+STAGES = _stages(os.environ.get("SPOOL_GLUON_DECODE_STAGES") or "3")
+# A fifth warp issues the TMA loads (warp specialization) instead of the math warps between their tiles. Every warp
+# keeps PRODUCER_REGS registers (no setmaxnreg shuffle: the fifth warp is not a whole warpgroup), three programs
+# per SM.
+PRODUCER = os.environ.get("SPOOL_GLUON_DECODE_PRODUCER", "0") == "1"
+PRODUCER_REGS = 128
+
+
+def v_keys_fastest(v_cache: torch.Tensor) -> bool:
+    """V stored keys-fastest: [blocks, Hk, D, block_size] in memory (spool.kernels.kv_layout)."""
+    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1
+
+
+def layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """An fp8 cache read by fp16/bf16 queries, head_dim 64 or 128, at most BLOCK_M query heads per KV head, pages
+    of whole BLOCK_N-key tiles, K stored densely row-major and V row-major or keys-fastest (TMA reads them as
+    [blocks * page, Hk * D], or V as [blocks * Hk * D, page]), with the 16-byte alignment TMA needs."""
+    t, hq, d = q.shape
+    nb, page, hk, _ = k_cache.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != FP8_DTYPE or v_cache.dtype != FP8_DTYPE:
+        return False
+    if d not in (64, 128) or hq // hk > BLOCK_M or page % BLOCK_N or q.stride(2) != 1:
+        return False
+    if not k_cache.is_contiguous() or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
+        return False
+    if v_keys_fastest(v_cache):
+        return v_cache.permute(0, 2, 3, 1).is_contiguous()
+    return v_cache.is_contiguous()
+
+
+def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether decode_attention can serve this call: a Hopper GPU, a Triton release the Gluon kernels are written
+    for (spool.kernels.prefill_hopper.available), and layout_ok."""
+    if gluon is None or q.device.type != "cuda" or not prefill_hopper.available():
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9 and layout_ok(q, k_cache, v_cache)
+
+
+if gluon is not None:
+    _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
+
+    @gluon.jit
+    def _issue(i, bar, k_dst, v_dst, kc_desc, vc_desc, bt_row, kvh, HK: gl.constexpr, BN: gl.constexpr,
+               PAGE: gl.constexpr, HEAD_DIM: gl.constexpr, V_KEYS: gl.constexpr):
+        """TMA loads of key tile i (one page part) into k_dst / v_dst, completing on bar."""
+        mbarrier.expect(bar, 2 * kc_desc.block_type.nbytes)
+        pos = i * BN
+        page = gl.load(bt_row + pos // PAGE).to(gl.int32)
+        row = page * PAGE + pos % PAGE
+        tma.async_copy_global_to_shared(kc_desc, [row, kvh * HEAD_DIM], bar, k_dst)
+        if V_KEYS:  # [blocks * Hk * D, page]: the head's D rows of the page, keys along them
+            tma.async_copy_global_to_shared(vc_desc, [(page * HK + kvh) * HEAD_DIM, pos % PAGE], bar, v_dst)
+        else:
+            tma.async_copy_global_to_shared(vc_desc, [row, kvh * HEAD_DIM], bar, v_dst)
+
+    @gluon.jit
+    def _tile_math(i, st, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready, BN: gl.constexpr,
+                   STAGES: gl.constexpr, V_KEYS: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr,
+                   b_layout: gl.constexpr):
+        """Key tile i (in slot st, once landed) folded into the online softmax (m_i, l_i) and acc."""
+        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+        k_t = k_ring.index(st).permute((1, 0)).load(b_layout).to(gl.float16)  # [D, BN]
+        s = mma_v2(q, k_t, gl.zeros([q.shape[0], BN], gl.float32, mma))
+        if i * BN + BN > ctx:  # the last tile: keys past the context
+            keys = i * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+            s = gl.where(gl.expand_dims(keys < ctx, 0), s, gl.full_like(s, float("-inf")))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        p = gl.convert_layout(p.to(gl.float16), a_layout)
+        if V_KEYS:
+            v = v_ring.index(st).permute((1, 0)).load(b_layout).to(gl.float16)  # [BN, D]
+        else:
+            v = v_ring.index(st).load(b_layout).to(gl.float16)
+        acc = mma_v2(p, v, acc * gl.expand_dims(alpha, 1))
+        return m_new, l_i, acc
+
+    @gluon.jit
+    def _consume(args, HK: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, V_KEYS: gl.constexpr, GROUP: gl.constexpr, BM: gl.constexpr,
+                 PRODUCER: gl.constexpr):
+        """The math warps: q, then every key tile, then the row's output. Without a producer warp they issue the
+        TMA loads themselves, STAGES - 1 tiles ahead."""
+        (q_ptr, out_ptr, kc_desc, vc_desc, k_ring, v_ring, ready, empty, q_start, kvh, ctx, n_tiles, bt_row,
+         qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh) = args
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        if not PRODUCER:
+            for i in gl.static_range(STAGES - 1):  # the ring's first tiles, while q loads
+                if i < n_tiles:
+                    _issue(i, ready.index(i), k_ring.index(i), v_ring.index(i), kc_desc, vc_desc, bt_row, kvh, HK,
+                           BN, PAGE, HEAD_DIM, V_KEYS)
+        rows = gl.arange(0, BM, layout=gl.SliceLayout(1, a_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+        q_off = gl.expand_dims(q_start.to(gl.int64) * stride_qt + (kvh * GROUP + rows) * stride_qh, 1) + \
+            gl.expand_dims(cols, 0)
+        q = gl.load(q_ptr + q_off, mask=gl.expand_dims(rows < GROUP, 1), other=0.0).to(gl.float16)
+        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, mma))
+        acc = gl.zeros([BM, HEAD_DIM], gl.float32, mma)
+        for i in range(n_tiles):
+            st = i % STAGES
+            if PRODUCER:
+                m_i, l_i, acc = _tile_math(i, st, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready, BN, STAGES,
+                                           V_KEYS, mma, a_layout, b_layout)
+                mbarrier.arrive(empty.index(st), count=1)  # the producer may refill slot st
+            else:
+                nxt = i + STAGES - 1  # into the slot every warp finished with last iteration (the barrier below)
+                if nxt < n_tiles:
+                    _issue(nxt, ready.index(nxt % STAGES), k_ring.index(nxt % STAGES), v_ring.index(nxt % STAGES),
+                           kc_desc, vc_desc, bt_row, kvh, HK, BN, PAGE, HEAD_DIM, V_KEYS)
+                m_i, l_i, acc = _tile_math(i, st, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready, BN, STAGES,
+                                           V_KEYS, mma, a_layout, b_layout)
+                gl.thread_barrier()  # every warp is done with slot st before the next iteration refills it
+        if n_tiles > 0:
+            out = acc * gl.expand_dims(v_scale / l_i, 1)
+            o_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+            o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+            o_off = gl.expand_dims(q_start.to(gl.int64) * stride_ot + (kvh * GROUP + o_rows) * stride_oh, 1) + \
+                gl.expand_dims(o_cols, 0)
+            gl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(o_rows < GROUP, 1))
+
+    @gluon.jit
+    def _produce(args, HK: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 STAGES: gl.constexpr, V_KEYS: gl.constexpr, GROUP: gl.constexpr, BM: gl.constexpr,
+                 PRODUCER: gl.constexpr):
+        """The producer warp: tile i into slot i % STAGES once the math warps released the tile before it there."""
+        (q_ptr, out_ptr, kc_desc, vc_desc, k_ring, v_ring, ready, empty, q_start, kvh, ctx, n_tiles, bt_row,
+         qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh) = args
+        for i in range(n_tiles):
+            st = i % STAGES
+            mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            _issue(i, ready.index(st), k_ring.index(st), v_ring.index(st), kc_desc, vc_desc, bt_row, kvh, HK, BN,
+                   PAGE, HEAD_DIM, V_KEYS)
+
+    # The block table's row stride changes with the batch: unspecialized, so new batches never recompile.
+    @gluon.jit(do_not_specialize=["stride_bt"])
+    def _decode_kernel(q_ptr, out_ptr, kc_desc, vc_desc, bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale,
+                       stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, GROUP: gl.constexpr,
+                       HK: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, V_KEYS: gl.constexpr, PRODUCER: gl.constexpr):
+        seq = gl.program_id(0)
+        kvh = gl.program_id(1)
+        q_start = gl.load(qsl_ptr + seq)
+        q_len = gl.load(qsl_ptr + seq + 1) - q_start
+        ctx = gl.load(seq_lens_ptr + seq)
+        # a decode row; longer rows are prompt chunks (the prompt launch's), 0 an idle row: no tiles, no output
+        n_tiles = gl.where(q_len == 1, gl.cdiv(ctx, BN), 0)
+        bt_row = bt_ptr + seq.to(gl.int64) * stride_bt
+        k_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
+        if V_KEYS:
+            v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, HEAD_DIM, BN], vc_desc.layout)
+        else:
+            v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, BN, HEAD_DIM], vc_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(STAGES):
+            mbarrier.init(ready.index(b), count=1)
+            mbarrier.init(empty.index(b), count=1)
+        fence_async_shared()
+        gl.thread_barrier()
+        args = (q_ptr, out_ptr, kc_desc, vc_desc, k_ring, v_ring, ready, empty, q_start, kvh, ctx, n_tiles, bt_row,
+                qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh)
+        if PRODUCER:  # a fifth warp issues the TMA loads; the math warps only wait for them
+            gl.warp_specialize([(_consume, (args, HK, BN, PAGE, HEAD_DIM, STAGES, V_KEYS, GROUP, BM, PRODUCER)),
+                                (_produce, (args, HK, BN, PAGE, HEAD_DIM, STAGES, V_KEYS, GROUP, BM, PRODUCER))],
+                               [1], [_PRODUCER_REGS])
+        else:
+            _consume(args, HK, BN, PAGE, HEAD_DIM, STAGES, V_KEYS, GROUP, BM, PRODUCER)
+
+
+# TMA descriptors of each cache tensor, dropped when the tensor is: building one costs host time (~10-20 us), and
+# eager steps (decode rows beside prompt chunks) would pay it per layer per step. Keyed by id() with the object
+# checked through a weak reference (a WeakKeyDictionary would compare tensors with ==, elementwise).
+_DESCRIPTORS: dict[int, tuple] = {}
+
+
+def _descriptor(cache: torch.Tensor, keys_along_rows: bool):
+    """The cache as [blocks * page, Hk * D] (box BLOCK_N x D), or V keys-fastest as [blocks * Hk * D, page] (box
+    D x BLOCK_N)."""
+    nb, page, hk, d = cache.shape
+    key = (cache.data_ptr(), tuple(cache.shape), tuple(cache.stride()), keys_along_rows)
+    hit = _DESCRIPTORS.get(id(cache))
+    if hit is not None and hit[0]() is cache and hit[1] == key:
+        return hit[2]
+    if keys_along_rows:
+        shape, box = (nb * hk * d, page), [d, BLOCK_N]
+    else:
+        shape, box = (nb * page, hk * d), [BLOCK_N, d]
+    # a tensor on the cache's storage that is not a view of the cache object (a view would keep it alive)
+    view = torch.empty(0, dtype=cache.dtype, device=cache.device).set_(
+        cache.untyped_storage(), cache.storage_offset(), shape, (shape[1], 1))
+    desc = TensorDescriptor(view, list(view.shape), [view.stride(0), 1], box, _smem_layout(*box))
+    if hit is None or hit[0]() is not cache:  # a new tensor (maybe at a dead one's id): drop the entry with it
+        weakref.finalize(cache, _DESCRIPTORS.pop, id(cache), None)
+    _DESCRIPTORS[id(cache)] = (weakref.ref(cache), key, desc)
+    return desc
+
+
+@functools.cache
+def _smem_layout(rows: int, cols: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float8e4nv)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor, *,
+                     k_scale: float = 1.0, v_scale: float = 1.0, stages: int = STAGES,
+                     producer: bool = PRODUCER) -> None:
+    """Write out's one-query rows (decode); longer rows are left to the caller.
+
+    Arguments as spool.kernels.paged_attention's (already checked there); block_tables with unit column stride,
+    seq_lens / query_start_loc int32. Call only where supported() holds. stages: the depth of the TMA ring.
+    """
+    _, hq, d = q.shape
+    _, page, hk, _ = k_cache.shape
+    keys = v_keys_fastest(v_cache)
+    log2e = 1.4426950408889634
+    _decode_kernel[(seq_lens.shape[0], hk)](
+        q, out, _descriptor(k_cache, False), _descriptor(v_cache, keys), block_tables, seq_lens.to(torch.int32),
+        query_start_loc.to(torch.int32), scale * k_scale * log2e, v_scale, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), block_tables.stride(0), GROUP=hq // hk, HK=hk, BM=BLOCK_M, BN=BLOCK_N, PAGE=page,
+        HEAD_DIM=d, STAGES=stages, V_KEYS=keys, PRODUCER=producer, num_warps=4,
+        **({"maxnreg": PRODUCER_REGS} if producer else {}),
+    )
