@@ -7,7 +7,9 @@ llama3-8b bulk step actually runs (32/8 heads, d128):
 - decode: 512 sequences whose contexts are the workload's prompts U[128,1024] plus a few decoded tokens
   (ragged, short: per-program fixed costs weigh more than at 4096), bf16 and fp8 KV (fp8: V row-major as
   the engine stores it, and "fp8-keysV", stored keys-fastest: spool.kernels.kv_layout), GB/s of K/V read and
-  % of the device copy rate; --decode-sweep times tiles x warps x stages for each KV dtype.
+  % of the device copy rate; --decode-sweep times tiles x warps x stages for each KV dtype; on Hopper, fp8 rows
+  also time spool.kernels.decode_hopper (Gluon) at each --gluon-decode-stages; --graphs times CUDA graph replays
+  (GPU time only: the engine's decode steps replay graphs, and the Gluon launch's host cost can exceed ~150 us).
 - prefill: 2048 new tokens after 0 or 2048 cached ones, and an 8,192-token step of ~14 fresh prompts
   U[128,1024]: the old all-pages read against the step's own keys read from the fused qkv (k/v_new) by
   pointers or by bulk tensor copies (TMA), bf16 and fp8 KV, with SDPA causal on 2048 contiguous tokens as the
@@ -120,7 +122,7 @@ def decode_section(a, res: dict, rows: list) -> None:
             fp8 = kv.startswith("fp8")
             moved = 2 * sum(ctxs) * HK * D * (1 if fp8 else 2)
             base = default_config(True, D, HQ // HK, torch.bfloat16, fp8, keys_fastest_pages(b[2]))
-            grid = [base] + [AttnConfig(base.block_m, *c[:3], kv_tma=bool(c[3:] and c[3])) for c in a.decode_configs]
+            grid = [base] + [AttnConfig(base.block_m, *c) for c in a.decode_configs]
             if a.warp_specialize:
                 grid.append(dataclasses.replace(base, warp_specialize=True))
             if a.decode_sweep and bs == a.block_sizes[0]:
@@ -142,27 +144,27 @@ def decode_section(a, res: dict, rows: list) -> None:
                     continue
                 gbs = moved / ms / 1e6
                 out.append({"block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                            "warp_specialize": cfg.warp_specialize, "kv_tma": cfg.kv_tma, "ms": ms, "GB/s": gbs,
+                            "warp_specialize": cfg.warp_specialize, "ms": ms, "GB/s": gbs,
                             "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
             if fp8 and decode_hopper.supported(b[0], b[1], b[2]):  # the Gluon kernel (what the engine runs here)
-                for st, producer in itertools.product(a.gluon_decode_stages, a.gluon_decode_producer):
+                for st in a.gluon_decode_stages:
                     try:
                         call = functools.partial(decode_hopper.decode_attention, *b[:6], D**-0.5,
-                                                 torch.empty_like(b[0]), stages=st, producer=bool(producer))
+                                                 torch.empty_like(b[0]), stages=st)
                         ms = bench(graphed(call) if a.graphs else call)
                     except Exception as e:  # out of shared memory
                         print(f"decode {kv} bs{bs} gluon stages={st}: {type(e).__name__}: {e}", file=sys.stderr)
                         continue
                     gbs = moved / ms / 1e6
-                    out.append({"gluon_stages": st, "gluon_producer": bool(producer), "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp,
-                                "default": False, "kv_tma": True, "warp_specialize": False})
+                    out.append({"gluon_stages": st, "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp,
+                                "default": False, "engine": st == decode_hopper.STAGES})
             out.sort(key=lambda r: r["ms"])
-            for r in [r for r in out if r["default"]] + [r for r in out if not r["default"]][:a.decode_top]:
+            first = [r for r in out if r["default"] or r.get("engine")]
+            for r in first + [r for r in out if r not in first][:a.decode_top]:
                 vs_sdpa = f", x{res['sdpa_decode_ms'] / r['ms']:.3f} of sdpa" if "sdpa_decode_ms" in res else ""
-                tags = ((' ws' if r['warp_specialize'] else '') + (' tma' if r['kv_tma'] else '')
-                        + (' (default)' if r['default'] else ''))
-                tile = (f"gluon st={r['gluon_stages']}{' producer' if r['gluon_producer'] else ''}"
-                        if "gluon_stages" in r else
+                tags = ((' ws' if r.get('warp_specialize') else '') + (' (default)' if r['default'] else '')
+                        + (' (the engine\'s)' if r.get('engine') else ''))
+                tile = (f"gluon st={r['gluon_stages']}{tags}" if "gluon_stages" in r else
                         f"bn={r['block_n']} w={r['num_warps']} st={r['num_stages']}{tags}")
                 rows.append(f"decode {shape} {kv} KV bs{bs} {tile}: {r['ms'] * 1e3:.1f} us, "
                             f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy{vs_sdpa}")
@@ -296,12 +298,9 @@ def main() -> int:
     p.add_argument("--decode-uniform", type=int, nargs=2, metavar=("SEQS", "CTX"),
                    help="decode SEQS sequences of CTX tokens each instead of the workload's contexts")
     p.add_argument("--decode-configs", nargs="*", default=[], type=lambda v: tuple(map(int, v.split(","))),
-                   metavar="BN,W,ST[,TMA]",
-                   help="extra decode tiles to time beside the default (block_n,warps,stages[,1: K/V by TMA])")
-    p.add_argument("--gluon-decode-stages", type=int, nargs="*", default=[6],
+                   metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
+    p.add_argument("--gluon-decode-stages", type=int, nargs="*", default=[2],
                    help="fp8 decode: ring depths to time spool.kernels.decode_hopper at (Hopper, block >= 64)")
-    p.add_argument("--gluon-decode-producer", type=int, nargs="*", default=[0], choices=[0, 1],
-                   help="fp8 decode: time decode_hopper without (0) and/or with (1) its producer warp")
     p.add_argument("--graphs", action="store_true", help="decode: time CUDA graph replays (GPU time, no host cost)")
     p.add_argument("--decode-top", type=int, default=4, help="decode rows printed beside the default, fastest first")
     p.add_argument("--warp-specialize", action="store_true",

@@ -155,33 +155,19 @@ for stage in "$@"; do case $stage in
     run gpu_prefill_hopper_tests 420 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_prefill_hopper.py
     run gpu_prompt_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
       -k "prefill or new_kv or mixed or width" ;;
-  dectma) # sixteenth session: decode K/V tiles by TMA (AttnConfig.kv_tma) at block 64, both fp8 V layouts and bf16:
-    # its tests on the GPU, then the shape (B=64 x 4096, against SDPA on bf16 KV), B=66 (528 programs:
-    # a wave check), and the workload's contexts
-    run kv_tma_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fp8_kv.py -k kv_tma
-    C="64,2,6,1 64,2,4,1 64,2,3,1 64,4,4,1 64,4,6,1 64,4,3,1 64,8,4,1 64,1,4,1 32,2,6,1 32,1,4,1 32,2,8,1 128,2,4 64,4,4"
-    A="--skip prefill host --block-sizes 64 --decode-top 14 --decode-configs $C"
-    run dec_tma_b64 300 python3 bench/attn_workload.py $A --decode-uniform 64 4096 --json "$OUT/dec_tma_b64.json"
-    run dec_tma_b66 200 python3 bench/attn_workload.py --skip prefill host --block-sizes 64 --decode-uniform 66 4096 \
-      --decode-configs 64,2,6,1 64,4,4,1 --json "$OUT/dec_tma_b66.json"
-    run dec_tma_wl 300 python3 bench/attn_workload.py $A --json "$OUT/dec_tma_wl.json" ;;
   gdec) # sixteenth session: spool.kernels.decode_hopper (Gluon, fp8 decode through a TMA ring): its GPU tests, the
     # kernel at the shape and the workload's contexts by ring depth beside the Triton kernel (CUDA graph
-    # replays), llama3-8b fp8 weights + fp8 KV end to end with decode rows on it and on the Triton kernel; the
-    # producer-warp variant last (its own tests and times, short limits)
-    run gdec_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kv.py \
-      -k "(hopper or decode) and not True"
+    # replays), and llama3-8b fp8 weights + fp8 KV end to end with decode rows on it and on the Triton kernel
+    run gdec_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kv.py -k "hopper or decode"
     A="--skip prefill host --block-sizes 64 --decode-top 10 --gluon-decode-stages 2 3 4 --graphs"
     run gdec_b64 200 python3 bench/attn_workload.py $A --decode-uniform 64 4096 --json "$OUT/gdec_b64.json"
-    run gdec_wl 200 python3 bench/attn_workload.py $A --json "$OUT/gdec_wl.json"
+    run gdec_wl 200 python3 bench/attn_workload.py $A --json "$OUT/gdec_wl.json" ;;
+  gdece2e) # sixteenth session: llama3-8b fp8 weights + fp8 KV, decode rows on decode_hopper and on the Triton kernel
     W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8"
     W="$W --kv-cache-dtype fp8"
     run gdec_e2e_gluon 240 python3 bench/throughput.py $W --json "$OUT/gdec_e2e_gluon.json"
     SPOOL_DECODE_KERNEL=triton run gdec_e2e_triton 240 python3 bench/throughput.py $W \
-      --json "$OUT/gdec_e2e_triton.json"
-    run gdec_ws_tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kv.py -k "hopper and True"
-    run gdec_ws_b64 100 python3 bench/attn_workload.py $A --gluon-decode-producer 1 --decode-uniform 64 4096 \
-      --json "$OUT/gdec_ws_b64.json" ;;
+      --json "$OUT/gdec_e2e_triton.json" ;;
   longfp8) # fifteenth session: prompts of 16,384 tokens (a second 8,192-token chunk after 8,192 fp8-cached ones),
     # fp8 weights + fp8 KV; prompt chunks on the Gluon kernel, on the Triton kernel, and on .old/prefill_hopper.py
     # (an earlier Gluon kernel, when the call carries one)

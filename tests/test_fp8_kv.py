@@ -190,20 +190,6 @@ def test_fp8_v_stored_keys_fastest_reads_right(bs):
     assert v.shape == k.shape and v.stride(1) == 1 and k.is_contiguous()
 
 
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("v_keys_fastest", [False, True])
-def test_fp8_decode_kv_tma_reads_right(v_keys_fastest, bs):
-    """Decode tiles by bulk tensor copies (AttnConfig.kv_tma) from either V layout, last pages loaded whole."""
-    from spool.kernels.paged_attention import _kv_descriptors
-
-    cfg = AttnConfig(16, 16, 2, 2, kv_tma=True)
-    k, v = allocate_kv_cache(2, bs, 2, 64, FP8_DTYPE, DEVICE, v_keys_fastest=v_keys_fastest)
-    assert _kv_descriptors(k, v, cfg, DEVICE == "cpu") is not None  # the TMA path really runs
-    for splits in (1, 3):
-        check_fp8_attention(DECODE, 8, 2, 64, bs, torch.bfloat16, v_keys_fastest=v_keys_fastest, max_query_len=1,
-                            config=cfg, num_splits=splits)
-
-
 def test_fp8_dead_rows_of_a_live_page_add_nothing():
     """The last page is loaded whole: its rows past the context (448, the largest code) must get p = 0."""
     seqs = [(1, 17), (1, 30), (5, 21)]
@@ -374,12 +360,10 @@ def _hopper_decode_or_skip(q, k, v):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("v_keys_fastest", [False, True], ids=["rowV", "keysV"])
-@pytest.mark.parametrize("hq,hk,d,stages,producer", [(32, 8, 128, 6, False), (8, 8, 64, 2, False),
-                                                      (64, 8, 128, 4, True), (16, 1, 128, 10, False),
-                                                      (32, 8, 128, 3, False), (32, 8, 128, 3, True),
-                                                      (8, 8, 64, 2, True)])
+@pytest.mark.parametrize("hq,hk,d,stages", [(32, 8, 128, 2), (8, 8, 64, 2), (64, 8, 128, 4), (16, 1, 128, 10),
+                                             (32, 8, 128, 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_hopper_decode_kernel_matches_the_reference(dtype, hq, hk, d, stages, producer, v_keys_fastest):
+def test_gpu_hopper_decode_kernel_matches_the_reference(dtype, hq, hk, d, stages, v_keys_fastest):
     """Contexts of 1 key, partial and whole tiles, 4096 keys; an idle row and a prompt chunk's rows (left alone)."""
     seqs = [(1, 1), (1, 63), (1, 64), (1, 65), (0, 9), (1, 4096), (5, 200), (1, 1000), (1, 3001)]
     k_scale, v_scale = 0.02, 0.1
@@ -387,11 +371,10 @@ def test_gpu_hopper_decode_kernel_matches_the_reference(dtype, hq, hk, d, stages
                                                         v_keys_fastest=v_keys_fastest)
     dh = _hopper_decode_or_skip(q, k8, v8)
     out = torch.full_like(q, float("nan")).contiguous()
-    dh.decode_attention(q, k8, v8, bt, sl, qsl, d**-0.5, out, k_scale=k_scale, v_scale=v_scale, stages=stages,
-                        producer=producer)
+    dh.decode_attention(q, k8, v8, bt, sl, qsl, d**-0.5, out, k_scale=k_scale, v_scale=v_scale, stages=stages)
     ref = reference.paged_attention(q, k8, v8, bt, sl, qsl, d**-0.5, k_scale=k_scale, v_scale=v_scale)
     one = torch.cat([torch.full((ql,), ql == 1) for ql, _ in seqs]).cuda()
-    what = f"hopper decode {dtype} hq={hq} hk={hk} d={d} stages={stages} {producer=} {v_keys_fastest=}"
+    what = f"hopper decode {dtype} hq={hq} hk={hk} d={d} stages={stages} {v_keys_fastest=}"
     assert_close(out[one], ref[one], dtype, what)
     assert out[~one].isnan().all(), f"{what}: wrote a prompt chunk's rows"
     exact = reference.paged_attention(q, k_hi, v_hi, bt, sl, qsl, d**-0.5)

@@ -111,21 +111,6 @@ def test_paged_attention_decode(dtype, group, d, bs):
     check_attention(DECODE, 2 * group, 2, d, bs, dtype, max_query_len=1, max_seq_len=150)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_paged_attention_decode_kv_tma(dtype, bs, splits):
-    """Decode K/V tiles by bulk tensor copies (AttnConfig.kv_tma): whole pages or parts of one, garbage rows past
-    each context (NaN in V) kept out of P @ V."""
-    from spool.kernels.paged_attention import _kv_descriptors, default_config
-
-    base = default_config(True, 64, 4, dtype)
-    cfg = AttnConfig(base.block_m, 16, 2, 2, kv_tma=True)
-    kc = torch.zeros(2, bs, 2, 64, dtype=dtype, device=DEVICE)
-    assert _kv_descriptors(kc, kc.clone(), cfg, DEVICE == "cpu") is not None  # the TMA path really runs
-    check_attention(DECODE, 8, 2, 64, bs, dtype, max_query_len=1, max_seq_len=150, config=cfg, num_splits=splits)
-
-
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

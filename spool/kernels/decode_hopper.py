@@ -1,26 +1,32 @@
-"""Decode attention over an fp8 KV cache for Hopper in Gluon: K/V pages by TMA into a deep ring, tensor-core math.
+"""Decode attention over an fp8 KV cache for Hopper in Gluon: K/V pages by TMA into a ring, tensor-core math.
 
 Computes what spool.kernels.paged_attention computes for one-query rows (decode), for caches of fp8 e4m3 with
 pages of >= BLOCK_N rows, V stored row-major or keys-fastest (spool.kernels.kv_layout). One program per
 (sequence, KV head), one warpgroup: the GROUP query heads sharing the KV head are the rows of a 16-row tile
-(mma.sync m16n8k16, the smallest tensor-core tile), so each K/V tile is read once per head group.
+(mma.sync m16n8k16, the smallest tensor-core tile), so each K/V tile is read once per head group. The program
+fills a ring of STAGES tile slots by TMA (one elected thread issues a K and a V copy per tile, STAGES - 1 tiles
+ahead of the math), so no thread spends instructions on copies; K^T and V then load from shared memory straight
+into mma operand registers (two e4m3 codes per 16-bit lane along the reduction: V row-major loads byte by byte,
+keys-fastest two bytes at a time) and widen to fp16 there (one cvt per pair; exact for every e4m3 code). q is
+rounded to fp16 once and P to fp16 before P @ V, as the Triton kernel does for fp8 caches with a bf16 q; k_scale
+folds into the score scale and v_scale into the final normalization; the last tile's keys past the context are
+masked (an fp8 cache never holds NaN, so its dead V rows only ever meet p = 0).
 
-Why not the Triton kernel: at the issue's shape (B=64 x 4096, 32/8 heads, d128, block 64) it reads fp8 K/V at
-83-89% of the copy rate, against 98% for a bf16 cache. Triton 3.6 pipelines its loads only two tiles deep (two
-buffers per operand in the compiled kernel, whatever num_stages asks; read in the PTX on the CPU), and half-size
-fp8 tiles need twice as many in flight to cover the same memory latency. Here a ring of STAGES tiles per
-program is filled by TMA (one elected thread issues a K and a V copy per tile; no per-thread copies), STAGES - 1
-tiles ahead of the math, and the tensor cores read the widened operands straight from registers:
-- K^T and V load from shared memory as mma operands (two e4m3 codes per 16-bit lane along the reduction) and
-  widen in registers to fp16 (one cvt per pair; exact for every e4m3 code); q is rounded to fp16 once and P to
-  fp16 before P @ V, as the Triton kernel does for fp8 caches with a bf16 q;
-- V keys-fastest gives P @ V its reduction dimension contiguous (two-byte loads); row-major V loads byte by byte;
-- k_scale folds into the score scale, v_scale into the final normalization; the last tile's keys past the
-  context are masked (an fp8 cache never holds NaN, so its dead V rows only ever meet p = 0).
+Measured on the H200 (bench/attn_workload.py --graphs, bench/RESULTS.md sixteenth session; 32/8 heads, d128, block
+64), against the Triton kernel's fp8 decode tiles:
+- the llama3-8b workload's contexts (512 x U[128,1024]): 187 us against 215 us (-13%), V row-major;
+- B=64 x 4096: 145.6 us against 149.9 (x1.749 of SDPA on bf16 KV against x1.699); V keys-fastest 142.7 us (x1.785);
+- llama3-8b, fp8 weights + fp8 KV, end to end: 14,935 tok/s against 14,473 (+3.2%, one pair, ring of 3).
+Shallow rings win: at 2 or 3 slots (34 or 51 KB of shared memory) four programs share an SM and B=64 x 8 heads
+runs in one wave; at 4 (67 KB) three do, and B=64 x 4096 took 205 us. Also measured and not kept: a fifth,
+producer warp issuing the copies (warp specialization; 146.7-159.4 us), and each warp keeping its own softmax
+state over a quarter of every tile (no cross-warp reductions, but four times the accumulator registers:
+155-185 us).
 
 No split-KV: paged_attention uses this kernel only where (sequences x KV heads) fill the GPU on their own.
 Runs only on compute capability 9.x with the Triton releases of spool.kernels.prefill_hopper, never interpreted:
-the CPU tests check the dispatch, the GPU tier checks the kernel against spool.kernels.reference.paged_attention.
+the CPU tests check the layouts it takes, its settings and its descriptor cache; the GPU tier checks the kernel
+against spool.kernels.reference.paged_attention and the dispatch.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ BLOCK_N = 64  # keys per tile: one page part; pages must hold whole tiles
 
 
 def _stages(text: str) -> int:
-    """SPOOL_GLUON_DECODE_STAGES (benchmarks; default 3): the TMA ring's depth, 2-10."""
+    """SPOOL_GLUON_DECODE_STAGES (benchmarks; default 2): the TMA ring's depth, 2-10."""
     try:
         st = int(text)
     except ValueError:
@@ -57,12 +63,7 @@ def _stages(text: str) -> int:
     return st
 
 
-STAGES = _stages(os.environ.get("SPOOL_GLUON_DECODE_STAGES") or "3")
-# A fifth warp issues the TMA loads (warp specialization) instead of the math warps between their tiles. Every warp
-# keeps PRODUCER_REGS registers (no setmaxnreg shuffle: the fifth warp is not a whole warpgroup), three programs
-# per SM.
-PRODUCER = os.environ.get("SPOOL_GLUON_DECODE_PRODUCER", "0") == "1"
-PRODUCER_REGS = 128
+STAGES = _stages(os.environ.get("SPOOL_GLUON_DECODE_STAGES") or "2")
 
 
 def v_keys_fastest(v_cache: torch.Tensor) -> bool:
@@ -96,7 +97,6 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 
 
 if gluon is not None:
-    _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
 
     @gluon.jit
     def _issue(i, bar, k_dst, v_dst, kc_desc, vc_desc, bt_row, kvh, HK: gl.constexpr, BN: gl.constexpr,
@@ -135,99 +135,62 @@ if gluon is not None:
         acc = mma_v2(p, v, acc * gl.expand_dims(alpha, 1))
         return m_new, l_i, acc
 
-    @gluon.jit
-    def _consume(args, HK: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, V_KEYS: gl.constexpr, GROUP: gl.constexpr, BM: gl.constexpr,
-                 PRODUCER: gl.constexpr):
-        """The math warps: q, then every key tile, then the row's output. Without a producer warp they issue the
-        TMA loads themselves, STAGES - 1 tiles ahead."""
-        (q_ptr, out_ptr, kc_desc, vc_desc, k_ring, v_ring, ready, empty, q_start, kvh, ctx, n_tiles, bt_row,
-         qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh) = args
+    # The block table's row stride changes with the batch: unspecialized, so new batches never recompile.
+    @gluon.jit(do_not_specialize=["stride_bt"])
+    def _decode_kernel(q_ptr, out_ptr, kc_desc, vc_desc, bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale,
+                       stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, GROUP: gl.constexpr,
+                       HK: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, V_KEYS: gl.constexpr):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        if not PRODUCER:
+        seq = gl.program_id(0)
+        kvh = gl.program_id(1)
+        q_start = gl.load(qsl_ptr + seq)
+        q_len = gl.load(qsl_ptr + seq + 1) - q_start
+        if q_len == 1:  # a decode row (longer rows are prompt chunks: the prompt launch's; 0: idle)
+            k_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
+            if V_KEYS:
+                v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, HEAD_DIM, BN], vc_desc.layout)
+            else:
+                v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, BN, HEAD_DIM], vc_desc.layout)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for b in gl.static_range(STAGES):
+                mbarrier.init(ready.index(b), count=1)
+            fence_async_shared()
+            gl.thread_barrier()
+
+            ctx = gl.load(seq_lens_ptr + seq)
+            n_tiles = gl.cdiv(ctx, BN)
+            bt_row = bt_ptr + seq.to(gl.int64) * stride_bt
             for i in gl.static_range(STAGES - 1):  # the ring's first tiles, while q loads
                 if i < n_tiles:
                     _issue(i, ready.index(i), k_ring.index(i), v_ring.index(i), kc_desc, vc_desc, bt_row, kvh, HK,
                            BN, PAGE, HEAD_DIM, V_KEYS)
-        rows = gl.arange(0, BM, layout=gl.SliceLayout(1, a_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
-        q_off = gl.expand_dims(q_start.to(gl.int64) * stride_qt + (kvh * GROUP + rows) * stride_qh, 1) + \
-            gl.expand_dims(cols, 0)
-        q = gl.load(q_ptr + q_off, mask=gl.expand_dims(rows < GROUP, 1), other=0.0).to(gl.float16)
-        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
-        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, mma))
-        acc = gl.zeros([BM, HEAD_DIM], gl.float32, mma)
-        for i in range(n_tiles):
-            st = i % STAGES
-            if PRODUCER:
-                m_i, l_i, acc = _tile_math(i, st, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready, BN, STAGES,
-                                           V_KEYS, mma, a_layout, b_layout)
-                mbarrier.arrive(empty.index(st), count=1)  # the producer may refill slot st
-            else:
+            rows = gl.arange(0, BM, layout=gl.SliceLayout(1, a_layout))
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+            q_off = gl.expand_dims(q_start.to(gl.int64) * stride_qt + (kvh * GROUP + rows) * stride_qh, 1) + \
+                gl.expand_dims(cols, 0)
+            q = gl.load(q_ptr + q_off, mask=gl.expand_dims(rows < GROUP, 1), other=0.0).to(gl.float16)
+
+            m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, mma))
+            l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, mma))
+            acc = gl.zeros([BM, HEAD_DIM], gl.float32, mma)
+            for i in range(n_tiles):
                 nxt = i + STAGES - 1  # into the slot every warp finished with last iteration (the barrier below)
                 if nxt < n_tiles:
                     _issue(nxt, ready.index(nxt % STAGES), k_ring.index(nxt % STAGES), v_ring.index(nxt % STAGES),
                            kc_desc, vc_desc, bt_row, kvh, HK, BN, PAGE, HEAD_DIM, V_KEYS)
-                m_i, l_i, acc = _tile_math(i, st, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready, BN, STAGES,
-                                           V_KEYS, mma, a_layout, b_layout)
-                gl.thread_barrier()  # every warp is done with slot st before the next iteration refills it
-        if n_tiles > 0:
+                m_i, l_i, acc = _tile_math(i, i % STAGES, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready,
+                                           BN, STAGES, V_KEYS, mma, a_layout, b_layout)
+                gl.thread_barrier()  # every warp is done with the slot before the next iteration refills it
+
             out = acc * gl.expand_dims(v_scale / l_i, 1)
             o_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
             o_off = gl.expand_dims(q_start.to(gl.int64) * stride_ot + (kvh * GROUP + o_rows) * stride_oh, 1) + \
                 gl.expand_dims(o_cols, 0)
             gl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(o_rows < GROUP, 1))
-
-    @gluon.jit
-    def _produce(args, HK: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 STAGES: gl.constexpr, V_KEYS: gl.constexpr, GROUP: gl.constexpr, BM: gl.constexpr,
-                 PRODUCER: gl.constexpr):
-        """The producer warp: tile i into slot i % STAGES once the math warps released the tile before it there."""
-        (q_ptr, out_ptr, kc_desc, vc_desc, k_ring, v_ring, ready, empty, q_start, kvh, ctx, n_tiles, bt_row,
-         qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh) = args
-        for i in range(n_tiles):
-            st = i % STAGES
-            mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
-            _issue(i, ready.index(st), k_ring.index(st), v_ring.index(st), kc_desc, vc_desc, bt_row, kvh, HK, BN,
-                   PAGE, HEAD_DIM, V_KEYS)
-
-    # The block table's row stride changes with the batch: unspecialized, so new batches never recompile.
-    @gluon.jit(do_not_specialize=["stride_bt"])
-    def _decode_kernel(q_ptr, out_ptr, kc_desc, vc_desc, bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale,
-                       stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, GROUP: gl.constexpr,
-                       HK: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, V_KEYS: gl.constexpr, PRODUCER: gl.constexpr):
-        seq = gl.program_id(0)
-        kvh = gl.program_id(1)
-        q_start = gl.load(qsl_ptr + seq)
-        q_len = gl.load(qsl_ptr + seq + 1) - q_start
-        ctx = gl.load(seq_lens_ptr + seq)
-        # a decode row; longer rows are prompt chunks (the prompt launch's), 0 an idle row: no tiles, no output
-        n_tiles = gl.where(q_len == 1, gl.cdiv(ctx, BN), 0)
-        bt_row = bt_ptr + seq.to(gl.int64) * stride_bt
-        k_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
-        if V_KEYS:
-            v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, HEAD_DIM, BN], vc_desc.layout)
-        else:
-            v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, BN, HEAD_DIM], vc_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for b in gl.static_range(STAGES):
-            mbarrier.init(ready.index(b), count=1)
-            mbarrier.init(empty.index(b), count=1)
-        fence_async_shared()
-        gl.thread_barrier()
-        args = (q_ptr, out_ptr, kc_desc, vc_desc, k_ring, v_ring, ready, empty, q_start, kvh, ctx, n_tiles, bt_row,
-                qk_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh)
-        if PRODUCER:  # a fifth warp issues the TMA loads; the math warps only wait for them
-            gl.warp_specialize([(_consume, (args, HK, BN, PAGE, HEAD_DIM, STAGES, V_KEYS, GROUP, BM, PRODUCER)),
-                                (_produce, (args, HK, BN, PAGE, HEAD_DIM, STAGES, V_KEYS, GROUP, BM, PRODUCER))],
-                               [1], [_PRODUCER_REGS])
-        else:
-            _consume(args, HK, BN, PAGE, HEAD_DIM, STAGES, V_KEYS, GROUP, BM, PRODUCER)
 
 
 # TMA descriptors of each cache tensor, dropped when the tensor is: building one costs host time (~10-20 us), and
@@ -265,8 +228,7 @@ def _smem_layout(rows: int, cols: int):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor, *,
-                     k_scale: float = 1.0, v_scale: float = 1.0, stages: int = STAGES,
-                     producer: bool = PRODUCER) -> None:
+                     k_scale: float = 1.0, v_scale: float = 1.0, stages: int = STAGES) -> None:
     """Write out's one-query rows (decode); longer rows are left to the caller.
 
     Arguments as spool.kernels.paged_attention's (already checked there); block_tables with unit column stride,
@@ -280,6 +242,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, out, _descriptor(k_cache, False), _descriptor(v_cache, keys), block_tables, seq_lens.to(torch.int32),
         query_start_loc.to(torch.int32), scale * k_scale * log2e, v_scale, q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), block_tables.stride(0), GROUP=hq // hk, HK=hk, BM=BLOCK_M, BN=BLOCK_N, PAGE=page,
-        HEAD_DIM=d, STAGES=stages, V_KEYS=keys, PRODUCER=producer, num_warps=4,
-        **({"maxnreg": PRODUCER_REGS} if producer else {}),
+        HEAD_DIM=d, STAGES=stages, V_KEYS=keys, num_warps=4,
     )

@@ -45,6 +45,10 @@ cut into num_splits ranges of whole KV tiles, sized on the device from that tile
 a second small kernel merges the partial (acc, max, sum) triples. See default_config and
 choose_num_splits for the numbers.
 
+On Hopper, decode rows over an fp8 cache run spool.kernels.decode_hopper instead (Gluon: K/V pages through a TMA
+ring; 13% faster at the llama3-8b workload's contexts on the H200) when it supports the call and the rows fill the
+GPU without split-KV; SPOOL_DECODE_KERNEL=triton keeps them here.
+
 FP8 caches: K and V tiles load as e4m3 (half the bytes) and widen in registers, which is exact (every
 e4m3 value is a bf16 and an fp16 value). With a bf16 q they widen to fp16, not bf16: Hopper converts
 e4m3 pairs to fp16 pairs in one instruction (cvt.rn.f16x2.e4m3x2) while bf16 takes three more, and at
@@ -94,16 +98,13 @@ class AttnConfig:
     # backend supports it. Off: on the H200 with Triton 3.6 it changed no decode time (bench/RESULTS.md, ninth
     # session); bench/attn_workload.py --warp-specialize times it again on another toolchain.
     warp_specialize: bool = False
-    # decode: K/V tiles (whole pages or parts of one: block_size >= block_n) by bulk tensor copies (TMA, Hopper+)
-    # through host descriptors of the caches, instead of per-thread gathers
-    kv_tma: bool = False
 
 
 # Prompt chunks with k/v_new on Hopper run spool.kernels.prefill_hopper (Gluon, FlashAttention-3's overlap) where it
 # supports the call; SPOOL_PREFILL_KERNEL=triton keeps them on this file's kernel (A/B benchmarks).
 USE_HOPPER_PREFILL = os.environ.get("SPOOL_PREFILL_KERNEL", "auto") != "triton"
-# Decode rows over an fp8 cache on Hopper run spool.kernels.decode_hopper (Gluon, a deep TMA ring) where it supports
-# the call and the rows fill the GPU without split-KV; SPOOL_DECODE_KERNEL=triton keeps them here.
+# Decode rows over an fp8 cache on Hopper run spool.kernels.decode_hopper (Gluon, a TMA ring) where it supports the
+# call and the rows fill the GPU without split-KV; SPOOL_DECODE_KERNEL=triton keeps them here (A/B benchmarks).
 USE_HOPPER_DECODE = os.environ.get("SPOOL_DECODE_KERNEL", "auto") != "triton"
 _MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write) dominates
 _MAX_SPLITS = 64
@@ -124,10 +125,10 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk_scale,
-                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd, k_desc, v_desc, col,
+                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
                 MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, WS: tl.constexpr,
-                FINITE_V: tl.constexpr, KV_TMA: tl.constexpr, V_KEYS: tl.constexpr):
+                FINITE_V: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         if FINITE_V:  # every caller's lo is a multiple of BLOCK_N or equals hi (no iteration): see `live`
@@ -156,16 +157,7 @@ def _attn_tiles(acc, l_i, m_i, q, k_base, v_base, bt_row, lo, hi, ctx, q_pos, qk
         v_row = page * stride_vb + row * stride_vt
         k_off = k_row[None, :] + offs_d[:, None] * stride_kd
         v_off = v_row[:, None] + offs_d[None, :] * stride_vd
-        if KV_TMA:  # the tile is rows of one page: one bulk tensor copy each for K and V (whole pages: PAGE >= BLOCK_N)
-            first = (page * PAGE + start % PAGE).to(tl.int32)
-            k = k_desc.load([first, col]).T
-            if V_KEYS:  # [pages x Hk x D, PAGE]: the head's D rows of the page, keys along them
-                v = v_desc.load([(page * (stride_vb // PAGE)).to(tl.int32) + col, (start % PAGE).to(tl.int32)]).T
-            else:
-                v = v_desc.load([first, col])
-            if MASKED and not FINITE_V:  # rows past the context may hold NaN garbage
-                v = tl.where(in_ctx[:, None], v, 0.0)
-        elif MASKED:
+        if MASKED:
             k = tl.load(k_base + k_off, mask=live[None, :], other=0.0)
             if FINITE_V:  # every stored value is finite, so a dead row's p = 0 zeroes it: whole pages (wide loads)
                 v = tl.load(v_base + v_off, mask=live[:, None], other=0.0)
@@ -237,7 +229,7 @@ def _new_kv_tiles(acc, l_i, m_i, q, kn_base, vn_base, q_len, qi, lo, hi, qk_scal
 # int on == 1 and % 16 == 0): the block table's row stride is the step's longest table, so it changes too.
 @triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt"])
 def _paged_attn_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, kn_ptr, vn_ptr, k_desc, v_desc,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, kn_ptr, vn_ptr,
     bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale, new_qk_scale, num_seqs, num_splits,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_bt,
@@ -245,7 +237,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, ONE_QUERY_PER_SEQ: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr, NEW_KV: tl.constexpr, TMA: tl.constexpr,
-    WS: tl.constexpr, FINITE_V: tl.constexpr, KV_TMA: tl.constexpr, V_KEYS: tl.constexpr,
+    WS: tl.constexpr, FINITE_V: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -292,17 +284,16 @@ def _paged_attn_kernel(
     k_base = k_ptr + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + kvh.to(tl.int64) * stride_vh
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    col = kvh * HEAD_DIM  # the KV head's column in the caches' [pages x rows, Hk x D] descriptors (KV_TMA)
 
     if NEW_KV:  # the cached prefix from the pages (every row sees all of it), then the step's own keys
         prefix = ctx - q_len
         whole = prefix // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, 0, whole, prefix, q_pos, qk_scale,
-                                    stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd, k_desc, v_desc, col,
-                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V, KV_TMA, V_KEYS)
+                                    stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                    BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V)
         acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, whole, prefix, prefix, q_pos,
-                                    qk_scale, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd, k_desc, v_desc, col,
-                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS, FINITE_V, KV_TMA, V_KEYS)
+                                    qk_scale, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                    BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS, FINITE_V)
         acc = acc * v_scale  # the cache's V scale (1 unless fp8); the new rows are unscaled
         kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + kvh.to(tl.int64) * stride_knh
         vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + kvh.to(tl.int64) * stride_vnh
@@ -332,11 +323,11 @@ def _paged_attn_kernel(
     if FINITE_V:
         mid = tl.multiple_of(mid, BLOCK_N)  # or mid == hi, where the masked loop has no iteration
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, lo, mid, ctx, q_pos, qk_scale,
-                                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd, k_desc, v_desc, col,
-                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V, KV_TMA, V_KEYS)
+                                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                BLOCK_N, PAGE, HEAD_DIM, False, IEEE, UPCAST, WS, FINITE_V)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q_kv, k_base, v_base, bt_row, mid, hi, ctx, q_pos, qk_scale,
-                                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd, k_desc, v_desc, col,
-                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS, FINITE_V, KV_TMA, V_KEYS)
+                                stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                                BLOCK_N, PAGE, HEAD_DIM, True, IEEE, UPCAST, WS, FINITE_V)
 
     if not SPLIT:
         out = acc * (v_scale / l_i)[:, None]
@@ -396,14 +387,9 @@ def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, 
     return AttnConfig(block_m=max(128, group_rows), block_n=64 if head_dim <= 128 else 32, num_warps=8, num_stages=3)
 
 
-def keys_fastest(v_cache: torch.Tensor) -> bool:
-    """V stored keys-fastest ([blocks, Hk, D, block_size] in memory: spool.kernels.kv_layout)."""
-    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1
-
-
 def keys_fastest_pages(v_cache: torch.Tensor) -> bool:
-    """V stored keys-fastest in pages of >= 64 tokens: default_config's 128-key fp8 tiles."""
-    return keys_fastest(v_cache) and v_cache.shape[1] >= 64
+    """V stored keys-fastest (spool.kernels.kv_layout) in pages of >= 64 tokens: default_config's 128-key fp8 tiles."""
+    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1 and v_cache.shape[1] >= 64
 
 
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, num_sms: int) -> int:
@@ -476,31 +462,6 @@ def _tma_ok(k_new: torch.Tensor, v_new: torch.Tensor, interp: bool) -> bool:
     if not interp:
         triton.set_allocator(_tma_alloc)  # per thread (a context variable): set on the launching thread
     return True
-
-
-def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, cfg: AttnConfig, interp: bool):
-    """Host TMA descriptors of the caches as [pages x rows, Hk x D] (box block_n x D), or None where they cannot
-    serve: before Hopper, a tile spanning pages, V stored keys-fastest, or strides TMA cannot take."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    nb, page, hk, d = k_cache.shape
-    v_keys = keys_fastest(v_cache)
-    v_ok = v_cache.permute(0, 2, 3, 1).is_contiguous() if v_keys else v_cache.is_contiguous()
-    if page < cfg.block_n or not (k_cache.is_contiguous() and v_ok):
-        return None
-    if not interp and (k_cache.device.type != "cuda" or torch.cuda.get_device_capability(k_cache.device)[0] < 9):
-        return None
-    esz = k_cache.element_size()
-    if d * esz % 16 or page * esz % 16 or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
-        return None
-    rows = nb * page
-    k_desc = TensorDescriptor(k_cache.view(rows, hk * d), [rows, hk * d], [hk * d, 1], [cfg.block_n, d])
-    if v_keys:  # [blocks, Hk, D, page] in memory
-        v_desc = TensorDescriptor(v_cache.permute(0, 2, 3, 1).reshape(nb * hk * d, page), [nb * hk * d, page],
-                                  [page, 1], [d, cfg.block_n])
-    else:
-        v_desc = TensorDescriptor(v_cache.view(rows, hk * d), [rows, hk * d], [hk * d, 1], [cfg.block_n, d])
-    return k_desc, v_desc
 
 
 def paged_attention(
@@ -622,11 +583,9 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
     tma = new_kv and cfg.new_kv_tma and _tma_ok(k_new, v_new, interp)
     if not new_kv:
         k_new = v_new = q  # unused
-    kv_descs = _kv_descriptors(k_cache, v_cache, cfg, interp) if one_query and cfg.kv_tma else None
-    k_desc, v_desc = kv_descs or (k_cache, v_cache)  # unused without KV_TMA
     log2e = 1.4426950408889634
     _paged_attn_kernel[(tiles, hk, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_m, part_l, k_new, v_new, k_desc, v_desc,
+        q, k_cache, v_cache, out, part_acc, part_m, part_l, k_new, v_new,
         block_tables, seq_lens, query_start_loc, scale * k_scale * log2e, v_scale, scale * log2e,
         s, num_splits,
         *q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
@@ -636,7 +595,6 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
         IEEE=q.dtype == torch.float32, UPCAST=interp and q.dtype == torch.bfloat16,
         F16_DOT=cfg.fp8_f16_dot and is_fp8(k_cache.dtype) and q.dtype == torch.bfloat16,
         NEW_KV=new_kv, TMA=tma, WS=cfg.warp_specialize and not interp, FINITE_V=is_fp8(k_cache.dtype),
-        KV_TMA=kv_descs is not None, V_KEYS=keys_fastest(v_cache),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
