@@ -38,6 +38,7 @@ import torch
 
 from spool.kernels import prefill_hopper
 from spool.kernels.fp8 import FP8_DTYPE
+from spool.kernels.kv_layout import v_keys_fastest
 
 if prefill_hopper.gluon is not None:
     from triton.experimental import gluon
@@ -66,17 +67,12 @@ def _stages(text: str) -> int:
 STAGES = _stages(os.environ.get("SPOOL_GLUON_DECODE_STAGES") or "2")
 
 
-def v_keys_fastest(v_cache: torch.Tensor) -> bool:
-    """V stored keys-fastest: [blocks, Hk, D, block_size] in memory (spool.kernels.kv_layout)."""
-    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1
-
-
 def layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """An fp8 cache read by fp16/bf16 queries, head_dim 64 or 128, at most BLOCK_M query heads per KV head, pages
     of whole BLOCK_N-key tiles, K stored densely row-major and V row-major or keys-fastest (TMA reads them as
     [blocks * page, Hk * D], or V as [blocks * Hk * D, page]), with the 16-byte alignment TMA needs."""
-    t, hq, d = q.shape
-    nb, page, hk, _ = k_cache.shape
+    _, hq, d = q.shape
+    _, page, hk, _ = k_cache.shape
     if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != FP8_DTYPE or v_cache.dtype != FP8_DTYPE:
         return False
     if d not in (64, 128) or hq // hk > BLOCK_M or page % BLOCK_N or q.stride(2) != 1:

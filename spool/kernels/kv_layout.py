@@ -36,3 +36,8 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
     else:
         v = torch.zeros(shape, dtype=dtype, device=device)
     return k, v
+
+
+def v_keys_fastest(v_cache: torch.Tensor) -> bool:
+    """V stored keys-fastest ([blocks, Hk, D, block_size] in memory, allocate_kv_cache's v_keys_fastest)."""
+    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1

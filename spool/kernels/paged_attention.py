@@ -78,6 +78,7 @@ import triton.language as tl
 from spool.kernels import decode_hopper, prefill_hopper
 from spool.kernels.fp8 import FP8_DTYPE, is_fp8
 from spool.kernels.interpreter import interpreting
+from spool.kernels.kv_layout import v_keys_fastest
 from spool.kernels.sizes import cdiv, next_power_of_2
 from spool.kernels.tile_slots import find_seq
 
@@ -389,7 +390,7 @@ def default_config(decode: bool, head_dim: int, group: int, dtype: torch.dtype, 
 
 def keys_fastest_pages(v_cache: torch.Tensor) -> bool:
     """V stored keys-fastest (spool.kernels.kv_layout) in pages of >= 64 tokens: default_config's 128-key fp8 tiles."""
-    return v_cache.stride(1) == 1 and v_cache.stride(3) != 1 and v_cache.shape[1] >= 64
+    return v_keys_fastest(v_cache) and v_cache.shape[1] >= 64
 
 
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, num_sms: int) -> int:
