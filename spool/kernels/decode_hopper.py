@@ -86,10 +86,10 @@ def layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether decode_attention can serve this call: a Hopper GPU, a Triton release the Gluon kernels are written
-    for (spool.kernels.prefill_hopper.available), and layout_ok."""
-    if gluon is None or q.device.type != "cuda" or not prefill_hopper.available():
+    for (spool.kernels.prefill_hopper's checks, cached: this runs per layer per step), and layout_ok."""
+    if q.device.type != "cuda" or not prefill_hopper._hopper(q.device) or not prefill_hopper._available_said():
         return False
-    return torch.cuda.get_device_capability(q.device)[0] == 9 and layout_ok(q, k_cache, v_cache)
+    return layout_ok(q, k_cache, v_cache)
 
 
 if gluon is not None:

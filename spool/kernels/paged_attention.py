@@ -402,6 +402,11 @@ def choose_num_splits(programs: int, max_seq_len: int, block_n: int, num_sms: in
     return max(1, min(cdiv(target, programs), by_len, _MAX_SPLITS))
 
 
+def _fills_gpu(programs: int, device: torch.device) -> bool:
+    """Enough programs to keep every SM's memory traffic going without split-KV (choose_num_splits's target)."""
+    return programs >= _PROGRAMS_PER_SM * _num_sms(device)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -545,7 +550,7 @@ def _hopper_decode(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
     if config is not None or not USE_HOPPER_DECODE or not decode_hopper.supported(q, k_cache, v_cache):
         return False
     if num_splits is None:  # what _launch would choose
-        num_splits = 1 if seq_lens.shape[0] * k_cache.shape[2] >= _PROGRAMS_PER_SM * _num_sms(q.device) else 0
+        num_splits = 1 if _fills_gpu(seq_lens.shape[0] * k_cache.shape[2], q.device) else 0
     if num_splits != 1:
         return False
     decode_hopper.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
@@ -567,7 +572,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, s
         raise ValueError(f"paged_attention: block_m {cfg.block_m} cannot hold {group} heads (>= 16 rows)")
     tiles = s if one_query else (t if block_q == 1 else t // block_q + s)
     if num_splits is None:
-        if tiles * hk >= _PROGRAMS_PER_SM * _num_sms(q.device):
+        if _fills_gpu(tiles * hk, q.device):
             num_splits = 1
         else:
             if max_seq_len is None:
