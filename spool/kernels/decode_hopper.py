@@ -38,7 +38,6 @@ import torch
 
 from spool.kernels import prefill_hopper
 from spool.kernels.fp8 import FP8_DTYPE
-from spool.kernels.kv_layout import v_keys_fastest
 
 if prefill_hopper.gluon is not None:
     from triton.experimental import gluon
@@ -51,6 +50,10 @@ else:  # pragma: no cover - depends on the installed Triton
 
 BLOCK_M = 16  # query rows per program (GROUP heads of one token, padded): one mma.sync row tile
 BLOCK_N = 64  # keys per tile: one page part; pages must hold whole tiles
+# How a cache is stored, as the kernel's TMA reads it (one code per cache):
+ROWS = 0  # token-major, row-major: [blocks, page, Hk, D] (the engine's), read as [blocks * page, Hk * D]
+HEADS = 1  # head-major, row-major: [blocks, Hk, page, D] in memory, read as [blocks * Hk * page, D]
+KEYS = 2  # V keys-fastest: [blocks, Hk, D, page] in memory, read as [blocks * Hk * D, page]
 
 
 def _stages(text: str) -> int:
@@ -65,6 +68,18 @@ def _stages(text: str) -> int:
 
 
 STAGES = _stages(os.environ.get("SPOOL_GLUON_DECODE_STAGES") or "2")
+_VARIANT = os.environ.get("SPOOL_GLUON_DECODE_VARIANT", "base")  # an experiment: base, wide, heads, wide+heads
+
+
+def storage(cache: torch.Tensor) -> int | None:
+    """The cache's layout code (ROWS, HEADS or KEYS) for a [blocks, page, Hk, D] cache, or None if it is none."""
+    if cache.is_contiguous():
+        return ROWS
+    if cache.permute(0, 2, 1, 3).is_contiguous():
+        return HEADS
+    if cache.permute(0, 2, 3, 1).is_contiguous():
+        return KEYS
+    return None
 
 
 def layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -77,11 +92,9 @@ def layout_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
         return False
     if d not in (64, 128) or hq // hk > BLOCK_M or page % BLOCK_N or q.stride(2) != 1:
         return False
-    if not k_cache.is_contiguous() or k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
+    if k_cache.data_ptr() % 16 or v_cache.data_ptr() % 16:
         return False
-    if v_keys_fastest(v_cache):
-        return v_cache.permute(0, 2, 3, 1).is_contiguous()
-    return v_cache.is_contiguous()
+    return storage(k_cache) in (ROWS, HEADS) and storage(v_cache) is not None
 
 
 def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -94,27 +107,86 @@ def supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 
 if gluon is not None:
 
+    @gluon.constexpr_function
+    def _bit_moved(layout, dim, moves):
+        """layout (a DistributedLinearLayout) with bit b of coordinate dim moved to bit moves[b], and the register
+        bases along dim first, lowest bit first: the layout to read a tile in when its elements are stored at the
+        moved positions, so that a thread's elements lie together in memory."""
+        def move(v):
+            v = list(v)
+            v[dim] = sum(1 << moves[b] for b in range(len(moves)) if v[dim] >> b & 1)
+            return v
+
+        reg = [move(v) for v in layout.reg_bases]
+        along = sorted((v for v in reg if v[dim] and not any(x for j, x in enumerate(v) if j != dim)),
+                       key=lambda v: v[dim])
+        return gl.DistributedLinearLayout([*along, *(v for v in reg if v not in along)],
+                                          [move(v) for v in layout.lane_bases], [move(v) for v in layout.warp_bases],
+                                          layout.block_bases, layout.shape)
+
+    @gluon.constexpr_function
+    def _k_moves(d):
+        """Where K^T's operand layout keeps a d bit (bit 0 in registers, 1-2 across lanes, the rest in registers),
+        the shared tile is read with the register bits low: a thread's 2 * d / 8 bytes of a key are contiguous."""
+        top = d.bit_length() - 1
+        return [0, top - 2, top - 1, *range(1, top - 2)]
+
+    @gluon.constexpr_function
+    def _v_moves(d):
+        """V's operand layout (d = 8 columns across lanes, 4 warps of 8, then registers) read with the register bits
+        low: a thread's d / 32 bytes of a key row are contiguous."""
+        nr = d.bit_length() - 1 - 5
+        return [nr, nr + 1, nr + 2, nr + 3, nr + 4, *range(nr)]
+
+    @gluon.jit
+    def _k_wide(k_tile, b_layout: gl.constexpr, k_phys: gl.constexpr):
+        """K^T [D, BN] of the shared tile in b_layout, d in _k_moves' order (q's columns follow it)."""
+        d: gl.constexpr = k_tile.shape[1]
+        bn: gl.constexpr = k_tile.shape[0]
+        k_t = k_tile.permute((1, 0)).load(k_phys)
+        k_t = k_t.reshape([4, d // 8, 2, bn]).permute((1, 0, 2, 3)).reshape([d, bn])
+        return gl.convert_layout(k_t, b_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _v_wide(v_tile, b_layout: gl.constexpr, v_phys: gl.constexpr):
+        """V [BN, D] of a row-major shared tile in b_layout, d in _v_moves' order (the output's columns follow it)."""
+        bn: gl.constexpr = v_tile.shape[0]
+        d: gl.constexpr = v_tile.shape[1]
+        v = v_tile.load(v_phys)
+        v = v.reshape([bn, 4, 8, d // 32]).permute((0, 3, 1, 2)).reshape([bn, d])
+        return gl.convert_layout(v, b_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _copy(desc, page, pos, kvh, bar, dst, HK: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
+              LAYOUT: gl.constexpr):
+        """TMA load of one tile of a cache stored as LAYOUT: the page's keys pos.. of KV head kvh."""
+        if LAYOUT == 0:  # ROWS: [blocks * page, Hk * D]
+            tma.async_copy_global_to_shared(desc, [page * PAGE + pos, kvh * HEAD_DIM], bar, dst)
+        elif LAYOUT == 1:  # HEADS: [blocks * Hk * page, D]
+            tma.async_copy_global_to_shared(desc, [(page * HK + kvh) * PAGE + pos, 0], bar, dst)
+        else:  # KEYS: [blocks * Hk * D, page], the head's D rows of the page, keys along them
+            tma.async_copy_global_to_shared(desc, [(page * HK + kvh) * HEAD_DIM, pos], bar, dst)
+
     @gluon.jit
     def _issue(i, bar, k_dst, v_dst, kc_desc, vc_desc, bt_row, kvh, HK: gl.constexpr, BN: gl.constexpr,
-               PAGE: gl.constexpr, HEAD_DIM: gl.constexpr, V_KEYS: gl.constexpr):
+               PAGE: gl.constexpr, HEAD_DIM: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr):
         """TMA loads of key tile i (one page part) into k_dst / v_dst, completing on bar."""
         mbarrier.expect(bar, 2 * kc_desc.block_type.nbytes)
         pos = i * BN
         page = gl.load(bt_row + pos // PAGE).to(gl.int32)
-        row = page * PAGE + pos % PAGE
-        tma.async_copy_global_to_shared(kc_desc, [row, kvh * HEAD_DIM], bar, k_dst)
-        if V_KEYS:  # [blocks * Hk * D, page]: the head's D rows of the page, keys along them
-            tma.async_copy_global_to_shared(vc_desc, [(page * HK + kvh) * HEAD_DIM, pos % PAGE], bar, v_dst)
-        else:
-            tma.async_copy_global_to_shared(vc_desc, [row, kvh * HEAD_DIM], bar, v_dst)
+        _copy(kc_desc, page, pos % PAGE, kvh, bar, k_dst, HK, PAGE, HEAD_DIM, K_LAYOUT)
+        _copy(vc_desc, page, pos % PAGE, kvh, bar, v_dst, HK, PAGE, HEAD_DIM, V_LAYOUT)
 
     @gluon.jit
     def _tile_math(i, st, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready, BN: gl.constexpr,
-                   STAGES: gl.constexpr, V_KEYS: gl.constexpr, mma: gl.constexpr, a_layout: gl.constexpr,
-                   b_layout: gl.constexpr):
+                   STAGES: gl.constexpr, V_LAYOUT: gl.constexpr, WIDE: gl.constexpr, mma: gl.constexpr,
+                   a_layout: gl.constexpr, b_layout: gl.constexpr, k_phys: gl.constexpr, v_phys: gl.constexpr):
         """Key tile i (in slot st, once landed) folded into the online softmax (m_i, l_i) and acc."""
         mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-        k_t = k_ring.index(st).permute((1, 0)).load(b_layout).to(gl.float16)  # [D, BN]
+        if WIDE:
+            k_t = _k_wide(k_ring.index(st), b_layout, k_phys).to(gl.float16)
+        else:
+            k_t = k_ring.index(st).permute((1, 0)).load(b_layout).to(gl.float16)  # [D, BN]
         s = mma_v2(q, k_t, gl.zeros([q.shape[0], BN], gl.float32, mma))
         if i * BN + BN > ctx:  # the last tile: keys past the context
             keys = i * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
@@ -124,8 +196,10 @@ if gluon is not None:
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         p = gl.convert_layout(p.to(gl.float16), a_layout)
-        if V_KEYS:
+        if V_LAYOUT == 2:  # KEYS: the slot holds V^T
             v = v_ring.index(st).permute((1, 0)).load(b_layout).to(gl.float16)  # [BN, D]
+        elif WIDE:
+            v = _v_wide(v_ring.index(st), b_layout, v_phys).to(gl.float16)
         else:
             v = v_ring.index(st).load(b_layout).to(gl.float16)
         acc = mma_v2(p, v, acc * gl.expand_dims(alpha, 1))
@@ -136,17 +210,20 @@ if gluon is not None:
     def _decode_kernel(q_ptr, out_ptr, kc_desc, vc_desc, bt_ptr, seq_lens_ptr, qsl_ptr, qk_scale, v_scale,
                        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, GROUP: gl.constexpr,
                        HK: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, PAGE: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, V_KEYS: gl.constexpr):
+                       HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, K_LAYOUT: gl.constexpr,
+                       V_LAYOUT: gl.constexpr, WIDE: gl.constexpr, HEADS_FIRST: gl.constexpr):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        seq = gl.program_id(0)
-        kvh = gl.program_id(1)
+        k_phys: gl.constexpr = _bit_moved(gl.to_linear_layout(b_layout, [HEAD_DIM, BN]), 0, _k_moves(HEAD_DIM))
+        v_phys: gl.constexpr = _bit_moved(gl.to_linear_layout(b_layout, [BN, HEAD_DIM]), 1, _v_moves(HEAD_DIM))
+        seq = gl.program_id(1 if HEADS_FIRST else 0)
+        kvh = gl.program_id(0 if HEADS_FIRST else 1)
         q_start = gl.load(qsl_ptr + seq)
         q_len = gl.load(qsl_ptr + seq + 1) - q_start
         if q_len == 1:  # a decode row (longer rows are prompt chunks: the prompt launch's; 0: idle)
             k_ring = gl.allocate_shared_memory(kc_desc.dtype, [STAGES, BN, HEAD_DIM], kc_desc.layout)
-            if V_KEYS:
+            if V_LAYOUT == 2:  # KEYS
                 v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, HEAD_DIM, BN], vc_desc.layout)
             else:
                 v_ring = gl.allocate_shared_memory(vc_desc.dtype, [STAGES, BN, HEAD_DIM], vc_desc.layout)
@@ -162,9 +239,11 @@ if gluon is not None:
             for i in gl.static_range(STAGES - 1):  # the ring's first tiles, while q loads
                 if i < n_tiles:
                     _issue(i, ready.index(i), k_ring.index(i), v_ring.index(i), kc_desc, vc_desc, bt_row, kvh, HK,
-                           BN, PAGE, HEAD_DIM, V_KEYS)
+                           BN, PAGE, HEAD_DIM, K_LAYOUT, V_LAYOUT)
             rows = gl.arange(0, BM, layout=gl.SliceLayout(1, a_layout))
             cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_layout))
+            if WIDE:  # d in K^T's read order (_k_moves)
+                cols = (cols & 1) + 2 * (cols >> 3) + (HEAD_DIM // 4) * ((cols >> 1) & 3)
             q_off = gl.expand_dims(q_start.to(gl.int64) * stride_qt + (kvh * GROUP + rows) * stride_qh, 1) + \
                 gl.expand_dims(cols, 0)
             q = gl.load(q_ptr + q_off, mask=gl.expand_dims(rows < GROUP, 1), other=0.0).to(gl.float16)
@@ -176,14 +255,17 @@ if gluon is not None:
                 nxt = i + STAGES - 1  # into the slot every warp finished with last iteration (the barrier below)
                 if nxt < n_tiles:
                     _issue(nxt, ready.index(nxt % STAGES), k_ring.index(nxt % STAGES), v_ring.index(nxt % STAGES),
-                           kc_desc, vc_desc, bt_row, kvh, HK, BN, PAGE, HEAD_DIM, V_KEYS)
+                           kc_desc, vc_desc, bt_row, kvh, HK, BN, PAGE, HEAD_DIM, K_LAYOUT, V_LAYOUT)
                 m_i, l_i, acc = _tile_math(i, i % STAGES, q, m_i, l_i, acc, ctx, qk_scale, k_ring, v_ring, ready,
-                                           BN, STAGES, V_KEYS, mma, a_layout, b_layout)
+                                           BN, STAGES, V_LAYOUT, WIDE, mma, a_layout, b_layout,
+                                           k_phys, v_phys)
                 gl.thread_barrier()  # every warp is done with the slot before the next iteration refills it
 
             out = acc * gl.expand_dims(v_scale / l_i, 1)
             o_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
             o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+            if WIDE and V_LAYOUT != 2:  # d in V's read order (_v_moves)
+                o_cols = (o_cols >> 5) + (HEAD_DIM // 32) * (o_cols & 7) + (HEAD_DIM // 4) * ((o_cols >> 3) & 3)
             o_off = gl.expand_dims(q_start.to(gl.int64) * stride_ot + (kvh * GROUP + o_rows) * stride_oh, 1) + \
                 gl.expand_dims(o_cols, 0)
             gl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=gl.expand_dims(o_rows < GROUP, 1))
@@ -195,16 +277,18 @@ if gluon is not None:
 _DESCRIPTORS: dict[int, tuple] = {}
 
 
-def _descriptor(cache: torch.Tensor, keys_along_rows: bool):
-    """The cache as [blocks * page, Hk * D] (box BLOCK_N x D), or V keys-fastest as [blocks * Hk * D, page] (box
-    D x BLOCK_N)."""
+def _descriptor(cache: torch.Tensor, layout: int):
+    """The cache as its layout code reads it: ROWS [blocks * page, Hk * D] and HEADS [blocks * Hk * page, D] (box
+    BLOCK_N x D), KEYS [blocks * Hk * D, page] (box D x BLOCK_N)."""
     nb, page, hk, d = cache.shape
-    key = (cache.data_ptr(), tuple(cache.shape), tuple(cache.stride()), keys_along_rows)
+    key = (cache.data_ptr(), tuple(cache.shape), tuple(cache.stride()), layout)
     hit = _DESCRIPTORS.get(id(cache))
     if hit is not None and hit[0]() is cache and hit[1] == key:
         return hit[2]
-    if keys_along_rows:
+    if layout == KEYS:
         shape, box = (nb * hk * d, page), [d, BLOCK_N]
+    elif layout == HEADS:
+        shape, box = (nb * hk * page, d), [BLOCK_N, d]
     else:
         shape, box = (nb * page, hk * d), [BLOCK_N, d]
     # a tensor on the cache's storage that is not a view of the cache object (a view would keep it alive)
@@ -224,7 +308,8 @@ def _smem_layout(rows: int, cols: int):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor, *,
-                     k_scale: float = 1.0, v_scale: float = 1.0, stages: int = STAGES) -> None:
+                     k_scale: float = 1.0, v_scale: float = 1.0, stages: int = STAGES,
+                     wide: bool = "wide" in _VARIANT, heads_first: bool = "heads" in _VARIANT) -> None:
     """Write out's one-query rows (decode); longer rows are left to the caller.
 
     Arguments as spool.kernels.paged_attention's (already checked there); block_tables with unit column stride,
@@ -232,11 +317,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     _, hq, d = q.shape
     _, page, hk, _ = k_cache.shape
-    keys = v_keys_fastest(v_cache)
+    k_layout, v_layout = storage(k_cache), storage(v_cache)
     log2e = 1.4426950408889634
-    _decode_kernel[(seq_lens.shape[0], hk)](
-        q, out, _descriptor(k_cache, False), _descriptor(v_cache, keys), block_tables, seq_lens.to(torch.int32),
+    grid = (hk, seq_lens.shape[0]) if heads_first else (seq_lens.shape[0], hk)
+    _decode_kernel[grid](
+        q, out, _descriptor(k_cache, k_layout), _descriptor(v_cache, v_layout), block_tables, seq_lens.to(torch.int32),
         query_start_loc.to(torch.int32), scale * k_scale * log2e, v_scale, q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), block_tables.stride(0), GROUP=hq // hk, HK=hk, BM=BLOCK_M, BN=BLOCK_N, PAGE=page,
-        HEAD_DIM=d, STAGES=stages, V_KEYS=keys, num_warps=4,
+        HEAD_DIM=d, STAGES=stages, K_LAYOUT=k_layout, V_LAYOUT=v_layout, WIDE=wide,
+        HEADS_FIRST=heads_first, num_warps=4,
     )
