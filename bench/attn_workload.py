@@ -53,15 +53,10 @@ def paged(ctxs: list[int], qlens: list[int], bs: int, dtype, kv: str, gen):
     vc = torch.randn_like(kc)
     if kv.startswith("fp8"):
         kc, vc = kc.to(FP8), vc.to(FP8)
-        if kv.endswith("keysV"):  # V keys-fastest (spool.kernels.kv_layout); "fp8": row-major, as the engine has it
+        if kv == "fp8-keysV":  # V stored keys-fastest (spool.kernels.kv_layout); "fp8": row-major, as the engine has it
             v_keys = allocate_kv_cache(total, bs, HK, D, FP8, "cuda", v_keys_fastest=True)[1]
             v_keys.view(torch.uint8).copy_(vc.view(torch.uint8))
             vc = v_keys
-        if kv.startswith("fp8-heads"):  # K (and V unless keys-fastest) head-major: [blocks, Hk, page, D] in memory
-            for name in ("k", "v") if kv == "fp8-heads" else ("k",):
-                t = torch.empty(total, HK, bs, D, device="cuda", dtype=FP8).permute(0, 2, 1, 3)
-                t.view(torch.uint8).copy_((kc if name == "k" else vc).view(torch.uint8))
-                kc, vc = (t, vc) if name == "k" else (kc, t)
     perm = torch.randperm(total - 1, device="cuda", generator=gen).to(torch.int32) + 1
     bt = torch.zeros(len(ctxs), max(nb), dtype=torch.int32, device="cuda")
     at = 0
@@ -122,7 +117,7 @@ def decode_section(a, res: dict, rows: list) -> None:
         del qs, ks, vs
     res["decode"] = {}
     for bs in a.block_sizes:
-        for kv in a.decode_kv:
+        for kv in ("bf16", "fp8", "fp8-keysV"):
             b = paged(ctxs, [1] * len(ctxs), bs, torch.bfloat16, kv, gen)
             fp8 = kv.startswith("fp8")
             moved = 2 * sum(ctxs) * HK * D * (1 if fp8 else 2)
@@ -152,26 +147,24 @@ def decode_section(a, res: dict, rows: list) -> None:
                             "warp_specialize": cfg.warp_specialize, "ms": ms, "GB/s": gbs,
                             "pct_of_copy": 100 * gbs / cp, "default": cfg == base})
             if fp8 and decode_hopper.supported(b[0], b[1], b[2]):  # the Gluon kernel (what the engine runs here)
-                for st, var in itertools.product(a.gluon_decode_stages, a.gluon_decode_variants):
+                for st in a.gluon_decode_stages:
                     try:
                         call = functools.partial(decode_hopper.decode_attention, *b[:6], D**-0.5,
-                                                 torch.empty_like(b[0]), stages=st, wide="wide" in var,
-                                                 heads_first="heads" in var)
+                                                 torch.empty_like(b[0]), stages=st)
                         ms = bench(graphed(call) if a.graphs else call)
                     except Exception as e:  # out of shared memory
-                        print(f"decode {kv} bs{bs} gluon stages={st} {var}: {type(e).__name__}: {e}", file=sys.stderr)
+                        print(f"decode {kv} bs{bs} gluon stages={st}: {type(e).__name__}: {e}", file=sys.stderr)
                         continue
                     gbs = moved / ms / 1e6
-                    out.append({"gluon_stages": st, "gluon_variant": var, "ms": ms, "GB/s": gbs,
-                                "pct_of_copy": 100 * gbs / cp, "default": False,
-                                "engine": st == decode_hopper.STAGES and var == "base"})
+                    out.append({"gluon_stages": st, "ms": ms, "GB/s": gbs, "pct_of_copy": 100 * gbs / cp,
+                                "default": False, "engine": st == decode_hopper.STAGES})
             out.sort(key=lambda r: r["ms"])
             first = [r for r in out if r["default"] or r.get("engine")]
             for r in first + [r for r in out if r not in first][:a.decode_top]:
                 vs_sdpa = f", x{res['sdpa_decode_ms'] / r['ms']:.3f} of sdpa" if "sdpa_decode_ms" in res else ""
                 tags = ((' ws' if r.get('warp_specialize') else '') + (' (default)' if r['default'] else '')
                         + (' (the engine\'s)' if r.get('engine') else ''))
-                tile = (f"gluon st={r['gluon_stages']} {r['gluon_variant']}{tags}" if "gluon_stages" in r else
+                tile = (f"gluon st={r['gluon_stages']}{tags}" if "gluon_stages" in r else
                         f"bn={r['block_n']} w={r['num_warps']} st={r['num_stages']}{tags}")
                 rows.append(f"decode {shape} {kv} KV bs{bs} {tile}: {r['ms'] * 1e3:.1f} us, "
                             f"{r['GB/s']:.0f} GB/s = {r['pct_of_copy']:.1f}% of copy{vs_sdpa}")
@@ -306,13 +299,6 @@ def main() -> int:
                    help="decode SEQS sequences of CTX tokens each instead of the workload's contexts")
     p.add_argument("--decode-configs", nargs="*", default=[], type=lambda v: tuple(map(int, v.split(","))),
                    metavar="BN,W,ST", help="extra decode tiles to time beside the default (block_n,warps,stages)")
-    p.add_argument("--decode-kv", nargs="*", default=["bf16", "fp8", "fp8-keysV"],
-                   choices=["bf16", "fp8", "fp8-keysV", "fp8-heads", "fp8-heads-keysV"],
-                   help="decode caches to time: fp8 row-major (the engine's), V keys-fastest, K and V head-major "
-                        "([blocks, Hk, page, D] in memory), K head-major with V keys-fastest")
-    p.add_argument("--gluon-decode-variants", nargs="*", default=["base"],
-                   choices=["base", "wide", "heads", "wide+heads"],
-                   help="fp8 decode: spool.kernels.decode_hopper variants to time (an experiment)")
     p.add_argument("--gluon-decode-stages", type=int, nargs="*", default=[2],
                    help="fp8 decode: ring depths to time spool.kernels.decode_hopper at (Hopper, block >= 64)")
     p.add_argument("--graphs", action="store_true", help="decode: time CUDA graph replays (GPU time, no host cost)")

@@ -168,30 +168,30 @@ for stage in "$@"; do case $stage in
     run gdec_e2e_gluon 240 python3 bench/throughput.py $W --json "$OUT/gdec_e2e_gluon.json"
     SPOOL_DECODE_KERNEL=triton run gdec_e2e_triton 240 python3 bench/throughput.py $W \
       --json "$OUT/gdec_e2e_triton.json" ;;
-  gdecv) # seventeenth session: decode_hopper variants: "relayout" (the score tile moved to P's operand layout first,
-    # so row max and sum stay within warps), "wide" (K^T and row-major V read from shared memory in wide loads, d
-    # permuted): their GPU tests, the kernel at the shape and the workload's, end to end by variant
-    run gdecv_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kv.py -k "hopper or decode"
-    A="--skip prefill host --block-sizes 64 --decode-top 12 --gluon-decode-stages 2 3 --graphs"
-    A="$A --gluon-decode-variants base relayout wide relayout+wide"
-    run gdecv_b64 200 python3 bench/attn_workload.py $A --decode-uniform 64 4096 --json "$OUT/gdecv_b64.json"
-    run gdecv_wl 200 python3 bench/attn_workload.py $A --json "$OUT/gdecv_wl.json" ;;
-  gdecve2e) # llama3-8b fp8 weights + fp8 KV by decode_hopper variant ($VARIANTS, name:variant), Triton decode last
+  final17) # seventeenth session's build: the GPU tier; fp8 decode with a sequence's KV heads launched side by side
+    # (decode_hopper) against the previous build (.old/decode_hopper.py, when the call carries one) and the Triton
+    # kernel; end to end, the three
+    run gpu_tests 420 python3 -m pytest -m gpu -q -p no:cacheprovider tests/
+    A="--skip prefill host --block-sizes 64 --decode-top 4 --graphs"
     W="--shape llama3-8b --num-requests 512 --prompt-len 128 1024 --output-len 256 256 --quantization fp8"
     W="$W --kv-cache-dtype fp8"
-    for nv in ${VARIANTS:-base:base both:relayout+wide}; do
-      SPOOL_GLUON_DECODE_VARIANT=${nv#*:} run gdecv_e2e_${nv%%:*} 150 python3 bench/throughput.py $W \
-        --json "$OUT/gdecv_e2e_${nv%%:*}.json"
+    old() { cp spool/kernels/decode_hopper.py /tmp/decode_hopper.py && cp .old/decode_hopper.py spool/kernels/; }
+    new() { cp /tmp/decode_hopper.py spool/kernels/decode_hopper.py; }
+    for i in 1 2; do  # alternated: this build, then the previous one
+      run hf_b64_$i 120 python3 bench/attn_workload.py $A --decode-uniform 64 4096 --json "$OUT/hf_b64_$i.json"
+      run hf_wl_$i 120 python3 bench/attn_workload.py $A --json "$OUT/hf_wl_$i.json"
+      if [ -f .old/decode_hopper.py ]; then
+        old
+        run old_b64_$i 120 python3 bench/attn_workload.py $A --decode-uniform 64 4096 --json "$OUT/old_b64_$i.json"
+        run old_wl_$i 120 python3 bench/attn_workload.py $A --json "$OUT/old_wl_$i.json"
+        new
+      fi
     done
-    SPOOL_DECODE_KERNEL=triton run gdecv_e2e_triton 150 python3 bench/throughput.py $W \
-      --json "$OUT/gdecv_e2e_triton.json" ;;
-  gdechm) # seventeenth session: decode_hopper over head-major caches (K, or K and V, [blocks, Hk, page, D] in memory:
-    # each head's page tile one contiguous 8 KB) and with the KV heads of a sequence launched together ("heads")
-    run gdechm_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kv.py -k "hopper or decode"
-    A="--skip prefill host --block-sizes 64 --decode-top 16 --gluon-decode-stages 2 --graphs"
-    A="$A --gluon-decode-variants base wide heads wide+heads --decode-kv fp8 fp8-keysV fp8-heads fp8-heads-keysV"
-    run gdechm_b64 200 python3 bench/attn_workload.py $A --decode-uniform 64 4096 --json "$OUT/gdechm_b64.json"
-    run gdechm_wl 200 python3 bench/attn_workload.py $A --json "$OUT/gdechm_wl.json" ;;
+    run hf_e2e 150 python3 bench/throughput.py $W --json "$OUT/hf_e2e.json"
+    if [ -f .old/decode_hopper.py ]; then
+      old; run old_e2e 150 python3 bench/throughput.py $W --json "$OUT/old_e2e.json"; new
+    fi
+    SPOOL_DECODE_KERNEL=triton run triton_e2e 150 python3 bench/throughput.py $W --json "$OUT/triton_e2e.json" ;;
   longfp8) # fifteenth session: prompts of 16,384 tokens (a second 8,192-token chunk after 8,192 fp8-cached ones),
     # fp8 weights + fp8 KV; prompt chunks on the Gluon kernel, on the Triton kernel, and on .old/prefill_hopper.py
     # (an earlier Gluon kernel, when the call carries one)
