@@ -20,7 +20,8 @@ heads, d128, block 64), against the Triton kernel's fp8 decode tiles:
 - llama3-8b, fp8 weights + fp8 KV, end to end: 14,935 tok/s against 14,473 (+3.2%, one pair, ring of 3).
 Launching the KV heads of a sequence side by side (the grid's first axis; sequences came first before) took
 B=64 x 4096 from 146.7-146.9 to 140.7-140.8 us (x1.736-1.738 -> x1.809-1.813 of SDPA), the workload's contexts from
-186.8-186.9 to 178.4-178.6 us, and llama3-8b end to end to 15,128 tok/s (15,083 before, Triton decode 14,594): a
+186.8-186.9 to 178.4-178.6 us, and llama3-8b end to end to 15,128 tok/s (15,083 before, Triton decode 14,594);
+x1.807-1.814 on three H200s, x1.769-1.771 on a fourth whose SDPA ran faster and this kernel slower. Why: a
 page holds each token's rows of all KV heads together (1 KB per token at 8 x 128), a program reads its head's 128
 bytes of each, and the programs that run together now cover whole pages. Storing each head's rows of a page
 together instead (head-major, 8 KB contiguous per tile) was as fast as the new order (139.8 us), not faster, so the
@@ -31,8 +32,8 @@ producer warp issuing the copies (warp specialization; 146.7-159.4 us), and each
 state over a quarter of every tile (no cross-warp reductions, but four times the accumulator registers:
 155-185 us), the score tile moved to P's operand layout before the softmax (row max and sum within warps, one
 relayout instead of three cross-warp exchanges: 142.8 against 142.2 us), and K^T and row-major V read from
-shared memory in 16- and 4-byte loads with d permuted (a quarter of the loads: 142.4 against 142.2 us). The
-math is not the limit; the order in which pages are read is.
+shared memory in 16- and 4-byte loads with d permuted (a quarter of the loads: 142.4 against 142.2 us), and L2
+prefetches of the tiles 2-8 ahead (154-213 us against 141). The math is not the limit; how the pages are read is.
 
 No split-KV: paged_attention uses this kernel only where (sequences x KV heads) fill the GPU on their own.
 Runs only on compute capability 9.x with the Triton releases of spool.kernels.prefill_hopper, never interpreted:

@@ -46,7 +46,7 @@ a second small kernel merges the partial (acc, max, sum) triples. See default_co
 choose_num_splits for the numbers.
 
 On Hopper, decode rows over an fp8 cache run spool.kernels.decode_hopper instead (Gluon: K/V pages through a TMA
-ring; on the H200 the llama3-8b workload's contexts in 17% less time, B=64 x 4096 at x1.81 of SDPA on bf16 KV) when
+ring; on the H200 the llama3-8b workload's contexts in 17% less time, B=64 x 4096 at x1.77-1.81 of SDPA on bf16 KV) when
 it supports the call, the rows fill the GPU without split-KV, and there are at most decode_hopper.MAX_SEQS of them;
 SPOOL_DECODE_KERNEL=triton keeps them here.
 
