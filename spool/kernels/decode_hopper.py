@@ -14,7 +14,8 @@ folds into the score scale and v_scale into the final normalization; the last ti
 masked (an fp8 cache never holds NaN, so its dead V rows only ever meet p = 0).
 
 Measured on the H200 (bench/attn_workload.py --graphs, bench/RESULTS.md sixteenth and seventeenth sessions; 32/8
-heads, d128, block 64), against the Triton kernel's fp8 decode tiles:
+heads, d128, block 64), against the Triton kernel's fp8 decode tiles, first with the sequences on the grid's first
+axis:
 - the llama3-8b workload's contexts (512 x U[128,1024]): 187 us against 215 us (-13%), V row-major;
 - B=64 x 4096: 145.6 us against 149.9 (x1.749 of SDPA on bf16 KV against x1.699); V keys-fastest 142.7 us (x1.785);
 - llama3-8b, fp8 weights + fp8 KV, end to end: 14,935 tok/s against 14,473 (+3.2%, one pair, ring of 3).

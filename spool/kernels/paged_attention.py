@@ -549,9 +549,8 @@ def _hopper_decode(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
     """Run the one-query rows on spool.kernels.decode_hopper if it serves the call: no config forced, no split-KV
     wanted (num_splits 1, or rows x KV heads enough to fill the GPU, where _launch would not split), and no more
     sequences than its grid takes."""
-    if config is not None or not USE_HOPPER_DECODE or not decode_hopper.supported(q, k_cache, v_cache):
-        return False
-    if seq_lens.shape[0] > decode_hopper.MAX_SEQS:
+    if (config is not None or not USE_HOPPER_DECODE or seq_lens.shape[0] > decode_hopper.MAX_SEQS
+            or not decode_hopper.supported(q, k_cache, v_cache)):
         return False
     if num_splits is None:  # what _launch would choose
         num_splits = 1 if _fills_gpu(seq_lens.shape[0] * k_cache.shape[2], q.device) else 0
